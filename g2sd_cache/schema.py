@@ -1,0 +1,132 @@
+"""The cache format: the one definition shared by the writer (extract), the reader (cache) and verify.
+
+    CACHE/
+      config.yaml        the extract configuration that produced it (rerun checks it)
+      manifest.json      written last, by rank 0, once every shard is complete
+      shard-00000/       a zarr v3 group, renamed into place only when complete
+        shard.json       the shard's record: counts, skipped inputs, file sizes
+        target/ scale/ mask/ crop/ flip/ source_index/ key/   zarr v3 arrays
+
+Every array has shape [K, n, ...]: K views per image, n images in the shard, view-major, so the
+views an epoch uses (view e mod K of every image) are one contiguous region per shard, stored in
+its own zarr shard file `c/k/0...`. Inside it, inner chunks hold `chunk_views` images of one view,
+each with a crc32c (as is the shard index). A shard folder exists under its final name only once
+all its files are written (write to `.shard-XXXXX.tmp-*`, then rename), so a shard is complete iff
+its folder exists; a missing file in a complete shard is corruption, never fill values.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .codecs import Codec
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CONFIG = "config.yaml"
+SHARD_RECORD = "shard.json"
+SHARD_PREFIX = "shard-"
+TMP_MARK = ".tmp-"
+
+
+def shard_name(index: int) -> str:
+    return f"{SHARD_PREFIX}{index:05d}"
+
+
+def tmp_shard_name(index: int) -> str:
+    """Where a shard is written before it is complete; the suffix makes concurrent writers distinct."""
+    return f".{shard_name(index)}{TMP_MARK}{os.uname().nodename}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    per_view_shape: tuple[int, ...]
+    dtype: str
+
+
+def array_specs(codec: Codec, tokens: int, width: int, patches: int) -> dict[str, ArraySpec]:
+    """Per-view arrays of a shard. `target` holds codes; `scale` exists for scaled codecs only."""
+    specs = {
+        "target": ArraySpec((tokens, width), codec.storage_dtype),
+        "mask": ArraySpec((patches,), "bool"),
+        "crop": ArraySpec((4,), "int32"),          # top, left, height, width in source pixels
+        "flip": ArraySpec((), "bool"),
+        "source_index": ArraySpec((), "int64"),
+        "key": ArraySpec((), "str"),
+    }
+    if codec.scaled:
+        specs["scale"] = ArraySpec((tokens,), "float32")
+    return specs
+
+
+@dataclass
+class ShardRecord:
+    """shard.json: what one shard holds. `files` maps each file under the shard to its size in bytes."""
+
+    index: int
+    images: int
+    views_per_image: int
+    source: str                     # "images a..b" of a folder listing, or the tar URL
+    skipped: list[dict] = field(default_factory=list)   # [{"key", "error"}] inputs left out
+    codec_error: dict = field(default_factory=dict)     # {codec: {rel_rmse, cosine}} on this shard's first batch
+    files: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def views(self) -> int:
+        return self.images * self.views_per_image
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ShardRecord":
+        return cls(**json.loads(text))
+
+
+def source_index_for_tar(tar: int, position: int) -> int:
+    """Tar sources have no global image numbering: pack (tar number, position in tar) into one int."""
+    return (tar << 32) | position
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + TMP_MARK + str(os.getpid()))
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@dataclass
+class Manifest:
+    """manifest.json: the single source of truth about a finished cache. Readers check it."""
+
+    format_version: int
+    teacher: dict          # {arch, source, sha256}
+    target_layer: int
+    geometry: dict         # views.ViewGeometry as a dict
+    views_per_image: int
+    seed: int
+    codec: str
+    tokens: int            # T, cls first
+    target_dim: int        # D, the teacher's decoder width
+    chunk_views: int
+    source: dict           # {kind, root, count, fingerprint, shards (tar URLs, tars only)}
+    versions: dict         # {torch, torchvision, pillow}: view replay depends on them
+    shards: list[dict]     # [{name, images, views, complete, source, files}]
+    skipped: list[dict]    # [{key, error}]
+    codec_error: dict      # {codec: {rel_rmse, cosine}}: every codec against fp32, on sampled views
+    views: int
+    images: int
+    created: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Manifest":
+        data = json.loads(text)
+        if data.get("format_version") != FORMAT_VERSION:
+            from .errors import UserError
+            raise UserError(f"cache format version {data.get('format_version')} is not supported by this g2sd-cache "
+                            f"(it reads version {FORMAT_VERSION}); re-extract the cache or use a matching release")
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
