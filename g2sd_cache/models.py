@@ -55,6 +55,8 @@ TEACHER_PRESETS: dict[str, ViTShape] = {
     "mae_vit_base_patch16": ViTShape(16, 768, 12, 12, 512, 8, 16),
     "mae_vit_large_patch16": ViTShape(16, 1024, 24, 16, 512, 8, 16),
     "mae_vit_huge_patch14": ViTShape(14, 1280, 32, 16, 512, 8, 16),
+    # A micro teacher for tests and quick benchmarks only: same code path, ~0.1 M parameters.
+    "test_mae_micro_patch16": ViTShape(16, 64, 2, 2, 32, 4, 2),
 }
 
 # G2SD students: decoder heads = width / 32, as in MAE's 512-wide, 16-head decoder.
@@ -63,6 +65,8 @@ STUDENT_PRESETS: dict[str, ViTShape] = {
     "mae_vit_small_patch16_dec256d4b": ViTShape(16, 384, 12, 6, 256, 4, 8, timm_name="vit_small_patch16_224"),
     "mae_vit_small_patch16_dec128d4b": ViTShape(16, 384, 12, 6, 128, 4, 4, timm_name="vit_small_patch16_224"),
     "mae_vit_small_patch16_dec512d4b": ViTShape(16, 384, 12, 6, 512, 4, 16, timm_name="vit_small_patch16_224"),
+    # A micro student for tests and quick benchmarks only (no timm counterpart to export to).
+    "test_vit_micro_patch16_dec32d1b": ViTShape(16, 48, 2, 2, 32, 1, 1),
 }
 DEFAULT_STUDENT = "mae_vit_small_patch16_dec256d4b"
 

@@ -1,8 +1,44 @@
-"""Test set-up shared by every test file.
+"""Test set-up shared by every test file: the Triton interpreter, and small seeded datasets and caches.
 
 TRITON_INTERPRET must be set before anything imports the kernel module: Triton decides at decoration
 time whether a @triton.jit function runs compiled or interpreted.
+
+Fixtures build everything from seeds (no downloads): JPEG folders of small images and caches made
+with the micro teacher (`test_mae_micro_patch16`) at 64-px crops, so a whole extract takes seconds.
 """
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from g2sd_cache.extract import ExtractConfig, run_extract  # noqa: E402
+from g2sd_cache.synthetic import make_image_folder  # noqa: E402
+
+MICRO_TEACHER = "test_mae_micro_patch16"
+MICRO_STUDENT = "test_vit_micro_patch16_dec32d1b"
+
+
+def micro_extract_config(data, out, **overrides) -> ExtractConfig:
+    """An extract configuration that runs in seconds on CPU: micro teacher, 64-px crops, no workers."""
+    base = dict(data=str(data), out=str(out), teacher="random", arch=MICRO_TEACHER, img_size=64, views=2,
+                shard_size=8, chunk_views=2, batch_size=4, workers=0, device="cpu")
+    base.update(overrides)
+    return ExtractConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """12 small JPEGs of varied sizes in 3 class folders."""
+    root = tmp_path_factory.mktemp("images")
+    return make_image_folder(root, 12, seed=1, classes=3, vary_size=True)
+
+
+@pytest.fixture(scope="session")
+def micro_cache(image_folder, tmp_path_factory) -> Path:
+    """A finished fp16 cache of `image_folder`: 12 images x 2 views, 4 images per shard (3 shards)."""
+    out = tmp_path_factory.mktemp("cache") / "c"
+    run_extract(micro_extract_config(image_folder, out))
+    return out
