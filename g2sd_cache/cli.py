@@ -114,6 +114,19 @@ def _add_export(sub) -> None:
     p.add_argument("--out", required=True, help="file to write (.pth)")
 
 
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="run the whole product on generated images (no downloads, a few minutes on CPU)",
+                       description="Generate JPEGs, extract a cache with a seeded random ViT-B teacher (2 views per "
+                                   "image), train the small student from it, run the same steps online, and print "
+                                   "views cached, bytes per view, the loss and cached vs online samples/s.")
+    p.add_argument("--out", default="g2sd-demo", help="folder for the demo's images, cache and runs (replaced)")
+    p.add_argument("--images", type=int, default=48, help="synthetic images to generate")
+    p.add_argument("--steps", type=int, default=24, help="training steps in each mode")
+    p.add_argument("--batch-size", type=int, default=16, help="views per step")
+    p.add_argument("--workers", type=int, default=1, help="DataLoader processes")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
 def _run_extract(args) -> int:
     from .extract import ExtractConfig, run_extract
     cfg = ExtractConfig(data=args.data, out=args.out, teacher=args.teacher, arch=args.arch, views=args.views,
@@ -156,6 +169,13 @@ def _run_train(args) -> int:
     return 0 if summary else 1
 
 
+def _run_demo(args) -> int:
+    from .demo import DemoConfig, run_demo
+    run_demo(DemoConfig(out=args.out, images=args.images, steps=args.steps, batch_size=args.batch_size,
+                        workers=args.workers, device=args.device))
+    return 0
+
+
 def _run_export(args) -> int:
     from .export import export_encoder
     r = export_encoder(args.run, args.out)
@@ -164,7 +184,7 @@ def _run_export(args) -> int:
     return 0
 
 
-COMMANDS = {"extract": (_add_extract, _run_extract), "train": (_add_train, _run_train),
+COMMANDS = {"demo": (_add_demo, _run_demo), "extract": (_add_extract, _run_extract), "train": (_add_train, _run_train),
             "export": (_add_export, _run_export), "inspect": (_add_inspect, _run_inspect)}
 
 

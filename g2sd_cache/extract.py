@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import platform
 import resource
 import shutil
 import time
@@ -40,6 +39,7 @@ from .schema import (CONFIG, FORMAT_VERSION, MANIFEST, SHARD_RECORD, TMP_MARK, M
                      shard_name, source_index_for_tar, write_text_atomic)
 from .sources import FolderSource, Source, TarSource, open_source
 from .views import ViewGeometry, decode_image, normalize, render_view, sample_view
+from .workers import keep_as_is, mp_context
 from .writer import ShardData, ShardWriter
 
 
@@ -279,6 +279,8 @@ class _ShardAssembler:
 def _prepare_output(out: Path, cfg: ExtractConfig, fingerprints: dict, env: DistEnv) -> None:
     """Rank 0: create the cache folder, or check that an existing one was made by the same configuration."""
     config_path = out / CONFIG
+    if out.exists() and not out.is_dir():  # iterdir/rmtree below would raise NotADirectoryError (a traceback)
+        raise UserError(f"--out {out} is an existing file, not a cache directory; choose another path")
     if out.exists() and any(out.iterdir()):
         if cfg.overwrite:
             shutil.rmtree(out)
@@ -349,16 +351,6 @@ def write_manifest(out: Path, cfg: ExtractConfig, source: Source, plans: list[Sh
 def replay_versions() -> dict:
     """The library versions whose image arithmetic a replayed view depends on."""
     return {"torch": torch.__version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__}
-
-
-def keep_as_is(item):
-    """DataLoader collate that leaves items alone (the default would turn numpy arrays into tensors)."""
-    return item
-
-
-def mp_context(workers: int):
-    # zarr runs an asyncio thread: never fork a process that may have one (DESIGN.md §5).
-    return None if workers == 0 else ("forkserver" if platform.system() == "Linux" else "spawn")
 
 
 def run_extract(cfg: ExtractConfig) -> dict:

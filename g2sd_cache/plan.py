@@ -129,8 +129,8 @@ def consumed_per_slot(lengths: list[int], taken: int) -> tuple[list[int], list[i
         active = [s for s in active if consumed[s] < lengths[s]]
     if remaining:
         raise ValueError(f"cannot skip {taken} samples of an epoch of {sum(lengths)}")
-    active = [s for s in range(len(lengths)) if consumed[s] < lengths[s]]
-    rotation = active[shift:] + active[:shift]
+    # The round in progress goes on with active[shift:]; slots that gave their last sample drop out.
+    rotation = [s for s in active[shift:] + active[:shift] if consumed[s] < lengths[s]]
     return consumed, rotation + [s for s in range(len(lengths)) if s not in rotation]
 
 

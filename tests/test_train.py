@@ -1,0 +1,179 @@
+"""The trainer: cached == replay-online step by step, exact resume, DDP shares, export, schedule, failures."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from conftest import MICRO_STUDENT, MICRO_TEACHER, micro_extract_config
+from g2sd_cache.errors import UserError
+from g2sd_cache.export import export_encoder
+from g2sd_cache.extract import run_extract
+from g2sd_cache.models import build_student
+from g2sd_cache.schedule import get_lr, scaled_lr
+from g2sd_cache.train import TrainConfig, train
+
+
+def run_train(out: Path, data, **kw) -> list[dict]:
+    base = dict(data=str(data), out=str(out), student=MICRO_STUDENT, batch_size=3, workers=0, device="cpu",
+                log_every=1, save_every=1000, warmup_epochs=0.5, blr=1e-3, seed=0)
+    base.update(kw)
+    train(TrainConfig(**base))
+    return metrics(out)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def samples(run: Path, rank: int = 0) -> list[dict]:
+    return [json.loads(line) for line in (Path(run) / f"samples-rank{rank}.jsonl").read_text().splitlines()]
+
+
+def test_cached_and_replay_online_training_give_the_same_loss_at_every_step(micro_cache, image_folder, tmp_path):
+    """The cache replaces the teacher: training on stored targets == training on the live teacher's
+    targets for the same views (fp16 codec tolerance), step by step for 10 steps."""
+    cached = run_train(tmp_path / "cached", image_folder, cache=str(micro_cache), steps=10)
+    replay = run_train(tmp_path / "replay", image_folder, cache=str(micro_cache), teacher="random", steps=10)
+    assert [m["step"] for m in cached] == list(range(1, 11))
+    for a, b in zip(cached, replay):
+        assert math.isfinite(a["loss"])
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-3, abs=1e-5)
+        assert b["target_rel_rmse"] < 1e-3          # fp16 rounding of LN-ed features
+    assert cached[-1]["loss"] < cached[0]["loss"]
+
+
+@pytest.mark.parametrize("accum,stop,steps", [(3, 5, 7), (1, 23, 25)])
+def test_stop_after_then_resume_gives_the_same_losses_and_samples(micro_cache, image_folder, tmp_path,
+                                                                  accum, stop, steps):
+    """Preempted mid-epoch and resumed, a run sees the same samples in the same order and the same
+    losses as an uninterrupted run. The two workers' slots are uneven (7 and 5 views): the first case
+    stops mid-round with gradient accumulation, the second after one slot ran dry."""
+    kw = dict(cache=str(micro_cache), steps=steps, batch_size=1, workers=2, accum_iter=accum, shuffle_window=5,
+              log_samples=True)
+    full = run_train(tmp_path / "full", image_folder, **kw)
+    part = run_train(tmp_path / "part", image_folder, stop_after=stop, **kw)
+    assert [m["step"] for m in part] == list(range(1, stop + 1))
+    resumed = run_train(tmp_path / "part", image_folder, resume=True, **kw)
+    assert [m["step"] for m in resumed] == list(range(1, steps + 1))
+    assert [m["loss"] for m in resumed] == pytest.approx([m["loss"] for m in full], rel=1e-6)
+    assert samples(tmp_path / "part") == samples(tmp_path / "full")
+    got = samples(tmp_path / "full")
+    assert sorted(i for s in got if s["epoch"] == 0 for i in s["index"]) == list(range(12))
+    assert {v for s in got for v in s["view"] if s["epoch"] == 1} == {1}   # epoch e uses view e mod K
+
+
+def test_resume_refuses_a_changed_data_order(micro_cache, image_folder, tmp_path):
+    run_train(tmp_path / "r", image_folder, cache=str(micro_cache), steps=4, stop_after=2)
+    with pytest.raises(UserError, match="batch_size"):
+        run_train(tmp_path / "r", image_folder, cache=str(micro_cache), steps=4, resume=True, batch_size=2)
+    with pytest.raises(UserError, match="--resume"):
+        run_train(tmp_path / "r", image_folder, cache=str(micro_cache), steps=4)
+    with pytest.raises(UserError, match="no checkpoint.pt"):
+        run_train(tmp_path / "empty", image_folder, cache=str(micro_cache), steps=4, resume=True)
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_read_disjoint_views_once_and_run_the_same_steps(micro_cache, image_folder, tmp_path):
+    """torchrun with 2 CPU ranks x 2 workers: over one epoch every cached view of the epoch's view index
+    is used exactly once, the ranks' views are disjoint and both run the same number of steps."""
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "g2sd_cache.cli", "train", "--data", str(image_folder), "--cache", str(micro_cache),
+           "--out", str(run), "--student", MICRO_STUDENT, "--epochs", "1", "--batch-size", "2",
+           "--workers", "2", "--shuffle-window", "4", "--device", "cpu", "--log-every", "1", "--log-samples"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r0, r1 = samples(run, 0), samples(run, 1)
+    assert [s["step"] for s in r0] == [s["step"] for s in r1] == [0, 1, 2]
+    ids0 = {i for s in r0 for i in s["index"]}
+    ids1 = {i for s in r1 for i in s["index"]}
+    assert not ids0 & ids1
+    assert sorted(ids0 | ids1) == list(range(12)) and sum(len(s["index"]) for s in r0 + r1) == 12
+    assert len(metrics(run)) == 3
+
+
+def test_online_mode_trains_with_the_teacher_in_the_loop(image_folder, tmp_path):
+    got = run_train(tmp_path / "online", image_folder, teacher="random", arch=MICRO_TEACHER, img_size=64, steps=3)
+    assert len(got) == 3 and all(math.isfinite(m["loss"]) for m in got)
+    assert {"step", "epoch", "loss", "lr", "samples_per_s", "data_wait_frac"} <= set(got[0])
+    assert (tmp_path / "online" / "config.yaml").read_text().count("mode: online") == 1
+    assert list((tmp_path / "online" / "tb").iterdir())
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(micro_cache, image_folder, tmp_path):
+    run = tmp_path / "nan"
+    with pytest.raises(UserError, match=r"NaN or Inf at step \d+"):
+        run_train(run, image_folder, cache=str(micro_cache), steps=20, blr=1e30, warmup_epochs=0, save_every=1)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert ckpt["step"] >= 1
+
+
+def test_export_loads_into_timm_with_strict_keys_and_computes_the_same_features(image_folder, tmp_path):
+    cache = tmp_path / "c224"
+    run_extract(micro_extract_config(image_folder, cache, img_size=224, views=1))
+    run = tmp_path / "tiny"
+    run_train(run, image_folder, cache=str(cache), student="mae_vit_tiny_patch16_dec128d4b", steps=1, batch_size=2)
+    info = export_encoder(str(run), str(tmp_path / "enc.pth"))
+    assert info["timm_model"] == "vit_tiny_patch16_224"
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=0, pretrained=False)
+    model.load_state_dict(torch.load(tmp_path / "enc.pth"), strict=True)
+    student = build_student("mae_vit_tiny_patch16_dec128d4b", 32)
+    student.load_state_dict(torch.load(run / "checkpoint.pt", weights_only=False)["model"])
+    x = torch.randn(2, 3, 224, 224)
+    all_visible = torch.zeros(2, 196, dtype=torch.bool)
+    with torch.no_grad():
+        assert torch.allclose(model.forward_features(x), student.forward_encoder(x, all_visible), atol=1e-5)
+
+
+def test_student_forward_shapes():
+    s = build_student("mae_vit_small_patch16_dec256d4b", target_dim=512)
+    mask = torch.ones(2, 196, dtype=torch.bool)
+    mask[:, :49] = False
+    assert s(torch.randn(2, 3, 224, 224), mask).shape == (2, 197, 512)
+    assert s.forward_encoder(torch.randn(2, 3, 224, 224), mask).shape == (2, 50, 384)
+
+
+def test_schedule_values_at_known_steps():
+    kw = dict(base_lr=1e-3, min_lr=1e-5, warmup_steps=10, total_steps=110)
+    assert get_lr(0, **kw) == 0.0
+    assert get_lr(5, **kw) == pytest.approx(5e-4)
+    assert get_lr(10, **kw) == pytest.approx(1e-3)
+    assert get_lr(60, **kw) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)
+    assert get_lr(110, **kw) == pytest.approx(1e-5)
+    assert scaled_lr(1.5e-4, 4096) == pytest.approx(2.4e-3)
+
+
+def test_cli_user_errors_are_one_line(tmp_path, image_folder):
+    """Mistakes print one line naming the problem, no traceback, exit status 2."""
+    cases = [
+        ["train", "--data", str(image_folder), "--out", str(tmp_path / "x")],
+        ["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "y"), "--cache", str(tmp_path)],
+    ]
+    for args in cases:
+        done = subprocess.run([sys.executable, "-m", "g2sd_cache.cli", *args], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 2, done.stderr
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "Traceback" not in done.stderr and lines[0].startswith("g2sd-cache train: error:")
+
+
+def test_config_file_sets_options_and_flags_override_it(micro_cache, image_folder, tmp_path):
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(f"data: {image_folder}\ncache: {micro_cache}\nstudent: {MICRO_STUDENT}\nsteps: 2\n"
+                   f"batch_size: 2\nworkers: 0\ndevice: cpu\nlog_every: 1\n")
+    done = subprocess.run([sys.executable, "-m", "g2sd_cache.cli", "train", "--config", str(cfg),
+                           "--out", str(tmp_path / "run"), "--steps", "3"], capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2, 3]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: x\nbatchsize: 3\n")
+    done = subprocess.run([sys.executable, "-m", "g2sd_cache.cli", "train", "--config", str(bad), "--out",
+                           str(tmp_path / "r2")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "unknown option(s) batchsize" in done.stderr
