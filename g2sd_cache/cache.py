@@ -15,6 +15,8 @@ lazily per process and never pickled.
 from __future__ import annotations
 
 import bisect
+import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Iterator
@@ -23,10 +25,13 @@ import fsspec
 import numpy as np
 import torch
 import zarr
+import zarr.storage
+from zarr.storage import WrapperStore
 
 from . import codecs
 from .errors import CacheCorruptError, UserError
 from .schema import MANIFEST, Manifest, array_specs
+from .zarr_layout import MAX_UINT_64, parse_layout, read_shard_index
 
 
 @dataclass(frozen=True)
@@ -85,17 +90,18 @@ class Cache:
         m = self.manifest
         self._array_names = list(array_specs(self.codec, m.tokens, m.target_dim, m.tokens - 1))
         self._open: dict[int, dict[str, zarr.Array]] = {}
+        self._indexes_checked: set[tuple[int, int]] = set()
         self._pid = os.getpid()
 
     # -- pickling / fork safety ------------------------------------------------------------
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_open"] = {}
+        state["_open"], state["_indexes_checked"] = {}, set()
         return state
 
     def _arrays(self, shard: int) -> dict[str, zarr.Array]:
         if self._pid != os.getpid():  # forked: handles (and zarr's event loop thread) belong to the parent
-            self._open, self._pid = {}, os.getpid()
+            self._open, self._indexes_checked, self._pid = {}, set(), os.getpid()
         if shard not in self._open:
             entry = self.manifest.shards[shard]
             base = f"{self._path}/{entry['name']}"
@@ -107,11 +113,33 @@ class Cache:
                 if actual != size:
                     raise CacheCorruptError.in_shard(entry["name"], f"file {rel} has {actual} bytes, the manifest says {size}")
             try:
-                group = zarr.open_group(f"{self.root}/{entry['name']}", mode="r")
+                group = zarr.open_group(store=_strict_store(f"{self.root}/{entry['name']}"), mode="r")
                 self._open[shard] = {name: group[name] for name in self._array_names}
             except Exception as e:
                 raise CacheCorruptError.in_shard(entry["name"], f"{type(e).__name__}: {e}") from e
         return self._open[shard]
+
+    def _check_indexes(self, shard: int, view: int) -> None:
+        """Before zarr reads view `view` of a shard: every inner chunk of its shard files is present in
+        the file's index (zarr would read a chunk marked empty as fill values) and the index's crc32c holds."""
+        entry = self.manifest.shards[shard]
+        base = f"{self._path}/{entry['name']}"
+        for name in self._array_names:
+            layout = parse_layout(json.loads(self._fs.cat_file(f"{base}/{name}/zarr.json")))
+            n_chunks = math.prod(layout.chunks_per_shard)
+            for coord, rel in layout.shard_files():
+                size = entry["files"].get(f"{name}/{rel}")
+                if coord[0] != view or size is None:   # no file: an array with no rows
+                    continue
+                tail = self._fs.cat_file(f"{base}/{name}/{rel}", start=max(0, size - 16 * n_chunks - 4), end=size)
+                try:
+                    index = read_shard_index(tail, n_chunks, layout.index_at_end)
+                except ValueError as e:
+                    raise CacheCorruptError.in_shard(entry["name"], f"{name}/{rel}: {e}") from None
+                if (index == MAX_UINT_64).all(axis=1).any():
+                    raise CacheCorruptError.in_shard(entry["name"], f"{name}/{rel}: an inner chunk is missing from "
+                                                                    f"the shard index")
+        self._indexes_checked.add((shard, view))
 
     # -- reading -----------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -134,7 +162,14 @@ class Cache:
 
     def read_block(self, shard: int, view: int, start: int, stop: int) -> Block:
         """Rows [start, stop) of view `view` in `shard`, in one read per array."""
+        # Bounds first: zarr would clip `stop` silently, and an out-of-range view would surface below as
+        # "shard is corrupt" although the caller's indices are wrong.
+        if not (0 <= view < self.views_per_image and 0 <= start <= stop <= self.shard_images[shard]):
+            raise IndexError(f"read_block({shard}, {view}, {start}, {stop}) is out of range: shard "
+                             f"{shard} has {self.shard_images[shard]} images x {self.views_per_image} views")
         arrays = self._arrays(shard)
+        if (shard, view) not in self._indexes_checked:
+            self._check_indexes(shard, view)
         try:
             got = {name: arr[view, start:stop] for name, arr in arrays.items()}
         except Exception as e:  # crc32c mismatch, truncated shard file, unreadable index
@@ -163,6 +198,36 @@ class Cache:
             for view in views if views is not None else range(self.views_per_image):
                 for start in range(0, n, size):
                     yield self.read_block(s, view, start, min(n, start + size))
+
+
+class _MissingChunkStore(WrapperStore):
+    """zarr reads a missing chunk or shard file as its fill value; the size check in `Cache._arrays` runs
+    once per process, so a file that disappears after that would silently read back as zeros.
+    This store raises instead, on every read (the design: absence is an error, never fill values)."""
+
+    async def get(self, key, prototype, byte_range=None):
+        value = await self._store.get(key, prototype, byte_range)
+        if value is None and _is_chunk_key(key):
+            raise FileNotFoundError(f"chunk file {key} is missing")
+        return value
+
+    async def get_partial_values(self, prototype, key_ranges):
+        key_ranges = list(key_ranges)
+        values = await self._store.get_partial_values(prototype, key_ranges)
+        for (key, _), value in zip(key_ranges, values):
+            if value is None and _is_chunk_key(key):
+                raise FileNotFoundError(f"chunk file {key} is missing")
+        return values
+
+
+def _is_chunk_key(key: str) -> bool:
+    return "/c/" in f"/{key}"  # zarr v3's default chunk key encoding: ARRAY/c/i/j/...
+
+
+def _strict_store(url: str) -> _MissingChunkStore:
+    base = (zarr.storage.FsspecStore.from_url(url, read_only=True) if "://" in url
+            else zarr.storage.LocalStore(url, read_only=True))
+    return _MissingChunkStore(base)
 
 
 def open_cache(path: str) -> Cache:

@@ -185,7 +185,13 @@ def _run_export(args) -> int:
 
 
 COMMANDS = {"demo": (_add_demo, _run_demo), "extract": (_add_extract, _run_extract), "train": (_add_train, _run_train),
-            "export": (_add_export, _run_export), "inspect": (_add_inspect, _run_inspect)}
+            "export": (_add_export, _run_export), "inspect": (_add_inspect, _run_inspect),
+            "verify": (lambda sub: _verify().add_parser(sub), lambda args: _verify().main_from_args(args))}
+
+
+def _verify():
+    from . import verify
+    return verify
 
 
 def build_parser() -> argparse.ArgumentParser:

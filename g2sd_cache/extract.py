@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import errno
 import resource
 import shutil
 import time
@@ -64,7 +65,8 @@ class ExtractConfig:
     overwrite: bool = False
 
     # Fields that decide the cache's content; a rerun with any of them changed is refused.
-    CONTENT = ("teacher", "arch", "views", "seed", "target_layer", "mask_ratio", "img_size", "codec",
+    # The teacher is compared by the sha256 of its weights (fingerprints), not by how its path was typed.
+    CONTENT = ("arch", "views", "seed", "target_layer", "mask_ratio", "img_size", "codec",
                "shard_size", "chunk_views")
 
     @property
@@ -246,7 +248,8 @@ class _ShardAssembler:
             vis = np.array([v for _, v, _ in batch])
             pixels = torch.stack([p for _, _, p in batch]).to(device, non_blocking=True)
             mask = torch.from_numpy(self.buffers["mask"][vis, rows]).to(device)
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if teacher_precision(device) != "fp32" \
+                else nullcontext()
             with autocast:
                 target = teacher.targets(normalize(pixels), mask, self.cfg.target_layer)
             bad = ~torch.isfinite(target).flatten(1).all(dim=1)
@@ -282,11 +285,14 @@ def _prepare_output(out: Path, cfg: ExtractConfig, fingerprints: dict, env: Dist
     if out.exists() and not out.is_dir():  # iterdir/rmtree below would raise NotADirectoryError (a traceback)
         raise UserError(f"--out {out} is an existing file, not a cache directory; choose another path")
     if out.exists() and any(out.iterdir()):
+        if not config_path.exists():  # never delete a folder that is not ours, even with --overwrite
+            raise UserError(f"--out {out} exists and is not a g2sd-cache cache (no {CONFIG}); choose another path")
         if cfg.overwrite:
             shutil.rmtree(out)
-        elif not config_path.exists():
-            raise UserError(f"--out {out} exists and is not a g2sd-cache cache; choose another path or pass --overwrite")
         else:
+            for stale in out.glob(f"*{TMP_MARK}*"):  # a manifest/config write cut short by a kill
+                if stale.is_file():
+                    stale.unlink()
             old = read_yaml(config_path)
             new = dataclasses.asdict(cfg) | fingerprints
             diff = [k for k in (*ExtractConfig.CONTENT, *fingerprints) if old.get(k) != new.get(k)]
@@ -309,8 +315,13 @@ def _remove_stale_temporaries(out: Path, shards: list[ShardPlan]) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def teacher_precision(device: torch.device) -> str:
+    """How extract ran the teacher: bf16 autocast on CUDA (LayerNorm of the target in fp32), else fp32."""
+    return "bf16-autocast" if device.type == "cuda" else "fp32"
+
+
 def write_manifest(out: Path, cfg: ExtractConfig, source: Source, plans: list[ShardPlan], teacher_info,
-                   tokens: int, width: int) -> Manifest:
+                   tokens: int, width: int, device: torch.device) -> Manifest:
     """Rank 0, after every shard is complete: gather the shards' records into manifest.json."""
     records = []
     for p in plans:
@@ -337,7 +348,7 @@ def write_manifest(out: Path, cfg: ExtractConfig, source: Source, plans: list[Sh
         geometry=dataclasses.asdict(cfg.geometry),
         views_per_image=cfg.views, seed=cfg.seed, codec=cfg.codec, tokens=tokens, target_dim=width,
         chunk_views=cfg.chunk_views, source=source_info,
-        versions=replay_versions(),
+        versions=replay_versions(), teacher_precision=teacher_precision(device),
         shards=[{"name": shard_name(r.index), "images": r.images, "views": r.views, "complete": True,
                  "source": r.source, "files": r.files} for r in records],
         skipped=skipped, codec_error=codec_error,
@@ -364,6 +375,9 @@ def run_extract(cfg: ExtractConfig) -> dict:
 
 
 def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
+    if "://" in cfg.out:
+        raise UserError(f"--out {cfg.out}: extract writes to a local or mounted path (shards are renamed into place "
+                        f"atomically, which object stores cannot do); copy the finished cache to {cfg.out} afterwards")
     out = Path(cfg.out)
     source = open_source(cfg.data)
     if isinstance(source, TarSource) and cfg.shard_size != ExtractConfig.shard_size:
@@ -419,7 +433,13 @@ def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
         if assemblers:  # cannot happen unless the loader stopped early
             raise RuntimeError(f"shards {sorted(assemblers)} did not receive all their images")
         writer.close()
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise UserError(f"no space left on the device while writing the cache in {out}; free space and rerun "
+                            f"the same command: complete shards are kept, the rest is redone") from e
+        raise
     finally:
+        writer.abandon()
         bar.close()
     elapsed = time.perf_counter() - start
     env.barrier()
@@ -430,7 +450,7 @@ def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
     if env.device.type == "cuda":
         summary["peak_gpu_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
     if env.is_main:
-        manifest = write_manifest(out, cfg, source, plans, info, tokens, width)
+        manifest = write_manifest(out, cfg, source, plans, info, tokens, width, env.device)
         on_disk = sum(sum(s["files"].values()) for s in manifest.shards)
         summary.update(cache_views=manifest.views, cache_images=manifest.images, cache_skipped=len(manifest.skipped),
                        cache_bytes=on_disk, bytes_per_view=on_disk / max(1, manifest.views))

@@ -18,6 +18,7 @@ only factories. Parameter names follow the official MAE checkpoints so they load
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 from dataclasses import dataclass
 from functools import partial
@@ -87,10 +88,11 @@ def visible_index(mask: torch.Tensor) -> torch.Tensor:
     returns: [N, n_keep] int64.
     """
     n, length = mask.shape
+    counts = (~mask).sum(dim=1)
+    if n and not bool((counts == counts[0]).all()):
+        raise ValueError("every mask row must keep the same number of visible patches")
     keep = (~mask).nonzero()[:, 1]  # row-major, so ascending within each row
-    if keep.numel() % n:
-        raise ValueError("every mask row must keep the same number of patches")
-    return keep.view(n, keep.numel() // n)
+    return keep.view(n, keep.numel() // max(n, 1))
 
 
 class MaskedAutoencoder(nn.Module):
@@ -265,7 +267,11 @@ def load_mae_checkpoint(path: str, model: nn.Module, arch: str) -> dict[str, tor
     if not p.is_file():
         raise UserError(f"teacher checkpoint {path} does not exist; pass the path of an MAE .pth file or 'random'")
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+        # MAE's own training checkpoints (main_pretrain.py's checkpoint-N.pth, which carry the decoder)
+        # also pickle the run's argparse.Namespace under 'args'; allow just that type, so they load
+        # while weights_only still refuses arbitrary code.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # a corrupt or non-torch file
         raise UserError(f"cannot read teacher checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
@@ -274,7 +280,9 @@ def load_mae_checkpoint(path: str, model: nn.Module, arch: str) -> dict[str, tor
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    if missing and all(k.startswith(("decoder", "mask_token")) for k in missing):
+    # Only a file whose *sole* difference is the missing decoder is an encoder-only release; with unexpected
+    # keys too (a fine-tuned classifier, another model) the mismatch message below names both lists.
+    if missing and not unexpected and all(k.startswith(("decoder", "mask_token")) for k in missing):
         raise UserError(
             f"{p.name} is an encoder-only MAE checkpoint (missing decoder keys: {_few(missing)}); G2SD needs the "
             f"decoder: use the official mae_pretrain_vit_*_full.pth or mae_visualize_vit_*.pth files, which carry it")

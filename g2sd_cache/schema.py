@@ -92,8 +92,11 @@ def source_index_for_tar(tar: int, position: int) -> int:
 
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + TMP_MARK + str(os.getpid()))
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:  # a failed write (disk full) must not leave the temporary behind
+        tmp.unlink(missing_ok=True)
 
 
 @dataclass
@@ -112,6 +115,7 @@ class Manifest:
     chunk_views: int
     source: dict           # {kind, root, count, fingerprint, shards (tar URLs, tars only)}
     versions: dict         # {torch, torchvision, pillow}: view replay depends on them
+    teacher_precision: str  # "fp32" or "bf16-autocast": how the teacher ran (sets replay tolerances)
     shards: list[dict]     # [{name, images, views, complete, source, files}]
     skipped: list[dict]    # [{key, error}]
     codec_error: dict      # {codec: {rel_rmse, cosine}}: every codec against fp32, on sampled views
@@ -124,9 +128,19 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str) -> "Manifest":
-        data = json.loads(text)
+        from .errors import UserError
+        # A damaged or hand-edited manifest is a user-facing error (one line), not a JSONDecodeError/KeyError traceback.
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"cache manifest {MANIFEST} is not valid JSON ({e}); rerun the same `g2sd-cache extract` "
+                            f"command to rewrite it") from e
+        if not isinstance(data, dict):
+            raise UserError(f"cache manifest {MANIFEST} is not a JSON object; rerun `g2sd-cache extract` to rewrite it")
         if data.get("format_version") != FORMAT_VERSION:
-            from .errors import UserError
             raise UserError(f"cache format version {data.get('format_version')} is not supported by this g2sd-cache "
                             f"(it reads version {FORMAT_VERSION}); re-extract the cache or use a matching release")
+        missing = [k for k in cls.__dataclass_fields__ if k not in data]
+        if missing:
+            raise UserError(f"cache manifest {MANIFEST} lacks {', '.join(missing)}; rerun `g2sd-cache extract` to rewrite it")
         return cls(**{k: data[k] for k in cls.__dataclass_fields__})

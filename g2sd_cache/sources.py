@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -37,7 +38,7 @@ class FolderSource:
     def scan(cls, root: str) -> "FolderSource":
         found = []
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            dirnames.sort()
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # .ipynb_checkpoints and co.
             for name in filenames:
                 if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith("."):
                     path = os.path.join(dirpath, name)
@@ -99,10 +100,33 @@ class TarSource:
     def samples(self, shard: int, on_error: Callable[[Exception], bool]) -> Iterator[tuple[str, bytes | None]]:
         """Stream tar `shard` as (key, image bytes) in tar order; bytes is None for a sample with no
         image member. `on_error(exc)` decides about unreadable tar members: True skips, False raises."""
-        stream = tariterators.tarfile_samples([{"url": self.urls[shard]}], handler=on_error)
-        for sample in stream:
+        url = self.urls[shard]
+        opened = []
+
+        def keep_streams(sources):
+            for source in sources:
+                opened.append(source["stream"])
+                yield source
+
+        streams = keep_streams(tariterators.url_opener([{"url": url}], handler=on_error))
+        files = tariterators.tar_file_expander(streams, handler=on_error)
+        for sample in tariterators.group_by_keys(files, handler=on_error):
             image = next((sample[k] for k in sample if k.lower().lstrip(".") in ("jpg", "jpeg", "png", "webp")), None)
             yield sample["__key__"], image
+        # Python's tarfile takes a corrupt header after the first member for the end of the archive, so
+        # the members after it would vanish without a word: data after the stop is an error.
+        if not url.endswith((".gz", ".tgz", ".bz2", ".xz", ".zst")) and any(_unread_data(s) for s in opened):
+            exc = tarfile.ReadError(f"{url}: corrupt tar header; the members after it cannot be read")
+            if not on_error(exc):
+                raise exc
+
+
+def _unread_data(stream, probe: int = 1 << 20) -> bool:
+    """Whether non-zero bytes follow where tarfile stopped (a tar ends in zero blocks only)."""
+    try:
+        return bool(stream.read(probe).strip(b"\0"))
+    except (OSError, ValueError):  # closed or unreadable: nothing more to learn
+        return False
 
 
 def _is_local(url: str) -> bool:

@@ -92,6 +92,17 @@ class ShardWriter:
         self._raise_if_failed()
         self._queue.put(data)
 
+    def abandon(self) -> None:
+        """Let the thread end without waiting (after an error); shards not yet written stay unwritten."""
+        if self._thread.is_alive():
+            self._error = self._error or RuntimeError("abandoned")
+            while True:  # drop what waits, then wake the thread with the end marker
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            self._queue.put_nowait(None)
+
     def close(self) -> None:
         """Wait for every submitted shard to be written; re-raise a write error."""
         self._queue.put(None)
