@@ -29,9 +29,8 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .cache import Cache
-from .errors import UserError
 from .plan import EpochPlan, Window, consumed_per_slot, expected_order, window_permutation
-from .sources import FolderSource, Source, TarSource
+from .sources import Source, TarSource
 from .views import ViewGeometry, decode_image, render_view, sample_view
 from .workers import keep_as_is, mp_context
 

@@ -13,6 +13,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from g2sd_cache.extract import ExtractConfig, run_extract  # noqa: E402
 from g2sd_cache.synthetic import make_image_folder  # noqa: E402
@@ -27,6 +28,15 @@ def micro_extract_config(data, out, **overrides) -> ExtractConfig:
                 shard_size=8, chunk_views=2, batch_size=4, workers=0, device="cpu")
     base.update(overrides)
     return ExtractConfig(**base)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """CI machines have few, shared cores: one intra-op thread is several times faster under load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -16,14 +16,6 @@ from g2sd_cache.schema import MANIFEST
 T, D, L = 17, 32, 16  # micro teacher at 64 px
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The test machine has 2 shared cores: one intra-op thread is several times faster under load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture
 def cache_copy(micro_cache, tmp_path) -> Path:

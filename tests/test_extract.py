@@ -34,14 +34,6 @@ BOUNDS = {"fp16": 1e-3, "bf16": 5e-3, "int8": 0.01, "fp8": 0.03}
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The test machine has 2 shared cores: one intra-op thread is several times faster under load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _env():
     """Subprocess environment: one thread each (the test machine is small and shared)."""

@@ -14,14 +14,6 @@ MICRO_STUDENT = "test_vit_micro_patch16_dec32d1b"
 SIZE = 64  # micro teacher at 64 px: L = 16 patches, 17 tokens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The test machine has 2 shared cores: one intra-op thread is several times faster under load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _mask(n, length, keep, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -15,14 +15,6 @@ from g2sd_cache.views import ViewGeometry, crop_box, normalize, render_view, sam
 GEOM = ViewGeometry()  # 224 px, patch 16, mask 0.75
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The test machine has 2 shared cores: one intra-op thread is several times faster under load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _same(a: views.View, b: views.View) -> bool:
     return a.crop == b.crop and a.flip == b.flip and np.array_equal(a.mask, b.mask)
