@@ -177,3 +177,19 @@ def test_config_file_sets_options_and_flags_override_it(micro_cache, image_folde
     done = subprocess.run([sys.executable, "-m", "g2sd_cache.cli", "train", "--config", str(bad), "--out",
                            str(tmp_path / "r2")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "unknown option(s) batchsize" in done.stderr
+
+
+def test_cached_training_streams_tar_sources_and_uses_every_view_once(tmp_path):
+    """With webdataset tars the trainer reads each tar sequentially beside its cache shard and joins by key."""
+    from g2sd_cache.synthetic import make_tar_shards
+    tars = make_tar_shards(tmp_path / "tars", count=10, per_shard=4, seed=3)
+    spec = str(tmp_path / "tars" / "train-{000000..000002}.tar")
+    cache = tmp_path / "tar-cache"
+    run_extract(micro_extract_config(spec, cache, views=1))
+    assert len(tars) == 3
+    run = tmp_path / "tar-run"
+    got = run_train(run, spec, cache=str(cache), epochs=1, batch_size=2, workers=2, log_samples=True)
+    assert len(got) == 5 and all(math.isfinite(m["loss"]) for m in got)
+    seen = sorted(i for s in samples(run) for i in s["index"])
+    assert seen == sorted((t << 32) | p for t, n in enumerate([4, 4, 2]) for p in range(n))
+    assert all(all(s["valid"]) for s in samples(run))
