@@ -408,9 +408,16 @@ def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
     assemblers: dict[int, _ShardAssembler] = {}
     plan_by_index = {p.index: p for p in pending}
     views_done, skipped = 0, 0
+    waited = teacher_s = write_wait = 0.0
     start = time.perf_counter()
     try:
-        for item in loader:
+        items = iter(loader)
+        while True:
+            t0 = time.perf_counter()
+            item = next(items, None)
+            waited += time.perf_counter() - t0     # data loading the teacher could not hide
+            if item is None:
+                break
             s = item["shard"]
             asm = assemblers.get(s) or assemblers.setdefault(
                 s, _ShardAssembler(plan_by_index[s], source, cfg, tokens, width))
@@ -424,11 +431,15 @@ def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
                 asm.add(item)
             else:
                 asm.add(item)
+            t0 = time.perf_counter()
             done = asm.run_teacher(teacher, env.device, flush=asm.complete)
+            teacher_s += time.perf_counter() - t0
             views_done += done
             bar.update(done)
             if asm.complete:
+                t0 = time.perf_counter()
                 writer.submit(asm.finish(source))
+                write_wait += time.perf_counter() - t0   # blocked behind the previous shard's write
                 del assemblers[s]
         if assemblers:  # cannot happen unless the loader stopped early
             raise RuntimeError(f"shards {sorted(assemblers)} did not receive all their images")
@@ -446,6 +457,7 @@ def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
 
     summary = {"views": views_done, "skipped_images": skipped, "bytes": writer.bytes_written,
                "seconds": elapsed, "views_per_s": views_done / elapsed if elapsed > 0 else 0.0,
+               "teacher_s": teacher_s, "data_wait_s": waited, "write_wait_s": write_wait,
                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     if env.device.type == "cuda":
         summary["peak_gpu_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30

@@ -287,20 +287,27 @@ class EpochLoader:
         q: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
         stop = threading.Event()
 
+        def put(item) -> bool:
+            """Queue `item` unless the consumer has gone; never block past a stop."""
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def produce():
+            batches = self._batches()
             try:
-                for b in self._batches():
-                    while not stop.is_set():
-                        try:
-                            q.put(b, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
+                for b in batches:
+                    if not put(b):
                         return
-                q.put(None)
+                put(None)
             except BaseException as e:
-                q.put(e)
+                put(e)
+            finally:
+                batches.close()   # ends the DataLoader iterator, so its workers exit now
 
         thread = threading.Thread(target=produce, name="batch-collator", daemon=True)
         thread.start()
