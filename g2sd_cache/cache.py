@@ -1,16 +1,18 @@
 """Reading a cache: `open_cache(path)` -> `Cache`, with per-view records and block reads.
 
 Global view order: shard by shard; inside a shard view 0 of every image, then view 1, ... (the
-on-disk order). `cache[i]` decodes one view; streaming code calls `read_block`, which fetches a
-run of images of one view in one zarr call (a call costs ~1 ms, so per-view reads would not keep
-up; DESIGN.md §5).
+on-disk order). `cache[i]` decodes one view; streaming code calls `read_block`, which returns a run
+of images of one view. On a local disk the fixed-width arrays (targets, scales, masks, crops, ...)
+are memory-mapped and sliced without zarr's per-call cost (~1 ms, DESIGN.md §5); string keys and
+remote caches go through zarr (shard_files.py).
 
-Integrity: a shard's files are checked against the manifest (present, right size) the first time
-a process touches the shard, and zarr checks every chunk's crc32c as it decodes it. Any failure
-raises `CacheCorruptError` naming the shard: a missing chunk never reads back as fill values.
+Integrity: a shard's files are checked against the manifest (present, right size) the first time a
+process touches the shard; each shard file's index is checked when the file is opened, and every
+inner chunk's crc32c before its first use. Any failure raises `CacheCorruptError` naming the shard:
+a missing chunk never reads back as fill values.
 
-The object is safe to pickle into DataLoader workers and across fork: zarr handles are opened
-lazily per process and never pickled.
+The object is safe to pickle into DataLoader workers and across fork: maps and zarr handles are
+opened lazily per process and never pickled.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import bisect
 import json
 import math
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -25,13 +28,12 @@ import fsspec
 import numpy as np
 import torch
 import zarr
-import zarr.storage
-from zarr.storage import WrapperStore
 
 from . import codecs
 from .errors import CacheCorruptError, UserError
 from .schema import MANIFEST, Manifest, array_specs
-from .zarr_layout import MAX_UINT_64, parse_layout, read_shard_index
+from .shard_files import MappedShardFile, ZarrShardFile, can_map, strict_store
+from .zarr_layout import parse_layout
 
 
 @dataclass(frozen=True)
@@ -73,9 +75,14 @@ class Block:
 class Cache:
     """A finished cache. `len(cache)` is the number of views; `cache[i]` a `ViewRecord`."""
 
+    # Shard files kept open per process (memory maps or zarr handles); the oldest are dropped first.
+    OPEN_FILES = 64
+
     def __init__(self, root: str):
         self.root = str(root).rstrip("/")
         self._fs, self._path = fsspec.core.url_to_fs(self.root)
+        protocols = self._fs.protocol if isinstance(self._fs.protocol, tuple) else (self._fs.protocol,)
+        self._local = "file" in protocols
         manifest_path = f"{self._path}/{MANIFEST}"
         if not self._fs.exists(manifest_path):
             if self._fs.exists(f"{self._path}/config.yaml"):
@@ -88,58 +95,77 @@ class Cache:
         views_per_shard = [s["views"] for s in self.manifest.shards]
         self._offsets = np.cumsum([0] + views_per_shard).tolist()
         m = self.manifest
-        self._array_names = list(array_specs(self.codec, m.tokens, m.target_dim, m.tokens - 1))
-        self._open: dict[int, dict[str, zarr.Array]] = {}
-        self._indexes_checked: set[tuple[int, int]] = set()
+        self._specs = array_specs(self.codec, m.tokens, m.target_dim, m.tokens - 1)
+        self._reset()
+
+    def _reset(self) -> None:
+        """Per-process state: open shard files, zarr groups, shards whose file sizes were checked."""
+        self._files: OrderedDict[tuple[int, int, str], MappedShardFile | ZarrShardFile] = OrderedDict()
+        self._groups: dict[int, zarr.Group] = {}
+        self._sized: set[int] = set()
         self._pid = os.getpid()
 
     # -- pickling / fork safety ------------------------------------------------------------
     def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_open"], state["_indexes_checked"] = {}, set()
-        return state
+        return {k: v for k, v in self.__dict__.items() if k not in ("_files", "_groups", "_sized", "_pid")}
 
-    def _arrays(self, shard: int) -> dict[str, zarr.Array]:
-        if self._pid != os.getpid():  # forked: handles (and zarr's event loop thread) belong to the parent
-            self._open, self._indexes_checked, self._pid = {}, set(), os.getpid()
-        if shard not in self._open:
-            entry = self.manifest.shards[shard]
-            base = f"{self._path}/{entry['name']}"
-            for rel, size in entry["files"].items():
-                try:
-                    actual = self._fs.size(f"{base}/{rel}")
-                except FileNotFoundError:
-                    raise CacheCorruptError.in_shard(entry["name"], f"file {rel} is missing") from None
-                if actual != size:
-                    raise CacheCorruptError.in_shard(entry["name"], f"file {rel} has {actual} bytes, the manifest says {size}")
-            try:
-                group = zarr.open_group(store=_strict_store(f"{self.root}/{entry['name']}"), mode="r")
-                self._open[shard] = {name: group[name] for name in self._array_names}
-            except Exception as e:
-                raise CacheCorruptError.in_shard(entry["name"], f"{type(e).__name__}: {e}") from e
-        return self._open[shard]
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset()
 
-    def _check_indexes(self, shard: int, view: int) -> None:
-        """Before zarr reads view `view` of a shard: every inner chunk of its shard files is present in
-        the file's index (zarr would read a chunk marked empty as fill values) and the index's crc32c holds."""
+    def _check_sizes(self, shard: int) -> None:
+        """Once per shard and process: every file the manifest lists is there, at its recorded size."""
         entry = self.manifest.shards[shard]
         base = f"{self._path}/{entry['name']}"
-        for name in self._array_names:
+        for rel, size in entry["files"].items():
+            try:
+                actual = self._fs.size(f"{base}/{rel}")
+            except FileNotFoundError:
+                raise CacheCorruptError.in_shard(entry["name"], f"file {rel} is missing") from None
+            if actual != size:
+                raise CacheCorruptError.in_shard(entry["name"], f"file {rel} has {actual} bytes, the manifest says {size}")
+        self._sized.add(shard)
+
+    def _file(self, shard: int, view: int, name: str) -> MappedShardFile | ZarrShardFile:
+        """The reader of array `name`, view `view` of `shard`: opened once per process, kept in an LRU."""
+        if self._pid != os.getpid():  # forked: maps and zarr's event loop thread belong to the parent
+            self._reset()
+        key = (shard, view, name)
+        if key in self._files:
+            self._files.move_to_end(key)
+            return self._files[key]
+        if shard not in self._sized:
+            self._check_sizes(shard)
+        entry = self.manifest.shards[shard]
+        base = f"{self._path}/{entry['name']}"
+        try:
             layout = parse_layout(json.loads(self._fs.cat_file(f"{base}/{name}/zarr.json")))
-            n_chunks = math.prod(layout.chunks_per_shard)
-            for coord, rel in layout.shard_files():
-                size = entry["files"].get(f"{name}/{rel}")
-                if coord[0] != view or size is None:   # no file: an array with no rows
-                    continue
-                tail = self._fs.cat_file(f"{base}/{name}/{rel}", start=max(0, size - 16 * n_chunks - 4), end=size)
-                try:
-                    index = read_shard_index(tail, n_chunks, layout.index_at_end)
-                except ValueError as e:
-                    raise CacheCorruptError.in_shard(entry["name"], f"{name}/{rel}: {e}") from None
-                if (index == MAX_UINT_64).all(axis=1).any():
-                    raise CacheCorruptError.in_shard(entry["name"], f"{name}/{rel}: an inner chunk is missing from "
-                                                                    f"the shard index")
-        self._indexes_checked.add((shard, view))
+        except (OSError, ValueError, KeyError) as e:
+            raise CacheCorruptError.in_shard(entry["name"], f"{name}/zarr.json: {type(e).__name__}: {e}") from e
+        rel = f"{name}/" + next(r for coord, r in layout.shard_files() if coord[0] == view)
+        if can_map(layout, self._local):
+            reader = MappedShardFile(f"{base}/{rel}", layout, entry["name"], rel)
+        else:
+            size = entry["files"].get(rel, 0)
+            index_bytes = 16 * math.prod(layout.chunks_per_shard) + 4
+            try:
+                tail = self._fs.cat_file(f"{base}/{rel}", start=max(0, size - index_bytes), end=size)
+            except FileNotFoundError:
+                raise CacheCorruptError.in_shard(entry["name"], f"file {rel} is missing") from None
+            reader = ZarrShardFile(self._group(shard)[name], view, tail, layout, entry["name"], rel)
+        self._files[key] = reader
+        if len(self._files) > self.OPEN_FILES:
+            self._files.popitem(last=False)   # rows handed out keep their map alive until they are dropped
+        return reader
+
+    def _group(self, shard: int) -> zarr.Group:
+        if shard not in self._groups:
+            name = self.manifest.shards[shard]["name"]
+            try:
+                self._groups[shard] = zarr.open_group(store=strict_store(f"{self.root}/{name}"), mode="r")
+            except Exception as e:
+                raise CacheCorruptError.in_shard(name, f"{type(e).__name__}: {e}") from e
+        return self._groups[shard]
 
     # -- reading -----------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -161,26 +187,25 @@ class Cache:
         return s, view, row
 
     def read_block(self, shard: int, view: int, start: int, stop: int) -> Block:
-        """Rows [start, stop) of view `view` in `shard`, in one read per array."""
-        # Bounds first: zarr would clip `stop` silently, and an out-of-range view would surface below as
-        # "shard is corrupt" although the caller's indices are wrong.
+        """Rows [start, stop) of view `view` in `shard`. On a local disk the fixed-width arrays are read-only
+        views of the memory-mapped shard files: copy them before writing."""
+        # Bounds first: an out-of-range request is the caller's mistake, not a corrupt shard.
         if not (0 <= view < self.views_per_image and 0 <= start <= stop <= self.shard_images[shard]):
             raise IndexError(f"read_block({shard}, {view}, {start}, {stop}) is out of range: shard "
                              f"{shard} has {self.shard_images[shard]} images x {self.views_per_image} views")
-        arrays = self._arrays(shard)
-        if (shard, view) not in self._indexes_checked:
-            self._check_indexes(shard, view)
-        try:
-            got = {name: arr[view, start:stop] for name, arr in arrays.items()}
-        except Exception as e:  # crc32c mismatch, truncated shard file, unreadable index
-            raise CacheCorruptError.in_shard(self.shard_name(shard), f"{type(e).__name__}: {e}") from e
+        got = {name: self._file(shard, view, name).rows(start, stop) if stop > start else self._empty(name)
+               for name in self._specs}
         return Block(shard, view, start, stop, codes=got["target"], scale=got.get("scale"), mask=got["mask"],
                      crop=got["crop"], flip=got["flip"], source_index=got["source_index"], key=got["key"])
 
+    def _empty(self, name: str) -> np.ndarray:
+        spec = self._specs[name]
+        return np.empty((0, *spec.per_view_shape), dtype=str if spec.dtype == "str" else spec.dtype)
+
     def decode(self, codes: np.ndarray, scale: np.ndarray | None) -> torch.Tensor:
         """Stored codes (+ scale) -> float32 targets."""
-        return codecs.decode(self.codec, codecs.from_storage(self.codec, codes),
-                             None if scale is None else torch.from_numpy(np.asarray(scale)))
+        return codecs.decode(self.codec, codecs.from_storage(self.codec, np.array(codes)),
+                             None if scale is None else torch.from_numpy(np.array(scale)))
 
     def __getitem__(self, i: int) -> ViewRecord:
         s, view, row = self.locate(i)
@@ -198,36 +223,6 @@ class Cache:
             for view in views if views is not None else range(self.views_per_image):
                 for start in range(0, n, size):
                     yield self.read_block(s, view, start, min(n, start + size))
-
-
-class _MissingChunkStore(WrapperStore):
-    """zarr reads a missing chunk or shard file as its fill value; the size check in `Cache._arrays` runs
-    once per process, so a file that disappears after that would silently read back as zeros.
-    This store raises instead, on every read (the design: absence is an error, never fill values)."""
-
-    async def get(self, key, prototype, byte_range=None):
-        value = await self._store.get(key, prototype, byte_range)
-        if value is None and _is_chunk_key(key):
-            raise FileNotFoundError(f"chunk file {key} is missing")
-        return value
-
-    async def get_partial_values(self, prototype, key_ranges):
-        key_ranges = list(key_ranges)
-        values = await self._store.get_partial_values(prototype, key_ranges)
-        for (key, _), value in zip(key_ranges, values):
-            if value is None and _is_chunk_key(key):
-                raise FileNotFoundError(f"chunk file {key} is missing")
-        return values
-
-
-def _is_chunk_key(key: str) -> bool:
-    return "/c/" in f"/{key}"  # zarr v3's default chunk key encoding: ARRAY/c/i/j/...
-
-
-def _strict_store(url: str) -> _MissingChunkStore:
-    base = (zarr.storage.FsspecStore.from_url(url, read_only=True) if "://" in url
-            else zarr.storage.LocalStore(url, read_only=True))
-    return _MissingChunkStore(base)
 
 
 def open_cache(path: str) -> Cache:
