@@ -687,11 +687,15 @@ def data_section(ws: dict, prof: Profile) -> dict:
             return {"bytes": nbytes, "cpu_s": time.process_time() - c0, "wall_s": time.perf_counter() - t0}
 
         def read_blocks():
+            # As an epoch's fresh DataLoader worker reads: a new reader (maps opened, every chunk's crc32c
+            # checked once), and the bytes copied out of the page cache into this process's memory.
             nbytes = 0
             for _ in range(passes):
+                reader = open_cache(str(ws["cache"]))
                 for blk in blocks:
-                    b = cache.read_block(*blk)
-                    nbytes += b.codes.nbytes + (b.scale.nbytes if b.scale is not None else 0)
+                    b = reader.read_block(*blk)
+                    codes = np.array(b.codes)
+                    nbytes += codes.nbytes + (np.array(b.scale).nbytes if b.scale is not None else 0)
             return nbytes
 
         def read_raw():

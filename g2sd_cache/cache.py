@@ -31,7 +31,7 @@ import zarr
 
 from . import codecs
 from .errors import CacheCorruptError, UserError
-from .schema import MANIFEST, Manifest, array_specs
+from .schema import MANIFEST, Manifest, array_specs, decode_keys
 from .shard_files import MappedShardFile, ZarrShardFile, can_map, strict_store
 from .zarr_layout import parse_layout
 
@@ -196,11 +196,12 @@ class Cache:
         got = {name: self._file(shard, view, name).rows(start, stop) if stop > start else self._empty(name)
                for name in self._specs}
         return Block(shard, view, start, stop, codes=got["target"], scale=got.get("scale"), mask=got["mask"],
-                     crop=got["crop"], flip=got["flip"], source_index=got["source_index"], key=got["key"])
+                     crop=got["crop"], flip=got["flip"], source_index=got["source_index"],
+                     key=decode_keys(got["key"]))
 
     def _empty(self, name: str) -> np.ndarray:
         spec = self._specs[name]
-        return np.empty((0, *spec.per_view_shape), dtype=str if spec.dtype == "str" else spec.dtype)
+        return np.empty((0, *(d or 1 for d in spec.per_view_shape)), dtype=spec.dtype)
 
     def decode(self, codes: np.ndarray, scale: np.ndarray | None) -> torch.Tensor:
         """Stored codes (+ scale) -> float32 targets."""

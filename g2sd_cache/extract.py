@@ -37,6 +37,7 @@ from .dist import DistEnv, init_distributed, shutdown_distributed
 from .errors import UserError
 from .models import TEACHER_PRESETS, build_teacher
 from .schema import (CONFIG, FORMAT_VERSION, MANIFEST, SHARD_RECORD, TMP_MARK, Manifest, ShardRecord, array_specs,
+                     encode_keys,
                      shard_name, source_index_for_tar, write_text_atomic)
 from .sources import FolderSource, Source, TarSource, open_source
 from .views import ViewGeometry, decode_image, normalize, render_view, sample_view
@@ -212,8 +213,9 @@ class _ShardAssembler:
     def _grow(self, capacity: int) -> None:
         k = self.cfg.views
         for name, spec in self.specs.items():
-            dtype = object if spec.dtype == "str" else spec.dtype
-            new = np.empty((k, capacity, *spec.per_view_shape), dtype=dtype)
+            variable = None in spec.per_view_shape   # keys: kept as str objects until the shard is finished
+            new = np.empty((k, capacity) if variable else (k, capacity, *spec.per_view_shape),
+                           dtype=object if variable else spec.dtype)
             if name in self.buffers:
                 new[:, : self.images] = self.buffers[name][:, : self.images]
             self.buffers[name] = new
@@ -271,7 +273,7 @@ class _ShardAssembler:
     def finish(self, source: Source) -> ShardData:
         n = self.images
         arrays = {name: buf[:, :n] for name, buf in self.buffers.items()}
-        arrays["key"] = arrays["key"].astype(str) if n else np.empty((self.cfg.views, 0), dtype=str)
+        arrays["key"] = encode_keys(arrays["key"].astype(str))
         record = ShardRecord(index=self.plan.index, images=n, views_per_image=self.cfg.views,
                              source=self.plan.describe(source), skipped=self.skipped, codec_error=self.codec_error)
         return ShardData(record, arrays)

@@ -21,6 +21,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .codecs import Codec
 
 FORMAT_VERSION = 1
@@ -42,7 +44,7 @@ def tmp_shard_name(index: int) -> str:
 
 @dataclass(frozen=True)
 class ArraySpec:
-    per_view_shape: tuple[int, ...]
+    per_view_shape: tuple[int | None, ...]   # None: a width decided per shard (the keys' byte length)
     dtype: str
 
 
@@ -54,7 +56,8 @@ def array_specs(codec: Codec, tokens: int, width: int, patches: int) -> dict[str
         "crop": ArraySpec((4,), "int32"),          # top, left, height, width in source pixels
         "flip": ArraySpec((), "bool"),
         "source_index": ArraySpec((), "int64"),
-        "key": ArraySpec((), "str"),
+        # UTF-8 bytes zero-padded to the shard's longest key: fixed-width, so readers slice it like the rest
+        "key": ArraySpec((None,), "uint8"),
     }
     if codec.scaled:
         specs["scale"] = ArraySpec((tokens,), "float32")
@@ -83,6 +86,22 @@ class ShardRecord:
     @classmethod
     def from_json(cls, text: str) -> "ShardRecord":
         return cls(**json.loads(text))
+
+
+def encode_keys(keys: np.ndarray) -> np.ndarray:
+    """str array [...] -> uint8 [..., W]: UTF-8 bytes zero-padded to the longest key (W >= 1)."""
+    raw = [str(k).encode() for k in keys.ravel()]
+    width = max([1, *map(len, raw)])
+    out = np.zeros((len(raw), width), dtype=np.uint8)
+    for i, b in enumerate(raw):
+        out[i, :len(b)] = np.frombuffer(b, dtype=np.uint8)
+    return out.reshape(*keys.shape, width)
+
+
+def decode_keys(codes: np.ndarray) -> np.ndarray:
+    """uint8 [..., W] -> str array [...] (inverse of `encode_keys`)."""
+    flat = np.ascontiguousarray(codes).reshape(-1, codes.shape[-1])
+    return np.array([bytes(row).rstrip(b"\0").decode() for row in flat], dtype=str).reshape(codes.shape[:-1])
 
 
 def source_index_for_tar(tar: int, position: int) -> int:

@@ -87,11 +87,13 @@ class ZarrShardFile:
             raise CacheCorruptError.in_shard(self.shard, f"{type(e).__name__}: {e}") from e
 
 
+_FIXED_WIDTH = {"bool", "int8", "uint8", "int16", "uint16", "int32", "int64", "float16", "float32"}
+
+
 def can_map(layout: ArrayLayout, local: bool) -> bool:
     """Whether a shard file can be read by `MappedShardFile`: a local file of a fixed-width little-endian
     array whose inner chunks are plain bytes + crc32c (what extract writes for everything but keys)."""
-    return local and layout.inner_codecs == ("bytes", "crc32c") and layout.dtype != "string" \
-        and np.dtype(layout.dtype).kind in "biuf"
+    return local and layout.inner_codecs == ("bytes", "crc32c") and layout.dtype in _FIXED_WIDTH
 
 
 class MissingChunkStore(WrapperStore):

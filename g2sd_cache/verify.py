@@ -58,7 +58,7 @@ import numpy as np
 import yaml
 
 from .errors import UserError
-from .schema import CONFIG, FORMAT_VERSION, MANIFEST, SHARD_RECORD, TMP_MARK, Manifest, array_specs
+from .schema import CONFIG, FORMAT_VERSION, MANIFEST, SHARD_RECORD, TMP_MARK, Manifest, array_specs, decode_keys
 from .zarr_layout import MAX_UINT_64, ArrayLayout, parse_layout, read_shard_index
 
 CODEC_TOLERANCE = {"fp16": 2e-3, "bf16": 1e-2, "int8": 2e-2, "fp8": 6e-2}
@@ -120,16 +120,6 @@ def _decode_chunk(payload: memoryview, layout: ArrayLayout) -> np.ndarray | None
     if layout.inner_codecs == ("bytes", "crc32c"):
         dtype = np.dtype("bool" if layout.dtype == "bool" else layout.dtype).newbyteorder("<")
         arr = np.frombuffer(payload, dtype=dtype)
-        return arr.reshape(layout.inner_shape) if arr.size == math.prod(layout.inner_shape) else None
-    if layout.inner_codecs == ("vlen-utf8", "crc32c"):
-        b = bytes(payload)
-        count = int.from_bytes(b[:4], "little")
-        out, pos = [], 4
-        for _ in range(count):
-            n = int.from_bytes(b[pos:pos + 4], "little")
-            out.append(b[pos + 4:pos + 4 + n].decode())
-            pos += 4 + n
-        arr = np.array(out, dtype=object)
         return arr.reshape(layout.inner_shape) if arr.size == math.prod(layout.inner_shape) else None
     return None
 
@@ -261,8 +251,8 @@ class _Verifier:
             add(f"array {name}: {meta_rel} is not the cache format ({e})")
             return None
         self.arrays += 1
-        want_shape = (*kn, *spec.per_view_shape)
-        want_dtype = "string" if spec.dtype == "str" else spec.dtype
+        want_shape = (*kn, *(w if w is not None else got for w, got in zip(spec.per_view_shape, layout.shape[2:])))
+        want_dtype = spec.dtype
         if layout.shape != want_shape:
             add(f"array {name} has shape {list(layout.shape)}, expected {list(want_shape)} from the manifest")
             return None
@@ -272,7 +262,7 @@ class _Verifier:
         keep = name != "target"              # decode the small arrays; targets are only checked
         codec = self.manifest.codec
         nonfinite = _NONFINITE.get(codec) if name == "target" else None
-        out = np.zeros(want_shape, dtype=object if want_dtype == "string" else want_dtype) if keep else None
+        out = np.zeros(want_shape, dtype=want_dtype) if keep else None
         decoded_all = True      # False: a codec chain this file does not decode (zarr reads it instead)
         corrupt = False
         n_inner = math.prod(layout.chunks_per_shard)
@@ -331,7 +321,8 @@ class _Verifier:
                     out[region] = arr[tuple(slice(0, r.stop - r.start) for r in region)]
         if not keep or corrupt:
             return None      # corruption is reported; content checks of this array would only echo it
-        return out if decoded_all else self._zarr_fallback(shard, name)
+        out = out if decoded_all else self._zarr_fallback(shard, name)
+        return decode_keys(out) if name == "key" and out is not None else out
 
     def _zarr_fallback(self, shard: str, name: str):
         """Content of an array stored with a codec chain this file does not decode (its checksums held):

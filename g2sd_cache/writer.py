@@ -48,10 +48,9 @@ def write_shard(root: Path, data: ShardData, chunk_views: int) -> int:
         rest = values.shape[2:]
         inner = max(1, min(chunk_views, n))
         arr = group.create_array(
-            name, shape=values.shape, dtype=str if values.dtype.kind in "UO" else values.dtype,
+            name, shape=values.shape, dtype=values.dtype,
             chunks=(1, inner, *rest), shards=(1, inner * max(1, math.ceil(n / inner)), *rest),
-            compressors=[Crc32cCodec()], config=_ARRAY_CONFIG,
-            fill_value="" if values.dtype.kind in "UO" else 0)
+            compressors=[Crc32cCodec()], config=_ARRAY_CONFIG, fill_value=0)
         if values.size:
             arr[...] = values
     files = {}
