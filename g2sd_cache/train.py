@@ -191,9 +191,10 @@ def _replay_versions_differ(recorded: dict) -> bool:
     return recorded != _versions()
 
 
-def _token_mask(loss_tokens: str, mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | None:
-    """[B, 1 + L] bool of the tokens the loss averages over (cls counts as visible), or None for all."""
-    if loss_tokens == "all" and bool(valid.all()):
+def _token_mask(loss_tokens: str, mask: torch.Tensor, valid: torch.Tensor, all_valid: bool) -> torch.Tensor | None:
+    """[B, 1 + L] bool of the tokens the loss averages over (cls counts as visible), or None for all.
+    `all_valid` comes from the CPU copy of `valid`, so deciding costs no device sync."""
+    if loss_tokens == "all" and all_valid:
         return None
     cls = torch.ones_like(mask[:, :1])
     tokens = {"all": torch.ones_like(mask), "masked": mask, "visible": ~mask}[loss_tokens]
@@ -418,7 +419,7 @@ def _micro_step(model, s: _Setup, cfg: TrainConfig, batch: Batch, device, autoca
         scale = batch.scale.to(device, non_blocking=True) if batch.scale is not None else None
     with autocast():
         pred = model(imgs, mask)
-    return masked_smooth_l1(pred, target, scale=scale, token_mask=_token_mask(cfg.loss_tokens, mask, valid),
+    return masked_smooth_l1(pred, target, scale=scale, token_mask=_token_mask(cfg.loss_tokens, mask, valid, not batch.errors),
                             beta=cfg.beta)
 
 

@@ -193,3 +193,20 @@ def test_cached_training_streams_tar_sources_and_uses_every_view_once(tmp_path):
     seen = sorted(i for s in samples(run) for i in s["index"])
     assert seen == sorted((t << 32) | p for t, n in enumerate([4, 4, 2]) for p in range(n))
     assert all(all(s["valid"]) for s in samples(run))
+
+
+def test_loss_tokens_select_masked_visible_or_all_and_drop_invalid_samples():
+    from g2sd_cache.train import _token_mask
+    mask = torch.tensor([[True, False, True], [False, True, True]])
+    valid = torch.tensor([True, False])
+    assert _token_mask("all", mask, torch.tensor([True, True]), all_valid=True) is None
+    assert _token_mask("all", mask, valid, all_valid=False).tolist() == [[True] * 4, [False] * 4]
+    assert _token_mask("masked", mask, valid, all_valid=False).tolist() == [[False, True, False, True], [False] * 4]
+    assert _token_mask("visible", mask, torch.tensor([True, True]), all_valid=True).tolist() == \
+        [[True, False, True, False], [True, True, False, False]]
+
+
+@pytest.mark.parametrize("tokens", ["masked", "visible"])
+def test_training_on_masked_or_visible_tokens_only(micro_cache, image_folder, tmp_path, tokens):
+    got = run_train(tmp_path / tokens, image_folder, cache=str(micro_cache), steps=2, loss_tokens=tokens)
+    assert len(got) == 2 and all(math.isfinite(m["loss"]) and m["loss"] > 0 for m in got)
