@@ -271,3 +271,24 @@ def test_truncated_chunk_file_raises(cache_copy):
     cache = open_cache(cache_copy)
     with pytest.raises(CacheCorruptError, match="bytes"):
         cache[0]
+
+
+def test_a_cache_on_an_fsspec_url_reads_the_same_as_on_disk(micro_cache):
+    """Remote caches (any fsspec URL) go through zarr instead of memory maps; the records are the same."""
+    import os
+
+    import fsspec
+    fs = fsspec.filesystem("memory")
+    for folder, _, files in os.walk(micro_cache):
+        for f in files:
+            path = os.path.join(folder, f)
+            fs.pipe(f"/remote-cache/{os.path.relpath(path, micro_cache)}", open(path, "rb").read())
+    remote, local = open_cache("memory://remote-cache"), open_cache(micro_cache)
+    assert not remote._local and len(remote) == len(local)
+    for i in (0, 7, len(local) - 1):
+        a, b = remote[i], local[i]
+        assert (a.key, a.crop, a.flip) == (b.key, b.crop, b.flip)
+        assert torch.equal(a.mask, b.mask) and torch.equal(a.target, b.target)
+    fs.rm("/remote-cache/shard-00001/target/c/0/0/0/0")
+    with pytest.raises(CacheCorruptError, match="shard-00001"):
+        open_cache("memory://remote-cache").read_block(1, 0, 0, 2)
