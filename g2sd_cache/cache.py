@@ -199,9 +199,15 @@ class Cache:
                      crop=got["crop"], flip=got["flip"], source_index=got["source_index"],
                      key=decode_keys(got["key"]))
 
-    def _empty(self, name: str) -> np.ndarray:
+    def _empty(self, name: str, rows: int = 0) -> np.ndarray:
         spec = self._specs[name]
-        return np.empty((0, *(d or 1 for d in spec.per_view_shape)), dtype=spec.dtype)
+        return np.zeros((rows, *(d or 1 for d in spec.per_view_shape)), dtype=spec.dtype)
+
+    def blank_block(self, rows: int) -> Block:
+        """A block of `rows` zero views (empty keys): the stand-in for rows that could not be read."""
+        z = {name: self._empty(name, rows) for name in self._specs}
+        return Block(-1, -1, 0, rows, codes=z["target"], scale=z.get("scale"), mask=z["mask"], crop=z["crop"],
+                     flip=z["flip"], source_index=z["source_index"], key=decode_keys(z["key"]))
 
     def decode(self, codes: np.ndarray, scale: np.ndarray | None) -> torch.Tensor:
         """Stored codes (+ scale) -> float32 targets."""

@@ -80,37 +80,23 @@ def _read_window(spec: StreamSpec, window: Window) -> _WindowData:
         else:
             try:
                 b = spec.cache.read_block(seg.unit, spec.view, seg.start, seg.stop)
-                parts.append(b)
-                index.extend(b.source_index.tolist())
-                keys.extend(str(k) for k in b.key)
-            except Exception as e:
-                for r in range(row, row + len(seg)):
-                    errors[r] = str(e)
-                parts.append(None)
-                index.extend([-1] * len(seg))
-                keys.extend([""] * len(seg))
+            except Exception as e:   # the rows become invalid samples; --on-error decides what that means
+                errors.update((r, str(e)) for r in range(row, row + len(seg)))
+                b = spec.cache.blank_block(len(seg))
+                b.source_index[:] = -1
+            parts.append(b)
+            index.extend(b.source_index.tolist())
+            keys.extend(str(k) for k in b.key)
         row += len(seg)
     arrays: dict[str, np.ndarray | None] = {}
     if spec.cache is not None:
-        lens = [len(s) for s in window.segments]
-        for name in ("codes", "scale", "mask", "crop", "flip"):
-            if name == "scale" and not spec.cache.codec.scaled:
-                arrays[name] = None
-                continue
-            arrays[name] = np.concatenate([getattr(p, name) if p is not None else _blank(spec.cache, name, n)
-                                           for p, n in zip(parts, lens)])
+        for name in ("codes", "scale", "mask", "crop", "flip"):   # one copy out of the maps, per window
+            arrays[name] = None if parts[0].scale is None and name == "scale" else \
+                np.concatenate([getattr(p, name) for p in parts])
     data = _WindowData(np.array(index, dtype=np.int64), keys, arrays, errors)
     if isinstance(spec.source, TarSource):
         data.images = _tar_images(spec.source, window, set(k for k in keys if k))
     return data
-
-
-def _blank(cache: Cache, name: str, n: int) -> np.ndarray:
-    m = cache.manifest
-    shapes = {"codes": ((n, m.tokens, m.target_dim), cache.codec.storage_dtype), "scale": ((n, m.tokens), "float32"),
-              "mask": ((n, m.tokens - 1), bool), "crop": ((n, 4), "int32"), "flip": ((n,), bool)}
-    shape, dtype = shapes[name]
-    return np.zeros(shape, dtype=dtype)
 
 
 def _tar_images(source: TarSource, window: Window, wanted: set[str]) -> dict[str, bytes]:
