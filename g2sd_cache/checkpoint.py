@@ -25,10 +25,10 @@ def save_checkpoint(run: Path, state: dict) -> Path:
     return path
 
 
-def load_checkpoint(run: Path) -> dict:
+def load_checkpoint(run: Path, hint: str = "pass the --out folder of a `g2sd-cache train` run") -> dict:
     path = run / CHECKPOINT
     if not path.is_file():
-        raise UserError(f"{run} has no {CHECKPOINT}; train without --resume to start a new run there")
+        raise UserError(f"{run} has no {CHECKPOINT}; {hint}")
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_checkpoint
+from .errors import UserError
 from .models import STUDENT_PRESETS, build_student
 
 
@@ -20,6 +21,8 @@ def export_encoder(run: str, out: str) -> dict:
     student.load_state_dict(ckpt["model"])
     state = student.encoder_state_dict()
     out_path = Path(out)
+    if out_path.is_dir():
+        raise UserError(f"--out {out} is a folder; pass a file name such as {out_path / 'encoder.pth'}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     torch.save(state, tmp)

@@ -218,6 +218,8 @@ def train(cfg: TrainConfig) -> dict:
 def _train(cfg: TrainConfig, env: DistEnv) -> dict:
     run = Path(cfg.out)
     if env.is_main:
+        if run.exists() and not run.is_dir():
+            raise UserError(f"--out {run} is a file; pass a folder for the run")
         if (run / CHECKPOINT).exists() and not cfg.resume:
             raise UserError(f"{run} already holds a run ({CHECKPOINT}); pass --resume to continue it or choose "
                             f"another --out")
@@ -256,13 +258,13 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
 
     step, epoch, micro_start = 0, 0, 0
     if cfg.resume:
-        ckpt = load_checkpoint(run)
+        ckpt = load_checkpoint(run, "train without --resume to start a new run there")
         saved = ckpt["config"]
-        diff = [k for k in TrainConfig.ORDER if saved.get(k) != getattr(cfg, k)] + \
+        diff = [k for k in (*TrainConfig.ORDER, "student") if saved.get(k) != getattr(cfg, k)] + \
                (["world size"] if ckpt["world"] != env.world else [])
         if diff:
-            raise UserError(f"--resume: {', '.join(diff)} differ from the run being resumed; the data order "
-                            f"depends on them, so pass the same values (see {run}/config.yaml)")
+            raise UserError(f"--resume: {', '.join(diff)} differ from the run being resumed; the model and the "
+                            f"data order depend on them, so pass the same values (see {run}/config.yaml)")
         student.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
