@@ -25,9 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import PIL
 import torch
-import torchvision
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
@@ -40,7 +38,7 @@ from .schema import (CONFIG, FORMAT_VERSION, MANIFEST, SHARD_RECORD, TMP_MARK, M
                      encode_keys,
                      shard_name, source_index_for_tar, write_text_atomic)
 from .sources import FolderSource, Source, TarSource, open_source
-from .views import ViewGeometry, decode_image, normalize, render_view, sample_view
+from .views import ViewGeometry, decode_image, normalize, render_view, replay_versions, sample_view
 from .workers import keep_as_is, mp_context
 from .writer import ShardData, ShardWriter
 
@@ -359,11 +357,6 @@ def write_manifest(out: Path, cfg: ExtractConfig, source: Source, plans: list[Sh
     )
     write_text_atomic(out / MANIFEST, manifest.to_json())
     return manifest
-
-
-def replay_versions() -> dict:
-    """The library versions whose image arithmetic a replayed view depends on."""
-    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__}
 
 
 def run_extract(cfg: ExtractConfig) -> dict:

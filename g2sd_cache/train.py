@@ -38,7 +38,7 @@ from .plan import EpochPlan, plan_epoch
 from .schedule import get_lr, scaled_lr
 from .sources import FolderSource, TarSource, open_source
 from .stream import Batch, EpochLoader, StreamSpec
-from .views import ViewGeometry, normalize
+from .views import ViewGeometry, normalize, replay_versions
 
 NO_WEIGHT_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
 
@@ -114,7 +114,6 @@ class TrainConfig:
 class _Setup:
     """Everything `train` derives from the config before the first step."""
 
-    env: DistEnv
     source: FolderSource | TarSource
     cache: Cache | None
     teacher: MAETeacher | None
@@ -139,11 +138,11 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> _Setup:
                             f"--data has {source.fingerprint[:12]}...); pass the same images")
         geometry = ViewGeometry(**{k: tuple(v) if isinstance(v, list) else v for k, v in m.geometry.items()})
         target_layer, target_dim = m.target_layer, m.target_dim
-        changed = {k: v for k, v in _changed_vs_cache(cfg).items()}
-        if changed:
-            print(f"note: {', '.join(changed)} come from the cache's manifest in cached mode; the flags are ignored")
-        if _replay_versions_differ(m.versions):
-            print(f"warning: the cache was made with {m.versions}; this machine has {_versions()}: replayed "
+        ignored = _flags_ignored_with_a_cache(cfg)
+        if ignored and env.is_main:
+            print(f"note: {', '.join(ignored)} come from the cache's manifest with --cache; the flags are ignored")
+        if m.versions != replay_versions() and env.is_main:
+            print(f"warning: the cache was made with {m.versions}; this machine has {replay_versions()}: replayed "
                   f"crops may differ slightly from what the teacher saw")
     else:
         if not isinstance(source, FolderSource):
@@ -171,24 +170,16 @@ def _setup(cfg: TrainConfig, env: DistEnv) -> _Setup:
         unit_sizes, block = list(cache.shard_images), cache.manifest.chunk_views
     else:
         unit_sizes, block = [len(source)], 64
-    return _Setup(env, source, cache, teacher, geometry, target_layer, target_dim, unit_sizes, block,
+    return _Setup(source, cache, teacher, geometry, target_layer, target_dim, unit_sizes, block,
                   whole_units=isinstance(source, TarSource),
                   views_per_image=cache.views_per_image if cache else None)
 
 
-def _changed_vs_cache(cfg: TrainConfig) -> dict:
+def _flags_ignored_with_a_cache(cfg: TrainConfig) -> list[str]:
+    """View and target flags set away from their defaults, which a cache's manifest overrides."""
     defaults = TrainConfig(data="", out="")
-    return {f"--{k.replace('_', '-')}": getattr(cfg, k) for k in ("target_layer", "mask_ratio", "img_size")
-            if getattr(cfg, k) != getattr(defaults, k)}
-
-
-def _versions() -> dict:
-    from .extract import replay_versions
-    return replay_versions()
-
-
-def _replay_versions_differ(recorded: dict) -> bool:
-    return recorded != _versions()
+    return [f"--{k.replace('_', '-')}" for k in ("target_layer", "mask_ratio", "img_size", "arch")
+            if getattr(cfg, k) != getattr(defaults, k)]
 
 
 def _token_mask(loss_tokens: str, mask: torch.Tensor, valid: torch.Tensor, all_valid: bool) -> torch.Tensor | None:

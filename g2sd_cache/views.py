@@ -17,7 +17,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import PIL
 import torch
+import torchvision
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
@@ -124,3 +126,8 @@ def normalize(pixels: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return x.sub_(mean).div_(std)
+
+
+def replay_versions() -> dict:
+    """The library versions whose image arithmetic a replayed view depends on (recorded in the manifest)."""
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__}
