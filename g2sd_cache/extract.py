@@ -204,7 +204,6 @@ class _ShardAssembler:
         self.skipped: list[dict] = []
         self.codec_error: dict = {}
         self.pending: list[tuple[int, int, torch.Tensor]] = []   # (row, view, pixels [3,S,S])
-        self.masks: dict[int, np.ndarray] = {}
         self.buffers: dict[str, np.ndarray] = {}
         self._grow(self.expected or 64)
 
@@ -238,7 +237,7 @@ class _ShardAssembler:
             self.pending.append((row, v, item["pixels"][v]))
         self.images += 1
 
-    def run_teacher(self, teacher, device: torch.device, keys_for_errors: bool = True, flush: bool = False) -> int:
+    def run_teacher(self, teacher, device: torch.device, flush: bool = False) -> int:
         """Run the teacher on full batches of pending views (and the remainder if `flush`). Returns views done."""
         done = 0
         bs = self.cfg.batch_size
@@ -279,7 +278,7 @@ class _ShardAssembler:
 
 # ----------------------------------------------------------------------------------------------
 
-def _prepare_output(out: Path, cfg: ExtractConfig, fingerprints: dict, env: DistEnv) -> None:
+def _prepare_output(out: Path, cfg: ExtractConfig, fingerprints: dict) -> None:
     """Rank 0: create the cache folder, or check that an existing one was made by the same configuration."""
     config_path = out / CONFIG
     if out.exists() and not out.is_dir():  # iterdir/rmtree below would raise NotADirectoryError (a traceback)
@@ -382,7 +381,7 @@ def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
     tokens, width = teacher.num_tokens, teacher.shape.decoder_embed_dim
     fingerprints = {"teacher_sha256": info.sha256, "source_fingerprint": source.fingerprint}
     if env.is_main:
-        _prepare_output(out, cfg, fingerprints, env)
+        _prepare_output(out, cfg, fingerprints)
     env.barrier()
 
     plans = plan_shards(source, cfg)
