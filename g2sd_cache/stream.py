@@ -13,7 +13,7 @@ codes + scales) all the way to the loss kernel, which decodes them on the fly.
 
 Without a cache (online G2SD) the same pipeline samples a fresh view (seed, image, epoch) per image
 and carries no target; the trainer runs the teacher. A sample that cannot be read (corrupt chunk,
-unreadable image) becomes an invalid placeholder under --on-error skip: it keeps its place, so every
+unreadable image) becomes an invalid stand-in sample under --on-error skip: it keeps its place, so every
 rank still runs the same number of steps, and the loss ignores it.
 """
 from __future__ import annotations
@@ -152,7 +152,7 @@ def replay(spec: StreamSpec, slot: int):
             except Exception as e:
                 sample.update(valid=False, error=f"{data.key[row] or 'view'}: {type(e).__name__}: {e}",
                               pixels=torch.zeros(3, g.img_size, g.img_size, dtype=torch.uint8),
-                              mask=torch.from_numpy(placeholder_mask(g)))
+                              mask=torch.from_numpy(stand_in_mask(g)))
             if spec.cache is not None:
                 sample["codes"] = torch.from_numpy(np.ascontiguousarray(data.arrays["codes"][row]))
                 if data.arrays["scale"] is not None:
@@ -161,8 +161,8 @@ def replay(spec: StreamSpec, slot: int):
     return stage
 
 
-def placeholder_mask(g: ViewGeometry) -> np.ndarray:
-    """A valid mask (first patches visible) for placeholder samples, which only keep batch shapes."""
+def stand_in_mask(g: ViewGeometry) -> np.ndarray:
+    """A valid mask (first patches visible) for stand-in samples, which only keep batch shapes."""
     mask = np.ones(g.num_patches, dtype=bool)
     mask[: g.num_visible] = False
     return mask
