@@ -1,7 +1,8 @@
 """Test set-up shared by every test file: the Triton interpreter, and small seeded datasets and caches.
 
 TRITON_INTERPRET must be set before anything imports the kernel module: Triton decides at decoration
-time whether a @triton.jit function runs compiled or interpreted.
+time whether a @triton.jit function runs compiled or interpreted. It defaults to 1 here (CI has no GPU);
+run with TRITON_INTERPRET=0 on a CUDA machine to test the compiled kernel.
 
 Fixtures build everything from seeds (no downloads): JPEG folders of small images and caches made
 with the micro teacher (`test_mae_micro_patch16`) at 64-px crops, so a whole extract takes seconds.
