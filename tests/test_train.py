@@ -136,7 +136,7 @@ def test_export_loads_into_timm_with_strict_keys_and_computes_the_same_features(
     x = torch.randn(2, 3, 224, 224)
     all_visible = torch.zeros(2, 196, dtype=torch.bool)
     with torch.no_grad():
-        assert torch.allclose(model.forward_features(x), student.forward_encoder(x, all_visible), atol=1e-5)
+        assert torch.allclose(model.forward_features(x), student.forward_encoder(student.visible_input(x, all_visible), all_visible), atol=1e-5)
 
 
 def test_student_forward_shapes():
@@ -144,7 +144,7 @@ def test_student_forward_shapes():
     mask = torch.ones(2, 196, dtype=torch.bool)
     mask[:, :49] = False
     assert s(torch.randn(2, 3, 224, 224), mask).shape == (2, 197, 512)
-    assert s.forward_encoder(torch.randn(2, 3, 224, 224), mask).shape == (2, 50, 384)
+    assert s.forward_encoder(s.visible_input(torch.randn(2, 3, 224, 224), mask), mask).shape == (2, 50, 384)
 
 
 def test_schedule_values_at_known_steps():
