@@ -221,6 +221,13 @@ class Cache:
         for name, dest in out.items():
             self._file(shard, view, name).take(rows, dest, at)
 
+    def keys(self, shard: int, view: int, rows: np.ndarray) -> list[str]:
+        """The source keys of rows `rows` of view `view` of `shard` (keys are zero-padded per shard)."""
+        width = self._file(shard, view, "key").row_shape
+        codes = np.zeros((len(rows), *width), dtype=np.uint8)
+        self.take(shard, view, rows, {"key": codes}, np.arange(len(rows)))
+        return decode_keys(codes).tolist()
+
     def _empty(self, name: str, rows: int = 0) -> np.ndarray:
         spec = self._specs[name]
         return np.zeros((rows, *(d or 1 for d in spec.per_view_shape)), dtype=spec.dtype)

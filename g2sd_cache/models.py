@@ -213,9 +213,10 @@ class G2SDStudent(MaskedAutoencoder):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """imgs: [N, 3, H, W] normalised; mask: [N, L]. returns: [N, 1 + L, target_dim] predictions."""
-        return self.forward_visible(self.visible_input(imgs, mask), mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x: normalised images [N, 3, H, W], or their visible patches [N, n_keep, p*p*3] (what the trainer
+        passes: DDP calls `forward`); mask: [N, L]. returns: [N, 1 + L, target_dim] predictions."""
+        return self.forward_visible(self.visible_input(x, mask) if x.dim() == 4 else x, mask)
 
     def forward_visible(self, patches: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """patches: [N, n_keep, p*p*3] normalised visible patches; mask: [N, L].

@@ -86,6 +86,7 @@ class ZarrShardFile:
             raise CacheCorruptError.in_shard(shard, f"{rel}: {e}") from None
         _check_index(index, shard, rel)
         self.array, self.view, self.shard = array, view, shard
+        self.row_shape = layout.inner_shape[2:]
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         try:
