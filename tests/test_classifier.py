@@ -81,6 +81,7 @@ def test_distilled_student_equals_the_official_forward():
     imgs = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     want_cls, want_dist = official_distilled_forward(student.state_dict(), imgs, 16, shape.depth, shape.num_heads)
 
+    assert isinstance(student, DistilledViT)
     student.train()
     cls, dist = student(imgs)
     torch.testing.assert_close(cls, want_cls, atol=2e-5, rtol=1e-5)
@@ -99,8 +100,8 @@ def test_random_teacher_is_mae_finetuned_layout():
     imgs = torch.randn(2, 3, 32, 32)
     want = mae_global_pool_forward(teacher.state_dict(), imgs, 16, shape.depth, shape.num_heads)
     torch.testing.assert_close(teacher(imgs), want, atol=2e-5, rtol=1e-5)
-    again, info2 = build_teacher("random:5", MICRO, num_classes=4, img_size=32)
-    assert info2.sha256 == build_teacher("random:5", MICRO, 4, 32)[1].sha256 != build_teacher("random:6", MICRO, 4, 32)[1].sha256
+    fingerprint = build_teacher("random:5", MICRO, num_classes=4, img_size=32)[1].sha256
+    assert fingerprint == info.sha256 != build_teacher("random:6", MICRO, num_classes=4, img_size=32)[1].sha256
 
 
 def test_heads_initialised_as_g2sd():
