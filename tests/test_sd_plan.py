@@ -199,3 +199,23 @@ def test_plan_description_survives_json_and_detects_another_plan(labelled):
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="seed"):
         check_same_plan(stored, SDPlan(labelled, SMALL, seed=1).describe(), "logits cache X")
+
+
+@pytest.mark.parametrize("name", ["finetune_vit_small.yaml", "finetune_vit_tiny.yaml"])
+def test_recipe_configs_agree_with_the_modules(name):
+    """configs/ documents the official recipe; the modules' defaults must be the same values."""
+    import pathlib
+
+    import yaml
+
+    from g2sd_cache.classifier import CLASSIFIER_PRESETS, HEAD_INIT_STD
+
+    cfg = yaml.safe_load((pathlib.Path(__file__).parent.parent / "configs" / name).read_text())
+    aug, mix = AugmentRecipe(), MixRecipe()
+    assert (cfg["img_size"], cfg["auto_augment"], cfg["reprob"], cfg["remode"], cfg["recount"]) == \
+        (aug.img_size, aug.auto_augment, aug.re_prob, aug.re_mode, aug.re_count)
+    assert (cfg["mixup"], cfg["cutmix"], cfg["mixup_prob"], cfg["mixup_switch_prob"], cfg["smoothing"]) == \
+        (mix.mixup_alpha, mix.cutmix_alpha, mix.prob, mix.switch_prob, mix.label_smoothing)
+    assert cfg["group_size"] == SDRecipe().group_size == cfg["batch_size"]
+    assert cfg["head_init_std"] == HEAD_INIT_STD and cfg["arch"] in CLASSIFIER_PRESETS
+    assert cfg["teacher_arch"] in CLASSIFIER_PRESETS
