@@ -9,6 +9,7 @@ Listing goes through `sources` (the same folder scan and shard expansion as stag
 """
 from __future__ import annotations
 
+import tarfile
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -74,7 +75,7 @@ class LabelledTars:
         """(key, image bytes, class index) of every sample of `shards` (all by default), in tar order."""
         for shard in range(len(self.source.urls)) if shards is None else shards:
             url = self.source.urls[shard]
-            for sample in tariterators.tarfile_samples([{"url": url}]):
+            for sample in _tar_samples(url):
                 key = sample["__key__"]
                 image = next((sample[k] for k in IMAGE_MEMBERS if k in sample), None)
                 if image is None or "cls" not in sample:
@@ -82,6 +83,14 @@ class LabelledTars:
                     raise UserError(f"{url}: sample {key} has no {what}; every sample needs an image and a .cls "
                                     f"member holding its class index")
                 yield key, image, _class_index(sample["cls"], url, key)
+
+
+def _tar_samples(url: str) -> Iterator[dict]:
+    """webdataset's samples of one tar; an unreadable tar is a one-line UserError."""
+    try:
+        yield from tariterators.tarfile_samples([{"url": url}])
+    except (OSError, EOFError, tarfile.TarError, ValueError) as e:
+        raise UserError(f"{url}: cannot read the tar: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
 
 
 def _class_index(raw: bytes, url: str, key: str) -> int:

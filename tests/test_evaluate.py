@@ -135,3 +135,13 @@ def test_bad_labels_are_one_line_errors(tmp_path, workers):
     not_a_number = _write_tar(tmp_path / "c.tar", [("x", {"png": _png(0), "cls": b"cat"})])
     with pytest.raises(UserError, match="expected a non-negative integer"):
         evaluate(ColourClassifier(), str(not_a_number), img_size=32)
+
+
+@pytest.mark.parametrize("keep, message", [(700, "cannot read the tar: ReadError"), (None, "has no .cls label")])
+def test_truncated_tar_is_a_one_line_error(tmp_path, keep, message):
+    good = _write_tar(tmp_path / "good.tar", [(f"s{i}", {"png": _png(0), "cls": b"0"}) for i in range(3)])
+    data = good.read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[: keep or len(data) // 2])  # inside the first member / the last
+    with pytest.raises(UserError, match=f"cut.tar: .*{message}") as e:
+        evaluate(ColourClassifier(), str(tmp_path / "cut.tar"), img_size=32)
+    assert "\n" not in str(e.value)
