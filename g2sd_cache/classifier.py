@@ -133,9 +133,9 @@ def init_from_stage1(model: VisionTransformer, path: str | Path, flag: str = "--
     if not isinstance(model, DistilledViT) and isinstance(model.fc_norm, nn.LayerNorm):
         encoder = {k: v for k, v in encoder.items() if not k.startswith("norm.")}  # MAE: global pool drops `norm`
     grid = model.patch_embed.grid_size
-    if tuple(found[3]) != tuple(grid):  # G2SD's interpolate_pos_embed: bicubic, cls row kept
+    if tuple(found[3]) != tuple(grid):  # G2SD's interpolate_pos_embed: plain bicubic, cls row kept
         encoder["pos_embed"] = resample_abs_pos_embed(encoder["pos_embed"], list(grid), list(found[3]),
-                                                      num_prefix_tokens=1)
+                                                      num_prefix_tokens=1, antialias=False)
     result = model.load_state_dict(encoder, strict=False)
     fresh = {k for k in model.state_dict() if k.startswith(("head", "dist_token", "fc_norm"))}
     if result.unexpected_keys or set(result.missing_keys) - fresh:

@@ -155,6 +155,9 @@ def test_init_resamples_positions_and_plain_student_drops_norm(tmp_path):
     init_from_stage1(student, run)
     assert student.pos_embed.shape == (1, 5, 48)
     assert torch.equal(student.pos_embed[:, 0], encoder["pos_embed"][:, 0])  # cls row kept as is
+    grid = encoder["pos_embed"][:, 1:].reshape(1, 4, 4, 48).permute(0, 3, 1, 2)  # util/pos_embed.py's resize
+    want = F.interpolate(grid, size=(2, 2), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).flatten(1, 2)
+    torch.testing.assert_close(student.pos_embed[:, 1:], want, atol=1e-6, rtol=1e-6)
 
     plain = build_student(MICRO, num_classes=5, img_size=64, distilled=False)
     init_from_stage1(plain, run)
