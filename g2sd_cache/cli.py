@@ -117,11 +117,15 @@ def _add_train(sub) -> None:
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="write the student encoder as a timm ViT state dict",
-                       description="Write RUN's student encoder as a state dict that timm.create_model("
-                                   "'vit_small_patch16_224', num_classes=0) (or vit_tiny_patch16_224) loads strictly.")
+    p = sub.add_parser("export", help="write the student encoder for fine-tuning (timm or MAE checkpoint layout)",
+                       description="Write RUN's student encoder. --format timm: a state dict that timm.create_model("
+                                   "'vit_small_patch16_224', num_classes=0) (or vit_tiny_patch16_224) loads strictly. "
+                                   "--format mae: {'model': state dict}, what MAE's main_finetune.py --finetune and "
+                                   "G2SD's specific distillation (main_finetune_dis.py) read.")
     p.add_argument("run", help="run directory of `g2sd-cache train`")
     p.add_argument("--out", required=True, help="file to write (.pth)")
+    p.add_argument("--format", default="timm", choices=["timm", "mae"], help="timm: bare state dict, strict into "
+                   "timm (default); mae: the same tensors under 'model', as MAE/G2SD fine-tuning scripts expect")
 
 
 def _add_demo(sub) -> None:
@@ -187,9 +191,13 @@ def _run_demo(args) -> int:
 
 def _run_export(args) -> int:
     from .export import export_encoder
-    r = export_encoder(args.run, args.out)
+    r = export_encoder(args.run, args.out, args.format)
+    for note in r["notes"]:
+        print(f"note: {note}")
+    how = (f"load with timm.create_model('{r['timm_model']}', num_classes=0).load_state_dict(torch.load(path))"
+           if r["format"] == "timm" else "fine-tune with MAE's main_finetune.py --finetune path (reads ['model'])")
     print(f"wrote {r['path']}: {r['tensors']} tensors, {r['params'] / 1e6:.1f} M parameters from step {r['step']}; "
-          f"load with timm.create_model('{r['timm_model']}', num_classes=0).load_state_dict(torch.load(path))")
+          f"{how}")
     return 0
 
 

@@ -36,7 +36,8 @@ from .cache import Cache, open_cache
 from .dist import DistEnv
 from .errors import UserError
 from .kernels import masked_smooth_l1
-from .models import DEFAULT_STUDENT, STUDENT_PRESETS, TEACHER_PRESETS, G2SDStudent, MAETeacher, build_student, build_teacher
+from .models import (DEFAULT_STUDENT, STUDENT_PRESETS, TEACHER_PRESETS, G2SDStudent, MAETeacher, build_student,
+                     build_teacher, load_student_state)
 from .sources import FolderSource, Source, TarSource, open_source
 from .stream import Batch
 from .views import ViewGeometry, normalize_patches, replay_versions
@@ -344,7 +345,8 @@ class Distiller:
                 "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.student.load_state_dict(state["model"])
+        # A run from before the head fix has decoder_norm.* (and optimizer state for it): refused in one line.
+        load_student_state(self.student, state["model"], refuse_old_head=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
 

@@ -1,6 +1,6 @@
 """`g2sd-cache extract`: run the frozen MAE teacher once per sampled view and store G2SD's targets.
 
-    listing -> shards (image ranges, or one per tar) -> this rank's unfinished shards
+    listing -> shards (runs of the seeded listing order, or one per tar) -> this rank's unfinished shards
       -> DataLoader workers: decode image, sample K views, crop + flip,
          cut each view's visible patches (all the teacher sees)          (_RenderedImages)
       -> main: batches of views of one shard -> teacher -> LN(z_t) -> codec, + the patches (_ShardAssembler)
@@ -36,8 +36,8 @@ from .dist import DistEnv, init_distributed, shutdown_distributed
 from .errors import UserError
 from .models import TEACHER_PRESETS, build_teacher
 from .schema import (CONFIG, FORMAT_VERSION, MANIFEST, SHARD_RECORD, TMP_MARK, Manifest, ShardRecord, array_specs,
-                     encode_keys,
-                     shard_name, source_index_for_tar, write_text_atomic)
+                     encode_keys, folder_order, folder_shard_source, shard_name, source_index_for_tar,
+                     write_text_atomic)
 from .sources import FolderSource, Source, TarSource, open_source
 from .views import (ViewGeometry, decode_image, normalize_patches, render_view, replay_versions, sample_view,
                     visible_patches)
@@ -108,24 +108,29 @@ class ExtractConfig:
 
 @dataclass(frozen=True)
 class ShardPlan:
-    """Shard `index` holds folder images [start, stop), or tar number `index` (start = stop = 0)."""
+    """Shard `index` holds the folder images at positions [start, stop) of `folder_order(seed, n)`,
+    or tar number `index` (start = stop = 0)."""
 
     index: int
     start: int = 0
     stop: int = 0
+    seed: int = 0
 
     def describe(self, source: Source) -> str:
-        return source.urls[self.index] if isinstance(source, TarSource) else f"images {self.start}..{self.stop}"
+        return source.urls[self.index] if isinstance(source, TarSource) else \
+            folder_shard_source(self.start, self.stop, self.seed)
 
 
 def plan_shards(source: Source, cfg: ExtractConfig) -> list[ShardPlan]:
+    """Tars: one shard each, in order. Folders: runs of a seeded random order of the listing, so that a
+    class-sorted folder gives shards (and inner chunks) of mixed classes; see schema.folder_order."""
     if isinstance(source, TarSource):
         return [ShardPlan(i) for i in range(len(source))]
     per_shard = max(1, cfg.shard_size // cfg.views)
     if per_shard >= cfg.chunk_views:  # whole inner chunks: zarr stores a partial edge chunk at full size
         per_shard -= per_shard % cfg.chunk_views
     n = len(source)
-    return [ShardPlan(i, s, min(n, s + per_shard)) for i, s in enumerate(range(0, n, per_shard))]
+    return [ShardPlan(i, s, min(n, s + per_shard), cfg.seed) for i, s in enumerate(range(0, n, per_shard))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,12 +142,14 @@ class _RenderedImages(IterableDataset):
     "mask" [K,L]} or {..., "error"}; for tars also {"shard", "end": count}.
 
     Folder images are dealt to workers round-robin and tars whole, so the DataLoader (which takes
-    items from workers in turn) returns folder images in listing order."""
+    items from workers in turn) returns folder images in shard order: each shard's run of the seeded
+    listing order. "index" is the image's index in the sorted listing; its views depend on nothing else."""
 
     def __init__(self, source: Source, shards: list[ShardPlan], cfg: ExtractConfig):
         self.source, self.shards, self.cfg = source, shards, cfg
         self.geometry = cfg.geometry
         self.offsets = np.cumsum([0] + [p.stop - p.start for p in shards]).tolist()
+        self.order = folder_order(cfg.seed, len(source)) if isinstance(source, FolderSource) else None
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -154,7 +161,7 @@ class _RenderedImages(IterableDataset):
         for j in range(worker, self.offsets[-1], workers):
             s = bisect.bisect_right(self.offsets, j) - 1
             plan, pos = self.shards[s], j - self.offsets[s]
-            index = plan.start + pos
+            index = int(self.order[plan.start + pos])
             key = self.source.keys[index]
             yield self._render(plan.index, pos, index, key, lambda: self.source.read(key))
 
@@ -397,6 +404,8 @@ def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
     teacher.to(env.device)
     tokens, width = teacher.num_tokens, teacher.shape.decoder_embed_dim
     fingerprints = {"teacher_sha256": info.sha256, "source_fingerprint": source.fingerprint}
+    if isinstance(source, FolderSource):  # caches begun before the shuffle dealt images in listing order
+        fingerprints["folder_order"] = "seeded shuffle"
     if env.is_main:
         _prepare_output(out, cfg, fingerprints)
     env.barrier()

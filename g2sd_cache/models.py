@@ -11,7 +11,10 @@ normalised image and cut its visible patches first; the trainer calls `forward_v
 
 The *teacher* stops after its first k decoder blocks; G2SD's target is LayerNorm (no affine,
 eps 1e-6) of that hidden state for all tokens, cls first. The *student* runs its light decoder to
-the end, then `decoder_norm` and an MLP head (Linear-GELU-Linear) to the teacher's decoder width.
+the end and applies an MLP head (Linear-GELU-Linear) to the teacher's decoder width directly to the
+last decoder block's output: no `decoder_norm` in between, as in the official G2SD student
+(pengzhiliang/G2SD models_mae.py: `forward_decoder` returns the raw block output, L254-276, and
+`decoderfeature_pred` is applied to it, L303), so the student has no `decoder_norm` at all.
 
 Visible patches are kept in ascending patch order. Attention is permutation-equivariant, so this
 computes the same function as MAE's shuffled order, and it makes a view a pure function of its
@@ -27,6 +30,7 @@ import hashlib
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Mapping
 
 import torch
 import torch.nn as nn
@@ -202,10 +206,16 @@ class MAETeacher(MaskedAutoencoder):
 
 
 class G2SDStudent(MaskedAutoencoder):
-    """The G2SD student: MAE encoder + light decoder + MLP head to the teacher's decoder width."""
+    """The G2SD student: MAE encoder + light decoder + MLP head to the teacher's decoder width.
+
+    The head reads the raw output of the last decoder block. The official student also owns a
+    `decoder_norm` that it never applies; ours drops it, so the state dict holds only what the forward
+    uses (and DDP needs no `find_unused_parameters`). Checkpoints written before this change carry
+    `decoder_norm.*`: `load_student_state` says so, or refuses them."""
 
     def __init__(self, shape: ViTShape, target_dim: int, img_size: int = 224):
         super().__init__(shape, img_size)
+        del self.decoder_norm
         self.head = nn.Sequential(nn.Linear(shape.decoder_embed_dim, target_dim), nn.GELU(),
                                   nn.Linear(target_dim, target_dim))
         for m in self.head:
@@ -222,11 +232,48 @@ class G2SDStudent(MaskedAutoencoder):
         """patches: [N, n_keep, p*p*3] normalised visible patches; mask: [N, L].
         returns: [N, 1 + L, target_dim] predictions (the trainer's forward: no image is ever built)."""
         hidden = self.forward_decoder(self.forward_encoder(patches, mask), mask)
-        return self.head(self.decoder_norm(hidden))
+        return self.head(hidden)
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The encoder's weights under timm VisionTransformer(num_classes=0) names."""
         return {k: v.detach().clone() for k, v in self.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
+
+
+# Keys that only students written before the head fix have (they applied decoder_norm before the head).
+OLD_HEAD_PREFIX = "decoder_norm."
+
+
+def load_student_state(student: G2SDStudent, state_dict: Mapping[str, torch.Tensor], *,
+                       refuse_old_head: bool = False) -> list[str]:
+    """Load a student's state dict (a run checkpoint's "model") with strict keys; returns notes for the user.
+
+    A checkpoint from before the head fix carries `decoder_norm.*`, which the student no longer has: by
+    default those keys are dropped with a note (fine for exporting the encoder, which is unchanged);
+    with `refuse_old_head` (resuming training) it is refused, since the head was trained on normalised
+    inputs and the optimizer state holds the dropped parameters. Any other mismatch is a UserError."""
+    state = dict(state_dict)
+    notes = []
+    old = sorted(k for k in state if k.startswith(OLD_HEAD_PREFIX))
+    if old:
+        if refuse_old_head:
+            raise UserError(f"this checkpoint comes from a student whose head read decoder_norm's output ({_few(old)}), "
+                            f"not the official G2SD head; it cannot be resumed: start a new run (export still works)")
+        for k in old:
+            del state[k]
+        notes.append(f"dropped {', '.join(old)}: the checkpoint predates the official G2SD head (no decoder_norm); "
+                     f"the encoder is unaffected, its trained head was fed normalised decoder output")
+    expected = student.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise UserError(f"the checkpoint does not match this student: missing keys {_few(missing) or 'none'}, "
+                        f"unexpected keys {_few(unexpected) or 'none'}")
+    for k, v in expected.items():
+        if state[k].shape != v.shape:
+            raise UserError(f"the checkpoint does not match this student: {k} has shape {tuple(state[k].shape)}, "
+                            f"expected {tuple(v.shape)}")
+    student.load_state_dict(state)
+    return notes
 
 
 def build_student(name: str, target_dim: int, img_size: int = 224, seed: int = 0) -> G2SDStudent:

@@ -17,11 +17,17 @@ its own zarr shard file `c/k/0...`. Inside it, inner chunks hold `chunk_views` i
 each with a crc32c (as is the shard index). A shard folder exists under its final name only once
 all its files are written (write to `.shard-XXXXX.tmp-*`, then rename), so a shard is complete iff
 its folder exists; a missing file in a complete shard is corruption, never fill values.
+
+Folder images go to shards in a seeded random order of the sorted listing (`folder_order`): shard i
+holds positions a..b of that order (its record says so), so no shard and no inner chunk is one class
+of a class-sorted folder, and blocks read at train time mix like a global shuffle. `source_index`
+stays the image's index in the sorted listing. Tar sources keep one shard per tar, in tar order.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -81,7 +87,7 @@ class ShardRecord:
     index: int
     images: int
     views_per_image: int
-    source: str                     # "images a..b" of a folder listing, or the tar URL
+    source: str                     # folder: `folder_shard_source(...)`; tars: the tar URL
     skipped: list[dict] = field(default_factory=list)   # [{"key", "error"}] inputs left out
     codec_error: dict = field(default_factory=dict)     # {codec: {rel_rmse, cosine}} on this shard's first batch
     files: dict[str, int] = field(default_factory=dict)
@@ -112,6 +118,31 @@ def decode_keys(codes: np.ndarray) -> np.ndarray:
     """uint8 [..., W] -> str array [...] (inverse of `encode_keys`)."""
     flat = np.ascontiguousarray(codes).reshape(-1, codes.shape[-1])
     return np.array([bytes(row).rstrip(b"\0").decode() for row in flat], dtype=str).reshape(codes.shape[:-1])
+
+
+_FOLDER_ORDER_TAG = 0x6C697374  # keeps this random stream apart from the views' (seed, index, view) streams
+_FOLDER_SOURCE = re.compile(r"images (\d+)\.\.(\d+)(?: of the listing shuffled with seed (\d+))?")
+
+
+def folder_order(seed: int, count: int) -> np.ndarray:
+    """[count] int64: the listing indices of a folder's images in the order extract deals them to shards
+    and inner chunks, a pure function of (extract --seed, image count)."""
+    rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, _FOLDER_ORDER_TAG])))
+    return rng.permutation(count)
+
+
+def folder_shard_source(start: int, stop: int, seed: int) -> str:
+    """A folder shard's `source`: it holds the images at positions start..stop of `folder_order(seed, n)`."""
+    return f"images {start}..{stop} of the listing shuffled with seed {seed}"
+
+
+def parse_folder_shard_source(text: str) -> tuple[int, int, int | None] | None:
+    """(start, stop, seed) of a folder shard's `source`, or None if it is not one. seed is None for caches
+    written before the shuffle ("images a..b": listing images a..b in listing order)."""
+    got = _FOLDER_SOURCE.fullmatch(str(text))
+    if not got:
+        return None
+    return int(got.group(1)), int(got.group(2)), None if got.group(3) is None else int(got.group(3))
 
 
 def source_index_for_tar(tar: int, position: int) -> int:

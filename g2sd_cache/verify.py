@@ -13,7 +13,7 @@ What it checks (one problem line each: "shard-00003: what is wrong"):
   missing chunk, which zarr would silently read back as fill values: a problem here;
 - no temporary or partial files (`.tmp-` names) anywhere in the cache;
 - every (image, view) pair appears exactly once, all K views of a row agree on the image, rows lie in
-  their shard's image range, targets hold no NaN/Inf and quantised scales are positive;
+  their shard's run of the (seeded) listing order, targets hold no NaN/Inf and quantised scales are positive;
 - every mask keeps exactly the manifest geometry's visible count;
 - with `--data`: the listing is the one the cache was made from, keys match image indices, every crop
   box lies inside its image (image headers only, via PIL) and every stored view regenerates exactly
@@ -58,7 +58,8 @@ import numpy as np
 import yaml
 
 from .errors import UserError
-from .schema import CONFIG, FORMAT_VERSION, MANIFEST, SHARD_RECORD, TMP_MARK, Manifest, array_specs, decode_keys
+from .schema import (CONFIG, FORMAT_VERSION, MANIFEST, SHARD_RECORD, TMP_MARK, Manifest, array_specs, decode_keys,
+                     folder_order, parse_folder_shard_source)
 from .zarr_layout import MAX_UINT_64, ArrayLayout, parse_layout, read_shard_index
 
 CODEC_TOLERANCE = {"fp16": 2e-3, "bf16": 1e-2, "int8": 2e-2, "fp8": 6e-2}
@@ -380,20 +381,25 @@ class _Verifier:
         return pairs
 
     def _check_range(self, name: str, entry: dict, rows: np.ndarray, m: Manifest) -> None:
-        """Rows of a folder shard lie in its 'images a..b' range, ascending; a tar shard's are its positions."""
+        """Rows of a folder shard are its run of the seeded listing order, in that order (caches from before
+        the shuffle: its 'images a..b' listing range, ascending); a tar shard's are its positions."""
         add = lambda what: self.report.add(name, what)  # noqa: E731
         if m.source.get("kind") == "folder":
-            got = re.fullmatch(r"images (\d+)\.\.(\d+)", str(entry.get("source", "")))
-            if got:
-                a, b = int(got.group(1)), int(got.group(2))
-                if len(rows) and (rows.min() < a or rows.max() >= b):
-                    outside = int(rows[(rows < a) | (rows >= b)][0])
-                    add(f"holds images outside its range {a}..{b} (e.g. image {outside})")
+            parsed = parse_folder_shard_source(entry.get("source", ""))
+            if parsed:
+                a, b, seed = parsed
+                count = int(m.source.get("count") or 0)
+                allowed = np.arange(a, b) if seed is None else folder_order(seed, max(count, b))[a:b]
+                position = {int(i): j for j, i in enumerate(allowed.tolist())}
+                outside = [int(r) for r in rows if int(r) not in position]
+                if outside:
+                    add(f"holds images outside its range {a}..{b} (e.g. image {outside[0]})")
+                elif len(rows) > 1 and not bool((np.diff([position[int(r)] for r in rows]) > 0).all()):
+                    add("rows are not in ascending image order" if seed is None else
+                        f"rows are not in the order of the listing shuffled with seed {seed}")
                 skipped = self.skipped.get(name)
                 if skipped is not None and len(rows) + len(skipped) != b - a:
                     add(f"{len(rows)} images + {len(skipped)} skipped != the {b - a} of its range {a}..{b}")
-            if len(rows) > 1 and not bool((np.diff(rows) > 0).all()):
-                add("rows are not in ascending image order")
         elif m.source.get("kind") == "tars":
             index = int(name.split("-")[1])
             if len(rows) and not np.array_equal(rows, (index << 32) | np.arange(len(rows))):
@@ -542,11 +548,11 @@ def _check_counts(v: _Verifier, m: Manifest, entries: dict[str, dict]) -> None:
     if m.source.get("kind") == "folder":
         expect = 0
         for name, e in entries.items():
-            got = re.fullmatch(r"images (\d+)\.\.(\d+)", str(e.get("source", "")))
-            if not got:
+            parsed = parse_folder_shard_source(e.get("source", ""))
+            if not parsed:
                 add(name, f"source {e.get('source')!r} is not an image range")
                 continue
-            a, b = int(got.group(1)), int(got.group(2))
+            a, b, _ = parsed
             if a != expect:
                 add(name, f"covers images {a}..{b}, but the previous shard ended at {expect}: images "
                           f"{'missing' if a > expect else 'covered twice'}")

@@ -11,7 +11,7 @@ import torch
 import g2sd_cache
 from g2sd_cache import open_cache
 from g2sd_cache.errors import CacheCorruptError, UserError
-from g2sd_cache.schema import FORMAT_VERSION, MANIFEST
+from g2sd_cache.schema import FORMAT_VERSION, MANIFEST, folder_order
 
 T, D, L = 17, 32, 16  # micro teacher at 64 px
 
@@ -62,7 +62,7 @@ def test_locate_and_read_block_agree_with_getitem(micro_cache):
     assert len(b) == 3 and (b.shard, b.view, b.start, b.stop) == (1, 1, 1, 4)
     assert b.codes.shape == (3, T, D) and b.codes.dtype == np.float16 and b.scale is None
     assert b.mask.shape == (3, L) and b.crop.shape == (3, 4) and b.flip.shape == (3,)
-    assert b.source_index.tolist() == [5, 6, 7]
+    assert b.source_index.tolist() == folder_order(0, 12)[5:8].tolist()  # shard 1: positions 4..8 of the order
     # wrong indices are the caller's IndexError, never clipped and never reported as corruption
     for args in [(1, 2, 0, 1), (1, 0, 0, 5), (1, 0, 3, 2), (1, -1, 0, 1), (3, 0, 0, 1)]:
         with pytest.raises(IndexError):
@@ -89,7 +89,7 @@ def test_iter_blocks_in_global_view_order(micro_cache):
     assert [len(b) for b in blocks] == [3, 1, 3, 1, 3, 1]
     assert all(b.view == 1 for b in blocks)
     idx = [int(s) for b in blocks for s in b.source_index]
-    assert idx == list(range(12))
+    assert idx == folder_order(0, 12).tolist()   # the seeded order in which extract dealt the images
     stacked = torch.cat([cache.decode(b.codes, b.scale) for b in blocks])
     singles = torch.stack([cache[i].target for i in range(len(cache)) if cache.locate(i)[1] == 1])
     assert torch.equal(stacked, singles)

@@ -25,7 +25,7 @@ from g2sd_cache.cli import main as cli_main
 from g2sd_cache.errors import UserError
 from g2sd_cache.extract import run_extract
 from g2sd_cache.models import build_teacher
-from g2sd_cache.schema import MANIFEST, source_index_for_tar
+from g2sd_cache.schema import MANIFEST, folder_order, source_index_for_tar
 from g2sd_cache.synthetic import jpeg_bytes, make_tar_shards, synthetic_image
 from g2sd_cache.views import ViewGeometry, decode_image, normalize, render_view, sample_view, visible_patches
 
@@ -194,9 +194,12 @@ def test_every_image_and_view_exactly_once(codec_caches, image_folder):
         assert m.source["kind"] == "folder" and m.source["count"] == 12 and m.skipped == []
         seen = [(cache[i].key, cache[i].view) for i in range(len(cache))]
         assert sorted(seen) == sorted((k, v) for k in keys for v in range(2)), codec
-        # on-disk order: shard by shard, view-major inside a shard, images in listing order
-        expect = [(keys[s * 4 + r], v) for s in range(3) for v in range(2) for r in range(4)]
+        # on-disk order: shard by shard, view-major inside a shard, images in the seeded order of the listing
+        order = folder_order(m.seed, 12)
+        expect = [(keys[order[s * 4 + r]], v) for s in range(3) for v in range(2) for r in range(4)]
         assert seen == expect
+        assert [s["source"] for s in m.shards] == [f"images {a}..{a + 4} of the listing shuffled with seed 0"
+                                                  for a in (0, 4, 8)]
         for name in ("torch", "torchvision", "pillow"):
             assert m.versions[name]
 
@@ -289,7 +292,8 @@ def test_kill_9_during_extract_then_rerun_equals_an_uninterrupted_run(tmp_path, 
 
 @pytest.fixture(scope="module")
 def folder_with_bad_images(tmp_path_factory) -> Path:
-    """00, 01 good | 02 truncated, 03 zero bytes (one all-bad shard at shard size 2) | 04 good, 05 text | 06 good."""
+    """00, 01 good, 02 truncated, 03 zero bytes, 04 good, 05 text, 06 good. With --seed 2 extract deals them
+    [01 03 | 02 05 | 06 04 | 00] to shards of 2 (see `folder_order`): one all-bad shard."""
     root = tmp_path_factory.mktemp("bad")
     good = [jpeg_bytes(synthetic_image(i, (90 + 7 * i, 70 + 3 * i))) for i in range(5)]
     (root / "00.jpg").write_bytes(good[0])
@@ -304,7 +308,8 @@ def folder_with_bad_images(tmp_path_factory) -> Path:
 
 def test_corrupt_images_are_skipped_and_listed(folder_with_bad_images, tmp_path, teacher):
     out = tmp_path / "c"
-    summary = run_extract(micro_extract_config(folder_with_bad_images, out, views=1, shard_size=2, chunk_views=2))
+    summary = run_extract(micro_extract_config(folder_with_bad_images, out, views=1, shard_size=2, chunk_views=2,
+                                               seed=2))
     assert summary["skipped_images"] == 3 and summary["cache_skipped"] == 3
     cache = open_cache(out)
     m = cache.manifest
@@ -312,10 +317,11 @@ def test_corrupt_images_are_skipped_and_listed(folder_with_bad_images, tmp_path,
     assert all(s["error"] and "\n" not in s["error"] for s in m.skipped)
     assert m.images == 4 and m.views == 4 == len(cache)
     assert m.source["count"] == 7
-    assert [s["images"] for s in m.shards] == [2, 0, 1, 1]  # the all-bad shard is complete and empty
+    assert folder_order(2, 7).tolist() == [1, 3, 2, 5, 6, 4, 0]
+    assert [s["images"] for s in m.shards] == [1, 0, 2, 1]  # the all-bad shard is complete and empty
     recs = [cache[i] for i in range(len(cache))]
-    assert [r.key for r in recs] == ["00.jpg", "01.jpg", "04.jpg", "06.jpg"]
-    assert [r.source_index for r in recs] == [0, 1, 4, 6]  # indices of the full listing, not renumbered
+    assert [r.key for r in recs] == ["01.jpg", "06.jpg", "04.jpg", "00.jpg"]
+    assert [r.source_index for r in recs] == [1, 6, 4, 0]  # indices of the sorted listing, not renumbered
     for r in recs:
         direct = _replay(cache, decode_image(str(folder_with_bad_images / r.key)), r, teacher)
         assert _rel(r.target, direct) < BOUNDS["fp16"]
@@ -325,16 +331,16 @@ def test_corrupt_images_are_skipped_and_listed(folder_with_bad_images, tmp_path,
 def test_corrupt_image_under_on_error_fail_stops_naming_it(folder_with_bad_images, tmp_path, capsys):
     out = tmp_path / "c"
     with pytest.raises(UserError) as e:
-        run_extract(micro_extract_config(folder_with_bad_images, out, views=1, on_error="fail"))
+        run_extract(micro_extract_config(folder_with_bad_images, out, views=1, on_error="fail", seed=2))
     msg = str(e.value)
-    assert "02_truncated.jpg" in msg and "\n" not in msg and "--on-error skip" in msg
+    assert "03_empty.jpg" in msg and "\n" not in msg and "--on-error skip" in msg  # the first bad one dealt
     assert not (out / MANIFEST).exists()
     # through the CLI: exit 2, one line on stderr, no traceback
-    code = cli_main(_cli_args(folder_with_bad_images, tmp_path / "c2", views=1, on_error="fail"))
+    code = cli_main(_cli_args(folder_with_bad_images, tmp_path / "c2", views=1, on_error="fail", seed=2))
     err = capsys.readouterr().err.strip().splitlines()
     err = [line for line in err if line.strip() and not line.startswith("extract")]  # drop tqdm's bar
     assert code == 2 and len(err) == 1, err
-    assert err[0].startswith("g2sd-cache extract: error:") and "02_truncated.jpg" in err[0]
+    assert err[0].startswith("g2sd-cache extract: error:") and "03_empty.jpg" in err[0]
 
 
 def test_existing_cache_with_another_configuration_is_refused(image_folder, tmp_path):

@@ -31,7 +31,7 @@ from g2sd_cache import open_cache
 from g2sd_cache.errors import CacheCorruptError, UserError
 from g2sd_cache.extract import run_extract
 from g2sd_cache.models import STUDENT_PRESETS, ViTShape, build_teacher
-from g2sd_cache.schema import MANIFEST, SHARD_RECORD, TMP_MARK, Manifest
+from g2sd_cache.schema import MANIFEST, SHARD_RECORD, TMP_MARK, Manifest, decode_keys, encode_keys, folder_order
 from g2sd_cache.sources import FolderSource
 from g2sd_cache.synthetic import jpeg_bytes, make_image_folder, make_tar_shards, synthetic_image
 from g2sd_cache.train import TrainConfig, train
@@ -227,7 +227,9 @@ def test_verify_catches_manifest_and_listing_faults(micro_cache, tmp_path):
     (c / "shard-00003" / SHARD_RECORD).write_text(
         json.dumps(dict(json.loads((c / "shard-00000" / SHARD_RECORD).read_text()), index=3)))
     problems = verify_cache(str(c)).problems
-    assert any("shard-00003: image 0 (class000/img000000.jpg) is also in shard-00000" in p for p in problems), problems
+    first = decode_keys(zarr.open_group(c / "shard-00000", mode="r")["key"][0, :1])[0]   # row 0 of shard 0
+    index = int(folder_order(0, 12)[0])
+    assert any(f"shard-00003: image {index} ({first}) is also in shard-00000" in p for p in problems), problems
     assert any(p.startswith("manifest.json: shards hold 16 images") for p in problems), problems
 
     shutil.rmtree(c / "shard-00003")
@@ -241,6 +243,43 @@ def test_verify_catches_manifest_and_listing_faults(micro_cache, tmp_path):
                  "shard-00003: listed in the manifest but its folder is missing",
                  "shard-00001: file crop/zarr.json has"):
         assert any(p.startswith(want) for p in problems), (want, problems)
+
+
+def _swap_rows(cache: Path, shard: str, a: int, b: int) -> None:
+    """Swap two images (every view) of a shard in source_index and key, consistently, and re-record sizes."""
+    g = zarr.open_group(cache / shard, mode="r+")
+    for name in ("source_index", "key"):
+        x = g[name][...]
+        x[:, [a, b]] = x[:, [b, a]]
+        g[name][...] = x
+    _rerecord(cache, shard)
+
+
+def test_verify_checks_folder_shards_follow_the_seeded_order(micro_cache, image_folder, tmp_path):
+    """A folder shard's rows are its run of the listing shuffled with the extract seed, in that order; caches
+    written before the shuffle ('images a..b', rows in listing order) still verify."""
+    c = copy_cache(micro_cache, tmp_path / "c")
+    _swap_rows(c, "shard-00001", 0, 1)
+    assert verify_cache(str(c)).problems == [
+        "shard-00001: rows are not in the order of the listing shuffled with seed 0"]
+
+    old = copy_cache(micro_cache, tmp_path / "old")            # rewritten to the layout of earlier versions
+    keys = FolderSource.scan(str(image_folder)).keys
+    m = json.loads((old / MANIFEST).read_text())
+    for s, entry in enumerate(m["shards"]):
+        rows = np.arange(4 * s, 4 * s + 4)
+        g = zarr.open_group(old / entry["name"], mode="r+")
+        g["source_index"][...] = np.broadcast_to(rows, (2, 4))
+        g["key"][...] = encode_keys(np.array([[keys[r] for r in rows]] * 2))
+        entry["source"] = f"images {4 * s}..{4 * s + 4}"
+        rec = json.loads((old / entry["name"] / SHARD_RECORD).read_text())
+        (old / entry["name"] / SHARD_RECORD).write_text(json.dumps(dict(rec, source=entry["source"])))
+    (old / MANIFEST).write_text(json.dumps(m))
+    for entry in m["shards"]:
+        _rerecord(old, entry["name"])
+    assert verify_cache(str(old)).problems == []
+    _swap_rows(old, "shard-00002", 2, 3)
+    assert verify_cache(str(old)).problems == ["shard-00002: rows are not in ascending image order"]
 
 
 def test_verify_reports_a_damaged_manifest(micro_cache, tmp_path, capsys):
@@ -269,13 +308,13 @@ def test_verify_catches_bad_masks_and_crops(micro_cache, image_folder, tmp_path)
     crop[0, 1, 3] -= 1                                      # a valid box, but not the sampled one
     g["crop"][...] = crop
     _rerecord(c, "shard-00001")
+    rows = decode_keys(g["key"][0])                         # the shard's images, row by row
     assert verify_cache(str(c)).problems == [
-        "shard-00001: 1 mask(s) do not keep 4 of 16 patches visible, e.g. view 1 of row 2 (class001/img000007.jpg) "
-        "keeps 16"]
+        f"shard-00001: 1 mask(s) do not keep 4 of 16 patches visible, e.g. view 1 of row 2 ({rows[2]}) keeps 16"]
     problems = verify_cache(str(c), data=str(image_folder)).problems
-    assert sum("does not lie inside" in p and "view 0 of class001/img000001.jpg" in p for p in problems) == 1, problems
-    assert any("view 0 of class001/img000004.jpg: stored crop is not the view" in p for p in problems), problems
-    assert any("view 1 of class001/img000007.jpg: stored mask is not the view" in p for p in problems), problems
+    assert sum("does not lie inside" in p and f"view 0 of {rows[0]}" in p for p in problems) == 1, problems
+    assert any(f"view 0 of {rows[1]}: stored crop is not the view" in p for p in problems), problems
+    assert any(f"view 1 of {rows[2]}: stored mask is not the view" in p for p in problems), problems
 
 
 # ----------------------------------------------------------------------------------------------
@@ -730,12 +769,13 @@ def test_nan_teacher_output_stops_extract_naming_the_view(image_folder, tmp_path
 
 def test_inf_in_teacher_weights_stops_extract_before_any_shard(image_folder, tmp_path):
     """Promise 7 (Inf): Inf in a decoder weight makes every output non-finite: extract stops at the first view
-    (first image, view 0) with a one-line UserError, and writes no shard at all."""
+    (first image dealt, view 0) with a one-line UserError, and writes no shard at all."""
     ckpt = _poisoned_checkpoint(tmp_path / "inf.pth", "decoder_blocks.0.mlp.fc1.weight", (3, 5), float("inf"))
     out = tmp_path / "c"
     with pytest.raises(UserError) as e:
         run_extract(micro_extract_config(image_folder, out, teacher=str(ckpt)))
-    first = FolderSource.scan(str(image_folder)).keys[0]
+    keys = FolderSource.scan(str(image_folder)).keys
+    first = keys[folder_order(0, len(keys))[0]]
     assert f"image {first} view 0" in one_line(e.value)
     _wait_for_writer(out)
     assert not list(out.glob("shard-*")) and not (out / MANIFEST).exists()

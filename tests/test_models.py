@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from g2sd_cache.errors import UserError
 from g2sd_cache.models import (LN_EPS, STUDENT_PRESETS, TEACHER_PRESETS, build_student, build_teacher,
-                               weights_sha256)
+                               load_student_state, weights_sha256)
 
 MICRO = "test_mae_micro_patch16"
 MICRO_STUDENT = "test_vit_micro_patch16_dec32d1b"
@@ -314,7 +314,7 @@ def test_visible_patch_forward_equals_the_image_forward():
         ref = F.layer_norm(teacher.forward_decoder(_conv_encoder(teacher, imgs, mask), mask, depth=2), (32,), eps=1e-6)
         assert _rel(teacher.targets_visible(patches, mask, 2), ref) <= 1e-5
         assert _rel(teacher.targets(imgs, mask, 2), ref) <= 1e-5
-        pred_ref = student.head(student.decoder_norm(student.forward_decoder(_conv_encoder(student, imgs, mask), mask)))
+        pred_ref = student.head(student.forward_decoder(_conv_encoder(student, imgs, mask), mask))
         assert _rel(student.forward_visible(patches, mask), pred_ref) <= 1e-5
         assert torch.equal(student(imgs, mask), student.forward_visible(patches, mask))
 
@@ -338,3 +338,102 @@ def test_student_forward_shape_and_seeded_init():
         assert small(_imgs(1, 224), _mask(1, 196, 49)).shape == (1, 197, 512)
     with pytest.raises(UserError, match="unknown student"):
         build_student("vit_nope", 32)
+
+
+# --- the student against the official G2SD student ----------------------------------------------------
+
+def _ln(x, sd, prefix):
+    return F.layer_norm(x, x.shape[-1:], sd[prefix + "weight"], sd[prefix + "bias"], eps=1e-6)
+
+
+def _linear(x, sd, prefix):
+    return x @ sd[prefix + "weight"].T + sd[prefix + "bias"]
+
+
+def _official_block(x, sd, prefix, heads):
+    """models_mae.py's Block / Attention / Mlp (pre-norm, qkv with bias, scale head_dim**-0.5, exact GELU)."""
+    n, t, c = x.shape
+    qkv = _linear(_ln(x, sd, prefix + "norm1."), sd, prefix + "attn.qkv.")
+    q, k, v = qkv.reshape(n, t, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+    attn = ((q @ k.transpose(-2, -1)) * (c // heads) ** -0.5).softmax(dim=-1)
+    x = x + _linear((attn @ v).transpose(1, 2).reshape(n, t, c), sd, prefix + "attn.proj.")
+    hidden = F.gelu(_linear(_ln(x, sd, prefix + "norm2."), sd, prefix + "mlp.fc1."))
+    return x + _linear(hidden, sd, prefix + "mlp.fc2.")
+
+
+def _official_student_forward(sd, shape, imgs, noise, keep, decoder_norm=False):
+    """pengzhiliang/G2SD models_mae.py, student path of MaskedAutoencoderViT.forward with supervise_all
+    (main_distill.py's default): random_masking by argsort of `noise` (visible tokens in shuffled order),
+    encoder blocks + norm, decoder_embed, mask tokens unshuffled by ids_restore, + decoder_pos_embed, every
+    decoder block, then decoderfeature_pred = Mlp(fc1, GELU, fc2) on the raw output of the last block.
+    Plain tensor ops on the state dict; `decoder_norm=True` is the head this project used to have."""
+    n, p = imgs.shape[0], shape.patch_size
+    x = F.conv2d(imgs, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=p).flatten(2).transpose(1, 2)
+    length = x.shape[1]
+    x = x + sd["pos_embed"][:, 1:]
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    x = torch.gather(x, 1, ids_shuffle[:, :keep, None].expand(-1, -1, x.shape[-1]))
+    x = torch.cat([(sd["cls_token"] + sd["pos_embed"][:, :1]).expand(n, -1, -1), x], dim=1)
+    for i in range(shape.depth):
+        x = _official_block(x, sd, f"blocks.{i}.", shape.num_heads)
+    x = _linear(_ln(x, sd, "norm."), sd, "decoder_embed.")
+    patches = torch.cat([x[:, 1:], sd["mask_token"].expand(n, length - keep, -1)], dim=1)
+    patches = torch.gather(patches, 1, ids_restore[:, :, None].expand(-1, -1, x.shape[-1]))
+    x = torch.cat([x[:, :1], patches], dim=1) + sd["decoder_pos_embed"]
+    for i in range(shape.decoder_depth):
+        x = _official_block(x, sd, f"decoder_blocks.{i}.", shape.decoder_num_heads)
+    if decoder_norm:
+        x = F.layer_norm(x, x.shape[-1:], eps=1e-6)
+    return _linear(F.gelu(_linear(x, sd, "head.0.")), sd, "head.2.")   # decoderfeature_pred.fc1 / .fc2
+
+
+def _mask_from_noise(noise, keep):
+    """The official boolean mask (True = removed) for `noise`: the `keep` smallest noise values stay visible."""
+    mask = torch.ones_like(noise, dtype=torch.bool)
+    mask.scatter_(1, torch.argsort(noise, dim=1)[:, :keep], False)
+    return mask
+
+
+def test_student_forward_equals_the_official_g2sd_student():
+    """ViT-Tiny student at 224 px, 4 decoder blocks, 512-wide head (a ViT-B teacher's decoder): same weights,
+    same mask, fp32 -> the same predictions for all 197 tokens, within 1e-5 relative."""
+    name = "mae_vit_tiny_patch16_dec128d4b"
+    student = build_student(name, target_dim=512, img_size=224, seed=5).eval()
+    with torch.no_grad():  # biases start at 0 and LayerNorm weights at 1: perturb them so that they count
+        for p in student.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    sd = {k: v.detach() for k, v in student.state_dict().items()}
+    imgs = _imgs(2, 224, seed=4)
+    noise = torch.rand(2, 196, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ours = student(imgs, _mask_from_noise(noise, 49))
+        ref = _official_student_forward(sd, STUDENT_PRESETS[name], imgs, noise, 49)
+        old = _official_student_forward(sd, STUDENT_PRESETS[name], imgs, noise, 49, decoder_norm=True)
+    assert ours.shape == ref.shape == (2, 197, 512)
+    rel = float((ours - ref).norm() / ref.norm())
+    assert rel <= 1e-5, rel
+    assert float((old - ref).norm() / ref.norm()) > 0.1   # a decoder_norm before the head is another model
+    assert not any(k.startswith(("decoder_norm", "decoder_pred")) for k in student.state_dict())
+
+
+def test_load_student_state_notes_or_refuses_old_checkpoints():
+    student = build_student(MICRO_STUDENT, 32, SIZE, seed=0)
+    other = build_student(MICRO_STUDENT, 32, SIZE, seed=1)
+    state = other.state_dict()
+    assert load_student_state(student, state) == []
+    assert all(torch.equal(v, state[k]) for k, v in student.state_dict().items())
+    # a checkpoint from before the head fix: decoder_norm.* dropped with one note, or refused for a resume
+    old = dict(state, **{"decoder_norm.weight": torch.ones(32), "decoder_norm.bias": torch.zeros(32)})
+    notes = load_student_state(build_student(MICRO_STUDENT, 32, SIZE), old)
+    assert len(notes) == 1 and "decoder_norm.bias, decoder_norm.weight" in notes[0] and "\n" not in notes[0]
+    with pytest.raises(UserError, match="cannot be resumed"):
+        load_student_state(student, old, refuse_old_head=True)
+    # anything else that does not fit is named
+    with pytest.raises(UserError, match="missing keys head.2.bias"):
+        load_student_state(student, {k: v for k, v in state.items() if k != "head.2.bias"})
+    with pytest.raises(UserError, match="unexpected keys decoder_pred.weight"):
+        load_student_state(student, dict(state, **{"decoder_pred.weight": torch.zeros(1)}))
+    with pytest.raises(UserError, match=r"head.2.weight has shape \(16, 32\)"):
+        load_student_state(student, dict(state, **{"head.2.weight": torch.zeros(16, 32)}))
