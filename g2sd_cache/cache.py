@@ -182,6 +182,11 @@ class Cache:
         return self.manifest.views_per_image
 
     @property
+    def specs(self) -> dict:
+        """The per-view arrays of every shard (schema.ArraySpec by name)."""
+        return self._specs
+
+    @property
     def has_pixels(self) -> bool:
         """Whether every view's visible patches are stored (then training needs no images)."""
         return "pixels" in self._specs

@@ -97,7 +97,7 @@ def _buffer(shape: tuple[int, ...], np_dtype: str, pin: bool) -> tuple[torch.Ten
 def read_cached(spec: StreamSpec, pin: bool):
     """Stage: positions [B] (PAD for stand-ins) -> Batch, read from a cache that stores pixels."""
     cache, g = spec.cache, spec.geometry
-    specs = cache.manifest.specs()
+    specs = cache.specs
     names = [n for n in ("pixels", "target", "scale", "mask") if n in specs]
     codec_dtype = cache.codec.torch_dtype
 
@@ -213,7 +213,7 @@ def render_sample(spec: StreamSpec, i: int, pos: int, tar_images: _TarImages | N
     "valid", "error", "index", "key", "codes"/"scale" (cached)}. Never raises: a failure is a stand-in."""
     g, cache = spec.geometry, spec.cache
     sample = {"i": i, "valid": False, "error": "", "index": -1, "key": ""}
-    specs = cache.manifest.specs() if cache is not None else {}
+    specs = cache.specs if cache is not None else {}
     arrays = {n: np.zeros((1, *specs[n].per_view_shape), dtype=specs[n].dtype)
               for n in ("target", "scale", "mask", "crop", "flip", "source_index") if n in specs}
     if pos != PAD:
