@@ -31,7 +31,9 @@ import zarr
 
 from . import codecs
 from .errors import CacheCorruptError, UserError
-from .schema import MANIFEST, Manifest, array_specs, decode_keys
+from .digests import fsspec_reader, local_reader, shard_digests
+from .manifest_checks import array_problems, manifest_problems, record_problems, unlisted_shards
+from .schema import MANIFEST, SHARD_RECORD, Manifest, array_specs, decode_keys
 from .shard_files import MappedShardFile, ZarrShardFile, can_map, strict_store
 from .zarr_layout import parse_layout
 
@@ -90,6 +92,13 @@ class Cache:
                                 f"`g2sd-cache extract` command to complete it")
             raise UserError(f"{root} is not a g2sd-cache cache (no {MANIFEST}); create one with `g2sd-cache extract`")
         self.manifest = Manifest.from_json(self._fs.cat_file(manifest_path).decode())
+        # What verify checks about the manifest, with its words, before anything is read (manifest_checks.py).
+        folders = [p.rstrip("/").rsplit("/", 1)[-1] for p in self._fs.ls(self._path, detail=False)]
+        problems = manifest_problems(self.manifest) + unlisted_shards(self.manifest, folders)
+        if problems:
+            raise CacheCorruptError(f"cache {root} does not agree with its manifest: {problems[0][0]}: {problems[0][1]}"
+                                    f"{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}; run "
+                                    f"`g2sd-cache verify {root}` for the full report, then re-extract the cache")
         self.codec = codecs.get_codec(self.manifest.codec)
         self.shard_images = [s["images"] for s in self.manifest.shards]
         views_per_shard = [s["views"] for s in self.manifest.shards]
@@ -97,34 +106,76 @@ class Cache:
         m = self.manifest
         self._specs = array_specs(self.codec, m.tokens, m.target_dim, m.tokens - 1)
         self._reset()
+        if m.shards:   # the manifest's codec, target_dim, img_size against the arrays' shapes and dtypes, now
+            self._check_sizes(0, arrays_only=True)
 
     def _reset(self) -> None:
         """Per-process state: open shard files, zarr groups, shards whose file sizes were checked."""
         self._files: OrderedDict[tuple[int, int, str], MappedShardFile | ZarrShardFile] = OrderedDict()
         self._groups: dict[int, zarr.Group] = {}
         self._sized: set[int] = set()
+        self._image_crc32c: dict[int, list[int]] = {}   # shard -> crc32c of each row's source image
         self._pid = os.getpid()
 
     # -- pickling / fork safety ------------------------------------------------------------
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_files", "_groups", "_sized", "_pid")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_files", "_groups", "_sized", "_image_crc32c", "_pid")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._reset()
 
-    def _check_sizes(self, shard: int) -> None:
-        """Once per shard and process: every file the manifest lists is there, at its recorded size."""
+    def _check_sizes(self, shard: int, arrays_only: bool = False) -> None:
+        """Once per shard and process, before its data is read: shard.json is the record the manifest holds a
+        digest of and agrees with it, every array's zarr.json has the manifest's shape and dtype, and every
+        file is there at its recorded size and digest (for a zarr shard file: its index and chunks' crc32c,
+        a few KB; the chunks' bytes are checked against those crc32c at first use). So a file moved, swapped
+        or copied in from another cache is refused here, although its own checksums hold. `arrays_only`
+        (at open): only the zarr.json that exist, so that a damaged shard fails when it is read (skippable)."""
         entry = self.manifest.shards[shard]
-        base = f"{self._path}/{entry['name']}"
+        name, base = entry["name"], f"{self._path}/{entry['name']}"
+
+        def cat(rel: str) -> bytes | None:
+            try:
+                return self._fs.cat_file(f"{base}/{rel}")
+            except FileNotFoundError:
+                if arrays_only:
+                    return None
+                raise CacheCorruptError.in_shard(name, f"file {rel} is missing") from None
+
+        record, problems = (None, []) if arrays_only else record_problems(self.manifest, entry, cat(SHARD_RECORD))
+        for array, spec in ([] if problems else self._specs.items()):
+            kn, meta = (self.manifest.views_per_image, entry["images"]), cat(f"{array}/zarr.json")
+            problems += array_problems(name, array, spec, kn, meta)[1] if meta is not None else []
+        if problems:
+            raise CacheCorruptError.in_shard(name, problems[0][1])
+        if arrays_only:
+            return
         for rel, size in entry["files"].items():
             try:
                 actual = self._fs.size(f"{base}/{rel}")
             except FileNotFoundError:
-                raise CacheCorruptError.in_shard(entry["name"], f"file {rel} is missing") from None
+                raise CacheCorruptError.in_shard(name, f"file {rel} is missing") from None
             if actual != size:
-                raise CacheCorruptError.in_shard(entry["name"], f"file {rel} has {actual} bytes, the manifest says {size}")
+                raise CacheCorruptError.in_shard(name, f"file {rel} has {actual} bytes, the manifest says {size}")
+        reader = (lambda rel: local_reader(f"{base}/{rel}")) if self._local else \
+            (lambda rel: fsspec_reader(self._fs, f"{base}/{rel}"))
+        try:
+            shard_digests(entry["files"], cat, reader, expected=record.get("digests") or {})
+        except (ValueError, OSError) as e:
+            raise CacheCorruptError.in_shard(name, str(e)) from None
+        self._image_crc32c[shard] = list(record.get("image_crc32c") or [])
         self._sized.add(shard)
+
+    def image_crc32c(self, shard: int, row: int) -> int | None:
+        """crc32c of the source image bytes extract read for image `row` of `shard` (None if not recorded):
+        the image path of training checks what it reads against it (digests.check_image)."""
+        if self._pid != os.getpid():
+            self._reset()
+        if shard not in self._sized:
+            self._check_sizes(shard)
+        crcs = self._image_crc32c[shard]
+        return crcs[row] if row < len(crcs) else None
 
     def _file(self, shard: int, view: int, name: str) -> MappedShardFile | ZarrShardFile:
         """The reader of array `name`, view `view` of `shard`: opened once per process, kept in an LRU."""

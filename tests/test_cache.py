@@ -11,7 +11,7 @@ import torch
 import g2sd_cache
 from g2sd_cache import open_cache
 from g2sd_cache.errors import CacheCorruptError, UserError
-from g2sd_cache.schema import MANIFEST
+from g2sd_cache.schema import FORMAT_VERSION, MANIFEST
 
 T, D, L = 17, 32, 16  # micro teacher at 64 px
 
@@ -166,7 +166,8 @@ def test_open_cache_refuses_what_is_not_a_finished_cache(tmp_path, cache_copy):
     with pytest.raises(UserError, match="format version 99"):
         open_cache(cache_copy)
     # a damaged manifest is a one-line user error, not a JSON traceback
-    for text in ["{", "[1, 2]", json.dumps({k: v for k, v in m.items() if k != "shards"} | {"format_version": 1})]:
+    no_shards = {k: v for k, v in m.items() if k != "shards"} | {"format_version": FORMAT_VERSION}
+    for text in ["{", "[1, 2]", json.dumps(no_shards)]:
         (cache_copy / MANIFEST).write_text(text)
         with pytest.raises(UserError) as e:
             open_cache(cache_copy)
