@@ -31,7 +31,7 @@ import zarr
 
 from . import codecs
 from .errors import CacheCorruptError, UserError
-from .digests import fsspec_reader, local_reader, shard_digests
+from .digests import chunk_file_digest, digest_mismatch, fsspec_reader, is_metadata, local_reader, record_digest
 from .manifest_checks import array_problems, manifest_problems, record_problems, unlisted_shards
 from .schema import MANIFEST, SHARD_RECORD, Manifest, array_specs, decode_keys
 from .shard_files import MappedShardFile, ZarrShardFile, can_map, strict_store
@@ -114,12 +114,14 @@ class Cache:
         self._files: OrderedDict[tuple[int, int, str], MappedShardFile | ZarrShardFile] = OrderedDict()
         self._groups: dict[int, zarr.Group] = {}
         self._sized: set[int] = set()
+        self._digests: dict[int, dict[str, str]] = {}     # shard -> its record's file digests
         self._image_crc32c: dict[int, list[int]] = {}   # shard -> crc32c of each row's source image
         self._pid = os.getpid()
 
     # -- pickling / fork safety ------------------------------------------------------------
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_files", "_groups", "_sized", "_image_crc32c", "_pid")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_files", "_groups", "_sized", "_digests",
+                                                                "_image_crc32c", "_pid")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -127,11 +129,10 @@ class Cache:
 
     def _check_sizes(self, shard: int, arrays_only: bool = False) -> None:
         """Once per shard and process, before its data is read: shard.json is the record the manifest holds a
-        digest of and agrees with it, every array's zarr.json has the manifest's shape and dtype, and every
-        file is there at its recorded size and digest (for a zarr shard file: its index and chunks' crc32c,
-        a few KB; the chunks' bytes are checked against those crc32c at first use). So a file moved, swapped
-        or copied in from another cache is refused here, although its own checksums hold. `arrays_only`
-        (at open): only the zarr.json that exist, so that a damaged shard fails when it is read (skippable)."""
+        digest of and agrees with it, every array's zarr.json is the recorded one and has the manifest's shape
+        and dtype, and every file is there at its recorded size. (Each data file's digest is checked when it
+        is opened: `_check_digest`.) `arrays_only` (at open): only the zarr.json that exist against the
+        manifest, so that a damaged shard fails when it is read, which --on-error skip can leave out."""
         entry = self.manifest.shards[shard]
         name, base = entry["name"], f"{self._path}/{entry['name']}"
 
@@ -158,14 +159,30 @@ class Cache:
                 raise CacheCorruptError.in_shard(name, f"file {rel} is missing") from None
             if actual != size:
                 raise CacheCorruptError.in_shard(name, f"file {rel} has {actual} bytes, the manifest says {size}")
-        reader = (lambda rel: local_reader(f"{base}/{rel}")) if self._local else \
-            (lambda rel: fsspec_reader(self._fs, f"{base}/{rel}"))
-        try:
-            shard_digests(entry["files"], cat, reader, expected=record.get("digests") or {})
-        except (ValueError, OSError) as e:
-            raise CacheCorruptError.in_shard(name, str(e)) from None
+        digests = record.get("digests") if isinstance(record.get("digests"), dict) else {}
+        for rel in filter(is_metadata, entry["files"]):   # the zarr.json read above are the recorded ones
+            problem = digest_mismatch(rel, record_digest(cat(rel)), digests)
+            if problem:
+                raise CacheCorruptError.in_shard(name, problem)
+        self._digests[shard] = digests
         self._image_crc32c[shard] = list(record.get("image_crc32c") or [])
         self._sized.add(shard)
+
+    def _check_digest(self, shard: int, rel: str, layout) -> None:
+        """Once per file and process, before it is read: a zarr shard file's digest (its index and every inner
+        chunk's crc32c: a few KB; the chunks' bytes are checked against those crc32c at first use) is the one
+        its shard.json records for its path, so a file moved, swapped or copied in from another cache is
+        refused although its own checksums hold."""
+        name, path = self.manifest.shards[shard]["name"], f"{self._path}/{self.manifest.shards[shard]['name']}/{rel}"
+        read = local_reader(path) if self._local else fsspec_reader(self._fs, path)
+        try:
+            problem = digest_mismatch(rel, chunk_file_digest(read, self._fs.size(path), layout), self._digests[shard])
+        except FileNotFoundError:
+            problem = f"file {rel} is missing"
+        except ValueError as e:
+            problem = f"{rel}: {e}"
+        if problem:
+            raise CacheCorruptError.in_shard(name, problem)
 
     def image_crc32c(self, shard: int, row: int) -> int | None:
         """crc32c of the source image bytes extract read for image `row` of `shard` (None if not recorded):
@@ -194,6 +211,7 @@ class Cache:
         except (OSError, ValueError, KeyError) as e:
             raise CacheCorruptError.in_shard(entry["name"], f"{name}/zarr.json: {type(e).__name__}: {e}") from e
         rel = f"{name}/" + next(r for coord, r in layout.shard_files() if coord[0] == view)
+        self._check_digest(shard, rel, layout)
         if can_map(layout, self._local):
             reader = MappedShardFile(f"{base}/{rel}", layout, entry["name"], rel)
         else:

@@ -1,12 +1,13 @@
 """Digests that bind a cache's content to its place, and its views to the source images extract read.
 
-- `file_digest`: of one file under a shard, recorded in shard.json keyed by the file's path. For a
-  zarr shard file it hashes the shard index and every inner chunk's stored crc32c (a few KB, not the
-  file): each chunk's bytes are checked against that crc32c before first use (reader) or in full
-  (verify), so together they pin every byte, and a file moved to another path, swapped with another
-  view's or copied in from another cache no longer matches its record. Other files (zarr.json) are
-  hashed whole. blake2b-128: collisions by accident are out of reach, and it is in the standard library.
-- `record_digest`: of a shard.json's bytes, recorded in the manifest.
+- `shard_digests`: of every file under a shard, recorded in shard.json keyed by the file's path. For
+  a zarr shard file (`chunk_file_digest`) it hashes the shard index and every inner chunk's stored
+  crc32c (a few KB, not the file): each chunk's bytes are checked against that crc32c before first use
+  (reader) or in full (verify), so together they pin every byte, and a file moved to another path,
+  swapped with another view's or copied in from another cache no longer matches its record. The small
+  files (zarr.json) are hashed whole (`record_digest`). blake2b-128: collisions by accident are out of
+  reach, and it is in the standard library.
+- `record_digest`: also of a shard.json's bytes, recorded in the manifest.
 - `image_crc32c`: of a source image's bytes, recorded per image in shard.json; `check_image` compares
   an image read at train or verify time with it (a same-size replacement keeps the listing fingerprint).
 """
@@ -83,31 +84,24 @@ def is_metadata(rel: str) -> bool:
     return rel.rsplit("/", 1)[-1] == "zarr.json"
 
 
-def shard_digests(files: dict[str, int], cat: Callable[[str], bytes], reader: Callable[[str], RangeReader],
-                  expected: dict[str, str] | None = None) -> dict[str, str]:
-    """Digest of every file of one shard (`files`: path relative to the shard -> size). `cat(rel)` reads a
-    whole small file, `reader(rel)` gives a range reader. With `expected`, stops at the first file whose
-    digest differs and raises ValueError naming it (the open-time check); layouts come from the arrays'
-    zarr.json, which are checked first, so a chunk file is never read with a forged layout."""
+def shard_digests(files: dict[str, int], cat: Callable[[str], bytes],
+                  reader: Callable[[str], RangeReader]) -> dict[str, str]:
+    """Digest of every file of one shard (`files`: path relative to the shard -> size), as shard.json
+    records them. `cat(rel)` reads a whole small file, `reader(rel)` gives a range reader; the layout of
+    each zarr shard file comes from its array's zarr.json."""
     out: dict[str, str] = {}
     layouts: dict[str, ArrayLayout] = {}
-    for rel in sorted(files, key=lambda r: (not is_metadata(r), r)):
-        array = rel.split("/", 1)[0] if "/" in rel else None     # None: the group's own zarr.json
+    for rel in sorted(files, key=lambda r: (not is_metadata(r), r)):     # every zarr.json first
+        array = rel.split("/", 1)[0] if "/" in rel else None            # None: the group's own zarr.json
         if is_metadata(rel):
             data = cat(rel)
             out[rel] = record_digest(data)
+            if array is not None:
+                layouts[array] = parse_layout(json.loads(data))
         elif array in layouts:
             out[rel] = chunk_file_digest(reader(rel), files[rel], layouts[array])
         else:
             raise ValueError(f"{rel} belongs to no array of the shard (no {array}/zarr.json)")
-        problem = digest_mismatch(rel, out[rel], expected)
-        if problem:
-            raise ValueError(problem)
-        if is_metadata(rel) and array is not None:
-            try:
-                layouts[array] = parse_layout(json.loads(data))
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{rel} is not the cache format ({e})") from None
     return out
 
 

@@ -231,8 +231,9 @@ def _temp_writer(name: str) -> tuple[str | None, int | None]:
 
 
 def _alive_elsewhere(host: str | None, pid: int | None) -> bool:
-    """Whether a temporary's writer is another process still alive on this host."""
-    if pid is None or pid == os.getpid() or (host is not None and host != _host()):
+    """Whether a temporary's writer is another process still alive on this host (a name without a host is
+    from no writer of this version: stale)."""
+    if pid is None or host is None or pid == os.getpid() or host != _host():
         return False
     try:
         os.kill(pid, 0)

@@ -186,7 +186,7 @@ class TarSource:
 
     def samples(self, shard: int, on_error: Callable[[Exception], bool]) -> Iterator[tuple[str, bytes | None]]:
         """Stream tar `shard` as (key, image bytes) in tar order; bytes is None for a sample with no
-        image member. Problems go to `on_error(exc)` as `TarMemberError`s (True: go on, False: raise):
+        image member. Problems go to `on_error(exc)` as `TarMemberError`s (True: go on, False: stop here):
         a member that is a link, a key seen before in this tar (that sample is left out), and an
         unreadable stretch (truncated data, a corrupt header), which ends the tar with one error."""
         url = self.urls[shard]
@@ -202,58 +202,69 @@ class TarMemberError(ValueError):
         self.key = key
 
 
+class _Stop(Exception):
+    """`on_error` said not to go on with this tar."""
+
+
 def _tar_samples(stream, url: str, on_error: Callable[[Exception], bool]) -> Iterator[tuple[str, bytes | None]]:
     """(key, image bytes or None) per sample of one opened tar, members grouped by webdataset's rule: the
     key is the member path up to the first dot of its base name, consecutive members with one key form
     a sample."""
-    seen: dict[str, str] = {}           # key -> its first member: a key twice is an error
-    current, members = None, {}         # the sample being assembled: key, {suffix: bytes}
-    where, last = "at its start", "the start"   # for errors: where reading stopped, the last member read
-
     def report(key: str, message: str) -> None:
-        exc = TarMemberError(key, message)
-        if not on_error(exc):
-            raise exc
+        if not on_error(TarMemberError(key, message)):
+            raise _Stop
+
+    try:
+        yield from _tar_sample_stream(stream, url, report)
+    except _Stop:
+        return
+
+
+def _tar_sample_stream(stream, url: str, report: Callable[[str, str], None]) -> Iterator[tuple[str, bytes | None]]:
+    seen: dict[str, str] = {}           # key -> its first member: a key twice is an error
+    current, members, dropped = None, {}, False   # the sample being read: key, {suffix: bytes}, left out?
+    where, last = "at its start", "the start"     # for errors: where reading stopped, the last member read
 
     def finish():
-        if current is not None:
+        if current is not None and not dropped:
             yield current, next((members[s] for s in TAR_IMAGE_SUFFIXES if s in members), None)
 
     try:
         tar = tarfile.open(fileobj=stream, mode="r|*")
         for info in tar:
             name = info.name
-            if info.isdir():
-                continue
             key, suffix = tariterators.base_plus_ext(name)
             base = os.path.basename(name)
-            if key is None or (base.startswith("__") and base.split(".")[0].endswith("__")):
-                continue                                         # no extension, or webdataset metadata
+            if info.isdir() or key is None or (base.startswith("__") and base.split(".")[0].endswith("__")):
+                continue                                 # folders, names without extension, webdataset metadata
+            if key != current:
+                yield from finish()
+                current, members, dropped = key, {}, key in seen
+                if dropped:
+                    report(key, f"{url}: sample key {key} appears twice (members {seen[key]} and {name}); "
+                                f"the second is left out: give every sample its own key")
+                seen.setdefault(key, name)
+            if dropped:
+                continue
             if not info.isreg():
                 kind = "symbolic link" if info.issym() else "hard link" if info.islnk() else "special file"
                 report(key, f"{url}: member {name} is a {kind}{f' to {info.linkname}' if info.linkname else ''}, "
-                            f"not a regular file: not read (store the image itself in the tar)")
+                            f"not a regular file: sample {key} is left out (store the image itself in the tar)")
+                dropped = True
                 continue
-            suffix = suffix.lower()
-            if key != current:
-                yield from finish()
-                current, members = None, {}
-                if key in seen:
-                    report(key, f"{url}: sample key {key} appears twice (members {seen[key]} and {name}); "
-                                f"the second is left out: give every sample its own key")
-                    continue
-                seen[key] = name
-                current = key
             where = f"in member {name}"
             data = tar.extractfile(info).read()
-            tar.members = []                                     # streaming: keep no member list
+            tar.members = []                             # streaming: keep no member list
             where, last = f"after member {name}", name
-            if suffix in members:
+            if suffix.lower() in members:
                 report(key, f"{url}: sample {key} has member {name} twice; the second is left out")
             else:
-                members[suffix] = data
+                members[suffix.lower()] = data
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        current, members = None, {}                              # the sample being read is incomplete
+        # One error for the rest of the tar: going on would fail again at the same place. A sample whose
+        # member was being read is incomplete and left out; one that stopped between members is kept.
+        if where.startswith("after"):
+            yield from finish()
         report(f"{url} ({where})", f"{url}: {type(e).__name__}: {e} ({where}); the rest of the tar cannot be read")
         return
     yield from finish()

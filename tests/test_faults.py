@@ -29,6 +29,7 @@ from PIL import Image
 from conftest import MICRO_STUDENT, MICRO_TEACHER, micro_extract_config
 from g2sd_cache import open_cache
 from g2sd_cache.errors import CacheCorruptError, UserError
+from g2sd_cache.digests import local_reader, record_digest, shard_digests
 from g2sd_cache.extract import run_extract
 from g2sd_cache.models import STUDENT_PRESETS, ViTShape, build_teacher
 from g2sd_cache.schema import MANIFEST, SHARD_RECORD, TMP_MARK, Manifest
@@ -200,16 +201,21 @@ def test_verify_reports_nonfinite_targets(micro_cache, tmp_path):
 
 
 def _rerecord(cache: Path, shard: str) -> None:
-    """After a deliberate rewrite, update the recorded file sizes (so only content checks can notice)."""
-    files = {p.relative_to(cache / shard).as_posix(): p.stat().st_size
-             for p in sorted((cache / shard).rglob("*")) if p.is_file() and p.name != SHARD_RECORD}
-    rec = json.loads((cache / shard / SHARD_RECORD).read_text())
+    """After a deliberate rewrite, update the recorded file sizes and digests, and the manifest's digest of the
+    record (so only content checks can notice)."""
+    folder = cache / shard
+    files = {p.relative_to(folder).as_posix(): p.stat().st_size
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != SHARD_RECORD}
+    rec = json.loads((folder / SHARD_RECORD).read_text())
     rec["files"] = files
-    (cache / shard / SHARD_RECORD).write_text(json.dumps(rec))
+    rec["digests"] = shard_digests(files, lambda rel: (folder / rel).read_bytes(),
+                                   lambda rel: local_reader(str(folder / rel)))
+    raw = json.dumps(rec)
+    (folder / SHARD_RECORD).write_text(raw)
     m = json.loads((cache / MANIFEST).read_text())
     for e in m["shards"]:
         if e["name"] == shard:
-            e["files"] = files
+            e["files"], e["record"] = files, record_digest(raw.encode())
     (cache / MANIFEST).write_text(json.dumps(m))
 
 
@@ -422,6 +428,7 @@ def test_verify_reports_a_chunk_missing_from_its_shard_index(micro_cache, tmp_pa
     c = copy_cache(micro_cache, tmp_path / "c")
     path = shard_file(c, "shard-00001", "mask", view=0)
     _empty_index_entry(path, c / "shard-00001" / "mask", 1)
+    _rerecord(c, "shard-00001")       # digests as recorded too: only the index check can notice
     assert verify_cache(str(c)).problems == [
         "shard-00001: mask/c/0/0/0: inner chunk 1 (view 0, rows 2..3) is missing (empty in the shard index): zarr "
         "would read it back as fill values"]
@@ -432,6 +439,7 @@ def test_reader_refuses_a_chunk_missing_from_its_shard_index(micro_cache, tmp_pa
     read, never fill values (an all-False mask would silently make every patch visible)."""
     c = copy_cache(micro_cache, tmp_path / "c")
     _empty_index_entry(shard_file(c, "shard-00001", "mask", view=0), c / "shard-00001" / "mask", 1)
+    _rerecord(c, "shard-00001")
     cache = open_cache(str(c))
     with pytest.raises(CacheCorruptError, match="shard-00001"):
         rec = cache[view_index(cache, 1, 0, 2)]
@@ -458,6 +466,39 @@ def _enospc_on(monkeypatch, *match: str) -> list[str]:
     return hit
 
 
+class _FullDisk(io.RawIOBase):
+    """A file that takes `room` bytes, then fails like a full disk (ENOSPC)."""
+
+    def __init__(self, path: Path, room: int):
+        self.file, self.room = open(path, "wb"), room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        if len(b) > self.room:
+            self.file.write(bytes(b)[: self.room])
+            self.room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(b)
+        return self.file.write(b)
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
+def _enospc_in_atomic_writes(monkeypatch, prefix: str, room: int = 100) -> None:
+    """Make fsutil's atomic writes of temporaries named `prefix...` fail with ENOSPC after `room` bytes."""
+    import g2sd_cache.fsutil as fsutil
+    original = fsutil._open_temp
+    monkeypatch.setattr(fsutil, "_open_temp", lambda path: _FullDisk(path, room) if path.name.startswith(prefix)
+                        else original(path))
+
+
 def test_disk_full_during_extract_fails_cleanly_and_rerun_completes(micro_cache, image_folder, tmp_path, monkeypatch):
     """Promise 4: the disk fills up (ENOSPC half-way through a file of the second shard): extract raises an
     error that says so, writes no manifest and leaves no folder under a final shard name that is not complete;
@@ -481,16 +522,8 @@ def test_disk_full_while_writing_the_manifest(micro_cache, image_folder, tmp_pat
     """Promise 4: the disk fills up while manifest.json is written: extract raises, no manifest.json exists
     (the cache is not readable as finished), and a rerun with space (a new process) writes it, leaves no
     temporary file behind and verifies clean."""
-    import pathlib
     out = tmp_path / "c"
-    original = pathlib.Path.write_text
-
-    def write_text(self, text, *a, **k):
-        if self.name.startswith(MANIFEST + TMP_MARK):
-            original(self, text[: len(text) // 2], *a, **k)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
-        return original(self, text, *a, **k)
-    monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+    _enospc_in_atomic_writes(monkeypatch, MANIFEST + TMP_MARK)
     with pytest.raises((OSError, UserError), match="No space left"):
         run_extract(micro_extract_config(image_folder, out))
     assert not (out / MANIFEST).exists()
