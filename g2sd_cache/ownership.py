@@ -191,7 +191,7 @@ def claim_cache_folder(out: Path, overwrite: bool) -> FolderLock:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is an existing file, not a cache directory; choose another path")
-    entries = _entries(out)
+    entries = [e for e in _entries(out) if e != LOCK_FILE]   # a lock alone: an extract that is claiming it
     if entries and not is_cache(out):
         if (out / MANIFEST).is_file() and not (out / RUN_MARKER).exists():
             raise UserError(f"--out {out} holds a cache of an older g2sd-cache (format 1, no {CACHE_MARKER} marker); "

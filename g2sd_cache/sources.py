@@ -89,21 +89,30 @@ class FolderSource:
 
 def _scan_folder(root: str) -> tuple[list[tuple[str, int]], list[dict]]:
     """(relative key, size) of every image file under `root`, and what was left out. Folders are walked
-    in sorted order; a real folder or file reached twice (links) is taken at its first path only."""
-    found: list[tuple[str, int]] = []
+    in sorted order, the real tree first and folders reached through links after it, so a real folder
+    or file reached twice is taken at its real path (else at its first path) and only once."""
     skipped: list[dict] = []
     seen_dirs: set[tuple[int, int]] = set()
-    seen_files: dict[tuple[int, int], str] = {}
+    files: dict[tuple[int, int], list[tuple[bool, str, int]]] = {}   # real file -> [(via a link?, key, size)]
     try:
         st = os.stat(root)
     except OSError as e:
         raise UserError(f"--data {root}: cannot read it ({e.strerror})") from e
     seen_dirs.add((st.st_dev, st.st_ino))
-    stack = [""]                        # relative folder paths still to list, popped in sorted order
-    while stack:
-        rel_dir = stack.pop()
+    stack: list[str] = [""]                          # real folders still to list (relative), sorted order
+    linked: list[tuple[str, tuple[int, int]]] = []   # folders reached through a link, listed after the real tree
+    while stack or linked:
+        if stack:
+            rel_dir = stack.pop()
+        else:
+            rel_dir, ident = linked.pop(0)
+            if ident in seen_dirs:
+                skipped.append({"key": rel_dir, "error": "a link to a folder already scanned (a loop or a second "
+                                                         "path to it): not scanned again"})
+                continue
+            seen_dirs.add(ident)
         try:
-            with os.scandir(os.path.join(root, rel_dir) if rel_dir else root) as it:
+            with os.scandir(os.path.join(root, rel_dir)) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as e:
             skipped.append({"key": printable(rel_dir or "."), "error": f"folder cannot be read ({e.strerror})"})
@@ -113,38 +122,39 @@ def _scan_folder(root: str) -> tuple[list[tuple[str, int]], list[dict]]:
             if entry.name.startswith("."):          # .ipynb_checkpoints, .DS_Store and co.
                 continue
             key = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            looks_like_image = entry.name.lower().endswith(IMAGE_SUFFIXES)
             try:
                 entry.name.encode("utf-8")
             except UnicodeEncodeError:
-                if entry.name.lower().endswith(IMAGE_SUFFIXES) or entry.is_dir():
+                if looks_like_image or entry.is_dir():
                     skipped.append({"key": printable(key), "error": "name is not valid UTF-8: rename it"})
                 continue
             try:
                 st = entry.stat()                    # follows links
             except OSError as e:
-                if entry.is_symlink() or entry.name.lower().endswith(IMAGE_SUFFIXES):
+                if entry.is_symlink() or looks_like_image:
                     what = "dangling or looping symbolic link" if entry.is_symlink() else "cannot be read"
                     skipped.append({"key": key, "error": f"{what} ({e.strerror})"})
                 continue
             ident = (st.st_dev, st.st_ino)
             if stat.S_ISDIR(st.st_mode):
-                if ident in seen_dirs:
-                    skipped.append({"key": key, "error": "a link to a folder already scanned (a loop or a "
-                                                         "second path to it): not scanned again"})
-                else:
+                if entry.is_symlink():
+                    linked.append((key, ident))
+                elif ident not in seen_dirs:
                     seen_dirs.add(ident)
                     subdirs.append(key)
+            elif not looks_like_image:
                 continue
-            if not entry.name.lower().endswith(IMAGE_SUFFIXES):
-                continue
-            if not stat.S_ISREG(st.st_mode):
+            elif not stat.S_ISREG(st.st_mode):
                 skipped.append({"key": key, "error": "not a regular file (a FIFO, socket or device): not read"})
-            elif ident in seen_files:
-                skipped.append({"key": key, "error": f"the same file as {seen_files[ident]} (a link): taken once"})
             else:
-                seen_files[ident] = key
-                found.append((key, st.st_size))
+                files.setdefault(ident, []).append((entry.is_symlink(), key, st.st_size))
         stack.extend(reversed(subdirs))
+    found = []
+    for paths in files.values():
+        (_, key, size), *others = sorted(paths)
+        found.append((key, size))
+        skipped += [{"key": other, "error": f"the same file as {key} (a link): taken once"} for _, other, _ in others]
     return found, skipped
 
 
@@ -240,9 +250,9 @@ def _tar_sample_stream(stream, url: str, report: Callable[[str, str], None]) -> 
             if key != current:
                 yield from finish()
                 current, members, dropped = key, {}, key in seen
-                if dropped:
-                    report(key, f"{url}: sample key {key} appears twice (members {seen[key]} and {name}); "
-                                f"the second is left out: give every sample its own key")
+                if dropped:   # listed under its own name: key itself stays the first copy's, which is cached
+                    report(f"{key} (second copy)", f"{url}: sample key {key} appears twice (members {seen[key]} "
+                                                   f"and {name}); the second is left out: give every sample its own key")
                 seen.setdefault(key, name)
             if dropped:
                 continue
