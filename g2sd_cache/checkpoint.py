@@ -23,10 +23,10 @@ from .errors import UserError
 from .fsutil import atomic_write, free_bytes, is_out_of_space
 
 CHECKPOINT = "checkpoint.pt"
-# Entries every checkpoint of `g2sd-cache train` has, and what export reads.
-CHECKPOINT_KEYS = ("model", "student", "target_dim", "img_size", "step")
-# What `train --resume` reads on top of them.
-RESUME_KEYS = (*CHECKPOINT_KEYS, "optimizer", "scaler", "epoch", "micro", "rng", "config", "world")
+# The entries `g2sd-cache train` writes into every checkpoint (export reads the first five, --resume all):
+# a file without one of them is not ours, and is refused in one line instead of a KeyError later.
+CHECKPOINT_KEYS = ("model", "student", "target_dim", "img_size", "step",
+                   "optimizer", "scaler", "epoch", "micro", "rng", "config", "world")
 
 
 def save_checkpoint(run: Path, state: dict) -> Path:
@@ -46,8 +46,8 @@ def save_checkpoint(run: Path, state: dict) -> Path:
 
 def load_checkpoint(run: Path, hint: str = "pass the --out folder of a `g2sd-cache train` run",
                     required: tuple[str, ...] = CHECKPOINT_KEYS) -> dict:
-    """RUN/checkpoint.pt as a dict, loaded weights-only. `required`: the entries the caller reads
-    (CHECKPOINT_KEYS for export, RESUME_KEYS for --resume); a file without them is a one-line UserError."""
+    """RUN/checkpoint.pt as a dict, loaded weights-only. `required`: the entries the caller needs (default:
+    all that train writes); a file without them is a one-line UserError."""
     path = Path(run) / CHECKPOINT
     if not path.is_file():
         raise UserError(f"{run} has no {CHECKPOINT}; {hint}")

@@ -843,8 +843,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_never_run(tmp_path, cap
     the object, and the command never runs (weights-only loading)."""
     from g2sd_cache.cli import main as cli_main
     witness = tmp_path / "ran"
-    run = _run_folder_with(tmp_path, {"model": _RunsCode(witness), "student": "x", "target_dim": 1, "img_size": 1,
-                                      "step": 0})
+    run = _run_folder_with(tmp_path, {"model": _RunsCode(witness)})
     assert cli_main(["export", str(run), "--out", str(tmp_path / "enc.pth")]) == 2
     err = capsys.readouterr().err
     assert "posix.system" in err and "could run code" in err and err.count("\n") == 1, err
@@ -855,15 +854,15 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_never_run(tmp_path, cap
 def test_a_checkpoint_without_the_expected_entries_is_one_line(tmp_path):
     """Trust nothing loaded: a valid torch file lacking a training checkpoint's entries is a one-line error naming
     what is missing (export's and --resume's keys), never a KeyError."""
-    from g2sd_cache.checkpoint import RESUME_KEYS, load_checkpoint
+    from g2sd_cache.checkpoint import load_checkpoint
     from g2sd_cache.export import export_encoder
     run = _run_folder_with(tmp_path, {"model": {"w": torch.zeros(2)}, "step": 3})
     with pytest.raises(UserError) as e:
         export_encoder(str(run), str(tmp_path / "enc.pth"))
-    assert "lacks student, target_dim, img_size" in one_line(e.value)
+    assert "lacks student, target_dim, img_size, optimizer" in one_line(e.value)
     with pytest.raises(UserError) as e:
-        load_checkpoint(run, "train without --resume to start a new run there", required=RESUME_KEYS)
-    assert "optimizer" in one_line(e.value) and "train without --resume" in str(e.value)
+        load_checkpoint(run, "train without --resume to start a new run there", required=("model", "rng"))
+    assert "lacks rng;" in one_line(e.value) and "train without --resume" in str(e.value)
     torch.save([1, 2], run / "checkpoint.pt")
     with pytest.raises(UserError, match="holds a list"):
         load_checkpoint(run)
@@ -877,10 +876,9 @@ def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
     from g2sd_cache.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
     torch.manual_seed(1), np.random.seed(2), pyrandom.seed(3)
     np.random.normal()                                      # leaves a cached gaussian in numpy's state
-    save_checkpoint(tmp_path, {"model": {}, "student": "s", "target_dim": 1, "img_size": 1, "step": 0,
-                               "rng": rng_state()})
+    save_checkpoint(tmp_path, {"model": {}, "rng": rng_state()})
     want = (torch.rand(3), np.random.normal(size=3), [pyrandom.random() for _ in range(3)])
-    set_rng_state(load_checkpoint(tmp_path)["rng"])
+    set_rng_state(load_checkpoint(tmp_path, required=("rng",))["rng"])
     got = (torch.rand(3), np.random.normal(size=3), [pyrandom.random() for _ in range(3)])
     assert torch.equal(want[0], got[0]) and np.array_equal(want[1], got[1]) and want[2] == got[2]
 
@@ -889,14 +887,14 @@ def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_previous_checkp
     """Runs: the disk fills up while a checkpoint is written: one line naming the space problem, no temporary left
     behind, and the previous checkpoint intact and loadable."""
     from g2sd_cache.checkpoint import load_checkpoint, save_checkpoint
-    state = {"model": {"w": torch.arange(5.0)}, "student": "s", "target_dim": 1, "img_size": 1, "step": 1}
+    state = {"model": {"w": torch.arange(5.0)}, "step": 1}
     save_checkpoint(tmp_path, state)
     _enospc_in_atomic_writes(monkeypatch, "checkpoint.pt" + TMP_MARK, room=1000)
     with pytest.raises(UserError) as e:
         save_checkpoint(tmp_path, state | {"model": {"w": torch.zeros(100_000)}, "step": 2})
     assert "no space left" in one_line(e.value) and "previous checkpoint is intact" in str(e.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
-    assert load_checkpoint(tmp_path)["step"] == 1
+    assert load_checkpoint(tmp_path, required=("step",))["step"] == 1
 
 
 def test_atomic_writes_fsync_the_file_before_and_the_folder_after_the_rename(tmp_path, monkeypatch):
@@ -1051,23 +1049,29 @@ def test_a_killed_writers_temporaries_are_removed_by_the_next_run(micro_cache, i
 
 
 @pytest.mark.slow
-def test_two_identical_extracts_started_together_one_runs_one_refuses(image_folder, tmp_path):
-    """One writer at a time: the same extract command started twice at once: one completes, the other exits 2 with
-    one line naming the running one (never `Directory not empty` on a shard rename), and the cache verifies."""
+def test_the_same_extract_started_twice_one_runs_one_refuses(image_folder, tmp_path):
+    """One writer at a time: the same extract command run twice at once (the first paused while it holds the lock,
+    so the runs overlap on any machine): the second exits 2 with one line naming the first (never `Directory not
+    empty` on a shard rename, which two writers of the same shards hit); the first completes and the cache verifies."""
     out = tmp_path / "c"
-    args = ["extract", "--data", str(image_folder), "--out", str(out), "--teacher", "random", "--arch",
-            MICRO_TEACHER, "--img-size", "32", "--workers", "0", "--device", "cpu", "--views", "2",
-            "--shard-size", "4", "--chunk-views", "2"]
-    procs = [subprocess.Popen([sys.executable, "-m", "g2sd_cache.cli", *args], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
-    codes = sorted(rc for rc, _ in results)
-    if codes == [0, 0]:      # the second started after the first had finished: both resumed the same cache
-        pytest.skip("the two extracts did not overlap on this machine")
-    assert codes == [0, 2], results
-    err = next(e for rc, e in results if rc == 2)
-    assert "another extract is writing into" in err and "Directory not empty" not in err
-    assert err.strip().count("\n") == 0 or "extract:" in err
+    args = [sys.executable, "-m", "g2sd_cache.cli", "extract", "--data", str(image_folder), "--out", str(out),
+            "--teacher", "random", "--arch", MICRO_TEACHER, "--img-size", "32", "--workers", "0", "--device", "cpu",
+            "--views", "2", "--shard-size", "4", "--chunk-views", "2"]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / ".g2sd-cache").exists():        # written under the lock, right after taking it
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.01)
+        os.kill(first.pid, signal.SIGSTOP)
+        second = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    out_first, err_first = first.communicate(timeout=300)
+    assert first.returncode == 0, err_first
+    assert second.returncode == 2, second.stderr
+    assert second.stderr.startswith("g2sd-cache extract: error: another extract is writing into") and \
+        f"pid {first.pid}" in second.stderr and second.stderr.count("\n") == 1, second.stderr
     assert verify_cache(str(out)).ok
 
 
