@@ -136,13 +136,17 @@ class Cache:
         entry = self.manifest.shards[shard]
         name, base = entry["name"], f"{self._path}/{entry['name']}"
 
-        def cat(rel: str) -> bytes | None:
-            try:
-                return self._fs.cat_file(f"{base}/{rel}")
-            except FileNotFoundError:
-                if arrays_only:
-                    return None
-                raise CacheCorruptError.in_shard(name, f"file {rel} is missing") from None
+        read: dict[str, bytes | None] = {}
+
+        def cat(rel: str) -> bytes | None:   # each small file read once
+            if rel not in read:
+                try:
+                    read[rel] = self._fs.cat_file(f"{base}/{rel}")
+                except FileNotFoundError:
+                    if not arrays_only:
+                        raise CacheCorruptError.in_shard(name, f"file {rel} is missing") from None
+                    read[rel] = None
+            return read[rel]
 
         record, problems = (None, []) if arrays_only else record_problems(self.manifest, entry, cat(SHARD_RECORD))
         for array, spec in ([] if problems else self._specs.items()):
