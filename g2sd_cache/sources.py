@@ -250,6 +250,13 @@ def _tar_sample_stream(stream, url: str, report: Callable[[str, str], None]) -> 
             if key != current:
                 yield from finish()
                 current, members, dropped = key, {}, key in seen
+                try:
+                    key.encode("utf-8")
+                except UnicodeEncodeError:    # keys are stored as UTF-8
+                    report(printable(key), f"{url}: member {printable(name)} has a name that is not valid UTF-8: "
+                                           f"sample left out (rename it)")
+                    dropped = True
+                    continue
                 if dropped:   # listed under its own name: key itself stays the first copy's, which is cached
                     report(f"{key} (second copy)", f"{url}: sample key {key} appears twice (members {seen[key]} "
                                                    f"and {name}); the second is left out: give every sample its own key")

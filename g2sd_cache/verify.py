@@ -1,9 +1,13 @@
 """`g2sd-cache verify CACHE`: check a cache end to end without trusting it.
 
 What it checks (one problem line each: "shard-00003: what is wrong"):
-- the manifest parses and agrees with the disk: every listed shard folder exists and holds exactly the
-  files its record lists, at the recorded sizes; every shard folder on disk is listed; `shard.json`
-  agrees with the manifest; `config.yaml` (if present) agrees with the manifest;
+- the manifest parses and agrees with itself and the disk (manifest_checks.py, which open_cache runs too):
+  codec, geometry and token count; shard names and file paths inside the cache; every listed shard folder
+  exists and holds exactly the files its record lists, at the recorded sizes; every shard folder on disk
+  is listed; `shard.json` is the record the manifest holds a digest of and agrees with it; `config.yaml`
+  (if present) agrees with the manifest; the cache marker is there;
+- every file is the one its shard.json records for its path (digests.py): nothing moved, swapped or
+  copied in from another cache;
 - view counts add up (shards, images, views, skipped inputs, the folder's image ranges tile it);
 - every inner chunk's crc32c holds, and so does every shard index's. This reads the zarr v3 sharding
   index itself (at the end of each shard file: per inner chunk (offset, nbytes) as little-endian
@@ -15,9 +19,9 @@ What it checks (one problem line each: "shard-00003: what is wrong"):
 - every (image, view) pair appears exactly once, all K views of a row agree on the image, rows lie in
   their shard's image range, targets hold no NaN/Inf and quantised scales are positive;
 - every mask keeps exactly the manifest geometry's visible count;
-- with `--data`: the listing is the one the cache was made from, keys match image indices, every crop
-  box lies inside its image (image headers only, via PIL) and every stored view regenerates exactly
-  from (seed, image, view);
+- with `--data`: the listing is the one the cache was made from, keys match image indices, every image's
+  bytes have the crc32c extract recorded, every crop box lies inside its image and every stored view
+  regenerates exactly from (seed, image, view);
 - with `--deep N`: N random views replayed through the live teacher (decode the image, render the
   stored crop and flip, `teacher.targets`), reporting max and RMS error of stored against live
   targets, and failing any view whose relative RMS error exceeds the codec's tolerance.
@@ -100,8 +104,8 @@ class VerifyReport:
             lines.append(f"views    {s['pairs']} (image, view) pairs, each once; every mask keeps "
                          f"{s['visible']} of {s['patches']} patches")
         if "data_images" in s:
-            lines.append(f"data     {s['data_images']} image headers read: every crop lies inside its image and "
-                         f"{s['regenerated']} views regenerate from (seed, image, view)")
+            lines.append(f"data     {s['data_images']} images read: each is the one extracted (crc32c), every crop lies "
+                         f"inside its image and {s['regenerated']} views regenerate from (seed, image, view)")
         if "deep" in s:
             d = s["deep"]
             lines.append(f"deep     {d['views']} views replayed on {d['device']} ({d['precision']}): rel RMS "
