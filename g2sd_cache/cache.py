@@ -35,7 +35,7 @@ from .digests import chunk_file_digest, digest_mismatch, fsspec_reader, is_metad
 from .manifest_checks import array_problems, manifest_problems, record_problems, unlisted_shards
 from .schema import MANIFEST, SHARD_RECORD, Manifest, array_specs, decode_keys
 from .shard_files import MappedShardFile, ZarrShardFile, can_map, strict_store
-from .zarr_layout import parse_layout
+from .zarr_layout import ArrayLayout, parse_layout
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ class Cache:
         self._image_crc32c[shard] = list(record.get("image_crc32c") or [])
         self._sized.add(shard)
 
-    def _check_digest(self, shard: int, rel: str, layout) -> None:
+    def _check_digest(self, shard: int, rel: str, layout: ArrayLayout) -> None:
         """Once per file and process, before it is read: a zarr shard file's digest (its index and every inner
         chunk's crc32c: a few KB; the chunks' bytes are checked against those crc32c at first use) is the one
         its shard.json records for its path, so a file moved, swapped or copied in from another cache is

@@ -31,11 +31,11 @@ from tqdm import tqdm
 
 from . import codecs
 from .config import read_yaml, to_yaml
+from .digests import image_crc32c, record_digest
 from .dist import DistEnv, init_distributed, shutdown_distributed
 from .errors import UserError
-from .models import TEACHER_PRESETS, build_teacher
-from .digests import image_crc32c, record_digest
 from .fsutil import write_text_atomic
+from .models import TEACHER_PRESETS, build_teacher
 from .ownership import FolderLock, claim_cache_folder
 from .schema import (CONFIG, FORMAT_VERSION, MANIFEST, SHARD_RECORD, TMP_MARK, Manifest, ShardRecord, array_specs,
                      encode_keys,

@@ -17,7 +17,7 @@ all its files are written (write to `.shard-XXXXX.tmp-*`, then rename), so a sha
 its folder exists; a missing file in a complete shard is corruption, never fill values.
 
 Content is bound to its place (format 2): shard.json records a digest of every file under the shard,
-keyed by its path (`digests.file_digest`: for a zarr shard file, of its index and every inner chunk's
+keyed by its path (`digests.shard_digests`: for a zarr shard file, of its index and every inner chunk's
 stored crc32c, which the reader checks against the chunk's bytes before first use; for the small JSON
 files, of their bytes), and the manifest records a digest of every shard.json. A file moved, swapped or
 copied in from another cache therefore fails its digest, although its own crc32c holds.
