@@ -41,7 +41,7 @@ def manifest_specs(m: Manifest) -> dict[str, ArraySpec]:
     return array_specs(get_codec(m.codec), m.tokens, m.target_dim, m.tokens - 1)
 
 
-def _inside(rel) -> bool:
+def inside_shard(rel) -> bool:
     """A path relative to its shard that stays inside it: no absolute path, no `..`, nothing empty."""
     return (isinstance(rel, str) and rel != "" and not rel.startswith("/") and "\\" not in rel
             and posixpath.normpath(rel) == rel and not rel.startswith(".."))
@@ -99,7 +99,7 @@ def manifest_problems(m: Manifest) -> list[Problem]:
             add(name, "lists no files")
         else:
             for rel, size in files.items():
-                if not _inside(rel):
+                if not inside_shard(rel):
                     add(name, f"file {rel!r} is not a path inside the shard: it is not read")
                 elif not _count(size):
                     add(name, f"file {rel} has size {size!r}")

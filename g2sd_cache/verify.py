@@ -64,8 +64,8 @@ import yaml
 from .digests import (SourceChangedError, bytes_reader, check_image, chunk_file_digest, digest_mismatch, image_crc32c,
                       is_metadata, record_digest)
 from .errors import UserError
-from .manifest_checks import (SHARD_DIR, array_problems, geometry_of, manifest_problems, manifest_specs, short_repr,
-                              record_problems, unlisted_shards, usable)
+from .manifest_checks import (SHARD_DIR, array_problems, geometry_of, inside_shard, manifest_problems, manifest_specs,
+                              record_problems, short_repr, unlisted_shards, usable)
 from .schema import CACHE_MARKER, CONFIG, FORMAT_VERSION, LOCK_FILE, MANIFEST, SHARD_RECORD, TMP_MARK, Manifest, decode_keys
 from .zarr_layout import MAX_UINT_64, ArrayLayout, read_shard_index
 
@@ -214,7 +214,8 @@ class _Verifier:
         if not mine:
             add("listed in the manifest but its folder is missing or empty")
             return None
-        listed = entry.get("files") if isinstance(entry.get("files"), dict) else {}
+        listed = {rel: size for rel, size in (entry.get("files") or {}).items() if inside_shard(rel)} \
+            if isinstance(entry.get("files"), dict) else {}      # paths outside the shard: reported, never read
         for rel, size in sorted(listed.items()):
             if rel not in mine:
                 add(f"file {rel} is missing")
