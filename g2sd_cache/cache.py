@@ -31,9 +31,11 @@ import zarr
 
 from . import codecs
 from .errors import CacheCorruptError, UserError
-from .schema import MANIFEST, Manifest, decode_keys
+from .digests import chunk_file_digest, digest_mismatch, fsspec_reader, is_metadata, local_reader, record_digest
+from .manifest_checks import array_problems, manifest_problems, record_problems, unlisted_shards
+from .schema import MANIFEST, SHARD_RECORD, Manifest, decode_keys
 from .shard_files import MappedShardFile, ZarrShardFile, can_map, strict_store
-from .zarr_layout import parse_layout
+from .zarr_layout import ArrayLayout, parse_layout
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,13 @@ class Cache:
                                 f"`g2sd-cache extract` command to complete it")
             raise UserError(f"{root} is not a g2sd-cache cache (no {MANIFEST}); create one with `g2sd-cache extract`")
         self.manifest = Manifest.from_json(self._fs.cat_file(manifest_path).decode())
+        # What verify checks about the manifest, with its words, before anything is read (manifest_checks.py).
+        folders = [p.rstrip("/").rsplit("/", 1)[-1] for p in self._fs.ls(self._path, detail=False)]
+        problems = manifest_problems(self.manifest) + unlisted_shards(self.manifest, folders)
+        if problems:
+            raise CacheCorruptError(f"cache {root} does not agree with its manifest: {problems[0][0]}: {problems[0][1]}"
+                                    f"{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}; run "
+                                    f"`g2sd-cache verify {root}` for the full report, then re-extract the cache")
         self.codec = codecs.get_codec(self.manifest.codec)
         self.shard_images = [s["images"] for s in self.manifest.shards]
         views_per_shard = [s["views"] for s in self.manifest.shards]
@@ -100,6 +109,8 @@ class Cache:
         m = self.manifest
         self._specs = m.specs()
         self._reset()
+        if m.shards:   # the manifest's codec, target_dim, img_size against the arrays' shapes and dtypes, now
+            self._check_sizes(0, arrays_only=True)
 
     def _reset(self) -> None:
         """Per-process state: open shard files, zarr groups, shards whose file sizes were checked."""
@@ -109,28 +120,89 @@ class Cache:
         # Inner chunks whose crc32c passed, per (shard, view, array): kept when a file leaves the LRU of open
         # files, so each chunk is checked once per process, not once per reopening (every epoch at scale).
         self._verified: dict[tuple[int, int, str], set[int]] = {}
+        self._digests: dict[int, dict[str, str]] = {}     # shard -> its record's file digests
+        self._image_crc32c: dict[int, list[int]] = {}   # shard -> crc32c of each row's source image
         self._pid = os.getpid()
 
     # -- pickling / fork safety ------------------------------------------------------------
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_files", "_groups", "_sized", "_verified", "_pid")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_files", "_groups", "_sized", "_verified", "_digests",
+                                                                 "_image_crc32c", "_pid")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._reset()
 
-    def _check_sizes(self, shard: int) -> None:
-        """Once per shard and process: every file the manifest lists is there, at its recorded size."""
+    def _check_sizes(self, shard: int, arrays_only: bool = False) -> None:
+        """Once per shard and process, before its data is read: shard.json is the record the manifest holds a
+        digest of and agrees with it, every array's zarr.json is the recorded one and has the manifest's shape
+        and dtype, and every file is there at its recorded size. (Each data file's digest is checked when it
+        is opened: `_check_digest`.) `arrays_only` (at open): only the zarr.json that exist against the
+        manifest, so that a damaged shard fails when it is read, which --on-error skip can leave out."""
         entry = self.manifest.shards[shard]
-        base = f"{self._path}/{entry['name']}"
+        name, base = entry["name"], f"{self._path}/{entry['name']}"
+
+        read: dict[str, bytes | None] = {}
+
+        def cat(rel: str) -> bytes | None:   # each small file read once
+            if rel not in read:
+                try:
+                    read[rel] = self._fs.cat_file(f"{base}/{rel}")
+                except FileNotFoundError:
+                    if not arrays_only:
+                        raise CacheCorruptError.in_shard(name, f"file {rel} is missing") from None
+                    read[rel] = None
+            return read[rel]
+
+        record, problems = (None, []) if arrays_only else record_problems(self.manifest, entry, cat(SHARD_RECORD))
+        for array, spec in ([] if problems else self._specs.items()):
+            kn, meta = (self.manifest.views_per_image, entry["images"]), cat(f"{array}/zarr.json")
+            problems += array_problems(name, array, spec, kn, meta)[1] if meta is not None else []
+        if problems:
+            raise CacheCorruptError.in_shard(name, problems[0][1])
+        if arrays_only:
+            return
         for rel, size in entry["files"].items():
             try:
                 actual = self._fs.size(f"{base}/{rel}")
             except FileNotFoundError:
-                raise CacheCorruptError.in_shard(entry["name"], f"file {rel} is missing") from None
+                raise CacheCorruptError.in_shard(name, f"file {rel} is missing") from None
             if actual != size:
-                raise CacheCorruptError.in_shard(entry["name"], f"file {rel} has {actual} bytes, the manifest says {size}")
+                raise CacheCorruptError.in_shard(name, f"file {rel} has {actual} bytes, the manifest says {size}")
+        digests = record.get("digests") if isinstance(record.get("digests"), dict) else {}
+        for rel in filter(is_metadata, entry["files"]):   # the zarr.json read above are the recorded ones
+            problem = digest_mismatch(rel, record_digest(cat(rel)), digests)
+            if problem:
+                raise CacheCorruptError.in_shard(name, problem)
+        self._digests[shard] = digests
+        self._image_crc32c[shard] = list(record.get("image_crc32c") or [])
         self._sized.add(shard)
+
+    def _check_digest(self, shard: int, rel: str, layout: ArrayLayout) -> None:
+        """Once per file and process, before it is read: a zarr shard file's digest (its index and every inner
+        chunk's crc32c: a few KB; the chunks' bytes are checked against those crc32c at first use) is the one
+        its shard.json records for its path, so a file moved, swapped or copied in from another cache is
+        refused although its own checksums hold."""
+        name, path = self.manifest.shards[shard]["name"], f"{self._path}/{self.manifest.shards[shard]['name']}/{rel}"
+        read = local_reader(path) if self._local else fsspec_reader(self._fs, path)
+        try:
+            problem = digest_mismatch(rel, chunk_file_digest(read, self._fs.size(path), layout), self._digests[shard])
+        except FileNotFoundError:
+            problem = f"file {rel} is missing"
+        except ValueError as e:
+            problem = f"{rel}: {e}"
+        if problem:
+            raise CacheCorruptError.in_shard(name, problem)
+
+    def image_crc32c(self, shard: int, row: int) -> int | None:
+        """crc32c of the source image bytes extract read for image `row` of `shard` (None if not recorded):
+        the image path of training checks what it reads against it (digests.check_image)."""
+        if self._pid != os.getpid():
+            self._reset()
+        if shard not in self._sized:
+            self._check_sizes(shard)
+        crcs = self._image_crc32c[shard]
+        return crcs[row] if row < len(crcs) else None
 
     def _file(self, shard: int, view: int, name: str) -> MappedShardFile | ZarrShardFile:
         """The reader of array `name`, view `view` of `shard`: opened once per process, kept in an LRU."""
@@ -149,6 +221,7 @@ class Cache:
         except (OSError, ValueError, KeyError) as e:
             raise CacheCorruptError.in_shard(entry["name"], f"{name}/zarr.json: {type(e).__name__}: {e}") from e
         rel = f"{name}/" + next(r for coord, r in layout.shard_files() if coord[0] == view)
+        self._check_digest(shard, rel, layout)
         if can_map(layout, self._local):
             reader = MappedShardFile(f"{base}/{rel}", layout, entry["name"], rel, self._verified.setdefault(key, set()))
         else:

@@ -32,13 +32,15 @@ from tqdm import tqdm
 
 from . import codecs
 from .config import read_yaml, to_yaml
+from .digests import image_crc32c, record_digest
 from .dist import DistEnv, init_distributed, shutdown_distributed
 from .errors import UserError
+from .fsutil import write_text_atomic
 from .models import TEACHER_PRESETS, build_teacher
+from .ownership import FolderLock, claim_cache_folder
 from .schema import (CONFIG, FORMAT_VERSION, MANIFEST, SHARD_RECORD, TMP_MARK, Manifest, ShardRecord, array_specs,
-                     encode_keys, folder_order, folder_shard_source, shard_name, source_index_for_tar,
-                     write_text_atomic)
-from .sources import FolderSource, Source, TarSource, open_source
+                     encode_keys, folder_order, folder_shard_source, shard_name, source_index_for_tar)
+from .sources import FolderSource, Source, TarMemberError, TarSource, open_source
 from .views import (ViewGeometry, decode_image, normalize_patches, render_view, replay_versions, sample_view,
                     visible_patches)
 from .workers import keep_as_is, mp_context
@@ -166,29 +168,31 @@ class _RenderedImages(IterableDataset):
             yield self._render(plan.index, pos, index, key, lambda: self.source.read(key))
 
     def _tar_items(self, plan: ShardPlan) -> Iterator[dict]:
-        tar_errors: list[str] = []
+        tar_errors: list[tuple[str, str]] = []   # (key, error): each problem the tar reader reports, once
 
         def on_error(exc: Exception) -> bool:
-            tar_errors.append(f"{type(exc).__name__}: {exc}")
+            key = exc.key if isinstance(exc, TarMemberError) else f"{self.source.urls[plan.index]} (tar)"
+            tar_errors.append((key, str(exc) if isinstance(exc, TarMemberError) else f"{type(exc).__name__}: {exc}"))
             return self.cfg.on_error == "skip"
 
         pos = 0
         for key, data in self.source.samples(plan.index, on_error):
-            for msg in tar_errors:
-                yield {"shard": plan.index, "key": f"{self.source.urls[plan.index]} (tar member)", "error": msg}
+            for bad, msg in tar_errors:
+                yield {"shard": plan.index, "key": bad, "error": msg}
             tar_errors.clear()
             item = self._render(plan.index, pos, source_index_for_tar(plan.index, pos), key,
                                 lambda: data if data is not None else _no_image(key))
             if "error" not in item:
                 pos += 1
             yield item
-        for msg in tar_errors:
-            yield {"shard": plan.index, "key": f"{self.source.urls[plan.index]} (tar member)", "error": msg}
+        for bad, msg in tar_errors:
+            yield {"shard": plan.index, "key": bad, "error": msg}
         yield {"shard": plan.index, "end": pos}
 
     def _render(self, shard: int, pos: int, index: int, key: str, read) -> dict:
         try:
-            img = decode_image(read())
+            data = read()
+            img = decode_image(data)
         except Exception as e:  # unreadable, truncated or not an image
             return {"shard": shard, "pos": pos, "key": key, "error": f"{type(e).__name__}: {e}"}
         g, k = self.geometry, self.cfg.views
@@ -196,7 +200,7 @@ class _RenderedImages(IterableDataset):
         mask = np.stack([v.mask for v in views])
         pixels = torch.stack([render_view(img, v.crop, v.flip, g.img_size) for v in views])
         return {
-            "shard": shard, "pos": pos, "key": key, "index": index,
+            "shard": shard, "pos": pos, "key": key, "index": index, "crc32c": image_crc32c(data),
             # only the visible patches leave the worker: a quarter of the bytes, all the teacher sees
             "patches": visible_patches(pixels, torch.from_numpy(mask), g.patch_size),
             "crop": np.array([v.crop for v in views], dtype=np.int32),
@@ -224,6 +228,7 @@ class _ShardAssembler:
         self.received = 0
         self.images = 0
         self.skipped: list[dict] = []
+        self.image_crc32c: list[int] = []      # per stored row: crc32c of the source bytes
         self.codec_error: dict = {}
         self.pending: list[tuple[int, int, torch.Tensor]] = []   # (row, view, patches [n_keep,p,p,3])
         self.buffers: dict[str, np.ndarray] = {}
@@ -257,6 +262,7 @@ class _ShardAssembler:
         b["source_index"][:, row], b["key"][:, row] = item["index"], item["key"]
         if "pixels" in b:
             b["pixels"][:, row] = item["patches"].numpy()
+        self.image_crc32c.append(item["crc32c"])
         for v in range(self.cfg.views):
             self.pending.append((row, v, item["patches"][v]))
         self.images += 1
@@ -296,35 +302,38 @@ class _ShardAssembler:
         arrays = {name: buf[:, :n] for name, buf in self.buffers.items()}
         arrays["key"] = encode_keys(arrays["key"].astype(str))
         record = ShardRecord(index=self.plan.index, images=n, views_per_image=self.cfg.views,
-                             source=self.plan.describe(source), skipped=self.skipped, codec_error=self.codec_error)
+                             source=self.plan.describe(source), skipped=self.skipped, codec_error=self.codec_error,
+                             image_crc32c=self.image_crc32c)
         return ShardData(record, arrays)
 
 
 # ----------------------------------------------------------------------------------------------
 
+# Rank 0's lock on --out, per output folder, from `_prepare_output` until `run_extract` returns.
+_OUTPUT_LOCKS: dict[str, FolderLock] = {}
+
+
 def _prepare_output(out: Path, cfg: ExtractConfig, fingerprints: dict) -> None:
-    """Rank 0: create the cache folder, or check that an existing one was made by the same configuration."""
+    """Rank 0: claim and lock the cache folder (ownership.py: only a folder marked as a cache is resumed or
+    overwritten; a second extract into it is refused), then check that an existing cache was made by the
+    same configuration."""
+    _OUTPUT_LOCKS[str(out)] = claim_cache_folder(out, cfg.overwrite)
     config_path = out / CONFIG
-    if out.exists() and not out.is_dir():  # iterdir/rmtree below would raise NotADirectoryError (a traceback)
-        raise UserError(f"--out {out} is an existing file, not a cache directory; choose another path")
-    if out.exists() and any(out.iterdir()):
-        if not config_path.exists():  # never delete a folder that is not ours, even with --overwrite
-            raise UserError(f"--out {out} exists and is not a g2sd-cache cache (no {CONFIG}); choose another path")
-        if cfg.overwrite:
-            shutil.rmtree(out)
-        else:
-            for stale in out.glob(f"*{TMP_MARK}*"):  # a manifest/config write cut short by a kill
-                if stale.is_file():
-                    stale.unlink()
-            old = read_yaml(config_path)
-            new = dataclasses.asdict(cfg) | fingerprints
-            diff = [k for k in (*ExtractConfig.CONTENT, *fingerprints) if old.get(k) != new.get(k)]
-            if diff:
-                changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
-                raise UserError(f"--out {out} holds a cache made with another configuration ({changes}); "
-                                f"pass --overwrite to replace it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    if config_path.exists():
+        old = read_yaml(config_path)
+        new = dataclasses.asdict(cfg) | fingerprints
+        diff = [k for k in (*ExtractConfig.CONTENT, *fingerprints) if old.get(k) != new.get(k)]
+        if diff:
+            changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+            raise UserError(f"--out {out} holds a cache made with another configuration ({changes}); "
+                            f"pass --overwrite to replace it or choose another --out")
     write_text_atomic(config_path, to_yaml(cfg, fingerprints))
+
+
+def _release_output(out: str) -> None:
+    lock = _OUTPUT_LOCKS.pop(str(Path(out)), None)
+    if lock is not None:
+        lock.release()
 
 
 def _is_complete(out: Path, index: int) -> bool:
@@ -346,12 +355,14 @@ def teacher_precision(device: torch.device) -> str:
 def write_manifest(out: Path, cfg: ExtractConfig, source: Source, plans: list[ShardPlan], teacher_info,
                    tokens: int, width: int, device: torch.device) -> Manifest:
     """Rank 0, after every shard is complete: gather the shards' records into manifest.json."""
-    records = []
+    records, digests = [], []
     for p in plans:
         path = out / shard_name(p.index) / SHARD_RECORD
         if not path.is_file():
             raise UserError(f"shard {shard_name(p.index)} is missing after extraction; rerun the same command")
-        records.append(ShardRecord.from_json(path.read_text()))
+        raw = path.read_bytes()
+        records.append(ShardRecord.from_json(raw.decode()))
+        digests.append(record_digest(raw))      # binds each shard.json (and so every file it lists) to this cache
     codec_error = {}
     measured = [r.codec_error for r in records if r.codec_error]
     for name in codecs.CODECS:
@@ -359,9 +370,11 @@ def write_manifest(out: Path, cfg: ExtractConfig, source: Source, plans: list[Sh
         if vals:
             codec_error[name] = {k: float(np.mean([v[k] for v in vals])) for k in vals[0]}
     images = sum(r.images for r in records)
-    skipped = [s for r in records for s in r.skipped]
+    left_out = list(getattr(source, "skipped", ()))   # entries the folder scan left out (never in the listing)
+    skipped = [*left_out, *(s for r in records for s in r.skipped)]
     source_info = {"kind": source.kind, "root": source.root, "fingerprint": source.fingerprint,
-                   "count": len(source) if isinstance(source, FolderSource) else images + len(skipped)}
+                   "count": len(source) if isinstance(source, FolderSource) else images + len(skipped),
+                   "scan_skipped": len(left_out)}
     if isinstance(source, TarSource):
         source_info["shards"] = list(source.urls)
     manifest = Manifest(
@@ -373,12 +386,14 @@ def write_manifest(out: Path, cfg: ExtractConfig, source: Source, plans: list[Sh
         chunk_views=cfg.chunk_views, source=source_info,
         versions=replay_versions(), teacher_precision=teacher_precision(device),
         shards=[{"name": shard_name(r.index), "images": r.images, "views": r.views, "complete": True,
-                 "source": r.source, "files": r.files} for r in records],
+                 "source": r.source, "files": r.files, "record": d} for r, d in zip(records, digests)],
         skipped=skipped, codec_error=codec_error,
         views=sum(r.views for r in records), images=images,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     write_text_atomic(out / MANIFEST, manifest.to_json())
+    if source.scan_note():
+        print(source.scan_note())
     return manifest
 
 
@@ -389,6 +404,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
     try:
         return _extract(cfg, env)
     finally:
+        _release_output(cfg.out)
         shutdown_distributed()
 
 

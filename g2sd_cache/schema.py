@@ -1,15 +1,18 @@
 """The cache format: the one definition shared by the writer (extract), the reader (cache) and verify.
 
     CACHE/
+      .g2sd-cache        the marker, written first: this folder is a cache (format, tool, version)
+      .g2sd-cache.lock   the advisory lock a running extract holds (with its pid and host)
       config.yaml        the extract configuration that produced it (rerun checks it)
-      manifest.json      written last, by rank 0, once every shard is complete
+      manifest.json      written last, by rank 0, once every shard is complete; a digest of every shard.json
       shard-00000/       a zarr v3 group, renamed into place only when complete
-        shard.json       the shard's record: counts, skipped inputs, file sizes
+        shard.json       the shard's record: counts, skipped inputs, file sizes and digests, source image crc32c
         target/ scale/ mask/ crop/ flip/ source_index/ key/ pixels/   zarr v3 arrays
 
 `pixels` (unless extracted with `--pixels none`) holds each view's visible patches exactly as the teacher
 saw them: uint8 [n_keep, p, p, 3], ascending patch order, HWC inside a patch, crop and flip applied. With
 them a training step needs no image file and no decoder: its input is a block read (views.visible_patches).
+
 
 Every array has shape [K, n, ...]: K views per image, n images in the shard, view-major, so the
 views an epoch uses (view e mod K of every image) are one contiguous region per shard, stored in
@@ -22,6 +25,12 @@ Folder images go to shards in a seeded random order of the sorted listing (`fold
 holds positions a..b of that order (its record says so), so no shard and no inner chunk is one class
 of a class-sorted folder, and blocks read at train time mix like a global shuffle. `source_index`
 stays the image's index in the sorted listing. Tar sources keep one shard per tar, in tar order.
+
+Content is bound to its place (format 2): shard.json records a digest of every file under the shard,
+keyed by its path (`digests.shard_digests`: for a zarr shard file, of its index and every inner chunk's
+stored crc32c, which the reader checks against the chunk's bytes before first use; for the small JSON
+files, of their bytes), and the manifest records a digest of every shard.json. A file moved, swapped or
+copied in from another cache therefore fails its digest, although its own crc32c holds.
 """
 from __future__ import annotations
 
@@ -29,19 +38,21 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from .codecs import Codec, get_codec
+from .fsutil import TMP_MARK  # noqa: F401  (re-exported: the cache's temporaries carry it)
 from .views import ViewGeometry
 
-FORMAT_VERSION = 2   # 2: visible pixels (optional), the `pixels` field of the manifest
+FORMAT_VERSION = 2      # 2: visible pixels (optional), cache marker, file and record digests, source image crc32c
+
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
 SHARD_RECORD = "shard.json"
 SHARD_PREFIX = "shard-"
-TMP_MARK = ".tmp-"
+CACHE_MARKER = ".g2sd-cache"
+LOCK_FILE = ".g2sd-cache.lock"
 
 
 def shard_name(index: int) -> str:
@@ -82,7 +93,8 @@ def array_specs(codec: Codec, tokens: int, width: int, patches: int,
 
 @dataclass
 class ShardRecord:
-    """shard.json: what one shard holds. `files` maps each file under the shard to its size in bytes."""
+    """shard.json: what one shard holds. `files` maps each file under the shard to its size in bytes,
+    `digests` to its digest (digests.py)."""
 
     index: int
     images: int
@@ -91,6 +103,8 @@ class ShardRecord:
     skipped: list[dict] = field(default_factory=list)   # [{"key", "error"}] inputs left out
     codec_error: dict = field(default_factory=dict)     # {codec: {rel_rmse, cosine}} on this shard's first batch
     files: dict[str, int] = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)  # file -> digests.file_digest: binds content to its path
+    image_crc32c: list[int] = field(default_factory=list)  # per image row: crc32c of the source bytes extract read
 
     @property
     def views(self) -> int:
@@ -150,13 +164,14 @@ def source_index_for_tar(tar: int, position: int) -> int:
     return (tar << 32) | position
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + TMP_MARK + str(os.getpid()))
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:  # a failed write (disk full) must not leave the temporary behind
-        tmp.unlink(missing_ok=True)
+def unsupported_format(version) -> str:
+    """The one line for a cache of another format version (older caches lack digests and the marker)."""
+    if isinstance(version, int) and version < FORMAT_VERSION:
+        return (f"this cache has format version {version}, from an older g2sd-cache; this one reads version "
+                f"{FORMAT_VERSION} only (it stores the views' pixels and binds every file to its place with digests): re-extract the cache "
+                f"into a new --out (or delete this one first)")
+    return (f"cache format version {version} is not supported by this g2sd-cache (it reads version {FORMAT_VERSION}); "
+            f"use the g2sd-cache release that wrote it, or re-extract the cache")
 
 
 @dataclass
@@ -177,7 +192,7 @@ class Manifest:
     source: dict           # {kind, root, count, fingerprint, shards (tar URLs, tars only)}
     versions: dict         # {torch, torchvision, pillow}: view replay depends on them
     teacher_precision: str  # "fp32" or "bf16-autocast": how the teacher ran (sets replay tolerances)
-    shards: list[dict]     # [{name, images, views, complete, source, files}]
+    shards: list[dict]     # [{name, images, views, complete, source, files, record}]: record = digest of shard.json
     skipped: list[dict]    # [{key, error}]
     codec_error: dict      # {codec: {rel_rmse, cosine}}: every codec against fp32, on sampled views
     views: int
@@ -213,8 +228,7 @@ class Manifest:
         if not isinstance(data, dict):
             raise UserError(f"cache manifest {MANIFEST} is not a JSON object; rerun `g2sd-cache extract` to rewrite it")
         if data.get("format_version") != FORMAT_VERSION:
-            raise UserError(f"cache format version {data.get('format_version')} is not supported by this g2sd-cache "
-                            f"(it reads version {FORMAT_VERSION}); re-extract the cache or use a matching release")
+            raise UserError(unsupported_format(data.get("format_version")))
         missing = [k for k in cls.__dataclass_fields__ if k not in data]
         if missing:
             raise UserError(f"cache manifest {MANIFEST} lacks {', '.join(missing)}; rerun `g2sd-cache extract` to rewrite it")

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .checkpoint import CHECKPOINT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import CHECKPOINT, RESUME_KEYS, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import to_yaml
 from .dist import DistEnv, init_distributed, shutdown_distributed
 from .distill import Distiller, Setup, TrainConfig, prepare
@@ -96,7 +96,7 @@ def _prepare_run_folder(cfg: TrainConfig, env: DistEnv) -> Path:
 
 def _resume(cfg: TrainConfig, run: Path, distiller: Distiller, sched: Schedule, env: DistEnv) -> tuple[int, int, int, list[str]]:
     """Load the checkpoint; returns (step, epoch, sample position in the epoch, notes on what changed)."""
-    ckpt = load_checkpoint(run, "train without --resume to start a new run there")
+    ckpt = load_checkpoint(run, "train without --resume to start a new run there", required=RESUME_KEYS)
     saved = ckpt["config"]
     fixed = [k for k in (*TrainConfig.ORDER, "student", "loss_tokens", "beta") if saved.get(k) != getattr(cfg, k)]
     if cfg.mode == "online" and saved.get("data") != cfg.data:

@@ -1,9 +1,13 @@
 """`g2sd-cache verify CACHE`: check a cache end to end without trusting it.
 
 What it checks (one problem line each: "shard-00003: what is wrong"):
-- the manifest parses and agrees with the disk: every listed shard folder exists and holds exactly the
-  files its record lists, at the recorded sizes; every shard folder on disk is listed; `shard.json`
-  agrees with the manifest; `config.yaml` (if present) agrees with the manifest;
+- the manifest parses and agrees with itself and the disk (manifest_checks.py, which open_cache runs too):
+  codec, geometry and token count; shard names and file paths inside the cache; every listed shard folder
+  exists and holds exactly the files its record lists, at the recorded sizes; every shard folder on disk
+  is listed; `shard.json` is the record the manifest holds a digest of and agrees with it; `config.yaml`
+  (if present) agrees with the manifest; the cache marker is there;
+- every file is the one its shard.json records for its path (digests.py): nothing moved, swapped or
+  copied in from another cache;
 - view counts add up (shards, images, views, skipped inputs, the folder's image ranges tile it);
 - every inner chunk's crc32c holds, and so does every shard index's. This reads the zarr v3 sharding
   index itself (at the end of each shard file: per inner chunk (offset, nbytes) as little-endian
@@ -15,9 +19,9 @@ What it checks (one problem line each: "shard-00003: what is wrong"):
 - every (image, view) pair appears exactly once, all K views of a row agree on the image, rows lie in
   their shard's run of the (seeded) listing order, targets hold no NaN/Inf and quantised scales are positive;
 - every mask keeps exactly the manifest geometry's visible count;
-- with `--data`: the listing is the one the cache was made from, keys match image indices, every crop
-  box lies inside its image (image headers only, via PIL) and every stored view regenerates exactly
-  from (seed, image, view);
+- with `--data`: the listing is the one the cache was made from, keys match image indices, every image's
+  bytes have the crc32c extract recorded, every crop box lies inside its image and every stored view
+  regenerates exactly from (seed, image, view);
 - with `--deep N`: N random views replayed through the live teacher (decode the image, render the
   stored crop and flip, `teacher.targets`), reporting max and RMS error of stored against live
   targets, and failing any view whose relative RMS error exceeds the codec's tolerance.
@@ -57,14 +61,17 @@ import google_crc32c
 import numpy as np
 import yaml
 
+from .digests import (SourceChangedError, bytes_reader, check_image, chunk_file_digest, digest_mismatch, image_crc32c,
+                      is_metadata, record_digest)
 from .errors import UserError
-from .schema import (CONFIG, FORMAT_VERSION, MANIFEST, SHARD_RECORD, TMP_MARK, Manifest, array_specs, decode_keys,
-                     folder_order, parse_folder_shard_source)
-from .zarr_layout import MAX_UINT_64, ArrayLayout, parse_layout, read_shard_index
+from .manifest_checks import (SHARD_DIR, array_problems, geometry_of, inside_shard, manifest_problems, manifest_specs,
+                              record_problems, short_repr, unlisted_shards, usable)
+from .schema import (CACHE_MARKER, CONFIG, FORMAT_VERSION, LOCK_FILE, MANIFEST, SHARD_RECORD, TMP_MARK, Manifest,
+                     decode_keys, folder_order, parse_folder_shard_source)
+from .zarr_layout import MAX_UINT_64, ArrayLayout, read_shard_index
 
 CODEC_TOLERANCE = {"fp16": 2e-3, "bf16": 1e-2, "int8": 2e-2, "fp8": 6e-2}
 BF16_COMPUTE_TOLERANCE = 2e-2
-_SHARD_DIR = re.compile(r"^shard-\d{5,}$")
 # Bits that make a stored code NaN/Inf: (mask, value) with code & mask == value.
 _NONFINITE = {"fp16": (0x7C00, 0x7C00), "bf16": (0x7F80, 0x7F80), "fp8": (0x7F, 0x7F)}
 
@@ -98,8 +105,8 @@ class VerifyReport:
             lines.append(f"views    {s['pairs']} (image, view) pairs, each once; every mask keeps "
                          f"{s['visible']} of {s['patches']} patches")
         if "data_images" in s:
-            lines.append(f"data     {s['data_images']} image headers read: every crop lies inside its image and "
-                         f"{s['regenerated']} views regenerate from (seed, image, view)")
+            lines.append(f"data     {s['data_images']} images read: each is the one extracted (crc32c), every crop lies "
+                         f"inside its image and {s['regenerated']} views regenerate from (seed, image, view)")
         if "deep" in s:
             d = s["deep"]
             lines.append(f"deep     {d['views']} views replayed on {d['device']} ({d['precision']}): rel RMS "
@@ -135,6 +142,8 @@ class _Verifier:
         self.root = self.root.rstrip("/")
         self.chunks = self.files = self.arrays = self.bytes = 0
         self.skipped: dict[str, list[dict]] = {}      # shard -> its record's skipped inputs
+        self.digests: dict[str, dict] = {}             # shard -> its record's file digests
+        self.image_crc: dict[str, list] = {}           # shard -> its record's source image crc32c per row
         self.config: dict = {}                         # config.yaml, if present
         self.top_dirs: set[str] = set()                # folders directly under the cache
         self.manifest: Manifest | None = None
@@ -206,7 +215,8 @@ class _Verifier:
         if not mine:
             add("listed in the manifest but its folder is missing or empty")
             return None
-        listed = entry.get("files", {})
+        listed = {rel: size for rel, size in (entry.get("files") or {}).items() if inside_shard(rel)} \
+            if isinstance(entry.get("files"), dict) else {}      # paths outside the shard: reported, never read
         for rel, size in sorted(listed.items()):
             if rel not in mine:
                 add(f"file {rel} is missing")
@@ -217,19 +227,18 @@ class _Verifier:
         if SHARD_RECORD not in mine:
             add(f"{SHARD_RECORD} is missing (the shard was never completed)")
         else:
-            try:
-                rec = json.loads(self.fs.cat_file(f"{self.root}/{name}/{SHARD_RECORD}").decode())
-                for key, want in (("images", entry.get("images")), ("views_per_image", m.views_per_image),
-                                  ("files", listed), ("source", entry.get("source"))):
-                    if rec.get(key) != want:
-                        add(f"{SHARD_RECORD} says {key} = {_short(rec.get(key))}, the manifest {_short(want)}")
-                if f"shard-{int(rec.get('index', -1)):05d}" != name:
-                    add(f"{SHARD_RECORD} says index {rec.get('index')}")
+            rec, problems = record_problems(m, entry, self.fs.cat_file(f"{self.root}/{name}/{SHARD_RECORD}"))
+            for where, what in problems:
+                self.report.add(where, what)
+            if rec is not None:
                 self.skipped[name] = list(rec.get("skipped", []))
-            except (ValueError, UnicodeDecodeError, TypeError, AttributeError) as e:
-                add(f"{SHARD_RECORD} does not parse ({type(e).__name__}: {e})")
+                self.digests[name] = rec.get("digests") if isinstance(rec.get("digests"), dict) else {}
+                self.image_crc[name] = rec.get("image_crc32c") or []
+        for rel in sorted(listed):
+            if rel in mine and is_metadata(rel):
+                self.check_digest(name, rel, record_digest(self.fs.cat_file(f"{self.root}/{name}/{rel}")))
 
-        n, k = int(entry.get("images", 0)), m.views_per_image
+        n, k = entry.get("images") if isinstance(entry.get("images"), int) else 0, m.views_per_image
         content: dict[str, np.ndarray] = {}
         for arr_name, spec in specs.items():
             got = self.check_array(name, arr_name, spec, (k, n), listed, mine)
@@ -245,21 +254,13 @@ class _Verifier:
                 return None          # already reported missing
             add(f"array {name} is missing")
             return None
-        try:
-            meta = json.loads(self.fs.cat_file(f"{self.root}/{shard}/{meta_rel}").decode())
-            layout = parse_layout(meta)
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-            add(f"array {name}: {meta_rel} is not the cache format ({e})")
+        layout, problems = array_problems(shard, name, spec, kn, self.fs.cat_file(f"{self.root}/{shard}/{meta_rel}"))
+        for where, what in problems:
+            self.report.add(where, what)
+        if layout is None or problems:
             return None
         self.arrays += 1
-        want_shape = (*kn, *(w if w is not None else got for w, got in zip(spec.per_view_shape, layout.shape[2:])))
-        want_dtype = spec.dtype
-        if layout.shape != want_shape:
-            add(f"array {name} has shape {list(layout.shape)}, expected {list(want_shape)} from the manifest")
-            return None
-        if layout.dtype != want_dtype:
-            add(f"array {name} has dtype {layout.dtype}, expected {want_dtype}")
-            return None
+        want_shape, want_dtype = layout.shape, spec.dtype
         keep = name != "target"              # decode the small arrays; targets are only checked
         codec = self.manifest.codec
         nonfinite = _NONFINITE.get(codec) if name == "target" else None
@@ -280,6 +281,7 @@ class _Verifier:
             self.bytes += len(data)
             try:
                 index = read_shard_index(data, n_inner, layout.index_at_end)
+                corrupt |= not self.check_digest(shard, file_rel, chunk_file_digest(bytes_reader(data), len(data), layout))
             except ValueError as e:
                 add(f"{file_rel}: {e}")
                 corrupt = True
@@ -324,6 +326,14 @@ class _Verifier:
             return None      # corruption is reported; content checks of this array would only echo it
         out = out if decoded_all else self._zarr_fallback(shard, name)
         return decode_keys(out) if name == "key" and out is not None else out
+
+    def check_digest(self, shard: str, rel: str, digest: str) -> bool:
+        """A file's digest against its shard record (which binds it to its path); reports a mismatch."""
+        recorded = self.digests.get(shard)
+        problem = digest_mismatch(rel, digest, recorded) if recorded is not None else None  # None: no record
+        if problem:
+            self.report.add(shard, problem)
+        return problem is None
 
     def _zarr_fallback(self, shard: str, name: str):
         """Content of an array stored with a codec chain this file does not decode (its checksums held):
@@ -407,18 +417,11 @@ class _Verifier:
 
 
 def _visible(m: Manifest) -> int:
-    from .views import ViewGeometry
-    g = ViewGeometry(**{k: tuple(v) if isinstance(v, list) else v for k, v in m.geometry.items()})
-    return g.num_visible
+    return geometry_of(m).num_visible
 
 
 def _row(keys, r: int) -> str:
     return f"row {r} ({keys[0, r]})" if keys is not None and keys.size else f"row {r}"
-
-
-def _short(x) -> str:
-    s = repr(x)
-    return s if len(s) <= 60 else s[:57] + "..."
 
 
 def _chunk_label(file_rel: str, j: int, start: tuple[int, ...], layout: ArrayLayout) -> str:
@@ -446,33 +449,30 @@ def verify_cache(path: str, deep: int = 0, teacher: str | None = None, data: str
         report.summary["seconds"] = time.perf_counter() - t0
         return report
     v.manifest = m
-    from .codecs import get_codec
-    try:
-        codec = get_codec(m.codec)
-    except UserError:
-        report.add(MANIFEST, f"unknown codec {m.codec!r}")
+    for where, what in manifest_problems(m):
+        report.add(where, what)
+    if not usable(m):           # no codec, sizes or geometry to check the shards against
+        report.summary["seconds"] = time.perf_counter() - t0
         return report
     patches = m.tokens - 1
-    specs = array_specs(codec, m.tokens, m.target_dim, patches)
+    specs = manifest_specs(m)
     on_disk = v.listing()
-    entries = {}
-    for i, e in enumerate(m.shards):
-        name = e.get("name", f"shard #{i}")
-        if name in entries:
-            report.add(name, "listed twice in the manifest")
-        entries[name] = e
-    disk_shards = sorted(d for d in v.top_dirs if _SHARD_DIR.match(d))
-    for name in disk_shards:
-        if name not in entries:
-            report.add(name, "folder on disk is not listed in the manifest (a shard from another run?)")
+    entries = {}                # shards with a name inside the cache (the others were reported, never read)
+    for e in m.shards:
+        if isinstance(e, dict) and isinstance(e.get("name"), str) and SHARD_DIR.match(e["name"]):
+            entries.setdefault(e["name"], e)
+    for where, what in unlisted_shards(m, list(v.top_dirs)):
+        report.add(where, what)
     for rel in sorted(on_disk):
-        if "/" not in rel and rel not in (MANIFEST, CONFIG):
+        if "/" not in rel and rel not in (MANIFEST, CONFIG, CACHE_MARKER, LOCK_FILE):
             report.add(rel, "unexpected file in the cache folder")
+    if CACHE_MARKER not in on_disk:
+        report.add(CACHE_MARKER, "is missing: extract writes it first, and refuses to resume or overwrite a folder "
+                                 "without it")
     for top in sorted(v.top_dirs):
-        if not _SHARD_DIR.match(top):
+        if not SHARD_DIR.match(top):
             report.add(top, "unexpected folder in the cache")
     _check_config(v, m)
-    _check_counts(v, m, entries)
 
     content = {}
     for name, entry in entries.items():
@@ -483,8 +483,9 @@ def verify_cache(path: str, deep: int = 0, teacher: str | None = None, data: str
     if pairs != m.views and not report.problems:
         report.add(MANIFEST, f"{pairs} (image, view) pairs found, the manifest says {m.views} views")
     recorded = [s for name in entries for s in v.skipped.get(name, [])]
-    if len(v.skipped) == len(entries) and recorded != m.skipped:
-        report.add(MANIFEST, f"lists {len(m.skipped)} skipped inputs, the shards' records {len(recorded)}")
+    scanned = m.source.get("scan_skipped", 0)    # the folder scan's entries come first, in no shard's record
+    if len(v.skipped) == len(entries) and recorded != m.skipped[scanned:]:
+        report.add(MANIFEST, f"lists {len(m.skipped) - scanned} skipped inputs, the shards' records {len(recorded)}")
     for name, c in content.items():
         keys = c.get("key")
         if keys is not None and keys.size:
@@ -525,42 +526,7 @@ def _check_config(v: _Verifier, m: Manifest) -> None:
              "teacher_sha256": m.teacher.get("sha256"), "source_fingerprint": m.source.get("fingerprint")}
     for key, want in pairs.items():
         if key in cfg and cfg[key] != want:
-            v.report.add(CONFIG, f"{key} = {_short(cfg[key])} but the manifest says {_short(want)}")
-
-
-def _check_counts(v: _Verifier, m: Manifest, entries: dict[str, dict]) -> None:
-    add = v.report.add
-    k = m.views_per_image
-    for name, e in entries.items():
-        if e.get("views") != e.get("images", 0) * k:
-            add(name, f"{e.get('views')} views != {e.get('images')} images x {k} views per image")
-    images = sum(int(e.get("images", 0)) for e in entries.values())
-    views = sum(int(e.get("views", 0)) for e in entries.values())
-    if images != m.images:
-        add(MANIFEST, f"shards hold {images} images, the manifest says {m.images}")
-    if views != m.views:
-        add(MANIFEST, f"shards hold {views} views, the manifest says {m.views}")
-    if m.views != m.images * k:
-        add(MANIFEST, f"{m.views} views != {m.images} images x {k}")
-    count = m.source.get("count")
-    if count is not None and count != m.images + len(m.skipped):
-        add(MANIFEST, f"source has {count} inputs but {m.images} are cached and {len(m.skipped)} skipped")
-    if m.source.get("kind") == "folder":
-        expect = 0
-        for name, e in entries.items():
-            parsed = parse_folder_shard_source(e.get("source", ""))
-            if not parsed:
-                add(name, f"source {e.get('source')!r} is not an image range")
-                continue
-            a, b, _ = parsed
-            if a != expect:
-                add(name, f"covers images {a}..{b}, but the previous shard ended at {expect}: images "
-                          f"{'missing' if a > expect else 'covered twice'}")
-            expect = b
-        if count is not None and expect != count and entries:
-            add(MANIFEST, f"shards cover images 0..{expect} of the source's {count}")
-    elif m.source.get("kind") == "tars" and "shards" in m.source and len(m.source["shards"]) != len(entries):
-        add(MANIFEST, f"{len(entries)} cache shards for {len(m.source['shards'])} source tars (one each expected)")
+            v.report.add(CONFIG, f"{key} = {short_repr(cfg[key])} but the manifest says {short_repr(want)}")
 
 
 def _check_data(v: _Verifier, m: Manifest, content: dict[str, dict], data: str) -> None:
@@ -568,16 +534,17 @@ def _check_data(v: _Verifier, m: Manifest, content: dict[str, dict], data: str) 
     from PIL import Image
 
     from .sources import FolderSource, TarSource, open_source
-    from .views import ViewGeometry, sample_view
+    from .views import sample_view
     add = v.report.add
     source = open_source(data)
     if source.kind != m.source.get("kind") or source.fingerprint != m.source.get("fingerprint"):
         add("data", f"--data {data} is not the listing the cache was made from ({m.source.get('kind')} "
                     f"{m.source.get('root')}, fingerprint {str(m.source.get('fingerprint'))[:12]}..., --data has "
                     f"{source.fingerprint[:12]}...); crops are checked for the keys it has")
-    geometry = ViewGeometry(**{k: tuple(x) if isinstance(x, list) else x for k, x in m.geometry.items()})
-    # image sizes by (tar number or -1 for a folder, key): tars may repeat a key
+    geometry = geometry_of(m)
+    # image sizes and crc32c of their bytes by (tar number or -1 for a folder, key)
     sizes: dict[tuple[int, str], tuple[int, int]] = {}
+    crcs: dict[tuple[int, str], int] = {}
     wanted: dict[int, set[str]] = {}
     for name, c in content.items():
         if c.get("key") is not None and c["key"].size:
@@ -586,8 +553,9 @@ def _check_data(v: _Verifier, m: Manifest, content: dict[str, dict], data: str) 
     if isinstance(source, FolderSource):
         for key in sorted(wanted.get(-1, ())):
             try:
-                with Image.open(os.path.join(source.root, key)) as im:
-                    sizes[-1, key] = im.size
+                raw = source.read(key)
+                with Image.open(io.BytesIO(raw)) as im:
+                    sizes[-1, key], crcs[-1, key] = im.size, image_crc32c(raw)
             except Exception as e:
                 add("data", f"image {key} cannot be opened ({type(e).__name__}: {e})")
     elif isinstance(source, TarSource):
@@ -598,7 +566,7 @@ def _check_data(v: _Verifier, m: Manifest, content: dict[str, dict], data: str) 
                 if key in keys and raw is not None and (t, key) not in sizes:
                     try:
                         with Image.open(io.BytesIO(raw)) as im:
-                            sizes[t, key] = im.size
+                            sizes[t, key], crcs[t, key] = im.size, image_crc32c(raw)
                     except Exception as e:
                         add("data", f"image {key} of {source.urls[t]} cannot be opened ({type(e).__name__}: {e})")
     regenerated = 0
@@ -616,6 +584,11 @@ def _check_data(v: _Verifier, m: Manifest, content: dict[str, dict], data: str) 
                 if isinstance(source, TarSource) or key not in source.keys:
                     add(name, f"row {r}: image {key} is not in --data")
                 continue
+            stored = v.image_crc.get(name, [])
+            try:
+                check_image(None, stored[r] if r < len(stored) else None, key, crc=crcs[unit, key])
+            except SourceChangedError as e:
+                add(name, f"row {r}: {e}")
             w, h = sizes[unit, key]
             for view in range(keys.shape[0]):
                 if crop is not None:

@@ -105,9 +105,18 @@ def sample_view(seed: int, index: int, view: int, image_size: tuple[int, int], g
 
 
 def decode_image(data: bytes | str) -> Image.Image:
-    """Bytes or a path -> PIL RGB image, fully decoded (so truncated files fail here, not later)."""
+    """Bytes or a path -> PIL RGB image, fully decoded (so truncated files fail here, not later).
+
+    Grayscale images of more than 8 bits (16-bit PNG/TIFF: PIL modes I;16*, I) are scaled to 8 bits
+    (value >> 8), not clipped: PIL's own convert("RGB") clips them at 255, turning them white. Floating-point
+    images have no defined range and are refused (listed as unreadable)."""
     img = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
     img.load()
+    if img.mode.startswith("I;16") or img.mode == "I":
+        wide = np.asarray(img).astype(np.int64)
+        img = Image.fromarray((np.clip(wide, 0, 65535) >> 8).astype(np.uint8))
+    elif img.mode == "F":
+        raise ValueError("a floating-point image (PIL mode F) has no defined value range; convert it to 8 bits")
     return img.convert("RGB")
 
 

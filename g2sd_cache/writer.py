@@ -1,8 +1,9 @@
 """Writing cache shards: atomically (temp folder, then rename) and in the background.
 
 A shard is complete exactly when its folder exists under its final name; everything inside it,
-`shard.json` last, is written under a temporary name first. A `kill -9` therefore leaves at most a
-temporary folder, which the next run deletes and redoes.
+`shard.json` last (with the digest of every file, digests.py), is written under a temporary name first
+and fsync-ed before the rename (fsutil.publish_dir). A `kill -9` or a power cut therefore leaves at most
+a temporary folder, which the next run deletes and redoes.
 
 `ShardWriter` runs `write_shard` on a background thread behind a queue of one, so the teacher keeps
 computing while a shard is written, and at most one finished shard waits in memory.
@@ -10,7 +11,6 @@ computing while a shard is written, and at most one finished shard waits in memo
 from __future__ import annotations
 
 import math
-import os
 import queue
 import shutil
 import threading
@@ -21,6 +21,8 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
+from .digests import local_reader, shard_digests
+from .fsutil import publish_dir
 from .schema import SHARD_RECORD, ShardRecord, shard_name, tmp_shard_name
 
 # Chunks that equal the fill value must still be written: a missing chunk must mean corruption.
@@ -58,8 +60,10 @@ def write_shard(root: Path, data: ShardData, chunk_views: int) -> int:
         if path.is_file():
             files[path.relative_to(tmp).as_posix()] = path.stat().st_size
     data.record.files = files
+    data.record.digests = shard_digests(files, lambda rel: (tmp / rel).read_bytes(),
+                                        lambda rel: local_reader(str(tmp / rel)))
     (tmp / SHARD_RECORD).write_text(data.record.to_json())
-    os.replace(tmp, final)
+    publish_dir(tmp, final)      # every file fsync-ed, then the rename, then the parent folder
     return sum(files.values())
 
 

@@ -25,7 +25,7 @@ from g2sd_cache.cli import main as cli_main
 from g2sd_cache.errors import UserError
 from g2sd_cache.extract import run_extract
 from g2sd_cache.models import build_teacher
-from g2sd_cache.schema import MANIFEST, folder_order, source_index_for_tar
+from g2sd_cache.schema import LOCK_FILE, MANIFEST, folder_order, source_index_for_tar
 from g2sd_cache.synthetic import jpeg_bytes, make_tar_shards, synthetic_image
 from g2sd_cache.views import ViewGeometry, decode_image, normalize, render_view, sample_view, visible_patches
 
@@ -227,7 +227,9 @@ def test_rerun_of_a_finished_cache_changes_nothing(image_folder, tmp_path):
     arrays = _arrays(out)
     summary = run_extract(cfg)
     assert summary["views"] == 0 and summary["cache_views"] == 24
-    after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name not in (MANIFEST, "config.yaml")}
+    # the lock file records each run's pid and host; everything else is left alone
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("*")
+             if p.is_file() and p.name not in (MANIFEST, "config.yaml", LOCK_FILE)}
     assert all(before[p] == t for p, t in after.items())
     again = _arrays(out)
     assert all(np.array_equal(arrays[k], again[k]) for k in arrays)

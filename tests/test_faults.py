@@ -29,6 +29,7 @@ from PIL import Image
 from conftest import MICRO_STUDENT, MICRO_TEACHER, micro_extract_config
 from g2sd_cache import open_cache
 from g2sd_cache.errors import CacheCorruptError, UserError
+from g2sd_cache.digests import local_reader, record_digest, shard_digests
 from g2sd_cache.extract import run_extract
 from g2sd_cache.models import STUDENT_PRESETS, ViTShape, build_teacher
 from g2sd_cache.schema import MANIFEST, SHARD_RECORD, TMP_MARK, Manifest, decode_keys, encode_keys, folder_order
@@ -200,16 +201,21 @@ def test_verify_reports_nonfinite_targets(micro_cache, tmp_path):
 
 
 def _rerecord(cache: Path, shard: str) -> None:
-    """After a deliberate rewrite, update the recorded file sizes (so only content checks can notice)."""
-    files = {p.relative_to(cache / shard).as_posix(): p.stat().st_size
-             for p in sorted((cache / shard).rglob("*")) if p.is_file() and p.name != SHARD_RECORD}
-    rec = json.loads((cache / shard / SHARD_RECORD).read_text())
+    """After a deliberate rewrite, update the recorded file sizes and digests, and the manifest's digest of the
+    record (so only content checks can notice)."""
+    folder = cache / shard
+    files = {p.relative_to(folder).as_posix(): p.stat().st_size
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != SHARD_RECORD}
+    rec = json.loads((folder / SHARD_RECORD).read_text())
     rec["files"] = files
-    (cache / shard / SHARD_RECORD).write_text(json.dumps(rec))
+    rec["digests"] = shard_digests(files, lambda rel: (folder / rel).read_bytes(),
+                                   lambda rel: local_reader(str(folder / rel)))
+    raw = json.dumps(rec)
+    (folder / SHARD_RECORD).write_text(raw)
     m = json.loads((cache / MANIFEST).read_text())
     for e in m["shards"]:
         if e["name"] == shard:
-            e["files"] = files
+            e["files"], e["record"] = files, record_digest(raw.encode())
     (cache / MANIFEST).write_text(json.dumps(m))
 
 
@@ -461,6 +467,7 @@ def test_verify_reports_a_chunk_missing_from_its_shard_index(micro_cache, tmp_pa
     c = copy_cache(micro_cache, tmp_path / "c")
     path = shard_file(c, "shard-00001", "mask", view=0)
     _empty_index_entry(path, c / "shard-00001" / "mask", 1)
+    _rerecord(c, "shard-00001")       # digests as recorded too: only the index check can notice
     assert verify_cache(str(c)).problems == [
         "shard-00001: mask/c/0/0/0: inner chunk 1 (view 0, rows 2..3) is missing (empty in the shard index): zarr "
         "would read it back as fill values"]
@@ -471,6 +478,7 @@ def test_reader_refuses_a_chunk_missing_from_its_shard_index(micro_cache, tmp_pa
     read, never fill values (an all-False mask would silently make every patch visible)."""
     c = copy_cache(micro_cache, tmp_path / "c")
     _empty_index_entry(shard_file(c, "shard-00001", "mask", view=0), c / "shard-00001" / "mask", 1)
+    _rerecord(c, "shard-00001")
     cache = open_cache(str(c))
     with pytest.raises(CacheCorruptError, match="shard-00001"):
         rec = cache[view_index(cache, 1, 0, 2)]
@@ -497,6 +505,39 @@ def _enospc_on(monkeypatch, *match: str) -> list[str]:
     return hit
 
 
+class _FullDisk(io.RawIOBase):
+    """A file that takes `room` bytes, then fails like a full disk (ENOSPC)."""
+
+    def __init__(self, path: Path, room: int):
+        self.file, self.room = open(path, "wb"), room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        if len(b) > self.room:
+            self.file.write(bytes(b)[: self.room])
+            self.room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(b)
+        return self.file.write(b)
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
+def _enospc_in_atomic_writes(monkeypatch, prefix: str, room: int = 100) -> None:
+    """Make fsutil's atomic writes of temporaries named `prefix...` fail with ENOSPC after `room` bytes."""
+    import g2sd_cache.fsutil as fsutil
+    original = fsutil._open_temp
+    monkeypatch.setattr(fsutil, "_open_temp", lambda path: _FullDisk(path, room) if path.name.startswith(prefix)
+                        else original(path))
+
+
 def test_disk_full_during_extract_fails_cleanly_and_rerun_completes(micro_cache, image_folder, tmp_path, monkeypatch):
     """Promise 4: the disk fills up (ENOSPC half-way through a file of the second shard): extract raises an
     error that says so, writes no manifest and leaves no folder under a final shard name that is not complete;
@@ -520,16 +561,8 @@ def test_disk_full_while_writing_the_manifest(micro_cache, image_folder, tmp_pat
     """Promise 4: the disk fills up while manifest.json is written: extract raises, no manifest.json exists
     (the cache is not readable as finished), and a rerun with space (a new process) writes it, leaves no
     temporary file behind and verifies clean."""
-    import pathlib
     out = tmp_path / "c"
-    original = pathlib.Path.write_text
-
-    def write_text(self, text, *a, **k):
-        if self.name.startswith(MANIFEST + TMP_MARK):
-            original(self, text[: len(text) // 2], *a, **k)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
-        return original(self, text, *a, **k)
-    monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+    _enospc_in_atomic_writes(monkeypatch, MANIFEST + TMP_MARK)
     with pytest.raises((OSError, UserError), match="No space left"):
         run_extract(micro_extract_config(image_folder, out))
     assert not (out / MANIFEST).exists()
@@ -823,3 +856,495 @@ def test_forked_dataloader_workers_read_a_cache_the_parent_opened(micro_cache):
     except subprocess.TimeoutExpired:
         pytest.fail("forked DataLoader workers did not finish within 180 s: deadlock after fork")
     assert proc.returncode == 0 and proc.stdout.startswith("OK 24"), proc.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. trust nothing loaded (issue 11)
+
+def _run_folder_with(tmp_path: Path, state) -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(state, run / "checkpoint.pt")
+    return run
+
+
+class _RunsCode:
+    """A pickle that would touch a file when unpickled with weights_only=False."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_never_run(tmp_path, capsys):
+    """Trust nothing loaded: `export RUN` on a checkpoint whose pickle calls os.system refuses it in one line naming
+    the object, and the command never runs (weights-only loading)."""
+    from g2sd_cache.cli import main as cli_main
+    witness = tmp_path / "ran"
+    run = _run_folder_with(tmp_path, {"model": _RunsCode(witness)})
+    assert cli_main(["export", str(run), "--out", str(tmp_path / "enc.pth")]) == 2
+    err = capsys.readouterr().err
+    assert "posix.system" in err and "could run code" in err and err.count("\n") == 1, err
+    assert not witness.exists(), "the checkpoint's pickle ran"
+    assert not (tmp_path / "enc.pth").exists()
+
+
+def test_a_checkpoint_without_the_expected_entries_is_one_line(tmp_path):
+    """Trust nothing loaded: a valid torch file lacking a training checkpoint's entries is a one-line error naming
+    what is missing (export's and --resume's keys), never a KeyError."""
+    from g2sd_cache.checkpoint import load_checkpoint
+    from g2sd_cache.export import export_encoder
+    run = _run_folder_with(tmp_path, {"model": {"w": torch.zeros(2)}, "step": 3})
+    with pytest.raises(UserError) as e:
+        export_encoder(str(run), str(tmp_path / "enc.pth"))
+    assert "lacks student, target_dim, img_size;" in one_line(e.value)          # what export needs
+    from g2sd_cache.checkpoint import RESUME_KEYS
+    with pytest.raises(UserError) as e:
+        load_checkpoint(run, required=RESUME_KEYS)                               # what --resume needs
+    assert "lacks student, target_dim, img_size, optimizer, scaler, epoch, position" in one_line(e.value)
+    with pytest.raises(UserError) as e:
+        load_checkpoint(run, "train without --resume to start a new run there", required=("model", "rng"))
+    assert "lacks rng;" in one_line(e.value) and "train without --resume" in str(e.value)
+    torch.save([1, 2], run / "checkpoint.pt")
+    with pytest.raises(UserError, match="holds a list"):
+        load_checkpoint(run)
+
+
+def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
+    """Trust nothing loaded: the random generators' states are stored as tensors and plain values, so a checkpoint
+    loads weights-only and restores every generator exactly."""
+    import random as pyrandom
+
+    from g2sd_cache.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+    torch.manual_seed(1), np.random.seed(2), pyrandom.seed(3)
+    np.random.normal()                                      # leaves a cached gaussian in numpy's state
+    save_checkpoint(tmp_path, {"model": {}, "rng": rng_state()})
+    want = (torch.rand(3), np.random.normal(size=3), [pyrandom.random() for _ in range(3)])
+    set_rng_state(load_checkpoint(tmp_path, required=("rng",))["rng"])
+    got = (torch.rand(3), np.random.normal(size=3), [pyrandom.random() for _ in range(3)])
+    assert torch.equal(want[0], got[0]) and np.array_equal(want[1], got[1]) and want[2] == got[2]
+
+
+def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """Runs: the disk fills up while a checkpoint is written: one line naming the space problem, no temporary left
+    behind, and the previous checkpoint intact and loadable."""
+    from g2sd_cache.checkpoint import load_checkpoint, save_checkpoint
+    state = {"model": {"w": torch.arange(5.0)}, "step": 1}
+    save_checkpoint(tmp_path, state)
+    _enospc_in_atomic_writes(monkeypatch, "checkpoint.pt" + TMP_MARK, room=1000)
+    with pytest.raises(UserError) as e:
+        save_checkpoint(tmp_path, state | {"model": {"w": torch.zeros(100_000)}, "step": 2})
+    assert "no space left" in one_line(e.value) and "previous checkpoint is intact" in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+    assert load_checkpoint(tmp_path, required=("step",))["step"] == 1
+
+
+def test_atomic_writes_fsync_the_file_before_and_the_folder_after_the_rename(tmp_path, monkeypatch):
+    """Runs and caches: a file is fsync-ed before it is renamed into place and its folder after, so a power cut
+    never leaves a zero-length file under the final name (the same helper writes checkpoints, manifests, shards)."""
+    import g2sd_cache.fsutil as fsutil
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(fsutil.os, "fsync", lambda fd: (events.append(("fsync", os.path.realpath(
+        f"/proc/self/fd/{fd}"))), real_fsync(fd))[1])
+    monkeypatch.setattr(fsutil.os, "replace", lambda a, b: (events.append(("rename", str(b))), real_replace(a, b))[1])
+    target = tmp_path / "manifest.json"
+    fsutil.write_text_atomic(target, "{}")
+    assert [e[0] for e in events] == ["fsync", "rename", "fsync"]
+    assert TMP_MARK in events[0][1] and events[1][1] == str(target) and events[2][1] == str(tmp_path.resolve())
+    events.clear()
+    (tmp_path / "shard.tmp").mkdir()
+    (tmp_path / "shard.tmp" / "a").write_text("x")
+    fsutil.publish_dir(tmp_path / "shard.tmp", tmp_path / "shard")
+    assert [e[0] for e in events] == ["fsync", "fsync", "rename", "fsync"] and events[0][1].endswith("/a")
+
+
+# ----------------------------------------------------------------------------------------------
+# 11. own only what is yours (issue 11)
+
+def test_overwrite_refuses_every_folder_that_is_not_a_marked_cache(image_folder, micro_cache, tmp_path):
+    """Own only what is yours: `extract --overwrite` into an image folder holding a config.yaml, a training run
+    folder, or a folder of other files refuses in one line naming what it is, and deletes nothing."""
+    data = tmp_path / "images"
+    shutil.copytree(image_folder, data)
+    (data / "config.yaml").write_text("mine: 1\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("checkpoint.pt", "config.yaml", "metrics.jsonl"):
+        (run / name).write_text("x")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("x")
+    for folder, what in ((data, "a folder of images"), (run, "not ours (it holds checkpoint.pt")):
+        before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+        with pytest.raises(UserError) as e:
+            run_extract(micro_extract_config(image_folder, folder, overwrite=True))
+        assert what in one_line(e.value) and "nothing was changed" in str(e.value)
+        assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
+    with pytest.raises(UserError, match="notes.txt"):
+        run_extract(micro_extract_config(image_folder, other))
+
+
+def test_overwrite_deletes_a_cache_only_if_it_holds_nothing_else(micro_cache, image_folder, tmp_path):
+    """Own only what is yours: --overwrite replaces a marked cache, but refuses one that also holds a file a cache
+    does not write (naming it), and leaves that file alone."""
+    c = copy_cache(micro_cache, tmp_path / "c")
+    (c / "shard-00001" / "my-notes.txt").write_text("x")
+    (c / "results.csv").write_text("x")
+    with pytest.raises(UserError) as e:
+        run_extract(micro_extract_config(image_folder, c, overwrite=True, seed=1))
+    assert "results.csv" in one_line(e.value) and "shard-00001" in str(e.value)
+    assert (c / "results.csv").exists() and (c / "shard-00001" / "my-notes.txt").exists()
+    (c / "results.csv").unlink()
+    (c / "shard-00001" / "my-notes.txt").unlink()
+    run_extract(micro_extract_config(image_folder, c, overwrite=True, seed=1))
+    assert verify_cache(str(c)).ok and open_cache(str(c)).manifest.seed == 1
+
+
+def test_a_format_1_cache_is_refused_with_one_line_saying_to_re_extract(micro_cache, image_folder, tmp_path, capsys):
+    """Own only what is yours / format 2: a cache of the previous format (no marker, format_version 1) is refused by
+    open_cache, verify and a resuming extract, each in one line that says to re-extract."""
+    c = copy_cache(micro_cache, tmp_path / "c")
+    (c / ".g2sd-cache").unlink()
+    m = json.loads((c / MANIFEST).read_text())
+    (c / MANIFEST).write_text(json.dumps(m | {"format_version": 1}))
+    for attempt in (lambda: open_cache(str(c)), lambda: verify_cache(str(c)),
+                    lambda: run_extract(micro_extract_config(image_folder, c))):
+        with pytest.raises(UserError) as e:
+            attempt()
+        assert "format 1" in one_line(e.value).replace("version 1", "format 1") and "extract" in str(e.value)
+
+
+def test_claim_run_folder_takes_only_new_empty_or_own_run_folders(micro_cache, image_folder, tmp_path):
+    """Own only what is yours: a run folder is claimed (marker written) only if new, empty or already one of our
+    runs; a cache, a dataset, a file or a folder with other files is refused in one line; --resume needs a run."""
+    from g2sd_cache.ownership import RUN_MARKER, claim_run_folder, is_run
+    fresh = tmp_path / "runs" / "a"
+    claim_run_folder(fresh, resume=False)
+    assert is_run(fresh) and (fresh / RUN_MARKER).is_file()
+    (fresh / "checkpoint.pt").write_text("x")
+    claim_run_folder(fresh, resume=True)                               # ours: resumable
+    claim_run_folder(fresh, resume=False)                              # the trainer decides about its checkpoint
+    (tmp_path / "empty").mkdir()
+    claim_run_folder(tmp_path / "empty", resume=False)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("x")
+    (mine / "metrics.jsonl").write_text("x")
+    (tmp_path / "file").write_text("x")
+    for path, words in ((micro_cache, "a g2sd-cache cache"), (image_folder, "a folder of images"),
+                        (mine, "config.yaml, metrics.jsonl"), (tmp_path / "file", "existing file")):
+        before = sorted(p.name for p in Path(path).iterdir()) if Path(path).is_dir() else None
+        with pytest.raises(UserError) as e:
+            claim_run_folder(path, resume=False)
+        assert words in one_line(e.value), e.value
+        assert before is None or sorted(p.name for p in Path(path).iterdir()) == before
+    with pytest.raises(UserError, match="not a g2sd-cache training run"):
+        claim_run_folder(tmp_path / "nowhere", resume=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# 12. one writer at a time (issue 11)
+
+def test_a_second_extract_into_a_locked_cache_says_who_holds_it(image_folder, tmp_path):
+    """One writer at a time: while another process holds --out's lock, extract refuses in one line naming that
+    process (pid and host) and writes nothing; once the holder dies (kill -9), the lock is gone with it."""
+    out = tmp_path / "c"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, json, os, sys, time\n"
+         f"fd = os.open({str(out / '.g2sd-cache.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+         "os.write(fd, json.dumps({'pid': os.getpid(), 'host': 'elsewhere', 'since': 'now'}).encode())\n"
+         "print('locked', flush=True)\ntime.sleep(120)\n"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError) as e:
+            run_extract(micro_extract_config(image_folder, out))
+        assert f"another extract is writing into {out} (pid {holder.pid} on host elsewhere" in one_line(e.value)
+        assert sorted(p.name for p in out.iterdir()) == [".g2sd-cache.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    run_extract(micro_extract_config(image_folder, out))
+    assert verify_cache(str(out)).ok
+
+
+def test_a_killed_writers_temporaries_are_removed_by_the_next_run(micro_cache, image_folder, tmp_path):
+    """One writer at a time: temporaries left by a writer that is gone (a shard folder complete on disk whose
+    rename failed, a half-written manifest) are removed by the next extract, which holds the lock; so verify
+    passes without anyone deleting them by hand. A live process's temporary is left alone."""
+    from g2sd_cache.ownership import remove_stale_temporaries
+    c = copy_cache(micro_cache, tmp_path / "c")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    host = os.uname().nodename
+    shutil.copytree(c / "shard-00001", c / f".shard-00001{TMP_MARK}{host}-{dead}")   # complete, never renamed
+    (c / f"{MANIFEST}{TMP_MARK}{host}-{dead}").write_text('{"format_version": 2, "tea')
+    assert not verify_cache(str(c)).ok
+    run_extract(micro_extract_config(image_folder, c))
+    assert not list(c.glob(f"*{TMP_MARK}*"))
+    assert verify_cache(str(c)).ok
+    alive = c / f".shard-00002{TMP_MARK}{host}-{os.getppid()}"
+    alive.mkdir()
+    assert remove_stale_temporaries(c) == [] and alive.exists()
+
+
+@pytest.mark.slow
+def test_the_same_extract_started_twice_one_runs_one_refuses(image_folder, tmp_path):
+    """One writer at a time: the same extract command run twice at once (the first paused while it holds the lock,
+    so the runs overlap on any machine): the second exits 2 with one line naming the first (never `Directory not
+    empty` on a shard rename, which two writers of the same shards hit); the first completes and the cache verifies."""
+    out = tmp_path / "c"
+    args = [sys.executable, "-m", "g2sd_cache.cli", "extract", "--data", str(image_folder), "--out", str(out),
+            "--teacher", "random", "--arch", MICRO_TEACHER, "--img-size", "32", "--workers", "0", "--device", "cpu",
+            "--views", "2", "--shard-size", "4", "--chunk-views", "2"]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / ".g2sd-cache").exists():        # written under the lock, right after taking it
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.01)
+        os.kill(first.pid, signal.SIGSTOP)
+        second = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    out_first, err_first = first.communicate(timeout=300)
+    assert first.returncode == 0, err_first
+    assert second.returncode == 2, second.stderr
+    assert second.stderr.startswith("g2sd-cache extract: error: another extract is writing into") and \
+        f"pid {first.pid}" in second.stderr and second.stderr.count("\n") == 1, second.stderr
+    assert verify_cache(str(out)).ok
+
+
+# ----------------------------------------------------------------------------------------------
+# 13. content bound to its place (issue 11)
+
+def _swap(a: Path, b: Path) -> None:
+    tmp = a.with_name(a.name + ".swap")
+    a.rename(tmp)
+    b.rename(a)
+    tmp.rename(b)
+
+
+@pytest.mark.parametrize("how", ["views", "shards"])
+def test_target_files_swapped_fail_plain_verify_and_reading(micro_cache, image_folder, tmp_path, how):
+    """Content bound to its place: target shard files swapped between two views of a shard, or between two shards
+    (each keeps a valid crc32c): plain verify names both files, reading a view in them raises naming the shard,
+    and train stops."""
+    c = copy_cache(micro_cache, tmp_path / "c")
+    a = shard_file(c, "shard-00001", "target", view=0)
+    b = shard_file(c, "shard-00001", "target", view=1) if how == "views" else shard_file(c, "shard-00002", "target")
+    _swap(a, b)
+    problems = verify_cache(str(c)).problems
+    assert len(problems) == 2 and all("is not the one its record describes" in p for p in problems), problems
+    cache = open_cache(str(c))
+    with pytest.raises(CacheCorruptError, match="shard-00001.*target/c/0/0/0/0 is not the one"):
+        cache[view_index(cache, 1, 0, 0)]
+    cache[view_index(cache, 0, 0, 0)]                                   # an untouched shard still reads
+    with pytest.raises(UserError, match="is not the one its record describes"):
+        train(micro_train_config(image_folder, c, tmp_path / "run"))
+
+
+def test_a_shard_copied_in_from_a_cache_of_another_teacher_fails(micro_cache, image_folder, tmp_path):
+    """Content bound to its place: shard-00001 replaced by the same shard of a cache made with another teacher
+    (same images, same sizes, valid checksums): plain verify and reading refuse it."""
+    other = tmp_path / "other"
+    run_extract(micro_extract_config(image_folder, other, teacher="random:7"))
+    c = copy_cache(micro_cache, tmp_path / "c")
+    shutil.rmtree(c / "shard-00001")
+    shutil.copytree(other / "shard-00001", c / "shard-00001")
+    assert verify_cache(str(c)).problems == [
+        p for p in verify_cache(str(c)).problems if p.startswith("shard-00001: shard.json is not the record")]
+    cache = open_cache(str(c))
+    with pytest.raises(CacheCorruptError, match="shard-00001: .*|shard.json is not the record"):
+        cache[view_index(cache, 1, 0, 0)]
+
+
+def _edit_manifest(cache: Path, edit) -> None:
+    m = json.loads((cache / MANIFEST).read_text())
+    edit(m)
+    (cache / MANIFEST).write_text(json.dumps(m))
+
+
+MANIFEST_EDITS = {
+    "codec": lambda m: m.update(codec="bf16"),
+    "shard images": lambda m: m["shards"][0].update(images=2),
+    "entry list": lambda m: m.update(shards=m["shards"][:2], images=8, views=16),
+    "shard name": lambda m: m["shards"][0].update(name="../other-cache/shard-00000"),
+    "file path": lambda m: m["shards"][0]["files"].update({"../../etc/passwd": 10}),
+    "target_dim": lambda m: m.update(target_dim=m["target_dim"] + 1),
+    "img_size": lambda m: m["geometry"].update(img_size=2 * m["geometry"]["img_size"]),
+}
+
+
+@pytest.mark.parametrize("edit", list(MANIFEST_EDITS))
+def test_open_cache_checks_the_manifest_like_verify_with_the_same_line(micro_cache, image_folder, tmp_path, edit):
+    """Content bound to its place / train checks what verify checks: a hand-edited manifest (codec, a shard's image
+    count, the shard list, a shard name or file path pointing outside the cache, target_dim, img_size) is refused
+    by open_cache before any data is read, with one of verify's own problem lines, and train stops with it."""
+    c = copy_cache(micro_cache, tmp_path / "c")
+    _edit_manifest(c, MANIFEST_EDITS[edit])
+    problems = verify_cache(str(c)).problems
+    assert problems
+    with pytest.raises(CacheCorruptError) as e:
+        open_cache(str(c))
+    msg = one_line(e.value)
+    assert any(p.split(": ", 1)[1] in msg for p in problems), (msg, problems)
+    with pytest.raises(UserError):
+        train(micro_train_config(image_folder, c, tmp_path / "run"))
+
+
+def test_a_same_size_replacement_of_a_source_image_is_caught(micro_cache, image_folder, tmp_path):
+    """Content bound to its place (sources): an image replaced by another of the same byte size keeps the listing
+    fingerprint, but verify --data reports the image by its crc32c, and `check_image` (what training's image path
+    calls) refuses its bytes."""
+    from g2sd_cache.digests import SourceChangedError, check_image
+    data = tmp_path / "images"
+    shutil.copytree(image_folder, data)
+    key = "class001/img000004.jpg"
+    raw = bytearray((data / key).read_bytes())
+    raw[len(raw) // 2] ^= 0x01                                          # same size, other bytes
+    (data / key).write_bytes(bytes(raw))
+    problems = verify_cache(str(micro_cache), data=str(data)).problems
+    assert len(problems) == 1 and f"image {key} changed since the cache was extracted" in problems[0], problems
+    cache = open_cache(str(micro_cache))
+    shard, row = next((s, r) for s in range(len(cache.shard_images)) for r in range(cache.shard_images[s])
+                      if str(cache.read_block(s, 0, r, r + 1).key[0]) == key)
+    check_image((image_folder / key).read_bytes(), cache.image_crc32c(shard, row), key)
+    with pytest.raises(SourceChangedError) as e:
+        check_image(bytes(raw), cache.image_crc32c(shard, row), key)
+    assert key in one_line(e.value) and "re-extract" in str(e.value)
+
+
+def test_a_duplicated_key_in_a_tar_is_skipped_and_listed(tmp_path):
+    """Content bound to its place (sources): a tar holding key `a` twice caches the first and lists the second as
+    skipped (a join by key would pair one picture with the other's targets); under --on-error fail it stops."""
+    images = [jpeg_bytes(synthetic_image(70 + i, (96, 80))) for i in range(4)]
+    path = tmp_path / "dup.tar"
+    _tar_with_members(path, [("a.jpg", images[0]), ("b.jpg", images[1]), ("a.jpg", images[2]), ("c.jpg", images[3])])
+    out = tmp_path / "c"
+    run_extract(micro_extract_config(str(path), out))
+    m = Manifest.from_json((out / MANIFEST).read_text())
+    keys = [str(k) for k in open_cache(str(out)).read_block(0, 0, 0, 3).key]
+    assert m.images == 3 and keys == ["a", "b", "c"] and m.source["count"] == 4
+    assert [s["key"] for s in m.skipped] == ["a (second copy)"] and "appears twice" in m.skipped[0]["error"]
+    assert verify_cache(str(out), data=str(path)).ok
+    with pytest.raises(UserError, match="appears twice"):
+        run_extract(micro_extract_config(str(path), tmp_path / "c2", on_error="fail"))
+
+
+# ----------------------------------------------------------------------------------------------
+# 14. bad inputs are named: the folder scan and tar members (issue 11)
+
+@pytest.fixture
+def tricky_folder(image_folder, tmp_path) -> Path:
+    """`image_folder` plus: a folder link loop, a second link to a class folder, a link to an image, a dangling
+    link, a link to itself, a FIFO named .jpg and a name that is not UTF-8."""
+    root = tmp_path / "tricky"
+    shutil.copytree(image_folder, root)
+    (root / "class000" / "loop").symlink_to("..")
+    (root / "class000" / "again").symlink_to("../class001")
+    (root / "class000" / "alias.jpg").symlink_to("img000000.jpg")
+    (root / "class001" / "dangling.jpg").symlink_to("/nonexistent/x.jpg")
+    (root / "class001" / "self.jpg").symlink_to("self.jpg")
+    os.mkfifo(root / "class002" / "pipe.jpg")
+    (root / os.fsdecode(b"class002/bad\xffname.jpg")).write_bytes(b"x")
+    return root
+
+
+def test_the_folder_scan_takes_each_real_image_once_and_lists_the_rest(tricky_folder, image_folder, micro_cache,
+                                                                        tmp_path, capsys):
+    """Bad inputs are named (scan): links are followed but each real folder and file is taken once (a loop adds
+    nothing), dangling and looping links, a FIFO and a non-UTF-8 name are left out and listed, never read (no hang,
+    no traceback); extract prints a note, lists them in the manifest, and the cache equals the clean folder's."""
+    signal.alarm(120)                      # a FIFO that is opened would block forever: fail instead
+    try:
+        source = FolderSource.scan(str(tricky_folder))
+        out = tmp_path / "c"
+        run_extract(micro_extract_config(tricky_folder, out))
+    finally:
+        signal.alarm(0)
+    assert source.keys == FolderSource.scan(str(image_folder)).keys
+    left_out = {s["key"]: s["error"] for s in source.skipped}
+    assert set(left_out) == {"class000/loop", "class000/again", "class000/alias.jpg", "class001/dangling.jpg",
+                             "class001/self.jpg", "class002/pipe.jpg", "class002/bad\\xffname.jpg"}, left_out
+    assert "FIFO" in left_out["class002/pipe.jpg"] and "UTF-8" in left_out["class002/bad\\xffname.jpg"]
+    assert "note: 7 entries of --data" in capsys.readouterr().out
+    m = Manifest.from_json((out / MANIFEST).read_text())
+    assert m.images == 12 and [s["key"] for s in m.skipped] == [s["key"] for s in source.skipped]
+    assert verify_cache(str(out), data=str(tricky_folder)).ok
+    for shard in ("shard-00000", "shard-00001", "shard-00002"):
+        x, y = shard_arrays(out, shard), shard_arrays(micro_cache, shard)
+        assert all(np.array_equal(x[k], y[k]) for k in x)
+
+
+def test_an_unreadable_folder_is_reported(image_folder, tmp_path, monkeypatch):
+    """Bad inputs are named (scan): a sub-folder that cannot be listed is reported in the skipped list with the
+    reason, not silently dropped (os.walk ignores such errors)."""
+    import g2sd_cache.sources as sources
+    real = os.scandir
+
+    def scandir(path):
+        if str(path).endswith("class001"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real(path)
+    monkeypatch.setattr(sources.os, "scandir", scandir)
+    source = FolderSource.scan(str(image_folder))
+    assert source.skipped == ({"key": "class001", "error": "folder cannot be read (Permission denied)"},)
+    assert len(source) == 8
+
+
+def test_a_truncated_tar_is_one_skipped_entry_and_counts_one_input(tmp_path):
+    """Bad inputs are named (tars): a tar cut off inside its third member is listed once (not once per attempt to
+    go on), and the source count is the samples it held (2 cached + 1 skipped)."""
+    images = [jpeg_bytes(synthetic_image(80 + i, (96, 80))) for i in range(3)]
+    path = tmp_path / "cut.tar"
+    _tar_with_members(path, [(f"s{i}.jpg", images[i]) for i in range(3)])
+    with tarfile.open(path) as tar:
+        last = tar.getmembers()[-1]
+    path.write_bytes(path.read_bytes()[: last.offset_data + last.size // 2])
+    out = tmp_path / "c"
+    run_extract(micro_extract_config(str(path), out))
+    m = Manifest.from_json((out / MANIFEST).read_text())
+    assert m.images == 2 and m.source["count"] == 3 and len(m.skipped) == 1, m.skipped
+    assert "s2.jpg" in m.skipped[0]["key"] and "unexpected end of data" in m.skipped[0]["error"]
+    assert verify_cache(str(out), data=str(path)).ok
+
+
+def test_tar_link_members_are_listed_not_dropped(tmp_path):
+    """Bad inputs are named (tars): a symbolic-link and a hard-link member are listed as skipped with what they are,
+    never dropped without a word."""
+    images = [jpeg_bytes(synthetic_image(90 + i, (96, 80))) for i in range(2)]
+    path = tmp_path / "links.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in (("s0.jpg", images[0]), ("s3.jpg", images[1])):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+            if name == "s0.jpg":
+                for link, kind in (("s1.jpg", tarfile.SYMTYPE), ("s2.jpg", tarfile.LNKTYPE)):
+                    info = tarfile.TarInfo(link)
+                    info.type, info.linkname = kind, "s0.jpg"
+                    tar.addfile(info)
+    out = tmp_path / "c"
+    run_extract(micro_extract_config(str(path), out))
+    m = Manifest.from_json((out / MANIFEST).read_text())
+    assert m.images == 2 and m.source["count"] == 4
+    assert {s["key"]: ("symbolic link" in s["error"], "hard link" in s["error"]) for s in m.skipped} == {
+        "s1": (True, False), "s2": (False, True)}
+
+
+def test_a_16_bit_png_is_scaled_to_8_bits_not_clipped_to_white(tmp_path):
+    """Bad inputs are named / decoded right: a 16-bit grayscale PNG decodes to its values >> 8 (PIL's own
+    conversion clips everything above 255 to white)."""
+    from g2sd_cache.views import decode_image
+    wide = (np.arange(64 * 48, dtype=np.uint32).reshape(48, 64) * 21).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(wide).save(buf, format="PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I")
+    got = np.asarray(decode_image(buf.getvalue()))
+    assert got.shape == (48, 64, 3) and np.array_equal(got[..., 0], (wide >> 8).astype(np.uint8))
+    assert (got == 255).mean() < 0.01
