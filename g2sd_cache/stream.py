@@ -32,6 +32,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .cache import Cache
+from .digests import check_image
 from .plan import PAD, EpochOrder
 from .sources import Source, TarSource
 from .views import ViewGeometry, decode_image, render_view, sample_view, visible_patches
@@ -247,6 +248,8 @@ def _render(spec: StreamSpec, sample: dict, arrays: dict[str, np.ndarray], unit:
     raw = tar_images.get(unit, key) if tar_images is not None else spec.source.read(key)
     if raw is None:
         raise FileNotFoundError(f"image {key} is not in its tar shard")
+    if cache is not None:   # the bytes extract read, or the cached crop/flip/mask describe another picture
+        check_image(raw, cache.image_crc32c(unit, row), key)
     img = decode_image(raw)
     if cache is None:
         v = sample_view(spec.seed, row, spec.view, img.size, g)

@@ -26,6 +26,8 @@ from .config import to_yaml
 from .dist import DistEnv, init_distributed, shutdown_distributed
 from .distill import Distiller, Setup, TrainConfig, prepare
 from .errors import UserError
+from .fsutil import write_text_atomic
+from .ownership import claim_run_folder
 from .plan import epoch_order, rank_positions, steps_in_epoch
 from .runlog import RunLog
 from .schedule import get_lr, scaled_lr
@@ -82,14 +84,14 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _prepare_run_folder(cfg: TrainConfig, env: DistEnv) -> Path:
+    """Rank 0 claims --out: a new or empty folder, or one of our runs (never a cache, a dataset or a folder of
+    someone else's files)."""
     run = Path(cfg.out)
     if env.is_main:
-        if run.exists() and not run.is_dir():
-            raise UserError(f"--out {run} is a file; pass a folder for the run")
+        claim_run_folder(run, cfg.resume)
         if (run / CHECKPOINT).exists() and not cfg.resume:
             raise UserError(f"{run} already holds a run ({CHECKPOINT}); pass --resume to continue it or choose "
                             f"another --out")
-        run.mkdir(parents=True, exist_ok=True)
     env.barrier()
     return run
 
@@ -130,7 +132,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
                    "target_layer": setup.target_layer, "target_dim": setup.target_dim,
                    "reads": "cached pixels" if setup.cache and setup.cache.has_pixels else "images",
                    "resumed_with_changes": notes}
-        (run / "config.yaml").write_text(to_yaml(cfg, {"derived": derived}))
+        write_text_atomic(run / "config.yaml", to_yaml(cfg, {"derived": derived}))
         tqdm.write(f"{cfg.mode} G2SD: {cfg.student} <- {setup.target_dim}-wide targets, {env.world} rank(s), "
                    f"batch {cfg.batch_size}x{cfg.accum_iter}x{env.world}, lr {sched.base_lr:.3g}, "
                    f"{sched.steps_per_epoch} steps/epoch, {sched.total_steps} steps, warm-up {sched.warmup_steps} "

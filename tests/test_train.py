@@ -86,13 +86,17 @@ def test_resume_refuses_a_changed_data_order(micro_cache, image_folder, tmp_path
         run_train(tmp_path / "r", image_folder, cache=str(micro_cache), steps=4, resume=True, seed=2)
     with pytest.raises(UserError, match="--resume"):
         run_train(tmp_path / "r", image_folder, cache=str(micro_cache), steps=4)
-    with pytest.raises(UserError, match="no checkpoint.pt"):
+    with pytest.raises(UserError, match="not a g2sd-cache training run"):
         run_train(tmp_path / "empty", image_folder, cache=str(micro_cache), steps=4, resume=True)
+    from g2sd_cache.ownership import claim_run_folder
+    claim_run_folder(tmp_path / "r2", resume=False)      # one of our run folders, but without a checkpoint
+    with pytest.raises(UserError, match="no checkpoint.pt"):
+        run_train(tmp_path / "r2", image_folder, cache=str(micro_cache), steps=4, resume=True)
     with pytest.raises(UserError, match="student"):
         run_train(tmp_path / "r", image_folder, cache=str(micro_cache), steps=4, resume=True,
                   student="mae_vit_tiny_patch16_dec128d4b")
     (tmp_path / "file").write_text("")
-    with pytest.raises(UserError, match="is a file"):
+    with pytest.raises(UserError, match="is an existing file"):
         run_train(tmp_path / "file", image_folder, cache=str(micro_cache), steps=1)
     with pytest.raises(UserError, match="is a folder"):
         export_encoder(str(tmp_path / "r"), str(tmp_path))
