@@ -98,7 +98,7 @@ def _extracted_shards(args) -> tuple[list[np.ndarray], tuple[str, ...]]:
         folder = make_class_sorted_folder(Path(tmp) / "images", args.classes, args.per_class)
         out = Path(tmp) / "cache"
         run_extract(_extract_config(str(folder), str(out), args))
-        stored = [zarr.open_group(str(out / s["name"]), mode="r")["source_index"][0]
+        stored = [zarr.open_group(str(out / s.name), mode="r")["source_index"][0]
                   for s in open_cache(out).manifest.shards]
         return stored, FolderSource.scan(str(folder)).keys
 

@@ -32,8 +32,8 @@ import zarr
 from . import codecs
 from .errors import CacheCorruptError, UserError
 from .digests import chunk_file_digest, digest_mismatch, fsspec_reader, is_metadata, local_reader, record_digest
-from .manifest_checks import array_problems, manifest_problems, record_problems, unlisted_shards
-from .schema import MANIFEST, SHARD_RECORD, Manifest, decode_keys
+from .manifest_checks import array_problems, manifest_problems, record_problems, typed_manifest, unlisted_shards
+from .schema import SHARD_RECORD, decode_keys, parse_manifest, read_manifest_text
 from .shard_files import MappedShardFile, ZarrShardFile, can_map, strict_store
 from .zarr_layout import ArrayLayout, parse_layout
 
@@ -88,23 +88,18 @@ class Cache:
         self._fs, self._path = fsspec.core.url_to_fs(self.root)
         protocols = self._fs.protocol if isinstance(self._fs.protocol, tuple) else (self._fs.protocol,)
         self._local = "file" in protocols
-        manifest_path = f"{self._path}/{MANIFEST}"
-        if not self._fs.exists(manifest_path):
-            if self._fs.exists(f"{self._path}/config.yaml"):
-                raise UserError(f"cache {root} is incomplete: extraction has not finished; rerun the same "
-                                f"`g2sd-cache extract` command to complete it")
-            raise UserError(f"{root} is not a g2sd-cache cache (no {MANIFEST}); create one with `g2sd-cache extract`")
-        self.manifest = Manifest.from_json(self._fs.cat_file(manifest_path).decode())
+        data = parse_manifest(read_manifest_text(self._fs, self._path, root))
         # What verify checks about the manifest, with its words, before anything is read (manifest_checks.py).
         folders = [p.rstrip("/").rsplit("/", 1)[-1] for p in self._fs.ls(self._path, detail=False)]
-        problems = manifest_problems(self.manifest) + unlisted_shards(self.manifest, folders)
+        problems = manifest_problems(data) + unlisted_shards(data, folders)
         if problems:
             raise CacheCorruptError(f"cache {root} does not agree with its manifest: {problems[0][0]}: {problems[0][1]}"
                                     f"{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}; run "
                                     f"`g2sd-cache verify {root}` for the full report, then re-extract the cache")
+        self.manifest = typed_manifest(data)
         self.codec = codecs.get_codec(self.manifest.codec)
-        self.shard_images = [s["images"] for s in self.manifest.shards]
-        views_per_shard = [s["views"] for s in self.manifest.shards]
+        self.shard_images = [s.images for s in self.manifest.shards]
+        views_per_shard = [s.views for s in self.manifest.shards]
         self._offsets = np.cumsum([0] + views_per_shard).tolist()
         m = self.manifest
         self._specs = m.specs()
@@ -140,7 +135,7 @@ class Cache:
         is opened: `_check_digest`.) `arrays_only` (at open): only the zarr.json that exist against the
         manifest, so that a damaged shard fails when it is read, which --on-error skip can leave out."""
         entry = self.manifest.shards[shard]
-        name, base = entry["name"], f"{self._path}/{entry['name']}"
+        name, base = entry.name, f"{self._path}/{entry.name}"
 
         read: dict[str, bytes | None] = {}
 
@@ -154,15 +149,15 @@ class Cache:
                     read[rel] = None
             return read[rel]
 
-        record, problems = (None, []) if arrays_only else record_problems(self.manifest, entry, cat(SHARD_RECORD))
+        record, problems = (None, []) if arrays_only else record_problems(self.manifest, shard, cat(SHARD_RECORD))
         for array, spec in ([] if problems else self._specs.items()):
-            kn, meta = (self.manifest.views_per_image, entry["images"]), cat(f"{array}/zarr.json")
+            kn, meta = (self.manifest.views_per_image, entry.images), cat(f"{array}/zarr.json")
             problems += array_problems(name, array, spec, kn, meta)[1] if meta is not None else []
         if problems:
             raise CacheCorruptError.in_shard(name, problems[0][1])
         if arrays_only:
             return
-        for rel, size in entry["files"].items():
+        for rel, size in entry.files.items():
             try:
                 actual = self._fs.size(f"{base}/{rel}")
             except FileNotFoundError:
@@ -170,7 +165,7 @@ class Cache:
             if actual != size:
                 raise CacheCorruptError.in_shard(name, f"file {rel} has {actual} bytes, the manifest says {size}")
         digests = record.get("digests") if isinstance(record.get("digests"), dict) else {}
-        for rel in filter(is_metadata, entry["files"]):   # the zarr.json read above are the recorded ones
+        for rel in filter(is_metadata, entry.files):   # the zarr.json read above are the recorded ones
             problem = digest_mismatch(rel, record_digest(cat(rel)), digests)
             if problem:
                 raise CacheCorruptError.in_shard(name, problem)
@@ -183,7 +178,8 @@ class Cache:
         chunk's crc32c: a few KB; the chunks' bytes are checked against those crc32c at first use) is the one
         its shard.json records for its path, so a file moved, swapped or copied in from another cache is
         refused although its own checksums hold."""
-        name, path = self.manifest.shards[shard]["name"], f"{self._path}/{self.manifest.shards[shard]['name']}/{rel}"
+        name = self.manifest.shards[shard].name
+        path = f"{self._path}/{name}/{rel}"
         read = local_reader(path) if self._local else fsspec_reader(self._fs, path)
         try:
             problem = digest_mismatch(rel, chunk_file_digest(read, self._fs.size(path), layout), self._digests[shard])
@@ -215,23 +211,23 @@ class Cache:
         if shard not in self._sized:
             self._check_sizes(shard)
         entry = self.manifest.shards[shard]
-        base = f"{self._path}/{entry['name']}"
+        base = f"{self._path}/{entry.name}"
         try:
             layout = parse_layout(json.loads(self._fs.cat_file(f"{base}/{name}/zarr.json")))
         except (OSError, ValueError, KeyError) as e:
-            raise CacheCorruptError.in_shard(entry["name"], f"{name}/zarr.json: {type(e).__name__}: {e}") from e
+            raise CacheCorruptError.in_shard(entry.name, f"{name}/zarr.json: {type(e).__name__}: {e}") from e
         rel = f"{name}/" + next(r for coord, r in layout.shard_files() if coord[0] == view)
         self._check_digest(shard, rel, layout)
         if can_map(layout, self._local):
-            reader = MappedShardFile(f"{base}/{rel}", layout, entry["name"], rel, self._verified.setdefault(key, set()))
+            reader = MappedShardFile(f"{base}/{rel}", layout, entry.name, rel, self._verified.setdefault(key, set()))
         else:
-            size = entry["files"].get(rel, 0)
+            size = entry.files.get(rel, 0)
             index_bytes = 16 * math.prod(layout.chunks_per_shard) + 4
             try:
                 tail = self._fs.cat_file(f"{base}/{rel}", start=max(0, size - index_bytes), end=size)
             except FileNotFoundError:
-                raise CacheCorruptError.in_shard(entry["name"], f"file {rel} is missing") from None
-            reader = ZarrShardFile(self._group(shard)[name], view, tail, layout, entry["name"], rel)
+                raise CacheCorruptError.in_shard(entry.name, f"file {rel} is missing") from None
+            reader = ZarrShardFile(self._group(shard)[name], view, tail, layout, entry.name, rel)
         self._files[key] = reader
         if len(self._files) > self.OPEN_FILES:
             self._files.popitem(last=False)   # rows handed out keep their map alive until they are dropped
@@ -239,7 +235,7 @@ class Cache:
 
     def _group(self, shard: int) -> zarr.Group:
         if shard not in self._groups:
-            name = self.manifest.shards[shard]["name"]
+            name = self.manifest.shards[shard].name
             try:
                 self._groups[shard] = zarr.open_group(store=strict_store(f"{self.root}/{name}"), mode="r")
             except Exception as e:
@@ -265,7 +261,7 @@ class Cache:
         return "pixels" in self._specs
 
     def shard_name(self, shard: int) -> str:
-        return self.manifest.shards[shard]["name"]
+        return self.manifest.shards[shard].name
 
     def locate(self, i: int) -> tuple[int, int, int]:
         """Global view index -> (shard, view, image row in the shard)."""

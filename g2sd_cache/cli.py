@@ -8,8 +8,16 @@ import sys
 
 from .errors import UserError
 
-EXTRACT_EXAMPLE = "g2sd-cache extract --data /data/imagenet/train --teacher mae_visualize_vit_base.pth " \
+EXTRACT_EXAMPLE = "g2sd-cache extract --data /data/imagenet/train --teacher mae_pretrain_vit_base_full.pth " \
                   "--arch mae_vit_base_patch16 --out /cache/in1k-b16 --views 4"
+
+
+def _config_from_args(cls, args: argparse.Namespace, values: dict | None = None):
+    """The frozen config `cls` from parsed arguments (one per field; `values` first, flags override)."""
+    import dataclasses
+    merged = dict(values or {})
+    merged.update({f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+    return cls(**merged)
 
 
 def _add_extract(sub) -> None:
@@ -17,34 +25,46 @@ def _add_extract(sub) -> None:
     from .models import TEACHER_PRESETS
     p = sub.add_parser("extract", help="run the MAE teacher once over sampled views and write the target cache",
                        description="Sample K views (crop, flip, mask) of every image, run the frozen MAE teacher and "
-                                   "store LN-ed decoder features in a sharded zarr v3 cache. Rerunning the same "
-                                   "command resumes: complete shards are kept, the rest redone. "
-                                   f"Example: {EXTRACT_EXAMPLE}")
-    p.add_argument("--data", required=True, help="image folder (class sub-folders or flat; jpg/jpeg/png/webp) or "
-                   "webdataset tars: paths, brace patterns like 'train-{000000..000099}.tar', URLs, comma-separated")
-    p.add_argument("--teacher", required=True, help="official MAE checkpoint with decoder (mae_visualize_vit_*.pth "
-                   "or mae_pretrain_vit_*_full.pth), or 'random' / 'random:SEED' for a seeded random teacher")
-    p.add_argument("--arch", default="mae_vit_base_patch16", choices=list(TEACHER_PRESETS), help="teacher architecture")
-    p.add_argument("--out", required=True, help="cache directory to create (or resume)")
-    p.add_argument("--views", type=int, default=1, help="views per image; train uses view (epoch mod views)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the view sampler: view = f(seed, image, view index)")
-    p.add_argument("--target-layer", type=int, default=4, help="teacher decoder block whose LN-ed output is the target (G2SD: 4)")
-    p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches hidden (MAE: 0.75)")
-    p.add_argument("--img-size", type=int, default=224, help="crop size in pixels")
-    p.add_argument("--codec", default="fp16", choices=list(CODECS), help="how targets are stored: fp16/bf16 "
-                   "(2 B/value) or int8/fp8 with a per-token scale (1 B/value); see `g2sd-cache inspect` for errors")
-    p.add_argument("--shard-size", type=int, default=2048, help="views per cache shard for image folders "
-                   "(memory: about 2 shards of targets); tar sources keep one shard per tar")
-    p.add_argument("--chunk-views", type=int, default=64, help="images per inner zarr chunk (the unit of a read)")
-    p.add_argument("--batch-size", type=int, default=64, help="views per teacher forward")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader processes decoding images")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto: this rank's GPU if any)")
-    p.add_argument("--on-error", default="skip", choices=["skip", "fail"], help="unreadable images: skip and list "
-                   "them in the manifest, or stop with the path")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing cache at --out")
-    p.add_argument("--pixels", default="visible", choices=["visible", "none"], help="visible (default): also store "
-                   "each view's visible patches as uint8 (+37,632 B/view at 224 px, mask 0.75), so train needs no "
-                   "images and no JPEG decoding; none: a smaller cache, train then needs --data")
+                                   "store LN-ed decoder features (and each view's visible patches) in a sharded zarr v3 "
+                                   "cache. Rerunning the same command resumes: complete shards are kept, the rest "
+                                   f"redone. Example: {EXTRACT_EXAMPLE}")
+    data = p.add_argument_group("data")
+    data.add_argument("--data", required=True, help="image folder (class sub-folders or flat; jpg/jpeg/png/webp) or "
+                      "webdataset tars: paths, brace patterns like 'train-{000000..000099}.tar', URLs, comma-separated")
+    data.add_argument("--out", required=True, help="cache directory to create (or resume)")
+    data.add_argument("--pixels", default="visible", choices=["visible", "none"], help="visible (default): also store "
+                      "each view's visible patches as uint8 (+37,632 B/view at 224 px, mask 0.75), so train needs no "
+                      "images and no JPEG decoding; none: a smaller cache, train then needs --data")
+    data.add_argument("--on-error", default="skip", choices=["skip", "fail"], help="unreadable images: skip and list "
+                      "them in the manifest, or stop with the path")
+    data.add_argument("--overwrite", action="store_true", help="replace the cache at --out: only a folder marked as a "
+                      "g2sd-cache cache that holds nothing else is deleted; anything else is refused")
+    model = p.add_argument_group("teacher and views")
+    model.add_argument("--teacher", required=True, help="official MAE checkpoint with its decoder "
+                       "(mae_pretrain_vit_*_full.pth, G2SD's teacher, or mae_visualize_vit_*.pth), or 'random' / "
+                       "'random:SEED' for a seeded random teacher")
+    model.add_argument("--arch", default="mae_vit_base_patch16", choices=list(TEACHER_PRESETS),
+                       help="teacher architecture")
+    model.add_argument("--target-layer", type=int, default=4, help="teacher decoder block whose LN-ed output is the "
+                       "target (G2SD: 4)")
+    model.add_argument("--views", type=int, default=1, help="views per image; train uses view (epoch mod views)")
+    model.add_argument("--seed", type=int, default=0, help="seed of the view sampler (view = f(seed, image, view "
+                       "index)) and of the images' order in the shards")
+    model.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches hidden (MAE: 0.75)")
+    model.add_argument("--img-size", type=int, default=224, help="crop size in pixels")
+    store = p.add_argument_group("storage")
+    store.add_argument("--codec", default="fp16", choices=list(CODECS), help="how targets are stored: fp16/bf16 "
+                       "(2 B/value) or int8/fp8 with a per-token scale (1 B/value); see `g2sd-cache inspect` for "
+                       "each codec's error on your teacher")
+    store.add_argument("--shard-size", type=int, default=2048, help="views per cache shard for image folders "
+                       "(memory: about 2 shards of targets); tar sources keep one shard per tar")
+    store.add_argument("--chunk-views", type=int, default=64, help="images per inner zarr chunk (the unit of a "
+                       "read and of a checksum)")
+    perf = p.add_argument_group("performance")
+    perf.add_argument("--batch-size", type=int, default=64, help="views per teacher forward")
+    perf.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader processes "
+                      "decoding images")
+    perf.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto: this rank's GPU if any)")
 
 
 def _add_inspect(sub) -> None:
@@ -61,59 +81,102 @@ def _add_train(sub) -> None:
     p = sub.add_parser(
         "train", help="train a G2SD student from the cache (or online with the teacher, the baseline)",
         argument_default=argparse.SUPPRESS,
-        description="G2SD generic distillation. --cache: cached (no teacher forward, the product); --teacher: online "
-                    "G2SD as in the paper (the baseline); both: replay the cached views through the live teacher and "
-                    "log the target discrepancy (the verification). Run under `torchrun --nproc_per_node N` for DDP. "
-                    "Example: g2sd-cache train --data /data/imagenet/train --cache /cache/in1k-b16 --out runs/s16 "
-                    "--epochs 300 --batch-size 256")
-    p.add_argument("--data", help="image folder or tar shards: required online, and for caches extracted with "
-                   "--pixels none; optional with a pixel cache (then only checked against the cache's listing)")
-    p.add_argument("--out", help="run directory: checkpoint.pt, metrics.jsonl, tb/, config.yaml (required)")
-    p.add_argument("--cache", help="a cache written by `g2sd-cache extract`")
-    p.add_argument("--teacher", help="MAE checkpoint (or random[:SEED]) for online or replay mode")
-    p.add_argument("--arch", choices=list(TEACHER_PRESETS), help="teacher architecture for online mode "
-                   "(default mae_vit_base_patch16; replay takes the cache's)")
-    p.add_argument("--student", choices=list(STUDENT_PRESETS), help=f"student preset (default {DEFAULT_STUDENT})")
-    p.add_argument("--epochs", type=int, help="epochs to train (default 300, G2SD's); epoch e uses cached view e mod K")
-    p.add_argument("--steps", type=int, help="optimizer steps to train instead of --epochs")
-    p.add_argument("--batch-size", type=int, help="micro-batch per rank (default 64)")
-    p.add_argument("--accum-iter", type=int, help="micro-batches per optimizer step (default 1)")
-    p.add_argument("--blr", type=float, help="base lr; lr = blr x effective batch / 256 (default 1.5e-4)")
-    p.add_argument("--min-lr", type=float, help="lr at the end of the cosine (default 2.5e-6, G2SD's)")
-    p.add_argument("--weight-decay", type=float, help="AdamW weight decay on every parameter with 2 or more "
-                   "dimensions, cls and mask tokens included; none on biases and norms (default 0.05, as G2SD)")
-    p.add_argument("--warmup-epochs", type=float, help="linear warm-up length in epochs (default 10); with --steps, "
-                   "a warm-up longer than the run is refused")
-    p.add_argument("--warmup-steps", type=int, help="linear warm-up length in optimizer steps (overrides "
-                   "--warmup-epochs)")
-    p.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value (default: no clipping, as MAE)")
-    p.add_argument("--loss-tokens", choices=["all", "masked", "visible"], help="tokens the smooth-L1 averages over "
-                   "(default all, G2SD's; visible includes cls)")
-    p.add_argument("--beta", type=float, help="smooth-L1 beta (default 2.0, G2SD's)")
-    p.add_argument("--target-layer", type=int, help="online mode: teacher decoder block of the target (default 4)")
-    p.add_argument("--mask-ratio", type=float, help="online mode: fraction of patches hidden (default 0.75)")
-    p.add_argument("--img-size", type=int, help="online mode: crop size (default 224)")
-    p.add_argument("--workers", type=int, help="DataLoader processes per rank decoding images (image path only: "
-                   "online, replay without pixels, --pixels none caches; default 4). The data order does not "
-                   "depend on it")
-    p.add_argument("--prefetch", type=int, help="samples per worker and batches in flight ahead of the step (default 2)")
-    p.add_argument("--shuffle-window", type=int, help="views shuffled together in the epoch order (default 16384); "
-                   "reads stay within about window x bytes/view of the cache at a time")
-    p.add_argument("--seed", type=int, help="seed of student init and data order (default 0)")
-    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], help="autocast dtype (auto: bf16 on "
-                   "CUDA, fp32 on CPU)")
-    p.add_argument("--log-every", type=int, help="steps between console lines / metrics.jsonl records (default 20)")
-    p.add_argument("--save-every", type=int, help="steps between checkpoints (default 1000; also saved at the end)")
-    p.add_argument("--stop-after", type=int, help="end after this many steps as if preempted (checkpoint saved; "
-                   "the schedule still follows --epochs/--steps)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, mid-epoch, "
-                   "with the same samples in the same order, on any number of ranks and workers")
-    p.add_argument("--on-error", choices=["skip", "fail"], help="unreadable cache chunks or images: stop naming "
-                   "them (fail, default) or leave them out of the loss and count them (skip)")
-    p.add_argument("--log-samples", action="store_true", help="write the (image, view) of every sample to "
-                   "samples-rankN.jsonl (audits, tests)")
-    p.add_argument("--config", help="YAML file of these options (names with underscores); flags override it")
+        description="G2SD generic distillation. --cache: cached (no teacher forward, and with a pixel cache no image "
+                    "decoding: the product); --teacher: online G2SD as in the paper (the baseline); both: replay the "
+                    "cached views through the live teacher and log the target discrepancy (the verification). Run "
+                    "under `torchrun --nproc_per_node N` for DDP. Example: g2sd-cache train --cache /cache/in1k-b16 "
+                    "--out runs/s16 --config configs/g2sd_vit_small_from_vit_base.yaml")
+    data = p.add_argument_group("data")
+    data.add_argument("--cache", help="a cache written by `g2sd-cache extract`")
+    data.add_argument("--data", help="image folder or tar shards: required online, and for caches extracted with "
+                      "--pixels none; optional with a pixel cache (then only checked against the cache's listing)")
+    data.add_argument("--out", help="run directory: checkpoint.pt, metrics.jsonl, tb/, config.yaml (required); a new "
+                      "or empty folder, or one of train's own runs")
+    data.add_argument("--shuffle-window", type=int, help="views shuffled together in the epoch order (default 16384); "
+                      "reads stay within about window x bytes/view of the cache at a time")
+    data.add_argument("--on-error", choices=["skip", "fail"], help="unreadable cache chunks or images: stop naming "
+                      "them (fail, default) or leave them out of the loss and count them (skip)")
+    model = p.add_argument_group("model")
+    model.add_argument("--student", choices=list(STUDENT_PRESETS), help=f"student preset (default {DEFAULT_STUDENT})")
+    model.add_argument("--teacher", help="MAE checkpoint (or random[:SEED]) for online or replay mode")
+    model.add_argument("--arch", choices=list(TEACHER_PRESETS), help="teacher architecture for online mode "
+                       "(default mae_vit_base_patch16; replay takes the cache's)")
+    model.add_argument("--target-layer", type=int, help="online mode: teacher decoder block of the target (default 4)")
+    model.add_argument("--mask-ratio", type=float, help="online mode: fraction of patches hidden (default 0.75)")
+    model.add_argument("--img-size", type=int, help="online mode: crop size (default 224)")
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--epochs", type=int, help="epochs to train (default 300, G2SD's); epoch e uses cached view e "
+                     "mod K")
+    opt.add_argument("--steps", type=int, help="optimizer steps to train instead of --epochs")
+    opt.add_argument("--batch-size", type=int, help="micro-batch per rank (default 64)")
+    opt.add_argument("--accum-iter", type=int, help="micro-batches per optimizer step (default 1); the global batch "
+                     "is batch-size x accum-iter x ranks")
+    opt.add_argument("--blr", type=float, help="base lr; lr = blr x global batch / 256 (default 1.5e-4)")
+    opt.add_argument("--min-lr", type=float, help="lr at the end of the cosine (default 2.5e-6, G2SD's)")
+    opt.add_argument("--weight-decay", type=float, help="AdamW weight decay on every parameter with 2 or more "
+                     "dimensions, cls and mask tokens included; none on biases and norms (default 0.05, as G2SD)")
+    opt.add_argument("--warmup-epochs", type=float, help="linear warm-up length in epochs (default 10); with "
+                     "--steps, a warm-up longer than the run is refused")
+    opt.add_argument("--warmup-steps", type=int, help="linear warm-up length in optimizer steps (overrides "
+                     "--warmup-epochs)")
+    opt.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value (default: no clipping, as "
+                     "MAE)")
+    opt.add_argument("--loss-tokens", choices=["all", "masked", "visible"], help="tokens the smooth-L1 averages over "
+                     "(default all, G2SD's; visible includes cls)")
+    opt.add_argument("--beta", type=float, help="smooth-L1 beta (default 2.0, G2SD's)")
+    run = p.add_argument_group("run")
+    run.add_argument("--seed", type=int, help="seed of student init and data order (default 0)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, mid-epoch, "
+                     "with the same samples in the same order, on any number of ranks and workers")
+    run.add_argument("--stop-after", type=int, help="end after this many steps as if preempted (checkpoint saved; "
+                     "the schedule still follows --epochs/--steps)")
+    run.add_argument("--log-every", type=int, help="steps between console lines / metrics.jsonl records (default 20)")
+    run.add_argument("--save-every", type=int, help="steps between checkpoints (default 1000; also saved at the end)")
+    run.add_argument("--log-samples", action="store_true", help="write the (image, view, key) of every sample to "
+                     "samples-rankN.jsonl (audits, tests)")
+    run.add_argument("--config", help="YAML file of these options (names with underscores); flags override it")
+    perf = p.add_argument_group("performance")
+    perf.add_argument("--workers", type=int, help="DataLoader processes per rank decoding images (image path only: "
+                      "online, replay without pixels, --pixels none caches; default 4). The data order does not "
+                      "depend on it")
+    perf.add_argument("--prefetch", type=int, help="steps read ahead of the optimizer (and samples per worker on the "
+                      "image path; default 2)")
+    perf.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    perf.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], help="autocast dtype (auto: bf16 on "
+                      "CUDA, fp32 on CPU). fp16 is G2SD's (with a loss scaler); bf16 needs none. With fp16 the teacher "
+                      "(online, replay) runs in bf16 where the GPU has it, else in fp32")
+
+
+def _add_verify(sub) -> None:
+    from .verify import BF16_COMPUTE_TOLERANCE, CODEC_TOLERANCE
+    p = sub.add_parser(
+        "verify", help="check a cache: manifest vs disk, checksums, views exactly once, masks, crops, pixels, targets",
+        description="Check a cache without trusting it: the manifest against the shard folders and file sizes, every "
+                    "file's digest and every inner chunk's and shard index's crc32c (read directly, fast), no leftover "
+                    "temporary files, every (image, view) pair exactly once, masks keeping the manifest's visible "
+                    "count; with --data that the images are the ones extracted, every crop lies inside its image, "
+                    "every view regenerates from (seed, image, view) and stored pixels equal its visible patches. "
+                    "--deep N also replays N random views through the teacher and compares targets. Exit status 0 "
+                    "with a summary when all holds, 1 with one line per problem otherwise.")
+    p.add_argument("cache", help="cache directory (or fsspec URL) written by `g2sd-cache extract`")
+    p.add_argument("--data", default=None, metavar="PATH", help="the image folder or tar shards the cache was "
+                   "extracted from: also check the images (crc32c), keys, crop boxes, view regeneration and stored "
+                   "pixels (byte for byte)")
+    p.add_argument("--pixel-views", type=int, default=None, metavar="N", help="with --data, compare the stored pixels "
+                   "of a seeded sample of N views instead of every view (re-rendering costs ~2.4 ms of a core per view)")
+    p.add_argument("--deep", type=int, default=0, metavar="N", help="replay N random views through the live teacher "
+                   "(from the stored pixels; a --pixels none cache needs --data) and fail any whose stored target "
+                   "differs by more than the codec's tolerance (relative RMS: "
+                   f"{', '.join(f'{k} {v:g}' for k, v in CODEC_TOLERANCE.items())}; combined with "
+                   f"{BF16_COMPUTE_TOLERANCE:g} when bf16 autocast may be involved); default 0")
+    p.add_argument("--teacher", default=None, metavar="CKPT|random", help="teacher for --deep: the MAE checkpoint "
+                   "the cache was made with, or random[:SEED]; default: the one the manifest records. Its weights "
+                   "must have the manifest's sha256")
+    p.add_argument("--device", default="auto", help="device for --deep: auto (CUDA if available), cpu, cuda or "
+                   "cuda:N; CUDA replays under bf16 autocast as extract does")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="which views --deep and --pixel-views pick "
+                   "(default 0)")
+    p.add_argument("--json", action="store_true", help="print the report (problems and figures) as JSON")
 
 
 def _add_export(sub) -> None:
@@ -143,11 +206,7 @@ def _add_demo(sub) -> None:
 
 def _run_extract(args) -> int:
     from .extract import ExtractConfig, run_extract
-    cfg = ExtractConfig(data=args.data, out=args.out, teacher=args.teacher, arch=args.arch, views=args.views,
-                        seed=args.seed, target_layer=args.target_layer, mask_ratio=args.mask_ratio,
-                        img_size=args.img_size, codec=args.codec, shard_size=args.shard_size,
-                        chunk_views=args.chunk_views, batch_size=args.batch_size, workers=args.workers,
-                        device=args.device, on_error=args.on_error, overwrite=args.overwrite, pixels=args.pixels)
+    cfg = _config_from_args(ExtractConfig, args)
     s = run_extract(cfg)
     if "cache_views" in s:
         print(f"extracted {s['views']} views in {s['seconds']:.1f} s ({s['views_per_s']:.1f} views/s), "
@@ -168,18 +227,31 @@ def _run_inspect(args) -> int:
 def _run_train(args) -> int:
     from .config import check_keys, read_yaml
     from .train import TrainConfig, train
-    given = vars(args).copy()
-    given.pop("command")
     values = {}
-    if "config" in given:
-        path = given.pop("config")
-        values = read_yaml(path)
-        check_keys(values, TrainConfig, path)
-    values.update(given)
-    if not values.get("out"):
+    if hasattr(args, "config"):
+        values = read_yaml(args.config)
+        check_keys(values, TrainConfig, args.config)
+    if not getattr(args, "out", None) and not values.get("out"):
         raise UserError("--out is required (on the command line or in --config)")
-    summary = train(TrainConfig(**values))
+    summary = train(_config_from_args(TrainConfig, args, values))
     return 0 if summary else 1
+
+
+def _run_verify(args) -> int:
+    import json
+    from .verify import format_summary, verify_cache
+    report = verify_cache(args.cache, deep=args.deep, teacher=args.teacher, data=args.data, device=args.device,
+                          seed=args.seed, pixel_views=args.pixel_views)
+    if args.json:
+        print(json.dumps({"ok": report.ok, "problems": report.problems, "summary": report.summary}, indent=1,
+                         default=str))
+    elif report.ok:
+        print(format_summary(report))
+    else:
+        for line in report.problems:
+            print(line)
+        print(f"verify: {len(report.problems)} problem(s) in {report.path}")
+    return 0 if report.ok else 1
 
 
 def _run_demo(args) -> int:
@@ -203,12 +275,7 @@ def _run_export(args) -> int:
 
 COMMANDS = {"demo": (_add_demo, _run_demo), "extract": (_add_extract, _run_extract), "train": (_add_train, _run_train),
             "export": (_add_export, _run_export), "inspect": (_add_inspect, _run_inspect),
-            "verify": (lambda sub: _verify().add_parser(sub), lambda args: _verify().main_from_args(args))}
-
-
-def _verify():
-    from . import verify
-    return verify
+            "verify": (_add_verify, _run_verify)}
 
 
 def build_parser() -> argparse.ArgumentParser:

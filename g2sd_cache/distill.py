@@ -36,6 +36,7 @@ from .cache import Cache, open_cache
 from .dist import DistEnv
 from .errors import UserError
 from .kernels import masked_smooth_l1
+from .manifest_checks import source_problem
 from .models import (DEFAULT_STUDENT, STUDENT_PRESETS, TEACHER_PRESETS, G2SDStudent, MAETeacher, build_student,
                      build_teacher, load_student_state)
 from .sources import FolderSource, Source, TarSource, open_source
@@ -160,12 +161,11 @@ def prepare(cfg: TrainConfig, env: DistEnv) -> Setup:
         m = cache.manifest
         if source is None and not cache.has_pixels:
             raise UserError(f"cache {cfg.cache} was extracted with --pixels none, so training reads the images: "
-                            f"pass --data with the dataset it was extracted from ({m.source['root']})")
-        if source is not None and (m.source["kind"] != source.kind or m.source["fingerprint"] != source.fingerprint):
-            raise UserError(f"--data {cfg.data} is not the dataset the cache was extracted from "
-                            f"({m.source['kind']} {m.source['root']}, listing fingerprint {m.source['fingerprint'][:12]}..., "
-                            f"--data has {source.fingerprint[:12]}...); pass the same images")
-        geometry = m.view_geometry
+                            f"pass --data with the dataset it was extracted from ({m.source.root})")
+        mismatch = source_problem(m, source, cfg.data) if source is not None else None
+        if mismatch:
+            raise UserError(mismatch)
+        geometry = m.geometry
         target_layer, target_dim = m.target_layer, m.target_dim
         ignored = _flags_ignored_with_a_cache(cfg)
         if ignored:
@@ -187,12 +187,12 @@ def prepare(cfg: TrainConfig, env: DistEnv) -> Setup:
         if not 1 <= target_layer <= depth:
             raise UserError(f"--target-layer {target_layer}: must be between 1 and {depth}")
     if cfg.teacher:
-        arch = cache.manifest.teacher["arch"] if cache else cfg.arch
+        arch = cache.manifest.teacher.arch if cache else cfg.arch
         teacher, info = build_teacher(cfg.teacher, arch, geometry.img_size)
-        if cache and info.sha256 != cache.manifest.teacher["sha256"]:
-            raise UserError(f"--teacher {cfg.teacher} is not the teacher that made the cache "
-                            f"({cache.manifest.teacher['source']}, sha256 {cache.manifest.teacher['sha256'][:12]}...); "
-                            f"replay needs the same weights")
+        made = cache.manifest.teacher if cache else None
+        if made and info.sha256 != made.sha256:
+            raise UserError(f"--teacher {cfg.teacher} is not the teacher that made the cache ({made.source}, sha256 "
+                            f"{made.sha256[:12]}...); replay needs the same weights")
         teacher.to(env.device)
     student_patch = STUDENT_PRESETS[cfg.student].patch_size
     if student_patch != geometry.patch_size:

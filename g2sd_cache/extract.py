@@ -38,8 +38,9 @@ from .errors import UserError
 from .fsutil import write_text_atomic
 from .models import TEACHER_PRESETS, build_teacher
 from .ownership import FolderLock, claim_cache_folder
-from .schema import (CONFIG, FORMAT_VERSION, MANIFEST, SHARD_RECORD, TMP_MARK, Manifest, ShardRecord, array_specs,
-                     encode_keys, folder_order, folder_shard_source, shard_name, source_index_for_tar)
+from .schema import (CONFIG, FORMAT_VERSION, MANIFEST, SHARD_RECORD, TMP_MARK, Manifest, ShardEntry, ShardRecord,
+                     SourceRecord, TeacherRecord, array_specs, encode_keys, folder_order, shard_name,
+                     source_index_for_tar)
 from .sources import FolderSource, Source, TarMemberError, TarSource, open_source
 from .views import (ViewGeometry, decode_image, normalize_patches, render_view, replay_versions, sample_view,
                     visible_patches)
@@ -116,11 +117,6 @@ class ShardPlan:
     index: int
     start: int = 0
     stop: int = 0
-    seed: int = 0
-
-    def describe(self, source: Source) -> str:
-        return source.urls[self.index] if isinstance(source, TarSource) else \
-            folder_shard_source(self.start, self.stop, self.seed)
 
 
 def plan_shards(source: Source, cfg: ExtractConfig) -> list[ShardPlan]:
@@ -132,7 +128,7 @@ def plan_shards(source: Source, cfg: ExtractConfig) -> list[ShardPlan]:
     if per_shard >= cfg.chunk_views:  # whole inner chunks: zarr stores a partial edge chunk at full size
         per_shard -= per_shard % cfg.chunk_views
     n = len(source)
-    return [ShardPlan(i, s, min(n, s + per_shard), cfg.seed) for i, s in enumerate(range(0, n, per_shard))]
+    return [ShardPlan(i, s, min(n, s + per_shard)) for i, s in enumerate(range(0, n, per_shard))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,9 +297,10 @@ class _ShardAssembler:
         n = self.images
         arrays = {name: buf[:, :n] for name, buf in self.buffers.items()}
         arrays["key"] = encode_keys(arrays["key"].astype(str))
+        tar = source.urls[self.plan.index] if isinstance(source, TarSource) else None
         record = ShardRecord(index=self.plan.index, images=n, views_per_image=self.cfg.views,
-                             source=self.plan.describe(source), skipped=self.skipped, codec_error=self.codec_error,
-                             image_crc32c=self.image_crc32c)
+                             start=None if tar else self.plan.start, stop=None if tar else self.plan.stop, tar=tar,
+                             skipped=self.skipped, codec_error=self.codec_error, image_crc32c=self.image_crc32c)
         return ShardData(record, arrays)
 
 
@@ -372,21 +369,19 @@ def write_manifest(out: Path, cfg: ExtractConfig, source: Source, plans: list[Sh
     images = sum(r.images for r in records)
     left_out = list(getattr(source, "skipped", ()))   # entries the folder scan left out (never in the listing)
     skipped = [*left_out, *(s for r in records for s in r.skipped)]
-    source_info = {"kind": source.kind, "root": source.root, "fingerprint": source.fingerprint,
-                   "count": len(source) if isinstance(source, FolderSource) else images + len(skipped),
-                   "scan_skipped": len(left_out)}
-    if isinstance(source, TarSource):
-        source_info["shards"] = list(source.urls)
+    source_info = SourceRecord(
+        kind=source.kind, root=source.root, fingerprint=source.fingerprint, scan_skipped=len(left_out),
+        count=len(source) if isinstance(source, FolderSource) else images + len(skipped),
+        shards=tuple(source.urls) if isinstance(source, TarSource) else ())
     manifest = Manifest(
         format_version=FORMAT_VERSION,
-        teacher=dataclasses.asdict(teacher_info),
-        target_layer=cfg.target_layer,
-        geometry=dataclasses.asdict(cfg.geometry),
+        teacher=TeacherRecord(**dataclasses.asdict(teacher_info)),
+        target_layer=cfg.target_layer, geometry=cfg.geometry,
         views_per_image=cfg.views, seed=cfg.seed, codec=cfg.codec, pixels=cfg.pixels, tokens=tokens, target_dim=width,
         chunk_views=cfg.chunk_views, source=source_info,
         versions=replay_versions(), teacher_precision=teacher_precision(device),
-        shards=[{"name": shard_name(r.index), "images": r.images, "views": r.views, "complete": True,
-                 "source": r.source, "files": r.files, "record": d} for r, d in zip(records, digests)],
+        shards=tuple(ShardEntry(name=shard_name(r.index), images=r.images, views=r.views, files=r.files, record=d,
+                                start=r.start, stop=r.stop, tar=r.tar) for r, d in zip(records, digests)),
         skipped=skipped, codec_error=codec_error,
         views=sum(r.views for r in records), images=images,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -499,7 +494,7 @@ def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
         summary["peak_gpu_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
     if env.is_main:
         manifest = write_manifest(out, cfg, source, plans, info, tokens, width, env.device)
-        on_disk = sum(sum(s["files"].values()) for s in manifest.shards)
+        on_disk = sum(sum(s.files.values()) for s in manifest.shards)
         summary.update(cache_views=manifest.views, cache_images=manifest.images, cache_skipped=len(manifest.skipped),
                        cache_bytes=on_disk, bytes_per_view=on_disk / max(1, manifest.views))
     return summary

@@ -1,6 +1,8 @@
 """`g2sd-cache inspect CACHE`: what a cache holds, what it costs per view, and what each codec loses."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -15,18 +17,24 @@ def inspect_report(path: str, sample_views: int = 64) -> dict:
       i.e. what re-encoding this cache would lose on top of its own codec."""
     cache = open_cache(path)
     m = cache.manifest
-    on_disk = sum(sum(s["files"].values()) for s in m.shards)
+    on_disk = sum(sum(s.files.values()) for s in m.shards)
+
+    def stored(*arrays: str) -> float:   # bytes per view on disk of these arrays (chunk files and metadata)
+        return sum(n for s in m.shards for rel, n in s.files.items() if rel.split("/")[0] in arrays) / max(1, m.views)
+
     rng = np.random.default_rng(0)
     picks = sorted(rng.choice(len(cache), size=min(sample_views, len(cache)), replace=False).tolist()) if len(cache) else []
-    stored = torch.stack([cache[i].target for i in picks]) if picks else None
-    stored_error = ({name: codecs.codec_error(c, stored) for name, c in codecs.CODECS.items()}
-                    if stored is not None else {})
+    targets = torch.stack([cache[i].target for i in picks]) if picks else None
+    stored_error = ({name: codecs.codec_error(c, targets) for name, c in codecs.CODECS.items()}
+                    if targets is not None else {})
     return {
-        "teacher": m.teacher, "target_layer": m.target_layer, "geometry": m.geometry, "codec": m.codec,
+        "teacher": dataclasses.asdict(m.teacher), "target_layer": m.target_layer,
+        "geometry": dataclasses.asdict(m.geometry), "codec": m.codec, "pixels": m.pixels,
         "views_per_image": m.views_per_image, "seed": m.seed, "images": m.images, "views": m.views,
-        "shards": len(m.shards), "skipped": len(m.skipped), "source": m.source, "versions": m.versions,
-        "tokens": m.tokens, "target_dim": m.target_dim,
+        "shards": len(m.shards), "skipped": len(m.skipped), "source": dataclasses.asdict(m.source),
+        "versions": m.versions, "tokens": m.tokens, "target_dim": m.target_dim,
         "bytes": on_disk, "bytes_per_view": on_disk / max(1, m.views),
+        "stored_target_bytes_per_view": stored("target", "scale"), "stored_pixel_bytes_per_view": stored("pixels"),
         "target_bytes_per_view": m.tokens * m.target_dim * cache.codec.bytes_per_value()
         + (4 * m.tokens if cache.codec.scaled else 0),
         "extract_error": m.codec_error, "stored_error": stored_error, "sampled_views": len(picks),
@@ -43,8 +51,10 @@ def format_report(r: dict) -> str:
         f"geometry       {r['geometry']['img_size']}px, patch {r['geometry']['patch_size']}, "
         f"mask ratio {r['geometry']['mask_ratio']}",
         f"source         {r['source']['kind']} {r['source']['root']} ({r['source']['count']} inputs)",
-        f"size           {r['bytes'] / 2**20:.1f} MiB on disk, {r['bytes_per_view']:.0f} B/view "
-        f"(targets alone {r['target_bytes_per_view']} B/view)",
+        f"size           {r['bytes'] / 2**20:.1f} MiB on disk, {r['bytes_per_view']:.0f} B/view: targets "
+        f"{r['stored_target_bytes_per_view']:.0f} (codes {r['target_bytes_per_view']}), pixels "
+        f"{r['stored_pixel_bytes_per_view']:.0f}" + ("" if r["pixels"] == "visible" else " (--pixels none: training "
+                                                      "reads the images)"),
         "",
         "codec   rel RMSE vs fp32 (extract)   cosine     rel RMSE vs stored ({} views)".format(r["sampled_views"]),
     ]

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -94,12 +93,15 @@ def array_specs(codec: Codec, tokens: int, width: int, patches: int,
 @dataclass
 class ShardRecord:
     """shard.json: what one shard holds. `files` maps each file under the shard to its size in bytes,
-    `digests` to its digest (digests.py)."""
+    `digests` to its digest (digests.py). A folder shard holds the images at positions [start, stop) of
+    `folder_order(seed, listing size)`; a tar shard holds tar `tar` (its URL), start and stop None."""
 
     index: int
     images: int
     views_per_image: int
-    source: str                     # folder: `folder_shard_source(...)`; tars: the tar URL
+    start: int | None = None
+    stop: int | None = None
+    tar: str | None = None
     skipped: list[dict] = field(default_factory=list)   # [{"key", "error"}] inputs left out
     codec_error: dict = field(default_factory=dict)     # {codec: {rel_rmse, cosine}} on this shard's first batch
     files: dict[str, int] = field(default_factory=dict)
@@ -135,9 +137,6 @@ def decode_keys(codes: np.ndarray) -> np.ndarray:
 
 
 _FOLDER_ORDER_TAG = 0x6C697374  # keeps this random stream apart from the views' (seed, index, view) streams
-_FOLDER_SOURCE = re.compile(r"images (\d+)\.\.(\d+)(?: of the listing shuffled with seed (\d+))?")
-
-
 def folder_order(seed: int, count: int) -> np.ndarray:
     """[count] int64: the listing indices of a folder's images in the order extract deals them to shards
     and inner chunks, a pure function of (extract --seed, image count)."""
@@ -145,22 +144,9 @@ def folder_order(seed: int, count: int) -> np.ndarray:
     return rng.permutation(count)
 
 
-def folder_shard_source(start: int, stop: int, seed: int) -> str:
-    """A folder shard's `source`: it holds the images at positions start..stop of `folder_order(seed, n)`."""
-    return f"images {start}..{stop} of the listing shuffled with seed {seed}"
-
-
-def parse_folder_shard_source(text: str) -> tuple[int, int, int | None] | None:
-    """(start, stop, seed) of a folder shard's `source`, or None if it is not one. seed is None for caches
-    written before the shuffle ("images a..b": listing images a..b in listing order)."""
-    got = _FOLDER_SOURCE.fullmatch(str(text))
-    if not got:
-        return None
-    return int(got.group(1)), int(got.group(2)), None if got.group(3) is None else int(got.group(3))
-
-
-def source_index_for_tar(tar: int, position: int) -> int:
-    """Tar sources have no global image numbering: pack (tar number, position in tar) into one int."""
+def source_index_for_tar(tar, position):
+    """Tar sources have no global image numbering: pack (tar number, position in tar) into one int (works on
+    ints and on numpy arrays alike)."""
     return (tar << 32) | position
 
 
@@ -174,14 +160,54 @@ def unsupported_format(version) -> str:
             f"use the g2sd-cache release that wrote it, or re-extract the cache")
 
 
-@dataclass
+@dataclass(frozen=True)
+class TeacherRecord:
+    """The teacher that made a cache: its architecture, where it came from, the sha256 of its weights."""
+
+    arch: str
+    source: str          # "random:SEED" or the checkpoint path
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """The images a cache was made from. count: inputs in the listing (folder: images listed; tars: samples
+    read); fingerprint: sources.Source.fingerprint; scan_skipped: entries the folder scan left out (they come
+    first in the manifest's skipped list); shards: the tar URLs (tars only)."""
+
+    kind: str            # "folder" or "tars"
+    root: str
+    count: int
+    fingerprint: str
+    scan_skipped: int = 0
+    shards: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """The manifest's line for one shard: its record's counts and range, file sizes, and `record`, the digest
+    of its shard.json (which binds every file the record lists to this cache)."""
+
+    name: str
+    images: int
+    views: int
+    files: dict
+    record: str
+    start: int | None = None
+    stop: int | None = None
+    tar: str | None = None
+    complete: bool = True
+
+
+@dataclass(frozen=True)
 class Manifest:
-    """manifest.json: the single source of truth about a finished cache. Readers check it."""
+    """manifest.json: the single source of truth about a finished cache. Readers check it first
+    (manifest_checks.py), then build this typed view of it with `from_dict`."""
 
     format_version: int
-    teacher: dict          # {arch, source, sha256}
+    teacher: TeacherRecord
     target_layer: int
-    geometry: dict         # views.ViewGeometry as a dict
+    geometry: ViewGeometry
     views_per_image: int
     seed: int
     codec: str
@@ -189,19 +215,15 @@ class Manifest:
     tokens: int            # T, cls first
     target_dim: int        # D, the teacher's decoder width
     chunk_views: int
-    source: dict           # {kind, root, count, fingerprint, shards (tar URLs, tars only)}
+    source: SourceRecord
     versions: dict         # {torch, torchvision, pillow}: view replay depends on them
     teacher_precision: str  # "fp32" or "bf16-autocast": how the teacher ran (sets replay tolerances)
-    shards: list[dict]     # [{name, images, views, complete, source, files, record}]: record = digest of shard.json
-    skipped: list[dict]    # [{key, error}]
+    shards: tuple[ShardEntry, ...]
+    skipped: list[dict]    # [{key, error}]: the folder scan's entries first, then each shard's
     codec_error: dict      # {codec: {rel_rmse, cosine}}: every codec against fp32, on sampled views
     views: int
     images: int
     created: str
-
-    @property
-    def view_geometry(self) -> ViewGeometry:
-        return ViewGeometry(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.geometry.items()})
 
     @property
     def stores_pixels(self) -> bool:
@@ -209,7 +231,7 @@ class Manifest:
 
     def specs(self) -> dict[str, ArraySpec]:
         """The per-view arrays every shard of this cache holds."""
-        g = self.view_geometry
+        g = self.geometry
         return array_specs(get_codec(self.codec), self.tokens, self.target_dim, g.num_patches,
                            (g.num_visible, g.patch_size) if self.stores_pixels else None)
 
@@ -217,19 +239,50 @@ class Manifest:
         return json.dumps(asdict(self), indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> "Manifest":
-        from .errors import UserError
-        # A damaged or hand-edited manifest is a user-facing error (one line), not a JSONDecodeError/KeyError traceback.
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"cache manifest {MANIFEST} is not valid JSON ({e}); rerun the same `g2sd-cache extract` "
-                            f"command to rewrite it") from e
-        if not isinstance(data, dict):
-            raise UserError(f"cache manifest {MANIFEST} is not a JSON object; rerun `g2sd-cache extract` to rewrite it")
-        if data.get("format_version") != FORMAT_VERSION:
-            raise UserError(unsupported_format(data.get("format_version")))
-        missing = [k for k in cls.__dataclass_fields__ if k not in data]
-        if missing:
-            raise UserError(f"cache manifest {MANIFEST} lacks {', '.join(missing)}; rerun `g2sd-cache extract` to rewrite it")
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+    def from_dict(cls, data: dict) -> "Manifest":
+        """A manifest's JSON object -> the typed manifest. Check it first (`manifest_checks.manifest_problems`):
+        this trusts the types."""
+        fields = {k: data[k] for k in cls.__dataclass_fields__}
+        fields["teacher"] = TeacherRecord(**data["teacher"])
+        fields["geometry"] = geometry_from_dict(data["geometry"])
+        src = dict(data["source"])
+        fields["source"] = SourceRecord(**{**src, "shards": tuple(src.get("shards", ()))})
+        known = ShardEntry.__dataclass_fields__
+        fields["shards"] = tuple(ShardEntry(**{k: v for k, v in e.items() if k in known}) for e in data["shards"])
+        return cls(**fields)
+
+
+def geometry_from_dict(data: dict) -> ViewGeometry:
+    """views.ViewGeometry from its JSON form (pairs are lists there)."""
+    return ViewGeometry(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def parse_manifest(text: str) -> dict:
+    """manifest.json's text -> its JSON object, with every field of this format present. A damaged or hand-edited
+    manifest, or one of another format version, is a one-line UserError (never a JSONDecodeError traceback)."""
+    from .errors import UserError
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"cache manifest {MANIFEST} is not valid JSON ({e}); rerun the same `g2sd-cache extract` "
+                        f"command to rewrite it") from e
+    if not isinstance(data, dict):
+        raise UserError(f"cache manifest {MANIFEST} is not a JSON object; rerun `g2sd-cache extract` to rewrite it")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise UserError(unsupported_format(data.get("format_version")))
+    missing = [k for k in Manifest.__dataclass_fields__ if k not in data]
+    if missing:
+        raise UserError(f"cache manifest {MANIFEST} lacks {', '.join(missing)}; rerun `g2sd-cache extract` to rewrite it")
+    return data
+
+
+def read_manifest_text(fs, root: str, shown: str) -> str:
+    """The text of the manifest of the cache at `root` (an fsspec path; `shown` is how the user wrote it), or the
+    one-line refusal for a folder that is not a finished cache."""
+    from .errors import UserError
+    if not fs.exists(f"{root}/{MANIFEST}"):
+        if fs.exists(f"{root}/{CONFIG}"):
+            raise UserError(f"cache {shown} is incomplete: extraction has not finished (no {MANIFEST}); rerun the "
+                            f"same `g2sd-cache extract` command to complete it")
+        raise UserError(f"{shown} is not a g2sd-cache cache (no {MANIFEST}); create one with `g2sd-cache extract`")
+    return fs.cat_file(f"{root}/{MANIFEST}").decode()

@@ -13,13 +13,12 @@ from __future__ import annotations
 import math
 import mmap
 
-import google_crc32c
 import numpy as np
 import zarr
 from zarr.storage import WrapperStore
 
 from .errors import CacheCorruptError
-from .zarr_layout import MAX_UINT_64, ArrayLayout, read_shard_index
+from .zarr_layout import MAX_UINT_64, ArrayLayout, crc32c_ok, read_shard_index
 
 
 def _check_index(index: np.ndarray, shard: str, rel: str) -> None:
@@ -54,8 +53,7 @@ class MappedShardFile:
             raise CacheCorruptError.in_shard(self.shard, f"{self.rel}: inner chunk {j} has a bad size or offset")
         if j not in self.verified:
             body = np.frombuffer(self.buf, dtype=np.uint8, count=self.chunk_bytes, offset=offset)
-            stored = self.buf[offset + self.chunk_bytes:offset + nbytes]
-            if google_crc32c.value(body).to_bytes(4, "little") != stored:
+            if not crc32c_ok(body, self.buf[offset + self.chunk_bytes:offset + nbytes]):
                 raise CacheCorruptError.in_shard(self.shard, f"{self.rel}: inner chunk {j} fails its crc32c")
             self.verified.add(j)
         flat = np.frombuffer(self.buf, dtype=self.dtype, count=self.chunk_bytes // self.dtype.itemsize, offset=offset)

@@ -71,6 +71,17 @@ def parse_layout(meta: dict) -> ArrayLayout:
         separator=enc.get("configuration", {}).get("separator", "/"))
 
 
+def crc32c_ok(body: bytes | memoryview, stored: bytes | memoryview) -> bool:
+    """Whether `stored` (4 bytes, little-endian) is the crc32c of `body`: the one checksum test of the cache.
+    `body` may be any buffer (a slice of a memory map): it is not copied."""
+    return google_crc32c.value(np.frombuffer(body, dtype=np.uint8)).to_bytes(4, "little") == bytes(stored)
+
+
+def chunk_crc_ok(chunk: bytes | memoryview) -> bool:
+    """An inner chunk (or a shard index) as stored: its bytes, then the crc32c of them."""
+    return crc32c_ok(chunk[:-4], chunk[-4:])
+
+
 def read_shard_index(data: bytes | memoryview, n_chunks: int, at_end: bool = True) -> np.ndarray:
     """The sharding index of a shard file: [n_chunks, 2] uint64 (offset, nbytes); empty chunks hold
     2**64-1 in both. Raises ValueError if the file is shorter than its index or the index's crc32c fails."""
@@ -79,7 +90,6 @@ def read_shard_index(data: bytes | memoryview, n_chunks: int, at_end: bool = Tru
     if len(view) < size:
         raise ValueError(f"file of {len(view)} bytes is shorter than its {size}-byte shard index")
     raw = view[len(view) - size:] if at_end else view[:size]
-    body, stored = raw[:-4], bytes(raw[-4:])
-    if google_crc32c.value(bytes(body)).to_bytes(4, "little") != stored:
+    if not chunk_crc_ok(raw):
         raise ValueError("the shard index fails its crc32c")
-    return np.frombuffer(body, dtype="<u8").reshape(n_chunks, 2)
+    return np.frombuffer(raw[:-4], dtype="<u8").reshape(n_chunks, 2)

@@ -92,13 +92,12 @@ def _write_images(root: Path, n: int, seed: int = 0, sizes=((80, 160), (60, 120)
 
 
 def _geometry(cache) -> ViewGeometry:
-    g = dict(cache.manifest.geometry)
-    return ViewGeometry(**{**g, "scale": tuple(g["scale"]), "ratio": tuple(g["ratio"])})
+    return cache.manifest.geometry
 
 
 def _replay(cache, image, rec, teacher) -> torch.Tensor:
     """The live teacher's target for a cached view, from the image and the cache's crop/flip/mask."""
-    pixels = render_view(image, rec.crop, rec.flip, cache.manifest.geometry["img_size"])
+    pixels = render_view(image, rec.crop, rec.flip, cache.manifest.geometry.img_size)
     return teacher.targets(normalize(pixels[None]), rec.mask[None], cache.manifest.target_layer)[0]
 
 
@@ -129,7 +128,7 @@ def codec_caches(image_folder, micro_cache, tmp_path_factory):
 def test_cached_targets_equal_a_direct_teacher_forward(codec, codec_caches, image_folder, teacher):
     cache = open_cache(codec_caches[codec])
     m = cache.manifest
-    assert m.codec == codec and m.teacher["source"] == "random:0" and m.target_layer == 4
+    assert m.codec == codec and m.teacher.source == "random:0" and m.target_layer == 4
     assert (m.tokens, m.target_dim) == (17, 32)
     geometry = _geometry(cache)
     keys = sorted(p.relative_to(image_folder).as_posix() for p in image_folder.rglob("*.jpg"))
@@ -173,14 +172,14 @@ def test_stored_pixels_are_the_visible_patches_of_the_regenerated_view(micro_cac
     # the block API returns them as one array, in row order
     b = cache.read_block(0, 1, 1, 3)
     assert b.pixels.shape == (2, geometry.num_visible, 16, 16, 3)
-    assert np.array_equal(b.pixels[1], cache[cache.manifest.shards[0]["images"] + 2].pixels.numpy())
+    assert np.array_equal(b.pixels[1], cache[cache.manifest.shards[0].images + 2].pixels.numpy())
     # --pixels none: today's smaller cache, the same views and targets, no pixels
     none = tmp_path / "none"
     run_extract(micro_extract_config(image_folder, none, pixels="none"))
     small = open_cache(none)
     assert not small.has_pixels and small.manifest.pixels == "none" and small[0].pixels is None
     assert small[5].crop == cache[5].crop and torch.equal(small[5].target, cache[5].target)
-    assert not any(f.startswith("pixels/") for s in small.manifest.shards for f in s["files"])
+    assert not any(f.startswith("pixels/") for s in small.manifest.shards for f in s.files)
 
 
 def test_every_image_and_view_exactly_once(codec_caches, image_folder):
@@ -190,16 +189,15 @@ def test_every_image_and_view_exactly_once(codec_caches, image_folder):
         cache = open_cache(path)
         m = cache.manifest
         assert len(cache) == m.views == 24 and m.images == 12 and m.views_per_image == 2
-        assert [s["images"] for s in m.shards] == [4, 4, 4] and all(s["complete"] for s in m.shards)
-        assert m.source["kind"] == "folder" and m.source["count"] == 12 and m.skipped == []
+        assert [s.images for s in m.shards] == [4, 4, 4] and all(s.complete for s in m.shards)
+        assert m.source.kind == "folder" and m.source.count == 12 and m.skipped == []
         seen = [(cache[i].key, cache[i].view) for i in range(len(cache))]
         assert sorted(seen) == sorted((k, v) for k in keys for v in range(2)), codec
         # on-disk order: shard by shard, view-major inside a shard, images in the seeded order of the listing
         order = folder_order(m.seed, 12)
         expect = [(keys[order[s * 4 + r]], v) for s in range(3) for v in range(2) for r in range(4)]
         assert seen == expect
-        assert [s["source"] for s in m.shards] == [f"images {a}..{a + 4} of the listing shuffled with seed 0"
-                                                  for a in (0, 4, 8)]
+        assert [(s.start, s.stop, s.tar) for s in m.shards] == [(a, a + 4, None) for a in (0, 4, 8)]
         for name in ("torch", "torchvision", "pillow"):
             assert m.versions[name]
 
@@ -318,9 +316,9 @@ def test_corrupt_images_are_skipped_and_listed(folder_with_bad_images, tmp_path,
     assert sorted(s["key"] for s in m.skipped) == ["02_truncated.jpg", "03_empty.jpg", "05_text.jpg"]
     assert all(s["error"] and "\n" not in s["error"] for s in m.skipped)
     assert m.images == 4 and m.views == 4 == len(cache)
-    assert m.source["count"] == 7
+    assert m.source.count == 7
     assert folder_order(2, 7).tolist() == [1, 3, 2, 5, 6, 4, 0]
-    assert [s["images"] for s in m.shards] == [1, 0, 2, 1]  # the all-bad shard is complete and empty
+    assert [s.images for s in m.shards] == [1, 0, 2, 1]  # the all-bad shard is complete and empty
     recs = [cache[i] for i in range(len(cache))]
     assert [r.key for r in recs] == ["01.jpg", "06.jpg", "04.jpg", "00.jpg"]
     assert [r.source_index for r in recs] == [1, 6, 4, 0]  # indices of the sorted listing, not renumbered
@@ -443,11 +441,11 @@ def test_tar_sources_one_shard_per_tar_keyed_by___key__(tmp_path, teacher):
     run_extract(micro_extract_config(spec, out, views=2))
     cache = open_cache(out)
     m = cache.manifest
-    assert m.source["kind"] == "tars" and m.source["shards"] == [str(p) for p in [*tars, bad_tar]]
-    assert [s["images"] for s in m.shards] == [4, 3, 2]
-    assert [s["source"] for s in m.shards] == m.source["shards"]
+    assert m.source.kind == "tars" and m.source.shards == tuple(str(p) for p in [*tars, bad_tar])
+    assert [s.images for s in m.shards] == [4, 3, 2]
+    assert [s.tar for s in m.shards] == list(m.source.shards)
     assert sorted(s["key"] for s in m.skipped) == ["a1", "a2"]
-    assert m.images == 9 and m.views == 18 == len(cache) and m.source["count"] == 11
+    assert m.images == 9 and m.views == 18 == len(cache) and m.source.count == 11
     members = [_tar_keys(tars[0]), _tar_keys(tars[1]), ["a0", "a3"]]
     geometry = _geometry(cache)
     images = {}
@@ -502,8 +500,8 @@ def test_inspect_prints_bytes_per_view_and_every_codecs_error(micro_cache, capsy
     text = capsys.readouterr().out
     r = inspect_report(str(micro_cache))
     m = open_cache(micro_cache).manifest
-    on_disk = sum(sum(s["files"].values()) for s in m.shards)
-    assert r["bytes"] == on_disk == sum(p.stat().st_size for s in m.shards for p in (micro_cache / s["name"]).rglob("*")
+    on_disk = sum(sum(s.files.values()) for s in m.shards)
+    assert r["bytes"] == on_disk == sum(p.stat().st_size for s in m.shards for p in (micro_cache / s.name).rglob("*")
                                         if p.is_file() and p.name != "shard.json")
     assert r["bytes_per_view"] == pytest.approx(on_disk / 24)
     assert f"{r['bytes_per_view']:.0f} B/view" in text

@@ -36,7 +36,8 @@ from g2sd_cache.schema import MANIFEST, SHARD_RECORD, TMP_MARK, Manifest, decode
 from g2sd_cache.sources import FolderSource
 from g2sd_cache.synthetic import jpeg_bytes, make_image_folder, make_tar_shards, synthetic_image
 from g2sd_cache.train import TrainConfig, train
-from g2sd_cache.verify import main as verify_main, verify_cache
+from g2sd_cache.cli import main as cli_main
+from g2sd_cache.verify import format_summary, verify_cache
 from g2sd_cache.zarr_layout import MAX_UINT_64, parse_layout, read_shard_index
 from g2sd_cache.views import ViewGeometry, sample_view
 
@@ -121,9 +122,14 @@ def micro_train_config(data, cache, out, **overrides) -> TrainConfig:
     return TrainConfig(**base)
 
 
+def verify_main(argv: list[str]) -> int:
+    """`g2sd-cache verify ARGV...` in this process: its exit status."""
+    return cli_main(["verify", *argv])
+
+
 def run_verify_cli(*argv: str) -> tuple[int, str]:
-    """`g2sd-cache verify ...` through its own argparse entry point, in a subprocess (exit code, stdout+stderr)."""
-    proc = subprocess.run([sys.executable, "-m", "g2sd_cache.verify", *argv], capture_output=True, text=True,
+    """`g2sd-cache verify ...` through the command line, in a subprocess (exit code, stdout+stderr)."""
+    proc = subprocess.run([sys.executable, "-m", "g2sd_cache.cli", "verify", *argv], capture_output=True, text=True,
                           timeout=300)
     return proc.returncode, proc.stdout + proc.stderr
 
@@ -138,8 +144,10 @@ def test_verify_passes_on_a_sound_cache(micro_cache, image_folder):
     assert report.ok, report.problems
     s = report.summary
     assert s["pairs"] == s["views"] == 24 and s["chunks"] > 0 and s["regenerated"] == 24
+    assert s["pixel_views_checked"] == 24          # stored pixels == the rendered visible patches, every view
     assert s["deep"]["views"] == 6 and s["deep"]["worst_rel_rmse"] < 1e-3   # fp16 loses ~2e-4
-    text = report.format_summary()
+    assert s["deep"]["from"] == "stored pixels"
+    text = format_summary(report)
     assert len(text.splitlines()) <= 12 and "OK" in text
 
 
@@ -157,8 +165,8 @@ def test_verify_cli_exit_codes(micro_cache, tmp_path, capsys):
     assert verify_main([str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert "is not a g2sd-cache cache" in err and len(err.strip().splitlines()) == 1, err
-    assert verify_main([str(micro_cache), "--deep", "2"]) == 2
-    assert "pass --data" in capsys.readouterr().err
+    assert verify_main([str(micro_cache), "--deep", "2"]) == 0       # a pixel cache replays from its pixels
+    assert "replayed from stored pixels" in capsys.readouterr().out
 
 
 def test_verify_deep_catches_a_wrong_target(micro_cache, image_folder, tmp_path):
@@ -262,30 +270,12 @@ def _swap_rows(cache: Path, shard: str, a: int, b: int) -> None:
 
 
 def test_verify_checks_folder_shards_follow_the_seeded_order(micro_cache, image_folder, tmp_path):
-    """A folder shard's rows are its run of the listing shuffled with the extract seed, in that order; caches
-    written before the shuffle ('images a..b', rows in listing order) still verify."""
+    """A folder shard's rows are its run [start, stop) of the listing shuffled with the extract seed, in that
+    order."""
     c = copy_cache(micro_cache, tmp_path / "c")
     _swap_rows(c, "shard-00001", 0, 1)
     assert verify_cache(str(c)).problems == [
         "shard-00001: rows are not in the order of the listing shuffled with seed 0"]
-
-    old = copy_cache(micro_cache, tmp_path / "old")            # rewritten to the layout of earlier versions
-    keys = FolderSource.scan(str(image_folder)).keys
-    m = json.loads((old / MANIFEST).read_text())
-    for s, entry in enumerate(m["shards"]):
-        rows = np.arange(4 * s, 4 * s + 4)
-        g = zarr.open_group(old / entry["name"], mode="r+")
-        g["source_index"][...] = np.broadcast_to(rows, (2, 4))
-        g["key"][...] = encode_keys(np.array([[keys[r] for r in rows]] * 2))
-        entry["source"] = f"images {4 * s}..{4 * s + 4}"
-        rec = json.loads((old / entry["name"] / SHARD_RECORD).read_text())
-        (old / entry["name"] / SHARD_RECORD).write_text(json.dumps(dict(rec, source=entry["source"])))
-    (old / MANIFEST).write_text(json.dumps(m))
-    for entry in m["shards"]:
-        _rerecord(old, entry["name"])
-    assert verify_cache(str(old)).problems == []
-    _swap_rows(old, "shard-00002", 2, 3)
-    assert verify_cache(str(old)).problems == ["shard-00002: rows are not in ascending image order"]
 
 
 def test_verify_reports_a_damaged_manifest(micro_cache, tmp_path, capsys):
@@ -606,10 +596,10 @@ def test_bad_images_are_skipped_and_listed(faulty_folder, image_folder, micro_ca
     out = tmp_path / "c"
     summary = run_extract(micro_extract_config(faulty_folder, out, on_error="skip"))
     assert summary["skipped_images"] == 3
-    m = Manifest.from_json((out / MANIFEST).read_text())
+    m = open_cache(out).manifest
     assert sorted(s["key"] for s in m.skipped) == sorted(BAD_KEYS)
     assert all(s["error"] for s in m.skipped)
-    assert m.images == 12 and m.source["count"] == 15
+    assert m.images == 12 and m.source.count == 15
     report = verify_cache(str(out), data=str(faulty_folder))
     assert report.ok, report.problems
     cache = open_cache(str(out))
@@ -661,7 +651,7 @@ def test_corrupt_tar_members_are_skipped_and_listed(faulty_tars, tmp_path):
     spec = str(faulty_tars / "train-{000000..000001}.tar")
     out = tmp_path / "c"
     run_extract(micro_extract_config(spec, out, on_error="skip"))
-    m = Manifest.from_json((out / MANIFEST).read_text())
+    m = open_cache(out).manifest
     assert m.images == 5, m.skipped
     keys = [s["key"] for s in m.skipped]
     assert "bad0" in keys
@@ -694,7 +684,7 @@ def test_corrupt_tar_header_is_not_silent(tmp_path):
     path.write_bytes(bytes(data))
     out = tmp_path / "c"
     run_extract(micro_extract_config(str(path), out, on_error="skip"))
-    m = Manifest.from_json((out / MANIFEST).read_text())
+    m = open_cache(out).manifest
     assert m.images == 4 or m.skipped, f"{4 - m.images} of 4 samples dropped silently: {m.images} cached, none skipped"
 
 
@@ -1227,9 +1217,9 @@ def test_a_duplicated_key_in_a_tar_is_skipped_and_listed(tmp_path):
     _tar_with_members(path, [("a.jpg", images[0]), ("b.jpg", images[1]), ("a.jpg", images[2]), ("c.jpg", images[3])])
     out = tmp_path / "c"
     run_extract(micro_extract_config(str(path), out))
-    m = Manifest.from_json((out / MANIFEST).read_text())
+    m = open_cache(out).manifest
     keys = [str(k) for k in open_cache(str(out)).read_block(0, 0, 0, 3).key]
-    assert m.images == 3 and keys == ["a", "b", "c"] and m.source["count"] == 4
+    assert m.images == 3 and keys == ["a", "b", "c"] and m.source.count == 4
     assert [s["key"] for s in m.skipped] == ["a (second copy)"] and "appears twice" in m.skipped[0]["error"]
     assert verify_cache(str(out), data=str(path)).ok
     with pytest.raises(UserError, match="appears twice"):
@@ -1273,7 +1263,7 @@ def test_the_folder_scan_takes_each_real_image_once_and_lists_the_rest(tricky_fo
                              "class001/self.jpg", "class002/pipe.jpg", "class002/bad\\xffname.jpg"}, left_out
     assert "FIFO" in left_out["class002/pipe.jpg"] and "UTF-8" in left_out["class002/bad\\xffname.jpg"]
     assert "note: 7 entries of --data" in capsys.readouterr().out
-    m = Manifest.from_json((out / MANIFEST).read_text())
+    m = open_cache(out).manifest
     assert m.images == 12 and [s["key"] for s in m.skipped] == [s["key"] for s in source.skipped]
     assert verify_cache(str(out), data=str(tricky_folder)).ok
     for shard in ("shard-00000", "shard-00001", "shard-00002"):
@@ -1308,8 +1298,8 @@ def test_a_truncated_tar_is_one_skipped_entry_and_counts_one_input(tmp_path):
     path.write_bytes(path.read_bytes()[: last.offset_data + last.size // 2])
     out = tmp_path / "c"
     run_extract(micro_extract_config(str(path), out))
-    m = Manifest.from_json((out / MANIFEST).read_text())
-    assert m.images == 2 and m.source["count"] == 3 and len(m.skipped) == 1, m.skipped
+    m = open_cache(out).manifest
+    assert m.images == 2 and m.source.count == 3 and len(m.skipped) == 1, m.skipped
     assert "s2.jpg" in m.skipped[0]["key"] and "unexpected end of data" in m.skipped[0]["error"]
     assert verify_cache(str(out), data=str(path)).ok
 
@@ -1331,8 +1321,8 @@ def test_tar_link_members_are_listed_not_dropped(tmp_path):
                     tar.addfile(info)
     out = tmp_path / "c"
     run_extract(micro_extract_config(str(path), out))
-    m = Manifest.from_json((out / MANIFEST).read_text())
-    assert m.images == 2 and m.source["count"] == 4
+    m = open_cache(out).manifest
+    assert m.images == 2 and m.source.count == 4
     assert {s["key"]: ("symbolic link" in s["error"], "hard link" in s["error"]) for s in m.skipped} == {
         "s1": (True, False), "s2": (False, True)}
 

@@ -40,7 +40,7 @@ def test_cache_blocks_mix_classes_like_a_global_shuffle(tmp_path):
     keys = FolderSource.scan(str(folder)).keys
     classes = np.array([int(k[1:4]) for k in keys])
     assert len(keys) == CLASSES * PER_CLASS and (np.diff(classes) >= 0).all()   # a class-sorted listing
-    stored = [zarr.open_group(str(out / s["name"]), mode="r")["source_index"][0]
+    stored = [zarr.open_group(str(out / s.name), mode="r")["source_index"][0]
               for s in open_cache(out).manifest.shards]
     assert np.array_equal(np.concatenate(stored), folder_order(0, len(keys)))
 
