@@ -49,9 +49,14 @@ class ArraySpec:
 
 
 def array_specs(codec: Codec, tokens: int, width: int, patches: int) -> dict[str, ArraySpec]:
-    """Per-view arrays of a shard. `target` holds codes; `scale` exists for scaled codecs only."""
+    """Per-view arrays of a shard. `target` holds codes ([T, D], int4: [T, D/2] packed); `scale` exists for
+    scaled codecs only ([T] float32, int4: [T, D/32] float16)."""
+    if codec.values_per_code > 1 and width % codec.values_per_code:
+        from .errors import UserError
+        raise UserError(f"codec {codec.name} packs {codec.values_per_code} values per byte and needs a target width "
+                        f"divisible by {codec.values_per_code}; this teacher's is {width}: choose another --codec")
     specs = {
-        "target": ArraySpec((tokens, width), codec.storage_dtype),
+        "target": ArraySpec((tokens, codec.code_width(width)), codec.storage_dtype),
         "mask": ArraySpec((patches,), "bool"),
         "crop": ArraySpec((4,), "int32"),          # top, left, height, width in source pixels
         "flip": ArraySpec((), "bool"),
@@ -60,7 +65,7 @@ def array_specs(codec: Codec, tokens: int, width: int, patches: int) -> dict[str
         "key": ArraySpec((None,), "uint8"),
     }
     if codec.scaled:
-        specs["scale"] = ArraySpec((tokens,), "float32")
+        specs["scale"] = ArraySpec(codec.scale_shape(tokens, width), codec.scale_dtype)
     return specs
 
 
