@@ -126,6 +126,9 @@ _FLOAT8 = getattr(torch, "float8_e4m3fn", None)
 # TARGET_KIND constexpr values
 _KIND_FLOAT, _KIND_INT8, _KIND_FP8_NATIVE, _KIND_FP8_BITS, _KIND_INT4 = 0, 1, 2, 3, 4
 
+#: compute capability from which NVIDIA GPUs convert float8e4nv natively (older ones decode the bits)
+NATIVE_FP8_CAPABILITY = (8, 9)
+
 _MAX_BLOCK_D = 4096
 _TILE = 4096
 _SCALE_BLOCK = 4096
@@ -245,7 +248,7 @@ def _use_native_fp8(device: torch.device) -> bool:
         return _FP8_DECODE == "native"
     if _INTERPRET or device.type != "cuda" or torch.version.hip is not None:
         return False  # (ROCm GPUs use other fp8 variants natively: decode the bits there too)
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+    return torch.cuda.get_device_capability(device) >= NATIVE_FP8_CAPABILITY
 
 
 def _check_triton_usable(device: torch.device) -> None:
