@@ -31,7 +31,7 @@ import zarr
 
 from . import codecs
 from .errors import CacheCorruptError, UserError
-from .schema import MANIFEST, Manifest, array_specs, decode_keys
+from .schema import MANIFEST, Manifest, decode_keys
 from .shard_files import MappedShardFile, ZarrShardFile, can_map, strict_store
 from .zarr_layout import parse_layout
 
@@ -39,7 +39,8 @@ from .zarr_layout import parse_layout
 @dataclass(frozen=True)
 class ViewRecord:
     """One cached view. crop = (top, left, height, width); mask: [L] bool (True = hidden);
-    target: [T, D] float32, decoded from the cache's codec."""
+    target: [T, D] float32, decoded from the cache's codec; pixels: the visible patches as rendered,
+    [n_keep, p, p, 3] uint8 (None for a cache extracted with --pixels none)."""
 
     key: str
     source_index: int
@@ -48,13 +49,14 @@ class ViewRecord:
     flip: bool
     mask: torch.Tensor
     target: torch.Tensor
+    pixels: torch.Tensor | None = None
 
 
 @dataclass
 class Block:
     """Images [start, stop) of view `view` of shard `shard`, as stored. Arrays have n = stop - start rows:
     codes [n, T, D] (codec storage dtype), scale [n, T] float32 or None, mask [n, L], crop [n, 4], flip [n],
-    source_index [n], key [n]."""
+    source_index [n], key [n], pixels [n, n_keep, p, p, 3] uint8 or None."""
 
     shard: int
     view: int
@@ -67,6 +69,7 @@ class Block:
     flip: np.ndarray
     source_index: np.ndarray
     key: np.ndarray
+    pixels: np.ndarray | None = None
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -95,7 +98,7 @@ class Cache:
         views_per_shard = [s["views"] for s in self.manifest.shards]
         self._offsets = np.cumsum([0] + views_per_shard).tolist()
         m = self.manifest
-        self._specs = array_specs(self.codec, m.tokens, m.target_dim, m.tokens - 1)
+        self._specs = m.specs()
         self._reset()
 
     def _reset(self) -> None:
@@ -103,11 +106,14 @@ class Cache:
         self._files: OrderedDict[tuple[int, int, str], MappedShardFile | ZarrShardFile] = OrderedDict()
         self._groups: dict[int, zarr.Group] = {}
         self._sized: set[int] = set()
+        # Inner chunks whose crc32c passed, per (shard, view, array): kept when a file leaves the LRU of open
+        # files, so each chunk is checked once per process, not once per reopening (every epoch at scale).
+        self._verified: dict[tuple[int, int, str], set[int]] = {}
         self._pid = os.getpid()
 
     # -- pickling / fork safety ------------------------------------------------------------
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_files", "_groups", "_sized", "_pid")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_files", "_groups", "_sized", "_verified", "_pid")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -144,7 +150,7 @@ class Cache:
             raise CacheCorruptError.in_shard(entry["name"], f"{name}/zarr.json: {type(e).__name__}: {e}") from e
         rel = f"{name}/" + next(r for coord, r in layout.shard_files() if coord[0] == view)
         if can_map(layout, self._local):
-            reader = MappedShardFile(f"{base}/{rel}", layout, entry["name"], rel)
+            reader = MappedShardFile(f"{base}/{rel}", layout, entry["name"], rel, self._verified.setdefault(key, set()))
         else:
             size = entry["files"].get(rel, 0)
             index_bytes = 16 * math.prod(layout.chunks_per_shard) + 4
@@ -175,6 +181,11 @@ class Cache:
     def views_per_image(self) -> int:
         return self.manifest.views_per_image
 
+    @property
+    def has_pixels(self) -> bool:
+        """Whether every view's visible patches are stored (then training needs no images)."""
+        return "pixels" in self._specs
+
     def shard_name(self, shard: int) -> str:
         return self.manifest.shards[shard]["name"]
 
@@ -197,7 +208,25 @@ class Cache:
                for name in self._specs}
         return Block(shard, view, start, stop, codes=got["target"], scale=got.get("scale"), mask=got["mask"],
                      crop=got["crop"], flip=got["flip"], source_index=got["source_index"],
-                     key=decode_keys(got["key"]))
+                     key=decode_keys(got["key"]), pixels=got.get("pixels"))
+
+    def take(self, shard: int, view: int, rows: np.ndarray, out: dict[str, np.ndarray], at: np.ndarray) -> None:
+        """Scatter rows `rows` of view `view` of `shard` into `out[name][at]` for every array named in `out`
+        (any of the cache's arrays but `key`): the trainer's read, straight from the memory-mapped shard
+        files into its (pinned) batch buffers, one copy per byte. Rows may come in any order."""
+        n = self.shard_images[shard]
+        if not 0 <= view < self.views_per_image or (len(rows) and not (0 <= rows.min() and rows.max() < n)):
+            raise IndexError(f"take({shard}, {view}, ...) is out of range: shard {shard} has {n} images x "
+                             f"{self.views_per_image} views")
+        for name, dest in out.items():
+            self._file(shard, view, name).take(rows, dest, at)
+
+    def keys(self, shard: int, view: int, rows: np.ndarray) -> list[str]:
+        """The source keys of rows `rows` of view `view` of `shard` (keys are zero-padded per shard)."""
+        width = self._file(shard, view, "key").row_shape
+        codes = np.zeros((len(rows), *width), dtype=np.uint8)
+        self.take(shard, view, rows, {"key": codes}, np.arange(len(rows)))
+        return decode_keys(codes).tolist()
 
     def _empty(self, name: str, rows: int = 0) -> np.ndarray:
         spec = self._specs[name]
@@ -207,7 +236,7 @@ class Cache:
         """A block of `rows` zero views (empty keys): the stand-in for rows that could not be read."""
         z = {name: self._empty(name, rows) for name in self._specs}
         return Block(-1, -1, 0, rows, codes=z["target"], scale=z.get("scale"), mask=z["mask"], crop=z["crop"],
-                     flip=z["flip"], source_index=z["source_index"], key=decode_keys(z["key"]))
+                     flip=z["flip"], source_index=z["source_index"], key=decode_keys(z["key"]), pixels=z.get("pixels"))
 
     def decode(self, codes: np.ndarray, scale: np.ndarray | None) -> torch.Tensor:
         """Stored codes (+ scale) -> float32 targets."""
@@ -220,7 +249,8 @@ class Cache:
         return ViewRecord(key=str(b.key[0]), source_index=int(b.source_index[0]), view=view,
                           crop=tuple(int(c) for c in b.crop[0]), flip=bool(b.flip[0]),
                           mask=torch.from_numpy(np.array(b.mask[0])),
-                          target=self.decode(b.codes, b.scale)[0])
+                          target=self.decode(b.codes, b.scale)[0],
+                          pixels=None if b.pixels is None else torch.from_numpy(np.array(b.pixels[0])))
 
     def iter_blocks(self, block_images: int | None = None, views: list[int] | None = None) -> Iterator[Block]:
         """Every shard's rows in blocks of `block_images` (default: the inner chunk size), for the given

@@ -43,6 +43,9 @@ def _add_extract(sub) -> None:
     p.add_argument("--on-error", default="skip", choices=["skip", "fail"], help="unreadable images: skip and list "
                    "them in the manifest, or stop with the path")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache at --out")
+    p.add_argument("--pixels", default="visible", choices=["visible", "none"], help="visible (default): also store "
+                   "each view's visible patches as uint8 (+37,632 B/view at 224 px, mask 0.75), so train needs no "
+                   "images and no JPEG decoding; none: a smaller cache, train then needs --data")
 
 
 def _add_inspect(sub) -> None:
@@ -64,7 +67,8 @@ def _add_train(sub) -> None:
                     "log the target discrepancy (the verification). Run under `torchrun --nproc_per_node N` for DDP. "
                     "Example: g2sd-cache train --data /data/imagenet/train --cache /cache/in1k-b16 --out runs/s16 "
                     "--epochs 300 --batch-size 256")
-    p.add_argument("--data", help="the image folder or tar shards the cache was extracted from (required)")
+    p.add_argument("--data", help="image folder or tar shards: required online, and for caches extracted with "
+                   "--pixels none; optional with a pixel cache (then only checked against the cache's listing)")
     p.add_argument("--out", help="run directory: checkpoint.pt, metrics.jsonl, tb/, config.yaml (required)")
     p.add_argument("--cache", help="a cache written by `g2sd-cache extract`")
     p.add_argument("--teacher", help="MAE checkpoint (or random[:SEED]) for online or replay mode")
@@ -76,9 +80,13 @@ def _add_train(sub) -> None:
     p.add_argument("--batch-size", type=int, help="micro-batch per rank (default 64)")
     p.add_argument("--accum-iter", type=int, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--blr", type=float, help="base lr; lr = blr x effective batch / 256 (default 1.5e-4)")
-    p.add_argument("--min-lr", type=float, help="lr at the end of the cosine (default 0)")
-    p.add_argument("--weight-decay", type=float, help="AdamW weight decay, none on norms/biases/tokens (default 0.05)")
-    p.add_argument("--warmup-epochs", type=float, help="linear warm-up length in epochs (default 10)")
+    p.add_argument("--min-lr", type=float, help="lr at the end of the cosine (default 2.5e-6, G2SD's)")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay on every parameter with 2 or more "
+                   "dimensions, cls and mask tokens included; none on biases and norms (default 0.05, as G2SD)")
+    p.add_argument("--warmup-epochs", type=float, help="linear warm-up length in epochs (default 10); with --steps, "
+                   "a warm-up longer than the run is refused")
+    p.add_argument("--warmup-steps", type=int, help="linear warm-up length in optimizer steps (overrides "
+                   "--warmup-epochs)")
     p.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value (default: no clipping, as MAE)")
     p.add_argument("--loss-tokens", choices=["all", "masked", "visible"], help="tokens the smooth-L1 averages over "
                    "(default all, G2SD's; visible includes cls)")
@@ -86,10 +94,12 @@ def _add_train(sub) -> None:
     p.add_argument("--target-layer", type=int, help="online mode: teacher decoder block of the target (default 4)")
     p.add_argument("--mask-ratio", type=float, help="online mode: fraction of patches hidden (default 0.75)")
     p.add_argument("--img-size", type=int, help="online mode: crop size (default 224)")
-    p.add_argument("--workers", type=int, help="DataLoader processes per rank; the data order depends on it (default 4)")
+    p.add_argument("--workers", type=int, help="DataLoader processes per rank decoding images (image path only: "
+                   "online, replay without pixels, --pixels none caches; default 4). The data order does not "
+                   "depend on it")
     p.add_argument("--prefetch", type=int, help="samples per worker and batches in flight ahead of the step (default 2)")
-    p.add_argument("--shuffle-window", type=int, help="views per worker shuffled together; memory is about "
-                   "window x bytes/view per worker (default 1024)")
+    p.add_argument("--shuffle-window", type=int, help="views shuffled together in the epoch order (default 16384); "
+                   "reads stay within about window x bytes/view of the cache at a time")
     p.add_argument("--seed", type=int, help="seed of student init and data order (default 0)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], help="autocast dtype (auto: bf16 on "
@@ -99,7 +109,7 @@ def _add_train(sub) -> None:
     p.add_argument("--stop-after", type=int, help="end after this many steps as if preempted (checkpoint saved; "
                    "the schedule still follows --epochs/--steps)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, mid-epoch, "
-                   "with the same samples in the same order")
+                   "with the same samples in the same order, on any number of ranks and workers")
     p.add_argument("--on-error", choices=["skip", "fail"], help="unreadable cache chunks or images: stop naming "
                    "them (fail, default) or leave them out of the loss and count them (skip)")
     p.add_argument("--log-samples", action="store_true", help="write the (image, view) of every sample to "
@@ -134,7 +144,7 @@ def _run_extract(args) -> int:
                         seed=args.seed, target_layer=args.target_layer, mask_ratio=args.mask_ratio,
                         img_size=args.img_size, codec=args.codec, shard_size=args.shard_size,
                         chunk_views=args.chunk_views, batch_size=args.batch_size, workers=args.workers,
-                        device=args.device, on_error=args.on_error, overwrite=args.overwrite)
+                        device=args.device, on_error=args.on_error, overwrite=args.overwrite, pixels=args.pixels)
     s = run_extract(cfg)
     if "cache_views" in s:
         print(f"extracted {s['views']} views in {s['seconds']:.1f} s ({s['views_per_s']:.1f} views/s), "
@@ -163,9 +173,8 @@ def _run_train(args) -> int:
         values = read_yaml(path)
         check_keys(values, TrainConfig, path)
     values.update(given)
-    for name in ("data", "out"):
-        if not values.get(name):
-            raise UserError(f"--{name} is required (on the command line or in --config)")
+    if not values.get("out"):
+        raise UserError("--out is required (on the command line or in --config)")
     summary = train(TrainConfig(**values))
     return 0 if summary else 1
 

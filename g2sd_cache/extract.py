@@ -1,8 +1,9 @@
 """`g2sd-cache extract`: run the frozen MAE teacher once per sampled view and store G2SD's targets.
 
     listing -> shards (image ranges, or one per tar) -> this rank's unfinished shards
-      -> DataLoader workers: decode image, sample K views, crop + flip    (_RenderedImages)
-      -> main: batches of views of one shard -> teacher -> LN(z_t) -> codec (_ShardAssembler)
+      -> DataLoader workers: decode image, sample K views, crop + flip,
+         cut each view's visible patches (all the teacher sees)          (_RenderedImages)
+      -> main: batches of views of one shard -> teacher -> LN(z_t) -> codec, + the patches (_ShardAssembler)
       -> background thread: write the shard atomically                   (writer.ShardWriter)
     rank 0, after every rank is done: manifest.json from the shards' records.
 
@@ -38,7 +39,8 @@ from .schema import (CONFIG, FORMAT_VERSION, MANIFEST, SHARD_RECORD, TMP_MARK, M
                      encode_keys,
                      shard_name, source_index_for_tar, write_text_atomic)
 from .sources import FolderSource, Source, TarSource, open_source
-from .views import ViewGeometry, decode_image, normalize, render_view, replay_versions, sample_view
+from .views import (ViewGeometry, decode_image, normalize_patches, render_view, replay_versions, sample_view,
+                    visible_patches)
 from .workers import keep_as_is, mp_context
 from .writer import ShardData, ShardWriter
 
@@ -62,11 +64,12 @@ class ExtractConfig:
     device: str = "auto"
     on_error: str = "skip"
     overwrite: bool = False
+    pixels: str = "visible"
 
     # Fields that decide the cache's content; a rerun with any of them changed is refused.
     # The teacher is compared by the sha256 of its weights (fingerprints), not by how its path was typed.
     CONTENT = ("arch", "views", "seed", "target_layer", "mask_ratio", "img_size", "codec",
-               "shard_size", "chunk_views")
+               "shard_size", "chunk_views", "pixels")
 
     @property
     def geometry(self) -> ViewGeometry:
@@ -93,6 +96,14 @@ class ExtractConfig:
             raise UserError("--workers must be 0 or more")
         if self.on_error not in ("skip", "fail"):
             raise UserError(f"--on-error {self.on_error}: choose skip or fail")
+        if self.pixels not in ("visible", "none"):
+            raise UserError(f"--pixels {self.pixels}: choose visible or none")
+
+    @property
+    def visible_pixels(self) -> tuple[int, int] | None:
+        """(n_keep, patch size) when the cache stores the views' visible patches."""
+        g = self.geometry
+        return (g.num_visible, g.patch_size) if self.pixels == "visible" else None
 
 
 @dataclass(frozen=True)
@@ -121,8 +132,9 @@ def plan_shards(source: Source, cfg: ExtractConfig) -> list[ShardPlan]:
 # DataLoader side: decode and render every view of an image (runs in worker processes).
 
 class _RenderedImages(IterableDataset):
-    """Yields, per image of the pending shards, in order: {"shard", "pos", "key", "index", "pixels" [K,3,S,S]
-    uint8, "crop" [K,4], "flip" [K], "mask" [K,L]} or {..., "error"}; for tars also {"shard", "end": count}.
+    """Yields, per image of the pending shards, in order: {"shard", "pos", "key", "index", "patches"
+    [K, n_keep, p, p, 3] uint8 (the visible patches of each view, as rendered), "crop" [K,4], "flip" [K],
+    "mask" [K,L]} or {..., "error"}; for tars also {"shard", "end": count}.
 
     Folder images are dealt to workers round-robin and tars whole, so the DataLoader (which takes
     items from workers in turn) returns folder images in listing order."""
@@ -174,12 +186,15 @@ class _RenderedImages(IterableDataset):
             return {"shard": shard, "pos": pos, "key": key, "error": f"{type(e).__name__}: {e}"}
         g, k = self.geometry, self.cfg.views
         views = [sample_view(self.cfg.seed, index, v, img.size, g) for v in range(k)]
+        mask = np.stack([v.mask for v in views])
+        pixels = torch.stack([render_view(img, v.crop, v.flip, g.img_size) for v in views])
         return {
             "shard": shard, "pos": pos, "key": key, "index": index,
-            "pixels": torch.stack([render_view(img, v.crop, v.flip, g.img_size) for v in views]),
+            # only the visible patches leave the worker: a quarter of the bytes, all the teacher sees
+            "patches": visible_patches(pixels, torch.from_numpy(mask), g.patch_size),
             "crop": np.array([v.crop for v in views], dtype=np.int32),
             "flip": np.array([v.flip for v in views], dtype=bool),
-            "mask": np.stack([v.mask for v in views]),
+            "mask": mask,
         }
 
 
@@ -197,13 +212,13 @@ class _ShardAssembler:
     def __init__(self, plan: ShardPlan, source: Source, cfg: ExtractConfig, tokens: int, width: int):
         self.plan, self.cfg = plan, cfg
         self.codec = codecs.get_codec(cfg.codec)
-        self.specs = array_specs(self.codec, tokens, width, cfg.geometry.num_patches)
+        self.specs = array_specs(self.codec, tokens, width, cfg.geometry.num_patches, cfg.visible_pixels)
         self.expected = plan.stop - plan.start if isinstance(source, FolderSource) else None
         self.received = 0
         self.images = 0
         self.skipped: list[dict] = []
         self.codec_error: dict = {}
-        self.pending: list[tuple[int, int, torch.Tensor]] = []   # (row, view, pixels [3,S,S])
+        self.pending: list[tuple[int, int, torch.Tensor]] = []   # (row, view, patches [n_keep,p,p,3])
         self.buffers: dict[str, np.ndarray] = {}
         self._grow(self.expected or 64)
 
@@ -233,8 +248,10 @@ class _ShardAssembler:
         b = self.buffers
         b["crop"][:, row], b["flip"][:, row], b["mask"][:, row] = item["crop"], item["flip"], item["mask"]
         b["source_index"][:, row], b["key"][:, row] = item["index"], item["key"]
+        if "pixels" in b:
+            b["pixels"][:, row] = item["patches"].numpy()
         for v in range(self.cfg.views):
-            self.pending.append((row, v, item["pixels"][v]))
+            self.pending.append((row, v, item["patches"][v]))
         self.images += 1
 
     def run_teacher(self, teacher, device: torch.device, flush: bool = False) -> int:
@@ -245,12 +262,12 @@ class _ShardAssembler:
             batch, self.pending = self.pending[:bs], self.pending[bs:]
             rows = np.array([r for r, _, _ in batch])
             vis = np.array([v for _, v, _ in batch])
-            pixels = torch.stack([p for _, _, p in batch]).to(device, non_blocking=True)
+            patches = torch.stack([p for _, _, p in batch]).to(device, non_blocking=True)
             mask = torch.from_numpy(self.buffers["mask"][vis, rows]).to(device)
             autocast = torch.autocast("cuda", dtype=torch.bfloat16) if teacher_precision(device) != "fp32" \
                 else nullcontext()
             with autocast:
-                target = teacher.targets(normalize(pixels), mask, self.cfg.target_layer)
+                target = teacher.targets_visible(normalize_patches(patches), mask, self.cfg.target_layer)
             bad = ~torch.isfinite(target).flatten(1).all(dim=1)
             if bool(bad.any()):
                 j = int(bad.nonzero()[0, 0])
@@ -347,7 +364,7 @@ def write_manifest(out: Path, cfg: ExtractConfig, source: Source, plans: list[Sh
         teacher=dataclasses.asdict(teacher_info),
         target_layer=cfg.target_layer,
         geometry=dataclasses.asdict(cfg.geometry),
-        views_per_image=cfg.views, seed=cfg.seed, codec=cfg.codec, tokens=tokens, target_dim=width,
+        views_per_image=cfg.views, seed=cfg.seed, codec=cfg.codec, pixels=cfg.pixels, tokens=tokens, target_dim=width,
         chunk_views=cfg.chunk_views, source=source_info,
         versions=replay_versions(), teacher_precision=teacher_precision(device),
         shards=[{"name": shard_name(r.index), "images": r.images, "views": r.views, "complete": True,

@@ -2,8 +2,12 @@
 
 Both are masked autoencoders with the same skeleton (MAE, He et al. 2022):
 
-    patchify + pos  ->  keep visible patches (+cls)  ->  encoder blocks -> norm
+    visible patches [N, n_keep, p*p*3] -> linear embed + pos (+cls) -> encoder blocks -> norm
     decoder_embed   ->  fill mask tokens, + decoder_pos  ->  decoder blocks
+
+Both consume only the *visible* patches of a view (what the cache stores as uint8, see views.py):
+the hidden 3/4 of an image are never embedded. `forward(imgs, mask)` / `targets(imgs, mask, k)` take a
+normalised image and cut its visible patches first; the trainer calls `forward_visible` / `targets_visible`.
 
 The *teacher* stops after its first k decoder blocks; G2SD's target is LayerNorm (no affine,
 eps 1e-6) of that hidden state for all tokens, cls first. The *student* runs its light decoder to
@@ -32,6 +36,7 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 
 from .errors import UserError
+from .views import visible_index, visible_patches
 
 LN_EPS = 1e-6
 Norm = partial(nn.LayerNorm, eps=LN_EPS)
@@ -79,20 +84,6 @@ def _preset(table: dict[str, ViTShape], name: str, what: str) -> ViTShape:
     if name not in table:
         raise UserError(f"unknown {what} '{name}'; choose one of: {', '.join(table)}")
     return table[name]
-
-
-def visible_index(mask: torch.Tensor) -> torch.Tensor:
-    """Indices of visible patches in ascending order.
-
-    mask: [N, L] bool, True = hidden, the same number of False in every row.
-    returns: [N, n_keep] int64.
-    """
-    n, length = mask.shape
-    counts = (~mask).sum(dim=1)
-    if n and not bool((counts == counts[0]).all()):
-        raise ValueError("every mask row must keep the same number of visible patches")
-    keep = (~mask).nonzero()[:, 1]  # row-major, so ascending within each row
-    return keep.view(n, keep.numel() // max(n, 1))
 
 
 class MaskedAutoencoder(nn.Module):
@@ -147,14 +138,28 @@ class MaskedAutoencoder(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def visible_input(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """imgs: [N, 3, H, W] normalised; mask: [N, L] bool (True = hidden).
-        returns: [N, 1 + n_keep, D] encoder output (cls first)."""
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
-        ids = visible_index(mask)
-        x = torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        returns: [N, n_keep, p*p*3], the visible patches flattened in HWC order (what `forward_encoder` takes)."""
+        return visible_patches(imgs, mask, self.shape.patch_size).flatten(2)
+
+    def embed_visible(self, patches: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """patches: [N, n_keep, p*p*3] normalised visible patches (ascending patch order, HWC inside);
+        mask: [N, L]. returns: [N, 1 + n_keep, D] tokens with their positions, cls first.
+
+        Only the visible patches are embedded: a linear map with the stride-p conv's weights, reordered to
+        the patches' HWC layout, is that conv applied to each patch (same weights, same state dict)."""
+        proj = self.patch_embed.proj
+        weight = proj.weight.permute(0, 2, 3, 1).flatten(1)          # [D, 3, p, p] -> [D, p*p*3] (HWC)
+        x = F.linear(patches, weight, proj.bias)
+        x = x + self.pos_embed[0, 1:][visible_index(mask, patches.shape[1])]
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
+        return torch.cat([cls, x], dim=1)
+
+    def forward_encoder(self, patches: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """patches: [N, n_keep, p*p*3] normalised visible patches (see `visible_input`); mask: [N, L].
+        returns: [N, 1 + n_keep, D] encoder output (cls first)."""
+        x = self.embed_visible(patches, mask)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
@@ -164,7 +169,7 @@ class MaskedAutoencoder(nn.Module):
         returns: [N, 1 + L, Dd] hidden state before `decoder_norm`."""
         x = self.decoder_embed(latent)
         n, length = mask.shape
-        ids = visible_index(mask).unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        ids = visible_index(mask, x.shape[1] - 1).unsqueeze(-1).expand(-1, -1, x.shape[-1])
         patches = self.mask_token.to(x.dtype).expand(n, length, -1).scatter(1, ids, x[:, 1:])
         x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
         blocks = self.decoder_blocks if depth is None else self.decoder_blocks[:depth]
@@ -185,9 +190,14 @@ class MAETeacher(MaskedAutoencoder):
     @torch.no_grad()
     def targets(self, imgs: torch.Tensor, mask: torch.Tensor, target_layer: int) -> torch.Tensor:
         """G2SD's target: LN(z_t) of decoder block `target_layer`, for every token.
-        imgs: [N, 3, H, W]; mask: [N, L]. returns: [N, 1 + L, Dd] float32.
+        imgs: [N, 3, H, W] normalised; mask: [N, L]. returns: [N, 1 + L, Dd] float32."""
+        return self.targets_visible(self.visible_input(imgs, mask), mask, target_layer)
+
+    @torch.no_grad()
+    def targets_visible(self, patches: torch.Tensor, mask: torch.Tensor, target_layer: int) -> torch.Tensor:
+        """`targets` from the visible patches alone: patches [N, n_keep, p*p*3] normalised; mask [N, L].
         The LayerNorm is taken in float32 even when the blocks ran under autocast."""
-        hidden = self.forward_decoder(self.forward_encoder(imgs, mask), mask, depth=target_layer)
+        hidden = self.forward_decoder(self.forward_encoder(patches, mask), mask, depth=target_layer)
         return F.layer_norm(hidden.float(), hidden.shape[-1:], eps=LN_EPS)
 
 
@@ -203,9 +213,15 @@ class G2SDStudent(MaskedAutoencoder):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """imgs: [N, 3, H, W]; mask: [N, L]. returns: [N, 1 + L, target_dim] predictions."""
-        hidden = self.forward_decoder(self.forward_encoder(imgs, mask), mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x: normalised images [N, 3, H, W], or their visible patches [N, n_keep, p*p*3] (what the trainer
+        passes: DDP calls `forward`); mask: [N, L]. returns: [N, 1 + L, target_dim] predictions."""
+        return self.forward_visible(self.visible_input(x, mask) if x.dim() == 4 else x, mask)
+
+    def forward_visible(self, patches: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """patches: [N, n_keep, p*p*3] normalised visible patches; mask: [N, L].
+        returns: [N, 1 + L, target_dim] predictions (the trainer's forward: no image is ever built)."""
+        hidden = self.forward_decoder(self.forward_encoder(patches, mask), mask)
         return self.head(self.decoder_norm(hidden))
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:

@@ -5,7 +5,11 @@
       manifest.json      written last, by rank 0, once every shard is complete
       shard-00000/       a zarr v3 group, renamed into place only when complete
         shard.json       the shard's record: counts, skipped inputs, file sizes
-        target/ scale/ mask/ crop/ flip/ source_index/ key/   zarr v3 arrays
+        target/ scale/ mask/ crop/ flip/ source_index/ key/ pixels/   zarr v3 arrays
+
+`pixels` (unless extracted with `--pixels none`) holds each view's visible patches exactly as the teacher
+saw them: uint8 [n_keep, p, p, 3], ascending patch order, HWC inside a patch, crop and flip applied. With
+them a training step needs no image file and no decoder: its input is a block read (views.visible_patches).
 
 Every array has shape [K, n, ...]: K views per image, n images in the shard, view-major, so the
 views an epoch uses (view e mod K of every image) are one contiguous region per shard, stored in
@@ -23,9 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .codecs import Codec
+from .codecs import Codec, get_codec
+from .views import ViewGeometry
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: visible pixels (optional), the `pixels` field of the manifest
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
 SHARD_RECORD = "shard.json"
@@ -48,9 +53,11 @@ class ArraySpec:
     dtype: str
 
 
-def array_specs(codec: Codec, tokens: int, width: int, patches: int) -> dict[str, ArraySpec]:
+def array_specs(codec: Codec, tokens: int, width: int, patches: int,
+                visible_pixels: tuple[int, int] | None = None) -> dict[str, ArraySpec]:
     """Per-view arrays of a shard. `target` holds codes ([T, D], int4: [T, D/2] packed); `scale` exists for
-    scaled codecs only ([T] float32, int4: [T, D/32] float16)."""
+    scaled codecs only ([T] float32, int4: [T, D/32] float16); `pixels` only when `visible_pixels` =
+    (n_keep, patch_size) says the cache stores them."""
     if codec.values_per_code > 1 and width % codec.values_per_code:
         from .errors import UserError
         raise UserError(f"codec {codec.name} packs {codec.values_per_code} values per byte and needs a target width "
@@ -66,6 +73,9 @@ def array_specs(codec: Codec, tokens: int, width: int, patches: int) -> dict[str
     }
     if codec.scaled:
         specs["scale"] = ArraySpec(codec.scale_shape(tokens, width), codec.scale_dtype)
+    if visible_pixels is not None:
+        n_keep, p = visible_pixels
+        specs["pixels"] = ArraySpec((n_keep, p, p, 3), "uint8")
     return specs
 
 
@@ -134,6 +144,7 @@ class Manifest:
     views_per_image: int
     seed: int
     codec: str
+    pixels: str            # "visible": every view's visible patches are stored (uint8); "none": images needed
     tokens: int            # T, cls first
     target_dim: int        # D, the teacher's decoder width
     chunk_views: int
@@ -146,6 +157,20 @@ class Manifest:
     views: int
     images: int
     created: str
+
+    @property
+    def view_geometry(self) -> ViewGeometry:
+        return ViewGeometry(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.geometry.items()})
+
+    @property
+    def stores_pixels(self) -> bool:
+        return self.pixels == "visible"
+
+    def specs(self) -> dict[str, ArraySpec]:
+        """The per-view arrays every shard of this cache holds."""
+        g = self.view_geometry
+        return array_specs(get_codec(self.codec), self.tokens, self.target_dim, g.num_patches,
+                           (g.num_visible, g.patch_size) if self.stores_pixels else None)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)

@@ -30,7 +30,7 @@ def _check_index(index: np.ndarray, shard: str, rel: str) -> None:
 class MappedShardFile:
     """Rows of view `view` of a fixed-width array: [rows, *per_view_shape] numpy views of the mapped file."""
 
-    def __init__(self, path: str, layout: ArrayLayout, shard: str, rel: str):
+    def __init__(self, path: str, layout: ArrayLayout, shard: str, rel: str, verified: set[int] | None = None):
         self.shard, self.rel = shard, rel
         self.inner = layout.inner_shape[1]           # images per inner chunk (shape [1, inner, ...])
         self.row_shape = layout.inner_shape[2:]
@@ -46,7 +46,7 @@ class MappedShardFile:
         except ValueError as e:
             raise CacheCorruptError.in_shard(shard, f"{rel}: {e}") from None
         _check_index(self.index, shard, rel)
-        self.verified: set[int] = set()
+        self.verified: set[int] = set() if verified is None else verified   # chunks whose crc32c passed
 
     def _chunk(self, j: int) -> np.ndarray:
         offset, nbytes = (int(x) for x in self.index[j])
@@ -68,6 +68,13 @@ class MappedShardFile:
             parts.append(self._chunk(j)[lo:hi])
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    def take(self, rows: np.ndarray, dest: np.ndarray, at: np.ndarray) -> None:
+        """dest[at[i]] = row rows[i], for rows in any order: one fancy-indexed copy per inner chunk."""
+        chunk = rows // self.inner
+        for j in np.unique(chunk):
+            sel = chunk == j
+            dest[at[sel]] = self._chunk(int(j))[rows[sel] - j * self.inner]
+
 
 class ZarrShardFile:
     """Rows of view `view` of any array, through zarr (checks the file's index first)."""
@@ -79,12 +86,18 @@ class ZarrShardFile:
             raise CacheCorruptError.in_shard(shard, f"{rel}: {e}") from None
         _check_index(index, shard, rel)
         self.array, self.view, self.shard = array, view, shard
+        self.row_shape = layout.inner_shape[2:]
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         try:
             return self.array[self.view, start:stop]
         except Exception as e:  # crc32c mismatch, truncated file, unreadable index
             raise CacheCorruptError.in_shard(self.shard, f"{type(e).__name__}: {e}") from e
+
+    def take(self, rows: np.ndarray, dest: np.ndarray, at: np.ndarray) -> None:
+        """dest[at[i]] = row rows[i]: one zarr read covering the rows (a remote read costs per call, not per byte)."""
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        dest[at] = self.rows(lo, hi)[rows - lo]
 
 
 _FIXED_WIDTH = {"bool", "int8", "uint8", "int16", "uint16", "int32", "int64", "float16", "float32"}

@@ -1,27 +1,30 @@
-"""Training data: a webdataset pipeline per DataLoader worker, following the epoch plan (plan.py).
+"""Training data for one rank: the plan's sample positions -> steps of micro-batches, by one of two paths.
 
-Per worker (slot), the stages are webdataset-style iterator -> iterator functions:
+**Pixel path** (a cache that stores the views' visible patches — the default): no image file is opened,
+no decoder runs and no worker process starts. A webdataset pipeline runs on a background thread:
 
-    slot windows -> read_windows (block reads of cached views: the shuffle buffer)
-                 -> shuffle_and_skip (the window's permutation; resume skips what was consumed)
-                 -> replay (decode the source image, redo the stored crop and flip)
+    micro-batch positions (plan.py: the epoch's global order, this rank's slices)
+      -> read_cached: Cache.take scatters visible patches, target codes, scales and masks straight from
+         the memory-mapped shard files into (pinned) batch buffers — one copy per byte
+      -> group_steps: `accum` micro-batches per optimizer step
 
-and the main process takes one sample from each worker in turn (DataLoader, batch_size=None),
-checks every sample arrives in the planned order, and collates batches of (pixels, masks,
-target codes) in a background thread. Targets stay in the cache's codec (fp16/bf16 codes or int8/fp8
-codes + scales) all the way to the loss kernel, which decodes them on the fly.
+**Image path** (online G2SD, replay, caches made with `--pixels none`): DataLoader workers decode images.
+Worker w renders the rank's samples w, w + W, w + 2W, ... (each: read the image, sample a fresh view or
+replay the cached crop/flip, cut the visible patches); the DataLoader takes one sample from each worker in
+turn, which puts them back in plan order, and the main process collates them on a background thread.
+Any number of workers gives the same samples in the same order.
 
-Without a cache (online G2SD) the same pipeline samples a fresh view (seed, image, epoch) per image
-and carries no target; the trainer runs the teacher. A sample that cannot be read (corrupt chunk,
-unreadable image) becomes an invalid stand-in sample under --on-error skip: it keeps its place, so every
-rank still runs the same number of steps, and the loss ignores it.
+Either way a micro-batch is a `Batch` of visible patches (uint8, normalised on the device), masks and, for
+a cache, the target codes in the cache's codec, which go straight into the loss kernel. A stand-in sample
+(the padding of an epoch's last global batch, or under --on-error skip a sample that could not be read)
+keeps its place with `valid` False, so every rank still runs the same steps, and the loss ignores it.
 """
 from __future__ import annotations
 
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -29,136 +32,50 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .cache import Cache
-from .plan import EpochPlan, Window, consumed_per_slot, expected_order, window_permutation
+from .plan import PAD, EpochOrder
 from .sources import Source, TarSource
-from .views import ViewGeometry, decode_image, render_view, sample_view
+from .views import ViewGeometry, decode_image, render_view, sample_view, visible_patches
 from .workers import keep_as_is, mp_context
 
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """What the workers need to materialise a plan. `view` is the cached view index this epoch uses
-    (epoch mod K, cached mode) or the view counter of fresh views (the epoch, online mode)."""
+    """What it takes to materialise a rank's samples. `view` is the cached view index this epoch uses
+    (epoch mod K) with a cache, or the view counter of fresh views (the epoch) online."""
 
-    source: Source
+    source: Source | None            # None: a pixel cache trained without --data
     cache: Cache | None
     geometry: ViewGeometry
     seed: int
-    rank: int
-    epoch: int
     view: int
+    order: EpochOrder
+    keys: bool = False               # also return each sample's source key (--log-samples)
+
+    @property
+    def reads_pixels(self) -> bool:
+        return self.cache is not None and self.cache.has_pixels
 
 
 @dataclass
-class _WindowData:
-    """A window's rows, in plan order: cached arrays (or image indices online) and failed rows."""
+class Batch:
+    """A micro-batch. patches [B, n_keep, p, p, 3] uint8; mask [B, L] bool (True = hidden); valid [B] bool;
+    codes [B, T, D'] in the codec's dtype and scale [B, T] float32 (int4: [B, T, D/32] float16) (cached), or
+    None (online);
+    index [B] int64 source image index (-1 for stand-ins); view [B] int64; keys (with spec.keys, else empty);
+    errors: why invalid samples that are not padding could not be read."""
 
-    index: np.ndarray
-    key: list[str]
-    arrays: dict[str, np.ndarray | None]
-    errors: dict[int, str]
-    images: dict[str, bytes] | None = None   # tar sources: the window's image bytes by key
+    patches: torch.Tensor
+    mask: torch.Tensor
+    valid: torch.Tensor
+    codes: torch.Tensor | None
+    scale: torch.Tensor | None
+    index: torch.Tensor
+    view: torch.Tensor
+    keys: list[str]
+    errors: list[str]
 
-
-def read_windows(spec: StreamSpec):
-    """Stage: Window -> (Window, _WindowData) with one block read per segment (cached) or the image
-    indices (online). A failed read marks the segment's rows as errors instead of raising."""
-
-    def stage(windows: Iterator[Window]):
-        for window in windows:
-            yield window, _read_window(spec, window)
-    return stage
-
-
-def _read_window(spec: StreamSpec, window: Window) -> _WindowData:
-    index, keys, errors, parts = [], [], {}, []
-    row = 0
-    for seg in window.segments:
-        if spec.cache is None:
-            index.extend(range(seg.start, seg.stop))
-            keys.extend(spec.source.keys[seg.start:seg.stop])
-        else:
-            try:
-                b = spec.cache.read_block(seg.unit, spec.view, seg.start, seg.stop)
-            except Exception as e:   # the rows become invalid samples; --on-error decides what that means
-                errors.update((r, str(e)) for r in range(row, row + len(seg)))
-                b = spec.cache.blank_block(len(seg))
-                b.source_index[:] = -1
-            parts.append(b)
-            index.extend(b.source_index.tolist())
-            keys.extend(str(k) for k in b.key)
-        row += len(seg)
-    arrays: dict[str, np.ndarray | None] = {}
-    if spec.cache is not None:
-        for name in ("codes", "scale", "mask", "crop", "flip"):   # one copy out of the maps, per window
-            arrays[name] = None if parts[0].scale is None and name == "scale" else \
-                np.concatenate([getattr(p, name) for p in parts])
-    data = _WindowData(np.array(index, dtype=np.int64), keys, arrays, errors)
-    if isinstance(spec.source, TarSource):
-        data.images = _tar_images(spec.source, window, set(k for k in keys if k))
-    return data
-
-
-def _tar_images(source: TarSource, window: Window, wanted: set[str]) -> dict[str, bytes]:
-    """Read a window's tar (tar windows hold one tar) up to the last wanted key."""
-    found: dict[str, bytes] = {}
-    for key, data in source.samples(window.segments[0].unit, on_error=lambda exc: True):
-        if key in wanted and data is not None:
-            found[key] = data
-            if len(found) == len(wanted):
-                break
-    return found
-
-
-def shuffle_and_skip(spec: StreamSpec, skip: int, start_seq: int):
-    """Stage: (Window, data) -> (data, row, seq): each window's rows in its permuted order (the shuffle
-    buffer's draws), numbered by position in the slot's stream from `start_seq`, dropping those before
-    `skip` (consumed before a resume)."""
-
-    def stage(src):
-        seq = start_seq
-        for window, data in src:
-            for j, row in enumerate(window_permutation(spec.seed, spec.epoch, spec.rank, window)):
-                if seq + j >= skip:
-                    yield data, int(row), seq + j
-            seq += len(window)
-    return stage
-
-
-def replay(spec: StreamSpec, slot: int):
-    """Stage: (data, row, seq) -> sample dict: decode the image and render the view the teacher saw."""
-    g = spec.geometry
-
-    def stage(src):
-        for data, row, seq in src:
-            sample = {"slot": slot, "seq": seq, "index": int(data.index[row]), "view": spec.view,
-                      "key": data.key[row], "valid": True, "error": ""}
-            try:
-                if row in data.errors:
-                    raise RuntimeError(data.errors[row])
-                key = data.key[row]
-                raw = data.images.get(key) if data.images is not None else spec.source.read(key)
-                if raw is None:
-                    raise FileNotFoundError(f"image {key} is not in its tar shard")
-                img = decode_image(raw)
-                if spec.cache is None:
-                    v = sample_view(spec.seed, sample["index"], spec.view, img.size, g)
-                    crop, flip, mask = v.crop, v.flip, v.mask
-                else:
-                    crop = tuple(int(c) for c in data.arrays["crop"][row])
-                    flip, mask = bool(data.arrays["flip"][row]), data.arrays["mask"][row]
-                sample["pixels"] = render_view(img, crop, flip, g.img_size)
-                sample["mask"] = torch.from_numpy(np.asarray(mask, dtype=bool).copy())
-            except Exception as e:
-                sample.update(valid=False, error=f"{data.key[row] or 'view'}: {type(e).__name__}: {e}",
-                              pixels=torch.zeros(3, g.img_size, g.img_size, dtype=torch.uint8),
-                              mask=torch.from_numpy(stand_in_mask(g)))
-            if spec.cache is not None:
-                sample["codes"] = torch.from_numpy(np.ascontiguousarray(data.arrays["codes"][row]))
-                if data.arrays["scale"] is not None:
-                    sample["scale"] = torch.from_numpy(np.ascontiguousarray(data.arrays["scale"][row]))
-            yield sample
-    return stage
+    def __len__(self) -> int:
+        return self.patches.shape[0]
 
 
 def stand_in_mask(g: ViewGeometry) -> np.ndarray:
@@ -168,140 +85,288 @@ def stand_in_mask(g: ViewGeometry) -> np.ndarray:
     return mask
 
 
-class ViewStream(IterableDataset):
-    """One epoch of one rank. Worker w streams slot rotation[w] from its `consumed` position on."""
+# ----------------------------------------------------------------------------------------------
+# Pixel path: block reads from the memory-mapped cache, on a background thread.
 
-    def __init__(self, spec: StreamSpec, plan: EpochPlan, consumed: list[int], rotation: list[int]):
-        self.spec, self.plan, self.consumed, self.rotation = spec, plan, consumed, rotation
+def _buffer(shape: tuple[int, ...], np_dtype: str, pin: bool) -> tuple[torch.Tensor, np.ndarray]:
+    """An uninitialised host buffer as (uint8 torch tensor, numpy view of it in `np_dtype` and `shape`)."""
+    dtype = np.dtype(np_dtype)
+    raw = torch.empty(int(np.prod(shape)) * dtype.itemsize, dtype=torch.uint8, pin_memory=pin)
+    return raw, raw.numpy().view(dtype).reshape(shape)
+
+
+def read_cached(spec: StreamSpec, pin: bool):
+    """Stage: positions [B] (PAD for stand-ins) -> Batch, read from a cache that stores pixels."""
+    cache, g = spec.cache, spec.geometry
+    specs = cache.manifest.specs()
+    names = [n for n in ("pixels", "target", "scale", "mask") if n in specs]
+    codec_dtype = cache.codec.torch_dtype
+
+    def stage(src: Iterator[np.ndarray]):
+        for pos in src:
+            b = len(pos)
+            raw, out = {}, {}
+            for name in names:
+                raw[name], out[name] = _buffer((b, *specs[name].per_view_shape), specs[name].dtype, pin)
+            index = np.full(b, -1, dtype=np.int64)
+            valid = pos != PAD
+            errors: list[str] = []
+            units, rows = spec.order.unit[pos[valid]], spec.order.row[pos[valid]]
+            at_all = np.flatnonzero(valid)
+            for u in np.unique(units):
+                sel = units == u
+                rows_u, at = rows[sel], at_all[sel]
+                try:
+                    cache.take(int(u), spec.view, rows_u, out | {"source_index": index}, at)
+                except Exception:   # find the rows that fail: they become stand-ins (--on-error decides)
+                    for r, a in zip(rows_u, at):
+                        try:
+                            cache.take(int(u), spec.view, np.array([r]), out | {"source_index": index}, np.array([a]))
+                        except Exception as e:
+                            valid[a] = False
+                            index[a] = -1
+                            errors.append(f"{cache.shard_name(int(u))} row {r} view {spec.view}: {e}")
+            invalid = np.flatnonzero(~valid)
+            for name in names:           # stand-ins: zeros, and a valid mask so shapes and kernels stay happy
+                out[name][invalid] = 0
+            out["mask"][invalid] = stand_in_mask(g)
+            keys = _keys(cache, spec, pos) if spec.keys else []
+            codes = raw["target"].view(codec_dtype).view(b, *specs["target"].per_view_shape)
+            yield Batch(patches=raw["pixels"].view(b, *specs["pixels"].per_view_shape),
+                        mask=raw["mask"].view(torch.bool).view(b, g.num_patches),
+                        valid=torch.from_numpy(valid), codes=codes,
+                        scale=raw["scale"].view(getattr(torch, specs["scale"].dtype))
+                        .view(b, *specs["scale"].per_view_shape) if "scale" in raw else None,
+                        index=torch.from_numpy(index), view=torch.full((b,), spec.view, dtype=torch.int64),
+                        keys=keys, errors=errors)
+    return stage
+
+
+def _keys(cache: Cache, spec: StreamSpec, pos: np.ndarray) -> list[str]:
+    keys = [""] * len(pos)
+    for i, p in enumerate(pos):
+        if p != PAD:
+            try:
+                keys[i] = cache.keys(int(spec.order.unit[p]), spec.view, spec.order.row[p:p + 1])[0]
+            except Exception:   # a corrupt key array: the sample is already a stand-in or will fail elsewhere
+                pass
+    return keys
+
+
+def group_steps(accum: int):
+    """Stage: Batch -> list of `accum` Batches (one optimizer step)."""
+    def stage(src):
+        step = []
+        for batch in src:
+            step.append(batch)
+            if len(step) == accum:
+                yield step
+                step = []
+        if step:
+            yield step
+    return stage
+
+
+# ----------------------------------------------------------------------------------------------
+# Image path: DataLoader workers decode, render and cut the visible patches.
+
+class ImageSamples(IterableDataset):
+    """The rank's remaining samples (flat plan positions), rendered by worker w for flat indices w, w + W, ..."""
+
+    def __init__(self, spec: StreamSpec, positions: np.ndarray):
+        self.spec, self.positions = spec, positions
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        slot = self.rotation[info.id if info else 0]
-        windows = list(self.plan.slots[slot])
-        skip, start_seq = self.consumed[slot], 0
-        while windows and start_seq + len(windows[0]) <= skip:  # consumed windows are not even read
-            start_seq += len(windows.pop(0))
-        return iter(wds.DataPipeline(
-            lambda: iter(windows),
-            read_windows(self.spec),
-            shuffle_and_skip(self.spec, skip, start_seq),
-            replay(self.spec, slot),
-        ))
+        w, workers = (info.id, info.num_workers) if info else (0, 1)
+        mine = range(w, len(self.positions), workers)
+        tar_images = _TarImages(self.spec, self.positions, mine) if isinstance(self.spec.source, TarSource) else None
+        for i in mine:
+            yield render_sample(self.spec, i, int(self.positions[i]), tar_images)
 
 
-@dataclass
-class Batch:
-    """A collated micro-batch. pixels [B, 3, S, S] uint8; mask [B, L] bool; valid [B] bool;
-    codes [B, T, D] codec dtype and scale [B, T] float32 (cached), or None (online);
-    index/view [B] int64 identify the views; errors lists invalid samples."""
+class _TarImages:
+    """A worker's images from tar sources: tars are read sequentially, so when a worker reaches a tar it
+    streams it once, keeping the images of its own samples from that tar (contiguous in its order)."""
 
-    pixels: torch.Tensor
-    mask: torch.Tensor
-    valid: torch.Tensor
-    codes: torch.Tensor | None
-    scale: torch.Tensor | None
-    index: torch.Tensor
-    view: torch.Tensor
-    errors: list[str]
+    def __init__(self, spec: StreamSpec, positions: np.ndarray, mine: range):
+        self.spec = spec
+        self.rows: dict[int, list[int]] = {}
+        for i in mine:
+            p = int(positions[i])
+            if p != PAD:
+                self.rows.setdefault(int(spec.order.unit[p]), []).append(int(spec.order.row[p]))
+        self.unit, self.images = -1, {}
 
-    def __len__(self) -> int:
-        return self.pixels.shape[0]
+    def get(self, unit: int, key: str) -> bytes | None:
+        if unit != self.unit:
+            self.unit, self.images = unit, {}
+            wanted = set(self.spec.cache.keys(unit, self.spec.view, np.array(self.rows.get(unit, []), dtype=np.int64)))
+            for k, data in self.spec.source.samples(unit, on_error=lambda exc: True):
+                if k in wanted and data is not None:
+                    self.images[k] = data
+                    if len(self.images) == len(wanted):
+                        break
+        return self.images.get(key)
 
 
-class EpochLoader:
-    """Iterates the micro-batches of one rank's epoch from micro-batch `start` on, in the planned order."""
+def render_sample(spec: StreamSpec, i: int, pos: int, tar_images: _TarImages | None = None) -> dict:
+    """Sample at flat index i (plan position `pos`): {"i", "patches" [n_keep, p, p, 3] uint8, "mask" [L],
+    "valid", "error", "index", "key", "codes"/"scale" (cached)}. Never raises: a failure is a stand-in."""
+    g, cache = spec.geometry, spec.cache
+    sample = {"i": i, "valid": False, "error": "", "index": -1, "key": ""}
+    specs = cache.manifest.specs() if cache is not None else {}
+    arrays = {n: np.zeros((1, *specs[n].per_view_shape), dtype=specs[n].dtype)
+              for n in ("target", "scale", "mask", "crop", "flip", "source_index") if n in specs}
+    if pos != PAD:
+        try:
+            _render(spec, sample, arrays, int(spec.order.unit[pos]), int(spec.order.row[pos]), tar_images)
+            sample["valid"] = True
+        except Exception as e:
+            sample["error"] = f"{sample['key'] or 'view'}: {type(e).__name__}: {e}"
+    if not sample["valid"]:   # a stand-in: zeros and a valid mask keep the batch's shapes
+        sample["patches"] = torch.zeros(g.num_visible, g.patch_size, g.patch_size, 3, dtype=torch.uint8)
+        sample["mask"] = torch.from_numpy(stand_in_mask(g))
+        for a in arrays.values():
+            a[...] = 0
+    for name, key in (("target", "codes"), ("scale", "scale")):
+        if name in arrays:
+            sample[key] = torch.from_numpy(arrays[name][0])
+    return sample
 
-    def __init__(self, spec: StreamSpec, plan: EpochPlan, *, batch_size: int, workers: int, start: int,
-                 prefetch: int, pin_memory: bool, codec_dtype: torch.dtype | None):
-        self.plan, self.batch_size = plan, batch_size
-        self.lengths = plan.slot_lengths()
-        self.consumed, self.rotation = consumed_per_slot(self.lengths, min(start * batch_size, plan.rank_views))
-        self.remaining = plan.rank_views - sum(self.consumed)
-        self.dataset = ViewStream(spec, plan, self.consumed, self.rotation)
+
+def _render(spec: StreamSpec, sample: dict, arrays: dict[str, np.ndarray], unit: int, row: int,
+            tar_images: _TarImages | None) -> None:
+    """Fill `sample` (and the cached `arrays`) for row `row` of `unit`: read, decode, view, visible patches."""
+    g, cache = spec.geometry, spec.cache
+    if cache is not None:
+        cache.take(unit, spec.view, np.array([row]), arrays, np.array([0]))
+        sample["index"] = int(arrays["source_index"][0])
+        key = sample["key"] = cache.keys(unit, spec.view, np.array([row]))[0]
+    else:
+        sample["index"] = row
+        key = sample["key"] = spec.source.keys[row]
+    raw = tar_images.get(unit, key) if tar_images is not None else spec.source.read(key)
+    if raw is None:
+        raise FileNotFoundError(f"image {key} is not in its tar shard")
+    img = decode_image(raw)
+    if cache is None:
+        v = sample_view(spec.seed, row, spec.view, img.size, g)
+        crop, flip, mask = v.crop, v.flip, v.mask
+    else:
+        crop, flip, mask = tuple(int(c) for c in arrays["crop"][0]), bool(arrays["flip"][0]), arrays["mask"][0]
+    mask_t = torch.from_numpy(np.asarray(mask, dtype=bool).copy())
+    pixels = render_view(img, crop, flip, g.img_size)
+    sample["patches"] = visible_patches(pixels[None], mask_t[None], g.patch_size)[0]
+    sample["mask"] = mask_t
+
+
+def collate(samples: list[dict], spec: StreamSpec, pin: bool) -> Batch:
+    codes = scale = None
+    if "codes" in samples[0]:
+        codes = torch.stack([s["codes"] for s in samples])
+        dtype = spec.cache.codec.torch_dtype
+        codes = codes.view(dtype) if codes.dtype != dtype else codes
+        if "scale" in samples[0]:
+            scale = torch.stack([s["scale"] for s in samples])
+    batch = Batch(patches=torch.stack([s["patches"] for s in samples]),
+                  mask=torch.stack([s["mask"] for s in samples]),
+                  valid=torch.tensor([s["valid"] for s in samples]), codes=codes, scale=scale,
+                  index=torch.tensor([s["index"] for s in samples], dtype=torch.int64),
+                  view=torch.full((len(samples),), spec.view, dtype=torch.int64),
+                  keys=[s["key"] for s in samples] if spec.keys else [],
+                  errors=[s["error"] for s in samples if s["error"]])
+    if pin:
+        for name in ("patches", "mask", "valid", "codes", "scale"):
+            t = getattr(batch, name)
+            if t is not None:
+                setattr(batch, name, t.pin_memory())
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------
+
+class StepLoader:
+    """The remaining optimizer steps of one rank's epoch, each a list of `accum` micro-batches, in plan order.
+
+    positions: [steps, per_rank] plan positions (plan.rank_positions); per_rank = batch_size x accum."""
+
+    def __init__(self, spec: StreamSpec, positions: np.ndarray, *, batch_size: int, workers: int, prefetch: int,
+                 pin_memory: bool):
+        if positions.shape[1] % batch_size:
+            raise ValueError(f"{positions.shape[1]} samples per step is not a multiple of the batch {batch_size}")
+        self.spec, self.positions, self.batch_size = spec, positions, batch_size
+        self.accum = positions.shape[1] // batch_size
         self.workers, self.prefetch, self.pin = workers, prefetch, pin_memory
-        self.codec_dtype = codec_dtype
 
     def __len__(self) -> int:
-        return -(-self.remaining // self.batch_size)
+        return len(self.positions)
 
-    def _samples(self) -> Iterator[dict]:
-        if self.workers == 0:
-            return iter(self.dataset)
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.workers, collate_fn=keep_as_is,
-                            multiprocessing_context=mp_context(self.workers), prefetch_factor=self.prefetch)
-        return iter(loader)
+    def _micro_positions(self) -> Iterator[np.ndarray]:
+        return iter(self.positions.reshape(-1, self.batch_size))
 
-    def _batches(self) -> Iterator[Batch]:
-        order = expected_order(self.lengths, self.consumed, self.rotation)
+    def _steps(self) -> Iterator[list[Batch]]:
+        if self.spec.reads_pixels:
+            return iter(wds.DataPipeline(self._micro_positions, read_cached(self.spec, self.pin),
+                                         group_steps(self.accum)))
+        return group_steps(self.accum)(self._image_batches())
+
+    def _image_batches(self) -> Iterator[Batch]:
+        flat = self.positions.reshape(-1)
+        dataset = ImageSamples(self.spec, flat)
+        samples = iter(dataset) if self.workers == 0 else iter(DataLoader(
+            dataset, batch_size=None, num_workers=self.workers, collate_fn=keep_as_is,
+            multiprocessing_context=mp_context(self.workers), prefetch_factor=self.prefetch))
         pending: list[dict] = []
-        for sample in self._samples():
-            expected = next(order, None)
-            if expected != (sample["slot"], sample["seq"]):
-                raise RuntimeError(f"data order broke: got sample {(sample['slot'], sample['seq'])}, "
-                                   f"expected {expected}; resume exactness cannot be kept")
+        for expected, sample in enumerate(samples):
+            if sample["i"] != expected:
+                raise RuntimeError(f"data order broke: got sample {sample['i']}, expected {expected}")
             pending.append(sample)
             if len(pending) == self.batch_size:
-                yield self._collate(pending)
+                yield collate(pending, self.spec, self.pin)
                 pending = []
-        if pending:
-            yield self._collate(pending)
 
-    def _collate(self, samples: list[dict]) -> Batch:
-        codes = scale = None
-        if "codes" in samples[0]:
-            codes = torch.stack([s["codes"] for s in samples])
-            if self.codec_dtype is not None and codes.dtype != self.codec_dtype:
-                codes = codes.view(self.codec_dtype)
-            if "scale" in samples[0]:
-                scale = torch.stack([s["scale"] for s in samples])
-        batch = Batch(pixels=torch.stack([s["pixels"] for s in samples]),
-                      mask=torch.stack([s["mask"] for s in samples]),
-                      valid=torch.tensor([s["valid"] for s in samples]),
-                      codes=codes, scale=scale,
-                      index=torch.tensor([s["index"] for s in samples], dtype=torch.int64),
-                      view=torch.tensor([s["view"] for s in samples], dtype=torch.int64),
-                      errors=[s["error"] for s in samples if not s["valid"]])
-        if self.pin:
-            for name in ("pixels", "mask", "valid", "codes", "scale"):
-                t = getattr(batch, name)
-                if t is not None:
-                    setattr(batch, name, t.pin_memory())
-        return batch
+    def __iter__(self) -> Iterator[list[Batch]]:
+        """Steps are produced on a background thread, `prefetch` ahead, so reading overlaps the step."""
+        return _background(self._steps, self.prefetch)
 
-    def __iter__(self) -> Iterator[Batch]:
-        """Batches are collated on a background thread, `prefetch` ahead, so collation overlaps the step."""
-        q: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
-        stop = threading.Event()
 
-        def put(item) -> bool:
-            """Queue `item` unless the consumer has gone; never block past a stop."""
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
+def _background(make: Callable[[], Iterator], depth: int) -> Iterator:
+    """Run iterator `make()` on a daemon thread, `depth` items ahead; errors re-raise in the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    end = object()
 
-        def produce():
-            batches = self._batches()
+    def put(item) -> bool:
+        while not stop.is_set():   # never block past a stop: the consumer may have gone
             try:
-                for b in batches:
-                    if not put(b):
-                        return
-                put(None)
-            except BaseException as e:
-                put(e)
-            finally:
-                batches.close()   # ends the DataLoader iterator, so its workers exit now
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
-        thread = threading.Thread(target=produce, name="batch-collator", daemon=True)
-        thread.start()
+    def produce():
+        items = make()
         try:
-            while (item := q.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            for item in items:
+                if not put(item):
+                    return
+            put(end)
+        except BaseException as e:
+            put(e)
         finally:
-            stop.set()
-            thread.join(timeout=5)
+            close = getattr(items, "close", None)
+            if close:
+                close()   # ends a DataLoader iterator, so its workers exit now
+
+    thread = threading.Thread(target=produce, name="batch-reader", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)

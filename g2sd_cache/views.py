@@ -128,6 +128,48 @@ def normalize(pixels: torch.Tensor) -> torch.Tensor:
     return x.sub_(mean).div_(std)
 
 
+def visible_index(mask: torch.Tensor, n_keep: int | None = None) -> torch.Tensor:
+    """Indices of the visible patches of each row, ascending.
+
+    mask: [N, L] bool, True = hidden, the same number of visible patches in every row.
+    n_keep: that number, when the caller knows it (then nothing here waits for the device).
+    returns: [N, n_keep] int64.
+    """
+    if n_keep is None:
+        counts = (~mask).sum(dim=1)
+        if mask.shape[0] and not bool((counts == counts[0]).all()):
+            raise ValueError("every mask row must keep the same number of visible patches")
+        n_keep = int(counts[0]) if mask.shape[0] else 0
+    # A stable sort puts the visible (False) patches first, in ascending order: no nonzero(), no sync.
+    return torch.argsort(mask.to(torch.uint8), dim=1, stable=True)[:, :n_keep]
+
+
+def patchify(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """[N, C, H, W] -> [N, L, p, p, C]: patches in row-major order, each in HWC order (MAE's patchify)."""
+    n, c, h, w = pixels.shape
+    p = patch_size
+    x = pixels.reshape(n, c, h // p, p, w // p, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(n, (h // p) * (w // p), p, p, c)
+
+
+def visible_patches(pixels: torch.Tensor, mask: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """The patches a masked view shows: pixels [N, C, H, W] (any dtype), mask [N, L] (True = hidden)
+    -> [N, n_keep, p, p, C], visible patches in ascending patch order, HWC inside each patch.
+    This is what the cache stores (uint8, as rendered) and what teacher and student consume."""
+    ids = visible_index(mask)
+    patches = patchify(pixels, patch_size)
+    return patches[torch.arange(patches.shape[0], device=ids.device)[:, None], ids]
+
+
+def normalize_patches(patches: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, n_keep, p, p, 3] -> float32 [N, n_keep, p*p*3] network input: the arithmetic of
+    `normalize`, element for element (so a patch normalises bit-identically to its image), channel last."""
+    x = patches.float().div_(255)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device)
+    std = torch.tensor(IMAGENET_STD, device=x.device)
+    return x.sub_(mean).div_(std).flatten(2)
+
+
 def replay_versions() -> dict:
     """The library versions whose image arithmetic a replayed view depends on (recorded in the manifest)."""
     return {"torch": torch.__version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__}

@@ -53,3 +53,11 @@ def micro_cache(image_folder, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cache") / "c"
     run_extract(micro_extract_config(image_folder, out))
     return out
+
+
+@pytest.fixture(scope="session")
+def micro_cache_no_pixels(image_folder, tmp_path_factory) -> Path:
+    """`micro_cache` extracted with --pixels none: the same views and targets, training reads the images."""
+    out = tmp_path_factory.mktemp("cache-nopix") / "c"
+    run_extract(micro_extract_config(image_folder, out, pixels="none"))
+    return out

@@ -11,7 +11,7 @@ import torch
 import g2sd_cache
 from g2sd_cache import open_cache
 from g2sd_cache.errors import CacheCorruptError, UserError
-from g2sd_cache.schema import MANIFEST
+from g2sd_cache.schema import FORMAT_VERSION, MANIFEST
 
 T, D, L = 17, 32, 16  # micro teacher at 64 px
 
@@ -115,12 +115,16 @@ def test_bytes_per_view(micro_cache):
     # each inner chunk adds a crc32c (4 B); each shard file an index of 16 B per chunk + crc32c
     assert payload <= target <= payload * 1.03
     meta = sum(size for s in m["shards"] for f, size in s["files"].items() if f.endswith("zarr.json"))
+    # the visible patches as rendered: n_keep x p x p x 3 uint8 per view (+ the same chunk overheads)
+    pixels = sum(size for s in m["shards"] for f, size in s["files"].items() if f.startswith("pixels/c/"))
+    pixel_payload = views * (L // 4) * 16 * 16 * 3
+    assert pixel_payload <= pixels <= pixel_payload * 1.03
     other = sum(size for s in m["shards"] for f, size in s["files"].items()
-                if not f.startswith("target/") and not f.endswith("zarr.json"))
+                if not f.startswith(("target/", "pixels/")) and not f.endswith("zarr.json"))
     per_view_other = other / views
     per_shard_meta = meta / len(m["shards"])
     assert per_view_other < L + 120, per_view_other       # mask, crop, flip, index, key + chunk overheads
-    assert per_shard_meta < 12_000, per_shard_meta           # seven zarr.json files
+    assert per_shard_meta < 14_000, per_shard_meta           # eight zarr.json files
     # what that means at 224 px for a ViT-B teacher (L = 196, T x D = 197 x 512) with 2048-view shards
     vitb = 197 * 512 * 2
     per_view = vitb * target / payload + (per_view_other - L + 196) + per_shard_meta / 2048
@@ -166,11 +170,15 @@ def test_open_cache_refuses_what_is_not_a_finished_cache(tmp_path, cache_copy):
     with pytest.raises(UserError, match="format version 99"):
         open_cache(cache_copy)
     # a damaged manifest is a one-line user error, not a JSON traceback
-    for text in ["{", "[1, 2]", json.dumps({k: v for k, v in m.items() if k != "shards"} | {"format_version": 1})]:
+    for text in ["{", "[1, 2]", json.dumps({k: v for k, v in m.items() if k != "shards"} | {"format_version": FORMAT_VERSION})]:
         (cache_copy / MANIFEST).write_text(text)
         with pytest.raises(UserError) as e:
             open_cache(cache_copy)
         assert "manifest" in str(e.value) and "\n" not in str(e.value)
+    # a cache of the first format (no stored pixels, no pixels field) is refused in one line, never misread
+    (cache_copy / MANIFEST).write_text(json.dumps({k: v for k, v in m.items() if k != "pixels"} | {"format_version": 1}))
+    with pytest.raises(UserError, match="format version 1 .*re-extract"):
+        open_cache(cache_copy)
     (cache_copy / MANIFEST).unlink()
     with pytest.raises(UserError, match="incomplete"):
         open_cache(cache_copy)

@@ -309,6 +309,21 @@ def test_int4_cache_end_to_end(image_folder, tmp_path):
             x = np.asarray(zarr.open_array(a / shard / name, mode="r")[...])
             y = np.asarray(zarr.open_array(b / shard / name, mode="r")[...])
             assert x.dtype == dtype and x.shape[2:] == shape and np.array_equal(x, y), (shard, name)
+    # the trainer's pixel path hands the loss packed codes and float16 group scales, as stored
+    from g2sd_cache.plan import PAD, EpochOrder
+    from g2sd_cache.stream import StreamSpec, read_cached
+    m = cache.manifest
+    order = EpochOrder(0, unit=np.array([0, 0, 1], dtype=np.int64), row=np.array([1, 0, 0], dtype=np.int64))
+    spec = StreamSpec(source=None, cache=cache, geometry=m.view_geometry, seed=m.seed, view=1, order=order)
+    (batch,) = list(read_cached(spec, pin=False)(iter([np.array([0, 1, 2, PAD])])))
+    assert batch.codes.dtype == torch.uint8 and batch.codes.shape == (4, T, D // 2)
+    assert batch.scale.dtype == torch.float16 and batch.scale.shape == (4, T, -(-D // 32))
+    got = decode(INT4, batch.codes, batch.scale)
+    n0 = cache.shard_images[0]
+    for k, i in enumerate((n0 + 1, n0, 2 * n0 + cache.shard_images[1])):   # view 1 of rows (0, 1), (0, 0), (1, 0)
+        assert cache.locate(i)[1] == 1 and torch.equal(got[k], cache[i].target), k
+    assert not bool(batch.valid[3]) and not bool(got[3].any())
+
     report = inspect_report(str(a))
     assert report["target_bytes_per_view"] == INT4.bytes_per_view(T, D) == T * D // 2 + 2 * T * -(-D // 32)
     assert "int4" in report["extract_error"] and 0.05 < report["extract_error"]["int4"]["rel_rmse"] < BOUNDS["int4"]

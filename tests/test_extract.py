@@ -27,7 +27,7 @@ from g2sd_cache.extract import run_extract
 from g2sd_cache.models import build_teacher
 from g2sd_cache.schema import MANIFEST, source_index_for_tar
 from g2sd_cache.synthetic import jpeg_bytes, make_tar_shards, synthetic_image
-from g2sd_cache.views import ViewGeometry, decode_image, normalize, render_view, sample_view
+from g2sd_cache.views import ViewGeometry, decode_image, normalize, render_view, sample_view, visible_patches
 
 # relative RMS error of a cached view against the live teacher, per codec (see test_codecs.py)
 BOUNDS = {"fp16": 1e-3, "bf16": 5e-3, "int8": 0.01, "fp8": 0.03}
@@ -151,6 +151,36 @@ def test_cached_targets_equal_a_direct_teacher_forward(codec, codec_caches, imag
     # the manifest's codec errors, measured at extraction against fp32, are consistent with ours
     assert m.codec_error[codec]["rel_rmse"] < BOUNDS[codec]
     assert float(np.mean(errors)) < 2 * m.codec_error[codec]["rel_rmse"] + 1e-6
+
+
+def test_stored_pixels_are_the_visible_patches_of_the_regenerated_view(micro_cache, image_folder, tmp_path):
+    """What a cache stores as pixels is byte for byte what the teacher saw: the regenerated view's visible
+    patches (crop and flip applied, ascending patch order, HWC), for every view, flipped or not."""
+    cache = open_cache(micro_cache)
+    geometry = _geometry(cache)
+    assert cache.has_pixels and cache.manifest.pixels == "visible"
+    flips = set()
+    for i in range(len(cache)):
+        rec = cache[i]
+        image = decode_image(str(image_folder / rec.key))
+        v = sample_view(cache.manifest.seed, rec.source_index, rec.view, image.size, geometry)
+        rendered = render_view(image, v.crop, v.flip, geometry.img_size)
+        want = visible_patches(rendered[None], torch.from_numpy(v.mask)[None], geometry.patch_size)[0]
+        assert rec.pixels.dtype == torch.uint8 and rec.pixels.shape == (geometry.num_visible, 16, 16, 3)
+        assert torch.equal(rec.pixels, want), i
+        flips.add(rec.flip)
+    assert flips == {True, False}
+    # the block API returns them as one array, in row order
+    b = cache.read_block(0, 1, 1, 3)
+    assert b.pixels.shape == (2, geometry.num_visible, 16, 16, 3)
+    assert np.array_equal(b.pixels[1], cache[cache.manifest.shards[0]["images"] + 2].pixels.numpy())
+    # --pixels none: today's smaller cache, the same views and targets, no pixels
+    none = tmp_path / "none"
+    run_extract(micro_extract_config(image_folder, none, pixels="none"))
+    small = open_cache(none)
+    assert not small.has_pixels and small.manifest.pixels == "none" and small[0].pixels is None
+    assert small[5].crop == cache[5].crop and torch.equal(small[5].target, cache[5].target)
+    assert not any(f.startswith("pixels/") for s in small.manifest.shards for f in s["files"])
 
 
 def test_every_image_and_view_exactly_once(codec_caches, image_folder):

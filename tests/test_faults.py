@@ -115,7 +115,7 @@ def one_line(e: BaseException) -> str:
 
 def micro_train_config(data, cache, out, **overrides) -> TrainConfig:
     base = dict(data=str(data), out=str(out), cache=str(cache), student=MICRO_STUDENT, workers=0, device="cpu",
-                steps=3, batch_size=4, log_every=1, save_every=1000)
+                steps=3, batch_size=4, log_every=1, save_every=1000, warmup_steps=1)
     base.update(overrides)
     return TrainConfig(**base)
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from g2sd_cache.errors import UserError
 from g2sd_cache.models import (LN_EPS, STUDENT_PRESETS, TEACHER_PRESETS, build_student, build_teacher,
-                               visible_index, weights_sha256)
+                               weights_sha256)
 
 MICRO = "test_mae_micro_patch16"
 MICRO_STUDENT = "test_vit_micro_patch16_dec32d1b"
@@ -214,7 +214,7 @@ def test_targets_are_layernormed_all_tokens(micro):
     # layer k really is after k decoder blocks: targets of different layers differ
     assert not torch.allclose(teacher.targets(imgs, mask, 1), teacher.targets(imgs, mask, 4))
     # the definition: LN(no affine, eps 1e-6) of decoder block k's output
-    h = teacher.forward_decoder(teacher.forward_encoder(imgs, mask), mask, depth=2)
+    h = teacher.forward_decoder(teacher.forward_encoder(teacher.visible_input(imgs, mask), mask), mask, depth=2)
     ref = F.layer_norm(h, (32,), eps=1e-6)
     assert torch.allclose(teacher.targets(imgs, mask, 2), ref, atol=1e-6)
     # batch-independent: one view alone gives the same target as in a batch
@@ -280,11 +280,43 @@ def test_ascending_visible_order_equals_maes_shuffled_order(micro):
         assert torch.allclose(t.targets(imgs, mask, 2), _mae_reference_targets(t, imgs, mask, 2, 0), atol=1e-4)
 
 
-def test_visible_index():
-    mask = torch.tensor([[True, False, True, False], [False, False, True, True]])
-    assert visible_index(mask).tolist() == [[1, 3], [0, 1]]
-    with pytest.raises(ValueError):
-        visible_index(torch.tensor([[True, False, True, False], [False, False, False, True]]))
+def _conv_encoder(model, imgs, mask):
+    """The encoder as MAE computes it: the stride-p conv over the whole image, then the visible tokens."""
+    x = model.patch_embed(imgs) + model.pos_embed[:, 1:]
+    ids = (~mask).nonzero()[:, 1].view(len(mask), -1)
+    x = torch.gather(x, 1, ids[..., None].expand(-1, -1, x.shape[-1]))
+    x = torch.cat([(model.cls_token + model.pos_embed[:, :1]).expand(len(x), -1, -1), x], dim=1)
+    for block in model.blocks:
+        x = block(x)
+    return model.norm(x)
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_visible_patch_forward_equals_the_image_forward():
+    """Stored uint8 visible patches -> normalise -> linear embed equals the image -> conv path (fp32)."""
+    from g2sd_cache.models import MAETeacher, ViTShape
+    from g2sd_cache.views import normalize, normalize_patches, visible_patches
+    torch.manual_seed(0)
+    teacher = MAETeacher(ViTShape(16, 64, 2, 2, 32, 2, 2), 224).eval()
+    student = build_student("test_vit_micro_patch16_dec32d1b", 32, 224, seed=1)
+    g = torch.Generator().manual_seed(5)
+    pixels = torch.randint(0, 256, (3, 3, 224, 224), dtype=torch.uint8, generator=g)
+    mask = _mask(3, 196, 49, seed=5)
+    patches = normalize_patches(visible_patches(pixels, mask, 16))        # what train feeds from the cache
+    imgs = normalize(pixels)
+    assert patches.shape == (3, 49, 16 * 16 * 3)
+    with torch.no_grad():
+        for model in (teacher, student):
+            assert _rel(model.forward_encoder(patches, mask), _conv_encoder(model, imgs, mask)) <= 1e-5
+        ref = F.layer_norm(teacher.forward_decoder(_conv_encoder(teacher, imgs, mask), mask, depth=2), (32,), eps=1e-6)
+        assert _rel(teacher.targets_visible(patches, mask, 2), ref) <= 1e-5
+        assert _rel(teacher.targets(imgs, mask, 2), ref) <= 1e-5
+        pred_ref = student.head(student.decoder_norm(student.forward_decoder(_conv_encoder(student, imgs, mask), mask)))
+        assert _rel(student.forward_visible(patches, mask), pred_ref) <= 1e-5
+        assert torch.equal(student(imgs, mask), student.forward_visible(patches, mask))
 
 
 def test_student_forward_shape_and_seeded_init():

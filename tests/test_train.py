@@ -1,6 +1,7 @@
 """The trainer: cached == replay-online step by step, exact resume, DDP shares, export, schedule, failures."""
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,10 @@ from g2sd_cache.train import TrainConfig, train
 
 
 def run_train(out: Path, data, **kw) -> list[dict]:
-    base = dict(data=str(data), out=str(out), student=MICRO_STUDENT, batch_size=3, workers=0, device="cpu",
-                log_every=1, save_every=1000, warmup_epochs=0.5, blr=1e-3, seed=0)
+    base = dict(data=str(data) if data is not None else None, out=str(out), student=MICRO_STUDENT, batch_size=3, workers=0, device="cpu",
+                log_every=1, save_every=1000, warmup_steps=1, blr=1e-3, seed=0)
+    if "warmup_epochs" in kw:
+        base.pop("warmup_steps")
     base.update(kw)
     train(TrainConfig(**base))
     return metrics(out)
@@ -43,34 +46,37 @@ def test_cached_and_replay_online_training_give_the_same_loss_at_every_step(micr
     for a, b in zip(cached, replay):
         assert math.isfinite(a["loss"])
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-3, abs=1e-5)
-        assert b["target_rel_rmse"] < 1e-3          # fp16 rounding of LN-ed features
+        assert b["replay_rel_rmse"] < 1e-3          # fp16 rounding of LN-ed features
     assert cached[-1]["loss"] < cached[0]["loss"]
 
 
-@pytest.mark.parametrize("accum,stop,steps", [(3, 5, 7), (1, 23, 25)])
-def test_stop_after_then_resume_gives_the_same_losses_and_samples(micro_cache, image_folder, tmp_path,
-                                                                  accum, stop, steps):
+@pytest.mark.parametrize("pixels,accum,stop,steps,workers", [(True, 3, 2, 7, 0), (False, 1, 23, 25, 2)])
+def test_stop_after_then_resume_gives_the_same_losses_and_samples(micro_cache, micro_cache_no_pixels, image_folder,
+                                                                  tmp_path, pixels, accum, stop, steps, workers):
     """Preempted mid-epoch and resumed, a run sees the same samples in the same order and the same
-    losses as an uninterrupted run. The two workers' slots are uneven (7 and 5 views): the first case
-    stops mid-round with gradient accumulation, the second after one slot ran dry."""
-    kw = dict(cache=str(micro_cache), steps=steps, batch_size=1, workers=2, accum_iter=accum, shuffle_window=5,
-              log_samples=True)
-    full = run_train(tmp_path / "full", image_folder, **kw)
-    part = run_train(tmp_path / "part", image_folder, stop_after=stop, **kw)
+    losses as an uninterrupted run: from stored pixels with gradient accumulation and a padded last step
+    (12 views, 9 per step), and decoding images in 2 workers, resumed with 1 worker."""
+    cache = micro_cache if pixels else micro_cache_no_pixels
+    kw = dict(cache=str(cache), steps=steps, batch_size=3 if pixels else 1, accum_iter=accum, shuffle_window=5,
+              log_samples=True, warmup_epochs=0.3)
+    full = run_train(tmp_path / "full", image_folder, workers=workers, **kw)
+    part = run_train(tmp_path / "part", image_folder, stop_after=stop, workers=workers, **kw)
     assert [m["step"] for m in part] == list(range(1, stop + 1))
-    resumed = run_train(tmp_path / "part", image_folder, resume=True, **kw)
+    resumed = run_train(tmp_path / "part", image_folder, resume=True, workers=max(0, workers - 1), **kw)
     assert [m["step"] for m in resumed] == list(range(1, steps + 1))
     assert [m["loss"] for m in resumed] == pytest.approx([m["loss"] for m in full], rel=1e-6)
     assert samples(tmp_path / "part") == samples(tmp_path / "full")
     got = samples(tmp_path / "full")
-    assert sorted(i for s in got if s["epoch"] == 0 for i in s["index"]) == list(range(12))
-    assert {v for s in got for v in s["view"] if s["epoch"] == 1} == {1}   # epoch e uses view e mod K
+    used = [i for s in got if s["epoch"] == 0 for i, ok in zip(s["index"], s["valid"]) if ok]
+    assert sorted(used) == list(range(12))
+    assert {v for s in got for v, ok in zip(s["view"], s["valid"]) if s["epoch"] == 1 and ok} == {1}  # e mod K
+    assert all(len(s["key"]) == len(s["index"]) for s in got)
 
 
 def test_resume_refuses_a_changed_data_order(micro_cache, image_folder, tmp_path):
     run_train(tmp_path / "r", image_folder, cache=str(micro_cache), steps=4, stop_after=2)
-    with pytest.raises(UserError, match="batch_size"):
-        run_train(tmp_path / "r", image_folder, cache=str(micro_cache), steps=4, resume=True, batch_size=2)
+    with pytest.raises(UserError, match="seed"):
+        run_train(tmp_path / "r", image_folder, cache=str(micro_cache), steps=4, resume=True, seed=2)
     with pytest.raises(UserError, match="--resume"):
         run_train(tmp_path / "r", image_folder, cache=str(micro_cache), steps=4)
     with pytest.raises(UserError, match="no checkpoint.pt"):
@@ -93,7 +99,8 @@ def test_two_gloo_ranks_read_disjoint_views_once_and_run_the_same_steps(micro_ca
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
            "-m", "g2sd_cache.cli", "train", "--data", str(image_folder), "--cache", str(micro_cache),
            "--out", str(run), "--student", MICRO_STUDENT, "--epochs", "1", "--batch-size", "2",
-           "--workers", "2", "--shuffle-window", "4", "--device", "cpu", "--log-every", "1", "--log-samples"]
+           "--workers", "2", "--shuffle-window", "4", "--device", "cpu", "--log-every", "1", "--log-samples",
+           "--warmup-epochs", "0.5"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     r0, r1 = samples(run, 0), samples(run, 1)
@@ -108,7 +115,7 @@ def test_two_gloo_ranks_read_disjoint_views_once_and_run_the_same_steps(micro_ca
 def test_online_mode_trains_with_the_teacher_in_the_loop(image_folder, tmp_path):
     got = run_train(tmp_path / "online", image_folder, teacher="random", arch=MICRO_TEACHER, img_size=64, steps=3)
     assert len(got) == 3 and all(math.isfinite(m["loss"]) for m in got)
-    assert {"step", "epoch", "loss", "lr", "samples_per_s", "data_wait_frac"} <= set(got[0])
+    assert {"step", "epoch", "loss", "lr", "samples_per_s", "data_wait_frac_rank0"} <= set(got[0])
     assert (tmp_path / "online" / "config.yaml").read_text().count("mode: online") == 1
     assert list((tmp_path / "online" / "tb").iterdir())
 
@@ -136,7 +143,7 @@ def test_export_loads_into_timm_with_strict_keys_and_computes_the_same_features(
     x = torch.randn(2, 3, 224, 224)
     all_visible = torch.zeros(2, 196, dtype=torch.bool)
     with torch.no_grad():
-        assert torch.allclose(model.forward_features(x), student.forward_encoder(x, all_visible), atol=1e-5)
+        assert torch.allclose(model.forward_features(x), student.forward_encoder(student.visible_input(x, all_visible), all_visible), atol=1e-5)
 
 
 def test_student_forward_shapes():
@@ -144,7 +151,7 @@ def test_student_forward_shapes():
     mask = torch.ones(2, 196, dtype=torch.bool)
     mask[:, :49] = False
     assert s(torch.randn(2, 3, 224, 224), mask).shape == (2, 197, 512)
-    assert s.forward_encoder(torch.randn(2, 3, 224, 224), mask).shape == (2, 50, 384)
+    assert s.forward_encoder(s.visible_input(torch.randn(2, 3, 224, 224), mask), mask).shape == (2, 50, 384)
 
 
 def test_schedule_values_at_known_steps():
@@ -174,7 +181,7 @@ def test_cli_user_errors_are_one_line(tmp_path, image_folder):
 def test_config_file_sets_options_and_flags_override_it(micro_cache, image_folder, tmp_path):
     cfg = tmp_path / "train.yaml"
     cfg.write_text(f"data: {image_folder}\ncache: {micro_cache}\nstudent: {MICRO_STUDENT}\nsteps: 2\n"
-                   f"batch_size: 2\nworkers: 0\ndevice: cpu\nlog_every: 1\n")
+                   f"batch_size: 2\nworkers: 0\ndevice: cpu\nlog_every: 1\nwarmup_steps: 1\n")
     done = subprocess.run([sys.executable, "-m", "g2sd_cache.cli", "train", "--config", str(cfg),
                            "--out", str(tmp_path / "run"), "--steps", "3"], capture_output=True, text=True,
                           timeout=180)
@@ -193,7 +200,7 @@ def test_cached_training_streams_tar_sources_and_uses_every_view_once(tmp_path):
     tars = make_tar_shards(tmp_path / "tars", count=10, per_shard=4, seed=3)
     spec = str(tmp_path / "tars" / "train-{000000..000002}.tar")
     cache = tmp_path / "tar-cache"
-    run_extract(micro_extract_config(spec, cache, views=1))
+    run_extract(micro_extract_config(spec, cache, views=1, pixels="none"))
     assert len(tars) == 3
     run = tmp_path / "tar-run"
     got = run_train(run, spec, cache=str(cache), epochs=1, batch_size=2, workers=2, log_samples=True)
@@ -201,10 +208,16 @@ def test_cached_training_streams_tar_sources_and_uses_every_view_once(tmp_path):
     seen = sorted(i for s in samples(run) for i in s["index"])
     assert seen == sorted((t << 32) | p for t, n in enumerate([4, 4, 2]) for p in range(n))
     assert all(all(s["valid"]) for s in samples(run))
+    # a pixel cache of the same tars trains without them (no tar is read, so its blocks mix across tars)
+    pix = tmp_path / "tar-cache-pixels"
+    run_extract(micro_extract_config(spec, pix, views=1))
+    alone = run_train(tmp_path / "tar-pix", None, cache=str(pix), epochs=1, batch_size=2, log_samples=True)
+    assert len(alone) == 5 and all(math.isfinite(m["loss"]) for m in alone)
+    assert sorted(i for s in samples(tmp_path / "tar-pix") for i in s["index"]) == seen
 
 
 def test_loss_tokens_select_masked_visible_or_all_and_drop_invalid_samples():
-    from g2sd_cache.train import _token_mask
+    from g2sd_cache.distill import token_mask as _token_mask
     mask = torch.tensor([[True, False, True], [False, True, True]])
     valid = torch.tensor([True, False])
     assert _token_mask("all", mask, torch.tensor([True, True]), all_valid=True) is None
@@ -238,3 +251,73 @@ def test_sigterm_saves_a_checkpoint_and_stops(micro_cache, image_folder, tmp_pat
     assert proc.returncode == 0, err[-2000:]
     ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
     assert 1 <= ckpt["step"] < 100000 and "stopped at step" in out
+
+
+def test_pixel_cache_trains_without_data_exactly_like_the_image_path(micro_cache, micro_cache_no_pixels,
+                                                                      image_folder, tmp_path):
+    """A cache with stored pixels trains with no --data (no image opened) and gives the losses that decoding
+    the images gives on a --pixels none cache of the same views; with --data too (checked, not read)."""
+    kw = dict(steps=6, batch_size=3, accum_iter=2, log_samples=True)
+    pixels = run_train(tmp_path / "pix", None, cache=str(micro_cache), **kw)
+    images = run_train(tmp_path / "img", image_folder, cache=str(micro_cache_no_pixels), workers=2, **kw)
+    both = run_train(tmp_path / "both", image_folder, cache=str(micro_cache), **kw)
+    assert [m["loss"] for m in pixels] == pytest.approx([m["loss"] for m in images], rel=1e-5)
+    assert [m["loss"] for m in both] == [m["loss"] for m in pixels]
+    assert samples(tmp_path / "pix") == samples(tmp_path / "img")
+    assert "reads: cached pixels" in (tmp_path / "pix" / "config.yaml").read_text()
+
+
+def test_a_cache_without_pixels_needs_data_in_one_line(micro_cache_no_pixels, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "g2sd_cache.cli", "train", "--cache", str(micro_cache_no_pixels),
+                           "--out", str(tmp_path / "r"), "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr
+    assert "--pixels none" in lines[0] and "--data" in lines[0]
+
+
+def test_warm_up_longer_than_the_run_is_refused_unless_given_in_steps(micro_cache, tmp_path):
+    with pytest.raises(UserError, match=r"--warmup-epochs 10.0 is 40 steps .*--warmup-steps"):
+        run_train(tmp_path / "w", None, cache=str(micro_cache), steps=5, warmup_epochs=10.0)
+    got = run_train(tmp_path / "w2", None, cache=str(micro_cache), steps=3, warmup_steps=10)
+    assert [m["lr"] for m in got] == pytest.approx([0.0, 1e-3 * 3 / 256 / 10, 1e-3 * 3 / 256 * 2 / 10])
+    assert "warmup_steps: 10" in (tmp_path / "w2" / "config.yaml").read_text()
+
+
+def _torchrun(nproc: int, port: int, *args) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
+           "-m", "g2sd_cache.cli", "train", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+@pytest.mark.slow
+def test_elastic_resume_on_another_number_of_ranks_continues_the_same_run(micro_cache, tmp_path):
+    """The epoch order does not depend on the world size: a 2-rank run stopped mid-epoch and resumed on 1 rank
+    (and a 1-rank run resumed on 2) gives, step by step, the losses of an uninterrupted 1-rank run at the same
+    global batch of 4, and uses every view of every epoch exactly once."""
+    common = ["--cache", micro_cache, "--student", MICRO_STUDENT, "--steps", 6, "--device", "cpu", "--log-every", 1,
+              "--warmup-steps", 1, "--blr", 1e-3, "--log-samples", "--shuffle-window", 5]
+    full = run_train(tmp_path / "full", None, cache=str(micro_cache), steps=6, batch_size=4, blr=1e-3,
+                     shuffle_window=5, log_samples=True)
+    # 2 ranks x 2 -> stop at step 2 (mid-epoch: 8 of 12 views) -> 1 rank x 2 x accum 2
+    done = _torchrun(2, 29531, *common, "--out", tmp_path / "a", "--batch-size", 2, "--stop-after", 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = run_train(tmp_path / "a", None, cache=str(micro_cache), steps=6, batch_size=2, accum_iter=2, blr=1e-3,
+                  shuffle_window=5, log_samples=True, resume=True)
+    # 1 rank x 4 -> stop at step 4 (mid-epoch 1) -> 2 ranks x 2
+    run_train(tmp_path / "b", None, cache=str(micro_cache), steps=6, batch_size=4, blr=1e-3, shuffle_window=5,
+              log_samples=True, stop_after=4)
+    done = _torchrun(2, 29533, *common, "--out", tmp_path / "b", "--batch-size", 2, "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    b = metrics(tmp_path / "b")
+    for got in (a, b):
+        assert [m["step"] for m in got] == list(range(1, 7))
+        assert [m["loss"] for m in got] == pytest.approx([m["loss"] for m in full], rel=1e-4)
+    for run in ("a", "b"):
+        used = {}
+        for rank in (0, 1):
+            for s in samples(tmp_path / run, rank):
+                for i, v, ok in zip(s["index"], s["view"], s["valid"]):
+                    if ok:
+                        used.setdefault(s["epoch"], []).append((i, v))
+        assert sorted(used[0]) == [(i, 0) for i in range(12)] and sorted(used[1]) == [(i, 1) for i in range(12)]

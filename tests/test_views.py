@@ -243,3 +243,35 @@ def test_decode_image_converts_to_rgb_and_reads_bytes_and_paths(tmp_path):
     data = jpeg_bytes(_pil())
     with pytest.raises(OSError):
         views.decode_image(data[: len(data) // 2])
+
+
+def test_visible_index_ascending_and_refuses_uneven_rows():
+    mask = torch.tensor([[True, False, True, False], [False, False, True, True]])
+    assert views.visible_index(mask).tolist() == [[1, 3], [0, 1]]
+    assert views.visible_index(mask, 2).tolist() == [[1, 3], [0, 1]]
+    with pytest.raises(ValueError):
+        views.visible_index(torch.tensor([[True, False, True, False], [False, False, False, True]]))
+
+
+def test_visible_patches_are_the_rendered_pixels_of_the_visible_patches_in_hwc():
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=g)
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    mask[0, [0, 5, 15]] = False
+    mask[1, [2, 3, 9]] = False
+    got = views.visible_patches(pixels, mask, 16)
+    assert got.shape == (2, 3, 16, 16, 3) and got.dtype == torch.uint8
+    for n, ids in enumerate([[0, 5, 15], [2, 3, 9]]):
+        for j, patch in enumerate(ids):
+            r, c = divmod(patch, 4)
+            expected = pixels[n, :, 16 * r:16 * (r + 1), 16 * c:16 * (c + 1)].permute(1, 2, 0)
+            assert torch.equal(got[n, j], expected)
+
+
+def test_normalize_patches_is_normalize_element_for_element():
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=g)
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    flat = views.normalize_patches(views.visible_patches(pixels, mask, 16))
+    assert flat.shape == (2, 4, 16 * 16 * 3) and flat.dtype == torch.float32
+    assert torch.equal(flat, views.visible_patches(normalize(pixels), mask, 16).flatten(2))
