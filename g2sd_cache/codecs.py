@@ -14,8 +14,8 @@
   (`dither_seeds`: cache seed, source index, view index), so rerunning or resuming extract writes the
   same bytes, on any device and with any batch composition.
   Why groups of 32 and not one fp32 scale per token (51,220 B/view): on a random mae_vit_base_patch16's
-  targets the relative RMS error is 12.8 % per group vs 16.5 % per token (noise power -40 %) for +11 %
-  bytes, and a group confines an outlier channel -- real MAE features have them -- to its 32 neighbours:
+  targets the relative RMS error is 12.6 % per group vs 16.4 % per token (noise power -41 %) for +11 %
+  bytes (benchmarks/codec_error.py), and a group confines an outlier channel -- real MAE features have them -- to its 32 neighbours:
   with one per-token scale a channel at 20x the token's RMS sets the step for all 512 channels and the
   error exceeds 100 %. A group's error can never exceed sqrt(31)/15 = 0.37 of its RMS (one nonzero value).
   float16 scales keep the view within 57,000 B; LayerNorm-ed values (|x| <= sqrt(D)) sit far inside
