@@ -1,7 +1,13 @@
 """Loss benchmark: fused Triton masked smooth-L1 vs the torch reference (eager and torch.compile).
 
 Forward + backward of ``masked_smooth_l1`` on ViT-style shapes (T=197 tokens, D=512, B in {64, 256}),
-bf16 predictions against bf16 targets and int8 targets with a per-token fp32 scale.
+bf16 predictions against bf16 targets, int8 targets with a per-token fp32 scale and int4 targets (two
+codes per byte, fp16 scale per 32 channels).  The backward gets a GradScaler-sized ``grad_output``
+(65536 x 0.93 / 2, what the trainer passes), the hot path of the kernel's backward.
+
+Methods: ``triton_fused`` (the default: the forward stores l'(d) in pred's dtype), ``triton_fused_fp32buf``
+(``fp32_grad_buffer=True``: stored in fp32, 4 more bytes per element moved), ``torch_eager`` and
+``torch_compile`` (the reference).
 
 Figures per (B, target dtype, method):
 
@@ -10,8 +16,9 @@ Figures per (B, target dtype, method):
   events; the GPU is first kept busy with ``torch.cuda._sleep`` while the host enqueues all repeats,
   so the events measure device time rather than Python launch overhead, and a 256 MiB buffer is
   zeroed before each repeat (outside the events) so the inputs do not sit in L2.
-* ``GBps``: the bytes an ideal fused pass moves -- pred read, target read (+ the fp32 scale), the
-  gradient written in pred's dtype -- divided by ``time_ms``.
+* ``GBps``: the bytes an ideal fused pass moves -- pred read, target read (+ its scale), the
+  gradient written in pred's dtype -- divided by ``time_ms``.  (The kernel moves more: the forward
+  writes l'(d) and the backward reads it back and writes the gradient; this figure is the ideal.)
 * ``frac_of_copy``: ``GBps`` over the device-to-device copy bandwidth measured in the same process
   (``dst.copy_(src)`` of a large buffer, read + write bytes).
 * ``peak_mem_MiB``: ``torch.cuda.max_memory_allocated()`` minus the allocation before one step,
@@ -19,9 +26,15 @@ Figures per (B, target dtype, method):
 
 On CPU only the torch reference is timed (wall clock); the kernel needs a GPU.
 
+``--precision`` adds the gradient's precision (``run_grad_precision``): relative L2 error of the fp16
+and bf16 gradient against an fp64 gradient at [64, 197, 512] with the GradScaler-sized grad_output,
+for the reference and both kernel buffers -- on CUDA, or on CPU under ``TRITON_INTERPRET=1`` (the
+interpreter truncates fp32 -> bf16 where a GPU rounds to nearest, so its bf16 figures are higher).
+
 Usage::
 
-    python benchmarks/loss.py [--quick] [--device cuda|cpu] [--json out.json]
+    python benchmarks/loss.py [--quick] [--device cuda|cpu] [--json out.json] [--precision]
+    TRITON_INTERPRET=1 python benchmarks/loss.py --device cpu --precision   # ~2 min on one core
 
 ``run_loss_benchmark(device, quick)`` returns the same figures as a dict; benchmarks/throughput.py
 imports it (``from loss import run_loss_benchmark`` with benchmarks/ on sys.path).
@@ -41,6 +54,10 @@ import torch
 T_TOKENS = 197
 D_MODEL = 512
 BETA = 2.0
+#: the trainer's grad_output: GradScaler's 65536 x a per-step factor (local / global selected count x world)
+#: / accumulation steps
+GRAD_OUTPUT = 65536.0 * 0.93 / 2
+TARGET_KINDS = ("bfloat16", "int8", "int4")
 
 
 def _kernels():
@@ -60,18 +77,26 @@ def _make_inputs(B, target_kind, device, seed=0):
         scale = target_f.abs().amax(dim=-1) / 127.0
         target = torch.round(target_f / scale[..., None]).clamp(-127, 127).to(torch.int8)
         return pred.requires_grad_(), target.to(device), scale.to(device)
+    if target_kind == "int4":
+        from g2sd_cache import codecs
+
+        target, scale = codecs.encode(codecs.CODECS["int4"], target_f, torch.arange(B, dtype=torch.int64))
+        return pred.requires_grad_(), target.to(device), scale.to(device)
     return pred.requires_grad_(), target_f.to(device=device, dtype=torch.bfloat16), None
 
 
 def _ideal_bytes(pred, target, scale):
     n = pred.numel() * pred.element_size()
-    return 2 * n + target.numel() * target.element_size() + (0 if scale is None else scale.numel() * 4)
+    extra = 0 if scale is None else scale.numel() * scale.element_size()
+    return 2 * n + target.numel() * target.element_size() + extra
 
 
 def _step_fn(loss_fn, pred, target, scale):
+    grad_output = torch.tensor(GRAD_OUTPUT, device=pred.device)
+
     def step():
         loss = loss_fn(pred, target, scale=scale, beta=BETA)
-        (grad,) = torch.autograd.grad(loss, pred)
+        (grad,) = torch.autograd.grad(loss, pred, grad_outputs=grad_output)
         return grad
 
     return step
@@ -165,7 +190,8 @@ def run_loss_benchmark(device=None, quick: bool = False) -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "config": {"T": T_TOKENS, "D": D_MODEL, "B": batches, "beta": BETA, "repeats": repeats,
-                   "pred_dtype": "bfloat16", "target_dtypes": ["bfloat16", "int8"], "quick": quick},
+                   "pred_dtype": "bfloat16", "target_dtypes": list(TARGET_KINDS), "grad_output": GRAD_OUTPUT,
+                   "quick": quick},
         "copy_GBps": None,
         "results": [],
         "notes": [],
@@ -180,6 +206,8 @@ def run_loss_benchmark(device=None, quick: bool = False) -> dict:
         else:
             methods = {
                 "triton_fused": lambda *a, **k: kernels.masked_smooth_l1(*a, backend="triton", **k),
+                "triton_fused_fp32buf": lambda *a, **k: kernels.masked_smooth_l1(
+                    *a, backend="triton", fp32_grad_buffer=True, **k),
                 **methods,
             }
         methods["torch_compile"] = torch.compile(kernels.masked_smooth_l1_reference, dynamic=False)
@@ -189,7 +217,7 @@ def run_loss_benchmark(device=None, quick: bool = False) -> dict:
         report["notes"].append("CPU: only the torch reference is timed; the fused Triton kernel needs a CUDA GPU")
 
     for B in batches:
-        for target_kind in ("bfloat16", "int8"):
+        for target_kind in TARGET_KINDS:
             pred, target, scale = _make_inputs(B, target_kind, device)
             nbytes = _ideal_bytes(pred, target, scale)
             ref_grad = None
@@ -223,6 +251,57 @@ def run_loss_benchmark(device=None, quick: bool = False) -> dict:
                     row["max_abs_grad_diff_vs_eager"] = (g - ref_grad).abs().max().item()
             del pred, target, scale, ref_grad
     return report
+
+
+def run_grad_precision(device=None, shape=(64, T_TOKENS, D_MODEL)) -> dict:
+    """Relative L2 error of the gradient w.r.t. fp16 / bf16 predictions against fp64, with grad_output =
+    GRAD_OUTPUT, fp32 targets (as online G2SD) and all tokens selected: 1 / N_sel = 1.5e-7 at the default
+    shape.  Methods: the torch reference, and the Triton kernel with either buffer (on CUDA tensors, or on
+    CPU when TRITON_INTERPRET=1 was set before the import).  Also the fraction of gradient elements that
+    came out zero and the number of distinct magnitudes (a collapsed gradient has a handful).
+
+    Returns {"device", "shape", "grad_output", "interpreted", "results": [{pred_dtype, method, rel_err,
+    zero_frac, distinct_magnitudes}]}."""
+    kernels = _kernels()
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    methods = {"torch_reference": kernels.masked_smooth_l1_reference}
+    if kernels.triton_available() and (device.type == "cuda" or interpreted):
+        methods["triton_fused"] = lambda p, t: kernels.masked_smooth_l1(p, t, beta=BETA, backend="triton")
+        methods["triton_fused_fp32buf"] = lambda p, t: kernels.masked_smooth_l1(
+            p, t, beta=BETA, backend="triton", fp32_grad_buffer=True)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    target = torch.randn(shape, generator=g)
+    out = {"device": str(device), "shape": list(shape), "grad_output": GRAD_OUTPUT, "interpreted": interpreted,
+           "results": []}
+    for dtype in (torch.float16, torch.bfloat16):
+        pred = target + torch.randn(shape, generator=g) * 3.0
+        pred = pred.to(dtype)
+        d = pred.double() - target.double()
+        exact = torch.where(d.abs() < BETA, d / BETA, torch.sign(d)) * (GRAD_OUTPUT / d.numel())
+        for name, fn in methods.items():
+            p = pred.to(device).requires_grad_()
+            loss = fn(p, target.to(device)) if name != "torch_reference" else fn(p, target.to(device), beta=BETA)
+            (grad,) = torch.autograd.grad(loss, p, grad_outputs=torch.tensor(GRAD_OUTPUT, device=device))
+            grad = grad.double().cpu()
+            out["results"].append({
+                "pred_dtype": str(dtype).replace("torch.", ""), "method": name,
+                "rel_err": float((grad - exact).norm() / exact.norm()),
+                "zero_frac": float((grad == 0).double().mean()),
+                "distinct_magnitudes": int(grad.abs().unique().numel()),
+            })
+            del p, grad
+    return out
+
+
+def format_precision(prec: dict) -> str:
+    lines = [f"Gradient precision vs fp64 at {prec['shape']}, grad_output {prec['grad_output']:.0f} "
+             f"({prec['device']}{', Triton interpreter' if prec['interpreted'] else ''})", "",
+             "| pred | method | rel. error | zeros | distinct magnitudes |", "|---|---|---:|---:|---:|"]
+    for r in prec["results"]:
+        lines.append(f"| {r['pred_dtype']} | {r['method']} | {r['rel_err']:.2e} | {100 * r['zero_frac']:.2f} % | "
+                     f"{r['distinct_magnitudes']} |")
+    return "\n".join(lines)
 
 
 def format_markdown(report: dict) -> str:
@@ -261,9 +340,14 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repeats and smaller batches")
     ap.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    ap.add_argument("--precision", action="store_true", help="also measure the fp16/bf16 gradient's error "
+                    "against fp64 at [64, 197, 512] (on CPU: set TRITON_INTERPRET=1 to include the kernel)")
     args = ap.parse_args(argv)
     report = run_loss_benchmark(args.device, quick=args.quick)
     print(format_markdown(report))
+    if args.precision:
+        report["grad_precision"] = run_grad_precision(args.device)
+        print("\n" + format_precision(report["grad_precision"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

@@ -57,7 +57,7 @@ class ViewRecord:
 @dataclass
 class Block:
     """Images [start, stop) of view `view` of shard `shard`, as stored. Arrays have n = stop - start rows:
-    codes [n, T, D] (codec storage dtype), scale [n, T] float32 or None, mask [n, L], crop [n, 4], flip [n],
+    codes [n, T, D'] (codec storage dtype), scale [n, T] float32 (int4: [n, T, D/32] float16) or None, mask [n, L], crop [n, 4], flip [n],
     source_index [n], key [n], pixels [n, n_keep, p, p, 3] uint8 or None."""
 
     shard: int

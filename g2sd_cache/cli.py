@@ -54,8 +54,9 @@ def _add_extract(sub) -> None:
     model.add_argument("--img-size", type=int, default=224, help="crop size in pixels")
     store = p.add_argument_group("storage")
     store.add_argument("--codec", default="fp16", choices=list(CODECS), help="how targets are stored: fp16/bf16 "
-                       "(2 B/value) or int8/fp8 with a per-token scale (1 B/value); see `g2sd-cache inspect` for "
-                       "each codec's error on your teacher")
+                       "(2 B/value), int8/fp8 with a per-token scale (1 B/value) or int4 (0.5 B/value, a float16 "
+                       "scale per 32 channels, unbiased stochastic rounding); see `g2sd-cache inspect` for each "
+                       "codec's error on your teacher")
     store.add_argument("--shard-size", type=int, default=2048, help="views per cache shard for image folders "
                        "(memory: about 2 shards of targets); tar sources keep one shard per tar")
     store.add_argument("--chunk-views", type=int, default=64, help="images per inner zarr chunk (the unit of a "

@@ -286,7 +286,9 @@ class _ShardAssembler:
             if not self.codec_error:
                 sample = target[:64].float()
                 self.codec_error = {name: codecs.codec_error(c, sample) for name, c in codecs.CODECS.items()}
-            codes, scale = codecs.encode(self.codec, target)
+            seeds = (codecs.dither_seeds(self.cfg.seed, self.buffers["source_index"][vis, rows], vis)
+                     if self.codec.dithered else None)    # int4: a pure function of (seed, image, view)
+            codes, scale = codecs.encode(self.codec, target, seeds)
             self.buffers["target"][vis, rows] = codecs.to_storage(self.codec, codes)
             if scale is not None:
                 self.buffers["scale"][vis, rows] = scale.cpu().numpy()

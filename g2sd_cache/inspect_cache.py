@@ -35,8 +35,7 @@ def inspect_report(path: str, sample_views: int = 64) -> dict:
         "versions": m.versions, "tokens": m.tokens, "target_dim": m.target_dim,
         "bytes": on_disk, "bytes_per_view": on_disk / max(1, m.views),
         "stored_target_bytes_per_view": stored("target", "scale"), "stored_pixel_bytes_per_view": stored("pixels"),
-        "target_bytes_per_view": m.tokens * m.target_dim * cache.codec.bytes_per_value()
-        + (4 * m.tokens if cache.codec.scaled else 0),
+        "target_bytes_per_view": cache.codec.bytes_per_view(m.tokens, m.target_dim),
         "extract_error": m.codec_error, "stored_error": stored_error, "sampled_views": len(picks),
     }
 

@@ -71,10 +71,15 @@ class ArraySpec:
 
 def array_specs(codec: Codec, tokens: int, width: int, patches: int,
                 visible_pixels: tuple[int, int] | None = None) -> dict[str, ArraySpec]:
-    """Per-view arrays of a shard. `target` holds codes; `scale` exists for scaled codecs only;
-    `pixels` only when `visible_pixels` = (n_keep, patch_size) says the cache stores them."""
+    """Per-view arrays of a shard. `target` holds codes ([T, D], int4: [T, D/2] packed); `scale` exists for
+    scaled codecs only ([T] float32, int4: [T, D/32] float16); `pixels` only when `visible_pixels` =
+    (n_keep, patch_size) says the cache stores them."""
+    if codec.values_per_code > 1 and width % codec.values_per_code:
+        from .errors import UserError
+        raise UserError(f"codec {codec.name} packs {codec.values_per_code} values per byte and needs a target width "
+                        f"divisible by {codec.values_per_code}; this teacher's is {width}: choose another --codec")
     specs = {
-        "target": ArraySpec((tokens, width), codec.storage_dtype),
+        "target": ArraySpec((tokens, codec.code_width(width)), codec.storage_dtype),
         "mask": ArraySpec((patches,), "bool"),
         "crop": ArraySpec((4,), "int32"),          # top, left, height, width in source pixels
         "flip": ArraySpec((), "bool"),
@@ -83,7 +88,7 @@ def array_specs(codec: Codec, tokens: int, width: int, patches: int,
         "key": ArraySpec((None,), "uint8"),
     }
     if codec.scaled:
-        specs["scale"] = ArraySpec((tokens,), "float32")
+        specs["scale"] = ArraySpec(codec.scale_shape(tokens, width), codec.scale_dtype)
     if visible_pixels is not None:
         n_keep, p = visible_pixels
         specs["pixels"] = ArraySpec((n_keep, p, p, 3), "uint8")

@@ -60,7 +60,8 @@ class StreamSpec:
 @dataclass
 class Batch:
     """A micro-batch. patches [B, n_keep, p, p, 3] uint8; mask [B, L] bool (True = hidden); valid [B] bool;
-    codes [B, T, D'] in the codec's dtype and scale [B, T] float32 (cached), or None (online);
+    codes [B, T, D'] in the codec's dtype and scale [B, T] float32 (int4: [B, T, D/32] float16) (cached), or
+    None (online);
     index [B] int64 source image index (-1 for stand-ins); view [B] int64; keys (with spec.keys, else empty);
     errors: why invalid samples that are not padding could not be read."""
 
@@ -135,7 +136,8 @@ def read_cached(spec: StreamSpec, pin: bool):
             yield Batch(patches=raw["pixels"].view(b, *specs["pixels"].per_view_shape),
                         mask=raw["mask"].view(torch.bool).view(b, g.num_patches),
                         valid=torch.from_numpy(valid), codes=codes,
-                        scale=raw["scale"].view(torch.float32).view(b, -1) if "scale" in raw else None,
+                        scale=raw["scale"].view(getattr(torch, specs["scale"].dtype))
+                        .view(b, *specs["scale"].per_view_shape) if "scale" in raw else None,
                         index=torch.from_numpy(index), view=torch.full((b,), spec.view, dtype=torch.int64),
                         keys=keys, errors=errors)
     return stage

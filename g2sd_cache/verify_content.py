@@ -62,9 +62,10 @@ def check_rows(report: VerifyReport, m: Manifest, shards: dict[int, ShardFiles])
                 v, r = map(int, bad[0])
                 add(f"view {v} of {_row(keys, r)} has crop box {crop[v, r].tolist()} (top, left, height, width): "
                     f"not a box")
-        scale = c.get("scale")
+        scale = c.get("scale")      # [K, n, T], int4 [K, n, T, groups]
         if scale is not None and scale.size and not bool((np.isfinite(scale) & (scale > 0)).all()):
-            v, r = map(int, np.argwhere(~(np.isfinite(scale) & (scale > 0)).all(-1))[0])
+            ok = (np.isfinite(scale) & (scale > 0)).reshape(*scale.shape[:2], -1)
+            v, r = map(int, np.argwhere(~ok.all(-1))[0])
             add(f"view {v} of {_row(keys, r)} has a scale that is not finite and positive")
     return pairs
 

@@ -9,6 +9,8 @@ Definition (``beta > 0``; ``beta == 0`` is plain L1 as in ``F.smooth_l1_loss``):
 
     t      = target                       (float targets)
            = code.float() * scale[b, t]   (int8 / float8_e4m3fn codes)
+           = (n - 7.5) * scale[b, t, c // 32]   (int4: uint8 target [B, T, ceil(D/2)], nibble n of channel c:
+                                                 low nibble of byte c // 2 for even c, high for odd c)
     d      = pred.float() - t
     l(d)   = 0.5 * d**2 / beta            if |d| < beta
            = |d| - 0.5 * beta             otherwise
@@ -25,6 +27,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..codecs import CODECS, INT4_GROUP
+from ..codecs import decode as decode_codes
+
 __all__ = [
     "FLOAT_DTYPES",
     "CODE_DTYPES",
@@ -35,10 +40,12 @@ __all__ = [
 
 #: dtypes accepted for ``pred`` (and for float ``target``).
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-#: quantised target code dtypes; these require a per-token float32 ``scale`` of shape [B, T].
+#: quantised target code dtypes; int8 / float8_e4m3fn require a per-token float32 ``scale`` [B, T];
+#: uint8 means int4 codes packed two per byte ([B, T, ceil(D/2)]) with a float16 ``scale`` [B, T, ceil(D/32)].
 CODE_DTYPES = tuple(
-    dt for dt in (torch.int8, getattr(torch, "float8_e4m3fn", None)) if dt is not None
+    dt for dt in (torch.int8, getattr(torch, "float8_e4m3fn", None), torch.uint8) if dt is not None
 )
+INT4 = CODECS["int4"]
 
 
 def _dtype_names(dtypes) -> str:
@@ -57,10 +64,12 @@ def validate_inputs(pred, target, scale, token_mask, beta) -> None:
         raise ValueError(
             f"masked_smooth_l1: pred dtype must be one of {_dtype_names(FLOAT_DTYPES)}, got {pred.dtype}"
         )
-    if target.shape != pred.shape:
-        raise ValueError(
-            f"masked_smooth_l1: target shape {tuple(target.shape)} != pred shape {tuple(pred.shape)}"
-        )
+    B, T, D = pred.shape
+    is_int4 = target.dtype == torch.uint8
+    want = (B, T, INT4.code_width(D)) if is_int4 else tuple(pred.shape)
+    if tuple(target.shape) != want:
+        what = f"int4 codes need [B, T, ceil(D/2)] = {list(want)}" if is_int4 else f"!= pred shape {tuple(pred.shape)}"
+        raise ValueError(f"masked_smooth_l1: target shape {tuple(target.shape)} {what}")
     if target.device != pred.device:
         raise ValueError(
             f"masked_smooth_l1: target is on {target.device} but pred is on {pred.device}"
@@ -71,27 +80,25 @@ def validate_inputs(pred, target, scale, token_mask, beta) -> None:
             "masked_smooth_l1: target dtype must be one of "
             f"{_dtype_names(FLOAT_DTYPES + CODE_DTYPES)}, got {target.dtype}"
         )
-    B, T, _ = pred.shape
     if is_code:
+        scale_dtype, scale_shape = (torch.float16, (B, *INT4.scale_shape(T, D))) if is_int4 else (torch.float32, (B, T))
+        layout = f"int4 (uint8) codes need a float16 scale [B, T, ceil(D/{INT4_GROUP})]" if is_int4 else \
+            f"{target.dtype} target codes need a float32 scale of shape [B, T]"
         if scale is None:
-            raise ValueError(
-                f"masked_smooth_l1: {target.dtype} target codes need a float32 scale of shape [B, T]"
-            )
+            raise ValueError(f"masked_smooth_l1: {layout}")
         if not isinstance(scale, torch.Tensor):
             raise ValueError("masked_smooth_l1: scale must be a torch.Tensor")
-        if scale.dtype != torch.float32:
-            raise ValueError(f"masked_smooth_l1: scale must be float32, got {scale.dtype}")
-        if tuple(scale.shape) != (B, T):
-            raise ValueError(
-                f"masked_smooth_l1: scale shape {tuple(scale.shape)} != [B, T] = {(B, T)}"
-            )
+        if scale.dtype != scale_dtype:
+            raise ValueError(f"masked_smooth_l1: scale must be {str(scale_dtype)[6:]}, got {scale.dtype} ({layout})")
+        if tuple(scale.shape) != scale_shape:
+            raise ValueError(f"masked_smooth_l1: scale shape {tuple(scale.shape)} != {list(scale_shape)} ({layout})")
         if scale.device != pred.device:
             raise ValueError(
                 f"masked_smooth_l1: scale is on {scale.device} but pred is on {pred.device}"
             )
     elif scale is not None:
         raise ValueError(
-            f"masked_smooth_l1: scale is only valid with int8/float8 target codes, not a {target.dtype} target"
+            f"masked_smooth_l1: scale is only valid with int8/float8/int4 target codes, not a {target.dtype} target"
         )
     if token_mask is not None:
         if not isinstance(token_mask, torch.Tensor):
@@ -112,8 +119,11 @@ def validate_inputs(pred, target, scale, token_mask, beta) -> None:
         raise ValueError(f"masked_smooth_l1: beta must be finite and >= 0, got {beta}")
 
 
-def decode_target(target: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """Target values in float32, detached: ``target.float()`` or ``code.float() * scale[..., None]``."""
+def decode_target(target: torch.Tensor, scale: torch.Tensor | None, width: int) -> torch.Tensor:
+    """Target values [B, T, width] in float32, detached: ``target.float()``, ``code.float() * scale[..., None]``,
+    or int4 codes unpacked and scaled per group (``g2sd_cache.codecs.decode``)."""
+    if target.dtype == torch.uint8:
+        return decode_codes(INT4, target.detach(), scale.detach(), width)
     t = target.detach().float()
     if scale is not None:
         t = t * scale.detach().unsqueeze(-1)
@@ -136,7 +146,7 @@ def masked_smooth_l1_reference(
     """
     validate_inputs(pred, target, scale, token_mask, beta)
     p = pred.float()
-    t = decode_target(target, scale)
+    t = decode_target(target, scale, pred.shape[-1])
     if token_mask is None:
         if p.numel() == 0:
             return p.sum()  # 0.0, keeps the graph; F.smooth_l1_loss(mean) of nothing is NaN

@@ -184,10 +184,10 @@ def test_verify_deep_catches_a_wrong_target(micro_cache, image_folder, tmp_path)
                for p in report.problems)
 
 
-@pytest.mark.parametrize("codec", ["bf16", "int8", "fp8"])
+@pytest.mark.parametrize("codec", ["bf16", "int8", "fp8", "int4"])
 def test_verify_deep_passes_for_every_codec(image_folder, tmp_path, codec):
-    """verify's per-codec tolerances hold for what each codec really loses: a fresh cache in bf16, int8 or fp8
-    passes --deep (and the chunk and scale checks), with a margin of at least 2x."""
+    """verify's per-codec tolerances hold for what each codec really loses: a fresh cache in bf16, int8, fp8 or
+    int4 passes --deep (and the chunk and scale checks), with a margin of at least 2x."""
     out = tmp_path / "c"
     run_extract(micro_extract_config(image_folder, out, codec=codec))
     report = verify_cache(str(out), deep=8, data=str(image_folder), device="cpu")
@@ -473,6 +473,56 @@ def test_reader_refuses_a_chunk_missing_from_its_shard_index(micro_cache, tmp_pa
     with pytest.raises(CacheCorruptError, match="shard-00001"):
         rec = cache[view_index(cache, 1, 0, 2)]
         pytest.fail(f"read fill values instead of failing: mask keeps {int((~rec.mask).sum())} of 16 visible")
+
+
+@pytest.fixture(scope="module")
+def int4_cache(image_folder, tmp_path_factory) -> Path:
+    """The micro cache in int4: packed codes [K, n, 17, 16] uint8, float16 scales [K, n, 17, 1]."""
+    out = tmp_path_factory.mktemp("int4") / "c"
+    run_extract(micro_extract_config(image_folder, out, codec="int4"))
+    return out
+
+
+def test_corrupted_int4_cache_is_caught_by_verify(int4_cache, image_folder, tmp_path):
+    """An int4 cache is checked like the others: a flipped byte in its packed codes or its float16 scales fails
+    a crc32c (named), a zero or infinite scale written with valid checksums is reported, and one image's codes
+    swapped with another's (checksums valid) fails --deep's int4 tolerance."""
+    assert verify_cache(str(int4_cache), deep=4, data=str(image_folder), device="cpu").ok
+    for array in ("target", "scale"):
+        c = copy_cache(int4_cache, tmp_path / f"flip-{array}")
+        path = shard_file(c, "shard-00001", array, view=1)
+        off, nbytes = chunk_span(path, c / "shard-00001" / array, 1)
+        flip_byte(path, off + nbytes // 2)
+        rel = path.relative_to(c / "shard-00001").as_posix()
+        assert verify_cache(str(c)).problems == [
+            f"shard-00001: {rel}: inner chunk 1 (view 1, rows 2..3) fails its crc32c"]
+        cache = open_cache(str(c))
+        with pytest.raises(CacheCorruptError, match="shard-00001"):
+            cache[view_index(cache, 1, 1, 2)]
+
+    for bad in (0.0, np.inf):
+        c = copy_cache(int4_cache, tmp_path / f"scale-{bad}")
+        group = zarr.open_group(c / "shard-00000", mode="r+")
+        scale = group["scale"][...]
+        assert scale.dtype == np.float16 and scale.shape[2:] == (17, 1)
+        scale[1, 2, 5, 0] = bad
+        group["scale"][...] = scale
+        _rerecord(c, "shard-00000")
+        problems = verify_cache(str(c)).problems
+        assert len(problems) == 1 and problems[0].startswith("shard-00000: view 1 of ") and \
+            "has a scale that is not finite and positive" in problems[0], problems
+
+    c = copy_cache(int4_cache, tmp_path / "swapped")
+    group = zarr.open_group(c / "shard-00000", mode="r+")
+    t = group["target"][...]
+    assert t.dtype == np.uint8 and t.shape[2:] == (17, 16)
+    t[:, [0, 1]] = t[:, [1, 0]]
+    group["target"][...] = t
+    _rerecord(c, "shard-00000")
+    assert verify_cache(str(c)).ok                                  # checksums and scales hold
+    report = verify_cache(str(c), deep=24, data=str(image_folder), device="cpu")
+    assert len(report.problems) == 4, report.problems              # 2 images x 2 views
+    assert all("stored target differs from the live teacher" in p and "(int4)" in p for p in report.problems)
 
 
 # ----------------------------------------------------------------------------------------------

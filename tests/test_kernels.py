@@ -19,10 +19,12 @@ tl = triton.language
 
 import g2sd_cache.kernels as kernels  # noqa: E402
 
+from g2sd_cache import codecs  # noqa: E402
 from g2sd_cache.kernels import fused_smooth_l1 as K  # noqa: E402
 from g2sd_cache.kernels import masked_smooth_l1, masked_smooth_l1_reference  # noqa: E402
 
 FP8 = getattr(torch, "float8_e4m3fn", None)
+INT4 = torch.uint8  # int4 codes, two per byte (g2sd_cache.codecs "int4")
 
 if K._INTERPRET:
     DEVICE = torch.device("cpu")
@@ -33,15 +35,15 @@ else:  # pragma: no cover
     DEVICE = torch.device("cpu")
 
 PRED_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-TARGET_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int8] + ([FP8] if FP8 else [])
+TARGET_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int8] + ([FP8] if FP8 else []) + [INT4]
 
 # Shared tolerance table, (pred dtype, target dtype) -> (loss_rtol, loss_atol, grad_rtol, grad_atol).
 # Both implementations see bit-identical fp32 operands (decoding codes is exact: code.float()*scale
 # is the same fp32 multiply), so the loss differs only by summation order, whatever the dtypes.
-# The gradient is stored in pred's dtype: kernel and reference each round once (the interpreter's
-# fp32->bf16 cast truncates instead of rounding to nearest), and grad_output != 1 adds a second
-# rounding in the kernel, so allow ~4 ulp of the storage dtype.  fp16 gradients of 1/N-sized
-# values can be subnormal, hence an absolute floor of a few fp16 subnormal steps.
+# The gradient is in pred's dtype: the reference rounds once, the kernel twice (the derivative it
+# stores, then the scaled gradient; the interpreter's fp32->bf16 cast truncates instead of rounding to
+# nearest), so allow ~4 ulp of the storage dtype.  fp16 gradients of 1/N-sized values can be
+# subnormal (in both implementations), hence an absolute floor of a few fp16 subnormal steps.
 _GRAD_TOL = {
     torch.float32: (2e-5, 1e-9),
     torch.bfloat16: (2.0**-6, 1e-9),
@@ -74,7 +76,11 @@ def make_inputs(B, T, D, pred_dtype, target_dtype, *, spread=3.0, seed=0, mask="
     +-beta (beta=2) on both signs.  Returns pred (leaf, requires grad), target, scale, token_mask."""
     g = torch.Generator().manual_seed(seed)
     scale = None
-    if target_dtype == torch.int8:
+    if target_dtype is INT4:  # every byte pattern, fp16 group scales
+        target = torch.randint(0, 256, (B, T, (D + 1) // 2), generator=g, dtype=torch.int32).to(torch.uint8)
+        scale = (torch.rand(B, T, -(-D // 32), generator=g) * 0.5 + 0.05).half()
+        value = codecs.decode(codecs.CODECS["int4"], target, scale, D)
+    elif target_dtype == torch.int8:
         target = torch.randint(-127, 128, (B, T, D), generator=g, dtype=torch.int8)
         scale = torch.rand(B, T, generator=g) * 0.09 + 0.01
         value = target.float() * scale[..., None]
@@ -150,6 +156,9 @@ def test_dtype_pairs(pred_dtype, target_dtype, fp8_mode):
         ((2, 3, 5), torch.float16, torch.bfloat16),
         ((5, 7, 129), torch.bfloat16, torch.bfloat16),
         ((1, 3, 4097), torch.float32, torch.int8),  # D > 4096: the kernel loops over D chunks
+        ((3, 197, 500), torch.bfloat16, INT4),
+        ((2, 3, 5), torch.float16, INT4),  # odd D: the last byte holds one value and a pad nibble
+        ((1, 3, 4097), torch.float32, INT4),  # D chunks, odd D, 129 groups (the last one of 1 channel)
     ],
     ids=str,
 )
@@ -233,14 +242,46 @@ def test_random_masks_and_garbage_in_unselected_rows(seed):
 # quantised targets
 
 
-@pytest.mark.parametrize("code_dtype", [torch.int8] + ([FP8] if FP8 else []), ids=str)
-def test_codes_with_per_token_scale(code_dtype):
+@pytest.mark.parametrize("code_dtype", [torch.int8] + ([FP8] if FP8 else []) + [INT4], ids=str)
+def test_codes_with_scale(code_dtype):
     pred, codes, scale, mask = make_inputs(3, 10, 36, torch.float32, code_dtype, seed=5)
-    value = codes.float() * scale[..., None]
+    value = codes.float() * scale[..., None] if code_dtype is not INT4 else _int4_by_hand(codes, scale, 36)
     for token_mask in (None, mask):
         got = loss_and_grad(kernel, pred, codes, scale, token_mask)
         ref = loss_and_grad(masked_smooth_l1_reference, pred, value, None, token_mask)
         assert_matches(got, ref, torch.float32, torch.float32)
+
+
+def _int4_by_hand(codes, scale, D):
+    """The int4 layout spelled out element by element: channel c is nibble c % 2 of byte c // 2 (low first),
+    value (n - 7.5) * scale[c // 32]."""
+    codes, scale = codes.cpu(), scale.cpu().float()
+    out = torch.empty(*codes.shape[:-1], D)
+    for c in range(D):
+        n = (codes[..., c // 2].int() >> (4 * (c % 2))) & 15
+        out[..., c] = (n.float() - 7.5) * scale[..., c // 32]
+    return out.to(DEVICE)
+
+
+def test_int4_codes_of_the_codec_decode_in_the_kernel():
+    """Targets encoded by the real codec (stochastic rounding, fp16 group scales), masked and not, odd D."""
+    for D, pred_dtype in ((33, torch.bfloat16), (64, torch.float16), (97, torch.float32)):
+        g = torch.Generator().manual_seed(D)
+        x = torch.nn.functional.layer_norm(torch.randn(3, 11, D, generator=g), (D,))
+        codes, scale = codecs.encode(codecs.CODECS["int4"], x, seeds=torch.arange(3))
+        assert codes.shape == (3, 11, (D + 1) // 2) and scale.shape == (3, 11, -(-D // 32))
+        pred = (x + torch.randn(3, 11, D, generator=g) * 2).to(pred_dtype)
+        mask = torch.rand(3, 11, generator=g) < 0.5
+        codes, scale, pred, mask = codes.to(DEVICE), scale.to(DEVICE), pred.to(DEVICE), mask.to(DEVICE)
+        for token_mask in (None, mask):
+            got = loss_and_grad(kernel, pred, codes, scale, token_mask)
+            ref = loss_and_grad(masked_smooth_l1_reference, pred, codes, scale, token_mask)
+            assert_matches(got, ref, pred_dtype, INT4)
+            value = codecs.decode(codecs.CODECS["int4"], codes, scale, D)
+            assert torch.equal(value, _int4_by_hand(codes, scale, D))
+            same = loss_and_grad(kernel, pred, value, None, token_mask)
+            torch.testing.assert_close(got[0], same[0], rtol=2e-6, atol=0)   # same fp32 targets exactly
+            assert torch.equal(got[1], same[1])
 
 
 @pytest.mark.skipif(FP8 is None, reason="torch has no float8_e4m3fn")
@@ -275,19 +316,85 @@ def test_grad_output_not_one(pred_dtype):
     assert torch.count_nonzero(zero[1]) == 0
 
 
-def test_scale_grad_kernel_in_place():
-    # the CUDA backward path: the kernel itself checks grad_output == 1 (no host sync)
-    grad = torch.randn(3, 5000, dtype=torch.bfloat16, device=DEVICE)
-    n = grad.numel()
-    for go, expected in ((1.0, grad.clone()), (-2.5, (grad.float() * -2.5).to(torch.bfloat16))):
-        buf = grad.clone()
+def test_scale_grad_kernel():
+    # the backward: dst = src * (inv_count * grad_output) in fp32, one rounding, in place or into another dtype
+    g = torch.Generator().manual_seed(0)  # |l'(d)| in [0.05, 1]: products stay in fp16's normal range
+    src = ((torch.rand(3, 5000, generator=g) * 0.95 + 0.05) * torch.randn(3, 5000, generator=g).sign()).to(DEVICE)
+    n = src.numel()
+    inv, go = 1.0 / 6.3e6, 65536.0 * 0.93 / 2
+    expected = src.double() * (torch.tensor(inv, dtype=torch.float32).double() * go)
+    for src_dtype, dst_dtype in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                 (torch.float32, torch.float16), (torch.float32, torch.float32)):
+        stored = src.to(src_dtype)
+        want = (stored.double() * (torch.tensor(inv, dtype=torch.float32).double() * go)).to(dst_dtype)
+        dst = stored if src_dtype == dst_dtype else torch.empty(src.shape, dtype=dst_dtype, device=DEVICE)
         K._scale_grad_kernel[(triton.cdiv(n, K._SCALE_BLOCK),)](
-            buf, torch.tensor([go], device=DEVICE), n, BLOCK=K._SCALE_BLOCK
+            stored, dst, torch.tensor([inv], device=DEVICE), torch.tensor([go], device=DEVICE), n, BLOCK=K._SCALE_BLOCK
         )
-        # the interpreter truncates fp32->bf16 instead of rounding: allow 1 ulp there
-        torch.testing.assert_close(buf.float(), expected.float(), rtol=2.0**-6, atol=0)
-        if go == 1.0:
-            assert torch.equal(buf, grad)
+        # one rounding to dst's dtype (the interpreter truncates fp32->bf16 instead of rounding: 1 ulp)
+        ulp = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 2.0**-22}[dst_dtype]
+        torch.testing.assert_close(dst.double(), want.double(), rtol=ulp, atol=0)
+        if src_dtype == torch.float32:
+            torch.testing.assert_close(dst.double(), expected, rtol=ulp, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# gradient precision at realistic shapes (issue 15): against fp64, GradScaler-sized grad_output
+
+# The trainer's grad_output: GradScaler's initial 65536 x its per-step factor (local / global selected
+# count x world size) / accumulation steps.
+GRAD_SCALER_OUTPUT = 65536.0 * 0.93 / 2
+# relative L2 error of the fp16/bf16 gradient vs fp64, measured below under the interpreter (default buffer,
+# no mask / fp32 buffer, mask): fp16 3.5e-4 / 1.5e-4 (torch reference 3.3e-4 / 1.5e-4), held to the 1e-3 the
+# issue asks; the kernel before the fix: 4.4e-2, 3.9 % zeros.  bf16 rounds at 2^-8 relative: 2.1e-3 for the two
+# roundings with round-to-nearest as on a GPU (torch reference 1.9e-3); the interpreter truncates
+# fp32 -> bf16, which measures 5.1e-3 / 2.1e-3 (exactly what truncating twice / once gives in torch).
+GRAD_REL_TOL = {torch.float16: 1e-3, torch.bfloat16: 6e-3 if K._INTERPRET else 3e-3}
+
+
+def _fp64_gradient(pred, target, token_mask, grad_output, beta=2.0):
+    d = pred.double() - target.double()
+    g = torch.where(d.abs() < beta, d / beta, torch.sign(d))
+    if token_mask is not None:
+        g = g * token_mask[..., None]
+        n = int(token_mask.sum()) * pred.shape[-1]
+    else:
+        n = pred.numel()
+    return g * (grad_output / n)
+
+
+@pytest.mark.parametrize("pred_dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fp32_grad_buffer", [False, True], ids=["pred-dtype-buffer", "fp32-buffer"])
+def test_gradient_precision_at_realistic_shape(pred_dtype, fp32_grad_buffer):
+    B, T, D = 16, 197, 512   # 1/N_sel ~ 6e-7 (and 1.5e-7 at B=64): fp16's subnormal range
+    g = torch.Generator().manual_seed(0)
+    target = torch.nn.functional.layer_norm(torch.randn(B, T, D, generator=g), (D,))
+    pred = (target + torch.randn(B, T, D, generator=g) * 2).to(pred_dtype)
+    token_mask = (torch.rand(B, T, generator=g) < 0.75) if fp32_grad_buffer else None
+    expected = _fp64_gradient(pred, target, token_mask, GRAD_SCALER_OUTPUT)
+    to = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
+    _, got = loss_and_grad(kernel, to(pred), to(target), None, to(token_mask), grad_scale=GRAD_SCALER_OUTPUT,
+                           fp32_grad_buffer=fp32_grad_buffer)
+    got = got.cpu().double()
+    rel = float((got - expected).norm() / expected.norm())
+    assert rel <= GRAD_REL_TOL[pred_dtype], rel
+    # no element flushed to zero that fp16 can hold (2^-24), none with the wrong sign, magnitudes not collapsed
+    assert not bool(((got == 0) & (expected.abs() >= 2.0**-24)).any())
+    assert bool((torch.sign(got) == torch.sign(expected))[got != 0].all())
+    assert got.abs().unique().numel() > 1000
+    # the torch reference is held to the same bound (it rounds once)
+    _, ref = loss_and_grad(masked_smooth_l1_reference, pred, target, None, token_mask, grad_scale=GRAD_SCALER_OUTPUT)
+    assert float((ref.double() - expected).norm() / expected.norm()) <= GRAD_REL_TOL[pred_dtype]
+
+
+def test_fp32_grad_buffer_rounds_once():
+    """With the fp32 buffer the kernel's gradient is the fp32 gradient rounded once: what the torch reference
+    returns, up to the last bit of summation order."""
+    pred, target, scale, mask = make_inputs(2, 9, 40, torch.float16, torch.int8, seed=4)
+    got = loss_and_grad(kernel, pred, target, scale, mask, grad_scale=3000.0, fp32_grad_buffer=True)
+    ref = loss_and_grad(masked_smooth_l1_reference, pred, target, scale, mask, grad_scale=3000.0)
+    torch.testing.assert_close(got[1].float(), ref[1].float(), rtol=2.0**-10, atol=0)
+    assert got[1].dtype == torch.float16
 
 
 def test_target_gets_no_gradient_and_dtypes():
@@ -311,11 +418,17 @@ def test_no_grad_and_pred_without_grad():
 
 
 def test_second_backward_through_same_graph_is_refused():
-    pred, target, _, _ = make_inputs(1, 3, 8, torch.float32, torch.float32)
+    pred, target, _, _ = make_inputs(1, 3, 8, torch.bfloat16, torch.float32)
     loss = kernel(pred, target)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward per forward"):
         loss.backward()
+    # the fp32 buffer is not scaled in place: a second backward gives the same gradient again
+    p = pred.detach().requires_grad_()
+    loss = kernel(p, target, fp32_grad_buffer=True)
+    (first,) = torch.autograd.grad(loss, p, retain_graph=True)
+    (second,) = torch.autograd.grad(loss * 2, p)
+    assert torch.equal(second.float(), (first.float() * 2))
 
 
 def test_noncontiguous_inputs():
@@ -379,6 +492,8 @@ def _bad_inputs():
     c = torch.zeros(2, 3, 4, dtype=torch.int8)
     s = torch.ones(2, 3)
     m = torch.ones(2, 3, dtype=torch.bool)
+    u4 = torch.zeros(2, 3, 2, dtype=torch.uint8)  # int4 codes of D = 4
+    s4 = torch.ones(2, 3, 1, dtype=torch.float16)
     return [
         ("2-D pred", dict(pred=p[0], target=f[0]), "3-D"),
         ("int pred", dict(pred=c, target=f), "pred dtype"),
@@ -386,6 +501,10 @@ def _bad_inputs():
         ("shape mismatch", dict(pred=p, target=f[:, :2]), "target shape"),
         ("int32 target", dict(pred=p, target=c.int()), "target dtype"),
         ("codes without scale", dict(pred=p, target=c), "need a float32 scale"),
+        ("int4 of the wrong width", dict(pred=p, target=c.view(torch.uint8), scale=s4), "ceil\\(D/2\\)"),
+        ("int4 with a per-token scale", dict(pred=p, target=u4, scale=s), "scale must be float16"),
+        ("int4 scale shape", dict(pred=p, target=u4, scale=s4[:, :1]), "scale shape"),
+        ("fp32_grad_buffer", dict(pred=p, target=f, fp32_grad_buffer=1), "fp32_grad_buffer"),
         ("float target with scale", dict(pred=p, target=f, scale=s), "only valid with int8/float8"),
         ("scale shape", dict(pred=p, target=c, scale=s[:, :2]), "scale shape"),
         ("scale dtype", dict(pred=p, target=c, scale=s.half()), "scale must be float32"),
@@ -428,5 +547,14 @@ def test_loss_benchmark_cpu_quick_runs():
     spec.loader.exec_module(mod)
     report = mod.run_loss_benchmark("cpu", quick=True)
     assert report["results"] and all(r["method"] == "torch_eager" for r in report["results"])
+    assert {r["target_dtype"] for r in report["results"]} == {"bfloat16", "int8", "int4"}
     assert all(r["time_ms"] > 0 and r["GBps"] > 0 and "error" not in r for r in report["results"])
     assert "| B | target | method |" in mod.format_markdown(report)
+    # the precision section, small: the interpreted kernel's fp16 gradient within 1e-3 of fp64
+    prec = mod.run_grad_precision("cpu", shape=(2, 197, 64))
+    methods = {(r["pred_dtype"], r["method"]): r for r in prec["results"]}
+    assert set(methods) == {(p, m) for p in ("float16", "bfloat16")
+                            for m in ("torch_reference", "triton_fused", "triton_fused_fp32buf")}
+    assert methods[("float16", "triton_fused")]["rel_err"] <= 1e-3
+    assert methods[("float16", "triton_fused")]["zero_frac"] < 0.01
+    assert "| pred | method |" in mod.format_precision(prec)
