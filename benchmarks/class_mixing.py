@@ -1,4 +1,4 @@
-"""Distinct classes per training batch on a class-sorted image folder (issue 10).
+"""Distinct classes per training batch on a class-sorted image folder.
 
     python benchmarks/class_mixing.py [--classes 100] [--per-class 50] [--batch 64] [--chunk-views 64]
                                       [--shard-size 2048] [--windows 256 1024] [--workers 4] [--epochs 20]
@@ -9,7 +9,7 @@ real cache from it with `run_extract` (micro teacher, 32-px views, one view per 
 shard's stored `source_index`. Batches are then cut in two trainer orders, both modelled here with numpy
 (independent of train.py / plan.py, whose API may change):
 
-- per-worker windows (the trainer up to issue 10, plan.py): every shard cut into blocks of chunk_views
+- per-worker windows (the trainer's order before the elastic plan): every shard cut into blocks of chunk_views
   rows, the blocks shuffled and concatenated, cut into windows of `window` rows dealt round-robin to
   `workers` DataLoader slots, every window permuted, the slots interleaved one sample at a time (the
   DataLoader's order), then batches;

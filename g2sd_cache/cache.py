@@ -3,7 +3,7 @@
 Global view order: shard by shard; inside a shard view 0 of every image, then view 1, ... (the
 on-disk order). `cache[i]` decodes one view; streaming code calls `read_block`, which returns a run
 of images of one view. On a local disk the fixed-width arrays (targets, scales, masks, crops, ...)
-are memory-mapped and sliced without zarr's per-call cost (~1 ms, DESIGN.md §5); string keys and
+are memory-mapped and sliced without zarr's per-call cost (~1 ms, docs/design.md §5); string keys and
 remote caches go through zarr (shard_files.py).
 
 Integrity: a shard's files are checked against the manifest (present, right size) the first time a

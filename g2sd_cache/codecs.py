@@ -22,7 +22,7 @@
   float16's range, and values beyond +-491,000 are refused.
 
 Bytes per view are decided here, not by lossless compression (zstd saves ~8 % on LayerNorm-ed
-features and doubles decode time; DESIGN.md §5), so the cache stores the codes uncompressed.
+features and doubles decode time; docs/design.md §5), so the cache stores the codes uncompressed.
 zarr has no bfloat16 or float8 dtypes, so those are stored as their raw bits (uint16 / uint8) and
 viewed back on read.
 """

@@ -85,7 +85,7 @@ def evaluate(model_or_path: nn.Module | str | Path, val: str, *, classes: Sequen
     else:
         dataset = _TarImages(data, eval_transform(size))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                        multiprocessing_context=mp_context(workers))
+                        multiprocessing_context=mp_context(workers, __name__))
 
     was_training = model.training
     model.eval()

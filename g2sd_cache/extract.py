@@ -432,7 +432,7 @@ def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
 
     dataset = _RenderedImages(source, pending, cfg)
     loader = DataLoader(dataset, batch_size=None, num_workers=cfg.workers, collate_fn=keep_as_is,
-                        multiprocessing_context=mp_context(cfg.workers),
+                        multiprocessing_context=mp_context(cfg.workers, __name__),
                         pin_memory=env.device.type == "cuda", prefetch_factor=4 if cfg.workers else None)
     total = sum(p.stop - p.start for p in pending) * cfg.views if isinstance(source, FolderSource) else None
     bar = tqdm(total=total, unit="view", desc=f"extract[{env.rank}]" if env.world > 1 else "extract",

@@ -319,7 +319,7 @@ class StepLoader:
         dataset = ImageSamples(self.spec, flat)
         samples = iter(dataset) if self.workers == 0 else iter(DataLoader(
             dataset, batch_size=None, num_workers=self.workers, collate_fn=keep_as_is,
-            multiprocessing_context=mp_context(self.workers), prefetch_factor=self.prefetch))
+            multiprocessing_context=mp_context(self.workers, __name__), prefetch_factor=self.prefetch))
         pending: list[dict] = []
         for expected, sample in enumerate(samples):
             if sample["i"] != expected:

@@ -1,8 +1,8 @@
-"""The fault-injection suite (issue 6): each test breaks one thing and checks the promise in its docstring.
+"""The fault-injection suite: each test breaks one thing and checks the README promise its docstring names.
 
 Caches come from the micro teacher at 64 px (tests/conftest.py), so every extract takes about a second;
-corruption is always done on a copy of the shared `micro_cache`. Promise 8 (resume, multi-rank
-exactly-once) is covered by the trainer's tests.
+corruption is always done on a copy of the shared `micro_cache`. "Exactly-once, resumable training" is
+covered by tests/test_train.py.
 """
 from __future__ import annotations
 
@@ -318,7 +318,7 @@ def test_verify_catches_bad_masks_and_crops(micro_cache, image_folder, tmp_path)
 
 @pytest.mark.slow
 def test_kill9_during_extract_then_rerun_equals_uninterrupted(tmp_path):
-    """Promise 1: `kill -9` of extract at a random moment (twice: at a random point of a fresh run, then in the
+    """Nothing half-written looks complete: `kill -9` of extract at a random moment (twice: at a random point of a fresh run, then in the
     resumed run soon after it writes its first shard), then a rerun of the same command: the cache equals an
     uninterrupted run's array by array, every folder under a final shard name is complete after each kill,
     and verify passes."""
@@ -370,7 +370,7 @@ def test_kill9_during_extract_then_rerun_equals_uninterrupted(tmp_path):
 @pytest.mark.parametrize("array,where", [("target", "chunk"), ("mask", "chunk"), ("key", "chunk"),
                                          ("source_index", "index"), ("target", "index")])
 def test_flipped_byte_is_named_by_verify_and_reader(micro_cache, tmp_path, array, where):
-    """Promise 2 (verify and reader): one byte flipped inside an inner chunk or a shard index: verify names the
+    """Nothing silently wrong is read (verify and reader): one byte flipped inside an inner chunk or a shard index: verify names the
     shard, the array file and the chunk; reading an affected view raises CacheCorruptError naming the shard."""
     c = copy_cache(micro_cache, tmp_path / "c")
     path = shard_file(c, "shard-00001", array, view=1)
@@ -390,7 +390,7 @@ def test_flipped_byte_is_named_by_verify_and_reader(micro_cache, tmp_path, array
 
 
 def test_flipped_byte_stops_train_or_is_skipped_and_counted(micro_cache, image_folder, tmp_path):
-    """Promise 2 (train): with a flipped byte in the targets of view 0, rows 2..3 of shard-00001, `train`
+    """Nothing silently wrong is read (train): with a flipped byte in the targets of view 0, rows 2..3 of shard-00001, `train`
     stops with a one-line UserError naming the shard; with on_error='skip' it completes the epoch and counts
     exactly those 2 views as skipped_views in metrics.jsonl."""
     c = copy_cache(micro_cache, tmp_path / "c")
@@ -411,7 +411,7 @@ def test_flipped_byte_stops_train_or_is_skipped_and_counted(micro_cache, image_f
 # 3. a deleted chunk
 
 def test_deleted_shard_file_is_an_error_never_fill_values(micro_cache, tmp_path):
-    """Promise 3: a shard file (the zarr file holding a run of inner chunks) deleted: reading a view in it raises
+    """Nothing silently wrong is read: a shard file (the zarr file holding a run of inner chunks) deleted: reading a view in it raises
     CacheCorruptError naming the shard instead of returning fill values; other shards still read; verify reports
     the file."""
     c = copy_cache(micro_cache, tmp_path / "c")
@@ -429,7 +429,7 @@ def test_deleted_shard_file_is_an_error_never_fill_values(micro_cache, tmp_path)
 
 
 def test_whole_shard_folder_deleted(micro_cache, tmp_path):
-    """Promise 3: a whole shard folder deleted: reading it raises CacheCorruptError, verify reports it."""
+    """Nothing silently wrong is read: a whole shard folder deleted: reading it raises CacheCorruptError, verify reports it."""
     c = copy_cache(micro_cache, tmp_path / "c")
     shutil.rmtree(c / "shard-00000")
     with pytest.raises(CacheCorruptError, match="shard-00000"):
@@ -452,7 +452,7 @@ def _empty_index_entry(path: Path, array_dir: Path, j: int) -> None:
 
 
 def test_verify_reports_a_chunk_missing_from_its_shard_index(micro_cache, tmp_path):
-    """Promise 3 (verify): an inner chunk marked absent in its shard's index (valid index checksum, file sizes
+    """Nothing silently wrong is read (verify): an inner chunk marked absent in its shard's index (valid index checksum, file sizes
     as recorded) is reported: zarr alone would read it back as fill values."""
     c = copy_cache(micro_cache, tmp_path / "c")
     path = shard_file(c, "shard-00001", "mask", view=0)
@@ -464,7 +464,7 @@ def test_verify_reports_a_chunk_missing_from_its_shard_index(micro_cache, tmp_pa
 
 
 def test_reader_refuses_a_chunk_missing_from_its_shard_index(micro_cache, tmp_path):
-    """Promise 3 (reader): an inner chunk absent from its shard index (file sizes as recorded) is an error when
+    """Nothing silently wrong is read (reader): an inner chunk absent from its shard index (file sizes as recorded) is an error when
     read, never fill values (an all-False mask would silently make every patch visible)."""
     c = copy_cache(micro_cache, tmp_path / "c")
     _empty_index_entry(shard_file(c, "shard-00001", "mask", view=0), c / "shard-00001" / "mask", 1)
@@ -579,7 +579,7 @@ def _enospc_in_atomic_writes(monkeypatch, prefix: str, room: int = 100) -> None:
 
 
 def test_disk_full_during_extract_fails_cleanly_and_rerun_completes(micro_cache, image_folder, tmp_path, monkeypatch):
-    """Promise 4: the disk fills up (ENOSPC half-way through a file of the second shard): extract raises an
+    """Nothing half-written looks complete: the disk fills up (ENOSPC half-way through a file of the second shard): extract raises an
     error that says so, writes no manifest and leaves no folder under a final shard name that is not complete;
     a rerun with space completes, removes the temporaries, verifies, and equals an uninterrupted run."""
     out = tmp_path / "c"
@@ -598,7 +598,7 @@ def test_disk_full_during_extract_fails_cleanly_and_rerun_completes(micro_cache,
 
 
 def test_disk_full_while_writing_the_manifest(micro_cache, image_folder, tmp_path, monkeypatch):
-    """Promise 4: the disk fills up while manifest.json is written: extract raises, no manifest.json exists
+    """Nothing half-written looks complete: the disk fills up while manifest.json is written: extract raises, no manifest.json exists
     (the cache is not readable as finished), and a rerun with space (a new process) writes it, leaves no
     temporary file behind and verifies clean."""
     out = tmp_path / "c"
@@ -640,7 +640,7 @@ BAD_KEYS = ["class000/truncated.jpg", "class001/empty.jpg", "class002/notes.png"
 
 
 def test_bad_images_are_skipped_and_listed(faulty_folder, image_folder, micro_cache, tmp_path):
-    """Promise 5 (skip): a truncated JPEG, a zero-byte file and a non-image with an image suffix are skipped,
+    """Bad inputs are named (skip): a truncated JPEG, a zero-byte file and a non-image with an image suffix are skipped,
     counted and listed (with the reason) in the manifest; every good image is cached, and verify passes with
     --data (the counts add up: cached + skipped = listed)."""
     out = tmp_path / "c"
@@ -658,7 +658,7 @@ def test_bad_images_are_skipped_and_listed(faulty_folder, image_folder, micro_ca
 
 @pytest.mark.parametrize("bad", BAD_KEYS)
 def test_bad_image_stops_extract_under_fail(image_folder, tmp_path, bad):
-    """Promise 5 (fail): each bad input alone stops extract with a one-line UserError naming its path."""
+    """Bad inputs are named (fail): each bad input alone stops extract with a one-line UserError naming its path."""
     root = tmp_path / "img"
     shutil.copytree(image_folder, root)
     good = (root / "class000" / "img000000.jpg").read_bytes()
@@ -696,7 +696,7 @@ def faulty_tars(tmp_path_factory) -> Path:
 
 
 def test_corrupt_tar_members_are_skipped_and_listed(faulty_tars, tmp_path):
-    """Promise 5 (tars, skip): a member that is not an image and a tar cut off inside a member: the good
+    """Bad inputs are named (tars, skip): a member that is not an image and a tar cut off inside a member: the good
     samples are cached, the bad ones skipped and listed, verify passes with --data."""
     spec = str(faulty_tars / "train-{000000..000001}.tar")
     out = tmp_path / "c"
@@ -712,7 +712,7 @@ def test_corrupt_tar_members_are_skipped_and_listed(faulty_tars, tmp_path):
 
 @pytest.mark.parametrize("which", ["member", "truncated"])
 def test_corrupt_tar_member_stops_extract_under_fail(faulty_tars, tmp_path, which):
-    """Promise 5 (tars, fail): a non-image member / a truncated tar stops extract with a one-line UserError."""
+    """Bad inputs are named (tars, fail): a non-image member / a truncated tar stops extract with a one-line UserError."""
     root = tmp_path / "t"
     root.mkdir()
     src = faulty_tars / ("train-000000.tar" if which == "member" else "train-000001.tar")
@@ -724,7 +724,7 @@ def test_corrupt_tar_member_stops_extract_under_fail(faulty_tars, tmp_path, whic
 
 
 def test_corrupt_tar_header_is_not_silent(tmp_path):
-    """Promise 5 (tars): a member whose tar header is corrupt makes the samples after it unreadable: they must be
+    """Bad inputs are named (tars): a member whose tar header is corrupt makes the samples after it unreadable: they must be
     listed as skipped (or stop extract under fail), never silently dropped from the cache."""
     [path] = make_tar_shards(tmp_path / "tars", 4, 4, seed=5)
     data = bytearray(path.read_bytes())
@@ -742,7 +742,7 @@ def test_corrupt_tar_header_is_not_silent(tmp_path):
 # 6. configuration faults
 
 def test_train_refuses_a_different_source_listing(micro_cache, image_folder, tmp_path):
-    """Promise 6: train refuses, in one line, a cache whose source listing differs from --data (an image added)."""
+    """Mismatches are refused: train refuses, in one line, a cache whose source listing differs from --data (an image added)."""
     data = tmp_path / "img"
     shutil.copytree(image_folder, data)
     (data / "class000" / "extra.jpg").write_bytes(jpeg_bytes(synthetic_image(999, (100, 90))))
@@ -752,14 +752,14 @@ def test_train_refuses_a_different_source_listing(micro_cache, image_folder, tmp
 
 
 def test_train_refuses_another_teacher_in_replay_mode(micro_cache, image_folder, tmp_path):
-    """Promise 6: in replay mode train refuses, in one line, a teacher whose weights differ from the cache's."""
+    """Mismatches are refused: in replay mode train refuses, in one line, a teacher whose weights differ from the cache's."""
     with pytest.raises(UserError) as e:
         train(micro_train_config(image_folder, micro_cache, tmp_path / "run", teacher="random:1"))
     assert "not the teacher that made the cache" in one_line(e.value)
 
 
 def test_train_refuses_a_student_with_another_patch_size(micro_cache, image_folder, tmp_path, monkeypatch):
-    """Promise 6: train refuses, in one line, a student whose patch size differs from the cache's views."""
+    """Mismatches are refused: train refuses, in one line, a student whose patch size differs from the cache's views."""
     monkeypatch.setitem(STUDENT_PRESETS, "test_vit_micro_patch8", ViTShape(8, 48, 2, 2, 32, 1, 1))
     with pytest.raises(UserError) as e:
         train(micro_train_config(image_folder, micro_cache, tmp_path / "run", student="test_vit_micro_patch8"))
@@ -769,7 +769,7 @@ def test_train_refuses_a_student_with_another_patch_size(micro_cache, image_fold
 @pytest.mark.parametrize("change", [{"teacher": "random:1"}, {"target_layer": 3}, {"mask_ratio": 0.5},
                                     {"img_size": 32}, {"arch": "mae_vit_base_patch16"}])
 def test_extract_refuses_rerun_with_another_configuration(micro_cache, image_folder, tmp_path, change):
-    """Promise 6: rerunning extract into an existing cache with another teacher, target layer, mask ratio, image
+    """Mismatches are refused: rerunning extract into an existing cache with another teacher, target layer, mask ratio, image
     size or architecture is refused in one line naming the setting, and the cache is left untouched."""
     c = copy_cache(micro_cache, tmp_path / "c")
     before = (c / MANIFEST).read_bytes()
@@ -817,7 +817,7 @@ def _wait_for_writer(out: Path, timeout: float = 10.0) -> None:
 
 
 def test_nan_teacher_output_stops_extract_naming_the_view(image_folder, tmp_path):
-    """Promise 7 (NaN): a checkpoint with NaN in the positional embedding of one patch poisons exactly the views
+    """Bad inputs are named (NaN): a checkpoint with NaN in the positional embedding of one patch poisons exactly the views
     that keep that patch visible: extract stops with a one-line UserError naming the first such image and view,
     no shard folder holding it is written, and no manifest."""
     found = None
@@ -841,7 +841,7 @@ def test_nan_teacher_output_stops_extract_naming_the_view(image_folder, tmp_path
 
 
 def test_inf_in_teacher_weights_stops_extract_before_any_shard(image_folder, tmp_path):
-    """Promise 7 (Inf): Inf in a decoder weight makes every output non-finite: extract stops at the first view
+    """Bad inputs are named (Inf): Inf in a decoder weight makes every output non-finite: extract stops at the first view
     (first image dealt, view 0) with a one-line UserError, and writes no shard at all."""
     ckpt = _poisoned_checkpoint(tmp_path / "inf.pth", "decoder_blocks.0.mlp.fc1.weight", (3, 5), float("inf"))
     out = tmp_path / "c"
@@ -887,7 +887,7 @@ FORK_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_forked_dataloader_workers_read_a_cache_the_parent_opened(micro_cache):
-    """Promise 9: a DataLoader with 2 fork-started workers reads a cache that the parent has already opened and
+    """Fork safety: a DataLoader with 2 fork-started workers reads a cache that the parent has already opened and
     read (zarr's IO thread running), returns the same targets as the parent, and finishes within a timeout
     (a deadlock fails the test instead of hanging the suite)."""
     try:
@@ -899,7 +899,7 @@ def test_forked_dataloader_workers_read_a_cache_the_parent_opened(micro_cache):
 
 
 # ----------------------------------------------------------------------------------------------
-# 10. trust nothing loaded (issue 11)
+# 10. trust nothing loaded
 
 def _run_folder_with(tmp_path: Path, state) -> Path:
     run = tmp_path / "run"
@@ -1002,7 +1002,7 @@ def test_atomic_writes_fsync_the_file_before_and_the_folder_after_the_rename(tmp
 
 
 # ----------------------------------------------------------------------------------------------
-# 11. own only what is yours (issue 11)
+# 11. own only what is yours
 
 def test_overwrite_refuses_every_folder_that_is_not_a_marked_cache(image_folder, micro_cache, tmp_path):
     """Own only what is yours: `extract --overwrite` into an image folder holding a config.yaml, a training run
@@ -1086,7 +1086,7 @@ def test_claim_run_folder_takes_only_new_empty_or_own_run_folders(micro_cache, i
 
 
 # ----------------------------------------------------------------------------------------------
-# 12. one writer at a time (issue 11)
+# 12. one writer at a time
 
 def test_a_second_extract_into_a_locked_cache_says_who_holds_it(image_folder, tmp_path):
     """One writer at a time: while another process holds --out's lock, extract refuses in one line naming that
@@ -1160,7 +1160,7 @@ def test_the_same_extract_started_twice_one_runs_one_refuses(image_folder, tmp_p
 
 
 # ----------------------------------------------------------------------------------------------
-# 13. content bound to its place (issue 11)
+# 13. content bound to its place
 
 def _swap(a: Path, b: Path) -> None:
     tmp = a.with_name(a.name + ".swap")
@@ -1277,7 +1277,7 @@ def test_a_duplicated_key_in_a_tar_is_skipped_and_listed(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# 14. bad inputs are named: the folder scan and tar members (issue 11)
+# 14. bad inputs are named: the folder scan and tar members
 
 @pytest.fixture
 def tricky_folder(image_folder, tmp_path) -> Path:
@@ -1391,7 +1391,7 @@ def test_a_16_bit_png_is_scaled_to_8_bits_not_clipped_to_white(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# 15. runs: the trainer's side of owning folders, trusting sources, and stopping cleanly (issue 11)
+# 15. runs: the trainer's side of owning folders, trusting sources, and stopping cleanly
 
 def test_train_out_refuses_a_cache_a_dataset_and_a_foreign_folder(micro_cache, image_folder, tmp_path):
     """Own only what is yours: `train --out` never writes into the cache, the image folder or a folder of someone

@@ -339,7 +339,7 @@ def test_scale_grad_kernel():
 
 
 # --------------------------------------------------------------------------------------------
-# gradient precision at realistic shapes (issue 15): against fp64, GradScaler-sized grad_output
+# gradient precision at realistic shapes: against fp64, GradScaler-sized grad_output
 
 # The trainer's grad_output: GradScaler's initial 65536 x its per-step factor (local / global selected
 # count x world size) / accumulation steps.
