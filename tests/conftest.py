@@ -5,7 +5,7 @@ time whether a @triton.jit function runs compiled or interpreted. It defaults to
 run with TRITON_INTERPRET=0 on a CUDA machine to test the compiled kernel.
 
 Fixtures build everything from seeds (no downloads): JPEG folders of small images and caches made
-with the micro teacher (`test_mae_micro_patch16`) at 64-px crops, so a whole extract takes seconds.
+with the micro teacher at 64-px crops (tests/helpers.py), so a whole extract takes seconds.
 """
 import os
 
@@ -15,20 +15,10 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import micro_extract_config  # noqa: E402
 
-from g2sd_cache.extract import ExtractConfig, run_extract  # noqa: E402
+from g2sd_cache.extract import run_extract  # noqa: E402
 from g2sd_cache.synthetic import make_image_folder  # noqa: E402
-
-MICRO_TEACHER = "test_mae_micro_patch16"
-MICRO_STUDENT = "test_vit_micro_patch16_dec32d1b"
-
-
-def micro_extract_config(data, out, **overrides) -> ExtractConfig:
-    """An extract configuration that runs in seconds on CPU: micro teacher, 64-px crops, no workers."""
-    base = dict(data=str(data), out=str(out), teacher="random", arch=MICRO_TEACHER, img_size=64, views=2,
-                shard_size=8, chunk_views=2, batch_size=4, workers=0, device="cpu")
-    base.update(overrides)
-    return ExtractConfig(**base)
 
 
 @pytest.fixture(autouse=True, scope="session")

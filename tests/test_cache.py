@@ -137,7 +137,7 @@ def test_bytes_per_view(micro_cache):
 
 @pytest.mark.parametrize("codec,bytes_per_value", [("int8", 1), ("fp8", 1), ("bf16", 2)])
 def test_bytes_per_view_of_other_codecs(codec, bytes_per_value, image_folder, tmp_path):
-    from conftest import micro_extract_config
+    from helpers import micro_extract_config
 
     from g2sd_cache.extract import run_extract
     run_extract(micro_extract_config(image_folder, tmp_path / "c", codec=codec, views=1, shard_size=12,

@@ -293,7 +293,7 @@ def test_int4_cache_end_to_end(image_folder, tmp_path):
     """extract --codec int4 writes packed codes and float16 group scales, a rerun writes the same bytes, the
     reader decodes [T, D] float32 targets, and inspect reports int4's bytes per view."""
     import zarr
-    from conftest import micro_extract_config
+    from helpers import micro_extract_config
     from g2sd_cache.cache import open_cache
     from g2sd_cache.extract import run_extract
     from g2sd_cache.inspect_cache import format_report, inspect_report

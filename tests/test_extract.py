@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import MICRO_TEACHER, micro_extract_config
+from helpers import MICRO_TEACHER, micro_extract_config
 
 from g2sd_cache import open_cache
 from g2sd_cache.cli import main as cli_main

@@ -26,7 +26,7 @@ import torch
 import zarr
 from PIL import Image
 
-from conftest import MICRO_STUDENT, MICRO_TEACHER, micro_extract_config
+from helpers import MICRO_STUDENT, MICRO_TEACHER, micro_extract_config
 from g2sd_cache import open_cache
 from g2sd_cache.errors import CacheCorruptError, UserError
 from g2sd_cache.digests import local_reader, record_digest, shard_digests

@@ -11,7 +11,7 @@ import pytest
 import yaml
 import zarr
 
-from conftest import micro_extract_config
+from helpers import micro_extract_config
 from g2sd_cache import open_cache
 from g2sd_cache.errors import UserError
 from g2sd_cache.extract import run_extract

@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from conftest import MICRO_STUDENT, MICRO_TEACHER, micro_extract_config
+from helpers import MICRO_STUDENT, MICRO_TEACHER, micro_extract_config
 from g2sd_cache.errors import UserError
 from g2sd_cache.export import export_encoder
 from g2sd_cache.extract import run_extract
