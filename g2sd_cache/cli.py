@@ -267,8 +267,12 @@ def _run_export(args) -> int:
     r = export_encoder(args.run, args.out, args.format)
     for note in r["notes"]:
         print(f"note: {note}")
-    how = (f"load with timm.create_model('{r['timm_model']}', num_classes=0).load_state_dict(torch.load(path))"
-           if r["format"] == "timm" else "fine-tune with MAE's main_finetune.py --finetune path (reads ['model'])")
+    if r["format"] == "mae":
+        how = "fine-tune with MAE's main_finetune.py --finetune path (reads ['model'])"
+    elif r["timm_call"]:
+        how = f"load with {r['timm_call']}.load_state_dict(torch.load(path))"
+    else:
+        how = f"student {r['timm_model'] or 'preset'} has no timm counterpart (a test preset)"
     print(f"wrote {r['path']}: {r['tensors']} tensors, {r['params'] / 1e6:.1f} M parameters from step {r['step']}; "
           f"{how}")
     return 0

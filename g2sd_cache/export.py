@@ -10,13 +10,13 @@
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from .checkpoint import load_checkpoint
 from .errors import UserError
+from .fsutil import atomic_write
 from .models import STUDENT_PRESETS, build_student, load_student_state
 
 FORMATS = ("timm", "mae")
@@ -34,9 +34,12 @@ def export_encoder(run: str, out: str, fmt: str = "timm") -> dict:
     notes = load_student_state(student, ckpt["model"])
     state = student.encoder_state_dict()
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    torch.save(state if fmt == "timm" else {"model": state}, tmp)
-    os.replace(tmp, out_path)
-    return {"format": fmt, "timm_model": STUDENT_PRESETS[ckpt["student"]].timm_name, "step": ckpt["step"],
+    atomic_write(out_path, lambda f: torch.save(state if fmt == "timm" else {"model": state}, f))
+    name = STUDENT_PRESETS[ckpt["student"]].timm_name
+    # A student trained at another crop size has another position table: timm needs the same img_size to load it.
+    size = ckpt["img_size"]
+    timm_call = (f"timm.create_model('{name}', num_classes=0" + (f", img_size={size}" if size != 224 else "") + ")"
+                 if name else None)
+    return {"format": fmt, "timm_model": name, "timm_call": timm_call, "step": ckpt["step"],
             "tensors": len(state), "params": sum(v.numel() for v in state.values()), "path": str(out_path),
             "notes": notes}

@@ -81,3 +81,18 @@ def test_export_cli_formats_and_old_checkpoints(tmp_path, capsys):
     with pytest.raises(UserError, match="--format onnx"):
         export_encoder(str(run), str(tmp_path / "x.pth"), "onnx")
     assert "--format" in capsys.readouterr().err
+
+
+def test_a_student_trained_at_another_crop_size_exports_with_the_timm_call_that_loads_it(tmp_path, capsys):
+    import timm
+    student = build_student(NAME, 512, img_size=96)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint(run, {"model": student.state_dict(), "student": NAME, "target_dim": 512, "img_size": 96,
+                          "step": 1})
+    info = export_encoder(str(run), str(tmp_path / "enc.pth"))
+    assert info["timm_call"] == "timm.create_model('vit_tiny_patch16_224', num_classes=0, img_size=96)"
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=96, pretrained=False)
+    model.load_state_dict(torch.load(tmp_path / "enc.pth", weights_only=True), strict=True)
+    assert cli_main(["export", str(run), "--out", str(tmp_path / "e2.pth")]) == 0
+    assert "img_size=96" in capsys.readouterr().out
