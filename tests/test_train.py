@@ -332,3 +332,18 @@ def test_elastic_resume_on_another_number_of_ranks_continues_the_same_run(micro_
                     if ok:
                         used.setdefault(s["epoch"], []).append((i, v))
         assert sorted(used[0]) == [(i, 0) for i in range(12)] and sorted(used[1]) == [(i, 1) for i in range(12)]
+
+
+@pytest.mark.parametrize("batch,accum", [((6, 1), (3, 2)), ((8, 1), (4, 2))])
+def test_how_a_step_is_cut_into_micro_batches_does_not_change_the_run(micro_cache, tmp_path, batch, accum):
+    """One normalisation per optimizer step: batch 6 x 1 and 3 x 2 (and 8 x 1 vs 4 x 2, whose second step is half
+    stand-ins: 12 views, 8 per step) give the same losses at every step and the same weights after them."""
+    runs = []
+    for b, a in (batch, accum):
+        out = tmp_path / f"b{b}a{a}"
+        runs.append(run_train(out, None, cache=str(micro_cache), steps=3, batch_size=b, accum_iter=a))
+        runs[-1] = (runs[-1], torch.load(out / "checkpoint.pt", weights_only=True)["model"])
+    (m1, w1), (m2, w2) = runs
+    assert [m["loss"] for m in m1] == pytest.approx([m["loss"] for m in m2], rel=1e-5)
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], rtol=1e-4, atol=1e-6), k
