@@ -117,15 +117,24 @@ def _add_train(sub) -> None:
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="write the student encoder for fine-tuning (timm or MAE checkpoint layout)",
-                       description="Write RUN's student encoder. --format timm: a state dict that timm.create_model("
-                                   "'vit_small_patch16_224', num_classes=0) (or vit_tiny_patch16_224) loads strictly. "
-                                   "--format mae: {'model': state dict}, what MAE's main_finetune.py --finetune and "
-                                   "G2SD's specific distillation (main_finetune_dis.py) read.")
-    p.add_argument("run", help="run directory of `g2sd-cache train`")
+    p = sub.add_parser("export", help="write a trained student: the stage-1 encoder or the stage-2 classifier (timm or "
+                                      "MAE checkpoint layout)",
+                       description="Stage 1 (a `train` run): the student's encoder. --format timm: a state dict that "
+                                   "timm.create_model('vit_small_patch16_224', num_classes=0) (or vit_tiny_patch16_224) "
+                                   "loads strictly. --format mae: {'model': state dict}, what MAE's main_finetune.py "
+                                   "--finetune and G2SD's specific distillation (main_finetune_dis.py) read. "
+                                   "Stage 2 (a `finetune` run: its best.pt, else its checkpoint.pt; or either file): "
+                                   "the whole classifier. --format timm: the distilled student as timm's "
+                                   "deit_small_distilled_patch16_224 (deit_tiny_/deit_base_ by size; "
+                                   "timm.create_model(name, num_classes=C)), strict keys, identical logits: the dist "
+                                   "token's position row is zero; a plain fine-tuned student (no teacher) as "
+                                   "vit_small_patch16_224 with global_pool='avg'. --format mae: {'model': state dict} "
+                                   "in G2SD's / MAE's models_vit layout.")
+    p.add_argument("run", help="run directory of `g2sd-cache train` or `g2sd-cache finetune`, or a finetune "
+                   "checkpoint file (RUN/best.pt)")
     p.add_argument("--out", required=True, help="file to write (.pth)")
     p.add_argument("--format", default="timm", choices=["timm", "mae"], help="timm: bare state dict, strict into "
-                   "timm (default); mae: the same tensors under 'model', as MAE/G2SD fine-tuning scripts expect")
+                   "timm (default); mae: the same tensors under 'model', as MAE/G2SD scripts expect")
 
 
 def _add_demo(sub) -> None:
@@ -190,8 +199,12 @@ def _run_demo(args) -> int:
 
 
 def _run_export(args) -> int:
-    from .export import export_encoder
-    r = export_encoder(args.run, args.out, args.format)
+    from .export import export_run
+    r = export_run(args.run, args.out, args.format)
+    if r["kind"] == "classifier":
+        from .cli_finetune import print_export
+        print_export(r)
+        return 0
     for note in r["notes"]:
         print(f"note: {note}")
     how = (f"load with timm.create_model('{r['timm_model']}', num_classes=0).load_state_dict(torch.load(path))"
@@ -201,9 +214,20 @@ def _run_export(args) -> int:
     return 0
 
 
+def _stage2_commands() -> dict:
+    from .cli_finetune import COMMANDS as stage2
+    return stage2
+
+
+def _run_verify(args) -> int:
+    from .cli_finetune import run_verify   # a logits cache goes to verify_logits, a target cache to verify
+    return run_verify(args)
+
+
 COMMANDS = {"demo": (_add_demo, _run_demo), "extract": (_add_extract, _run_extract), "train": (_add_train, _run_train),
             "export": (_add_export, _run_export), "inspect": (_add_inspect, _run_inspect),
-            "verify": (lambda sub: _verify().add_parser(sub), lambda args: _verify().main_from_args(args))}
+            "verify": (lambda sub: _verify().add_parser(sub), lambda args: _run_verify(args))}
+COMMANDS.update(_stage2_commands())   # finetune, extract-logits, evaluate (cli_finetune.py)
 
 
 def _verify():

@@ -33,19 +33,19 @@ from .logits_cache import (LOGITS_FORMAT, LOGITS_FORMAT_VERSION, LogitsManifest,
                            is_logits_cache, logits_specs)
 from .schema import CONFIG, MANIFEST, SHARD_RECORD, TMP_MARK, shard_name, write_text_atomic
 from .sd_config import LogitsConfig
-from .sd_plan import MixedGroup, SDPlan
+from .sd_plan import MixedGroup, SDPlan, SDRecipe
 from .sources import FolderSource, open_source
 from .workers import keep_as_is, mp_context
 from .writer import ShardData, ShardWriter
 
 
-def open_plan(cfg, flag: str = "--data") -> SDPlan:
-    """The stage-2 plan of `cfg` (PlanOptions): its data must be a class-folder tree (random access)."""
-    source = open_source(cfg.data)
+def open_plan(data: str, recipe: SDRecipe, seed: int) -> SDPlan:
+    """The stage-2 plan over `data`, which must be a class-folder tree (the plan needs random access)."""
+    source = open_source(data)
     if not isinstance(source, FolderSource):
-        raise UserError(f"{flag} {cfg.data}: stage-2 training needs an image folder with one sub-folder per class "
+        raise UserError(f"--data {data}: stage-2 training needs an image folder with one sub-folder per class "
                         f"(the plan draws any image of any epoch at random); webdataset tars are accepted for --val")
-    return SDPlan(LabelledFolder.of(source), cfg.recipe(), cfg.seed)
+    return SDPlan(LabelledFolder.of(source), recipe, seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +146,7 @@ def run_extract_logits(cfg: LogitsConfig) -> dict:
 
 def _extract(cfg: LogitsConfig, env: DistEnv) -> dict:
     out = Path(cfg.out)
-    plan = open_plan(cfg)
+    plan = open_plan(cfg.data, cfg.recipe(), cfg.seed)
     num_classes = plan.data.num_classes
     if cfg.topk > num_classes:
         raise UserError(f"--topk {cfg.topk} is more than the {num_classes} classes of {cfg.data}")

@@ -38,6 +38,7 @@ from .errors import UserError
 from .evaluate import evaluate
 from .extract_logits import open_plan
 from .finetune_log import FinetuneLog
+from .finetuned import BEST, STAGE
 from .labelled import open_labelled
 from .logits_cache import LogitsCache, open_logits
 from .runs import StopRun, StopSignals, any_rank, prepare_run_folder, save_run_checkpoint
@@ -47,8 +48,6 @@ from .sd_plan import SDPlan, check_same_plan
 from .sd_trainer import FineTuner
 from .workers import keep_as_is, mp_context
 
-BEST = "best.pt"
-STAGE = "finetune"   # checkpoints say which command wrote them (export and evaluate read it)
 # Options whose change on --resume is accepted (printed and recorded in config.yaml).
 SCHEDULE = ("epochs", "blr", "min_lr", "warmup_epochs", "weight_decay", "layer_decay", "clip_grad", "accum_iter",
             "eval_every", "stop_after", "log_every", "save_every")
@@ -113,7 +112,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
 def _inputs(cfg: FinetuneConfig, env: DistEnv) -> tuple[SDPlan, LogitsCache | None, torch.nn.Module | None, list[str]]:
     """The plan, the logits cache and the teacher, each checked against the others (one-line errors)."""
     notes = []
-    plan = open_plan(cfg)
+    plan = open_plan(cfg.data, cfg.recipe(), cfg.seed)
     classes = plan.data.num_classes
     if classes < 2:
         raise UserError(f"--data {cfg.data} has {classes} class folder; classification needs at least 2")
@@ -215,7 +214,7 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv) -> dict:
                                   workers=cfg.workers, device=str(env.device), amp=tuner.precision != "fp32")
                 if result["top1"] > best:
                     best, best_epoch = result["top1"], done_epoch
-                    _save_best(run, state(done_epoch + 1, 0), result)
+                    _save_best(run, state(done_epoch + 1, 0) | {"epoch": done_epoch}, result)
                 log.write_eval(step, done_epoch, result, best)
             env.barrier()   # only rank 0 knows the best so far: it alone writes checkpoints
         checkpoint(done_epoch + 1, 0)
@@ -283,7 +282,8 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv) -> dict:
 
 
 def _save_best(run: Path, state: dict, result: dict) -> None:
-    """RUN/best.pt: the weights and what evaluate / export need (no optimizer), written atomically."""
+    """RUN/best.pt: the weights and what evaluate / export need (no optimizer), written atomically.
+    Its `epoch` is the epoch just validated (a checkpoint's is the epoch it resumes at)."""
     keep = ("model", "stage", "step", "epoch", "arch", "num_classes", "classes", "img_size", "distilled")
     best = {k: state[k] for k in keep} | {"val": {k: float(v) for k, v in result.items()}}
     tmp = run / f".{BEST}.tmp-{os.getpid()}"

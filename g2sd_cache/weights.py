@@ -27,9 +27,9 @@ _SAFE_TYPES = [argparse.Namespace, np.ndarray, np.dtype, _np_core.multiarray._re
                type(np.dtype(np.uint32))]
 
 
-def read_state_dict(path: str | Path, flag: str) -> dict[str, torch.Tensor]:
-    """The tensors of weight file `path` (a file, or a run folder holding checkpoint.pt).
-    `flag` names the option the path came from, for error messages (e.g. '--teacher')."""
+def read_weights_file(path: str | Path, flag: str) -> tuple[Path, object]:
+    """(the file read, its unpickled content) for weight file `path` (a file, or a run folder holding
+    checkpoint.pt), loaded with `weights_only=True` and the few extra types above."""
     p = Path(path)
     if p.is_dir():
         if not (p / CHECKPOINT).is_file():
@@ -39,9 +39,15 @@ def read_state_dict(path: str | Path, flag: str) -> dict[str, torch.Tensor]:
         raise UserError(f"{flag} {path} does not exist; pass a weight file (.pth) or a run folder")
     try:
         with torch.serialization.safe_globals(_SAFE_TYPES):
-            ckpt = torch.load(p, map_location="cpu", weights_only=True)
+            return p, torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt, not a torch file, or pickles types we refuse to run
         raise UserError(f"{flag}: cannot read {p}: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
+
+
+def read_state_dict(path: str | Path, flag: str) -> dict[str, torch.Tensor]:
+    """The tensors of weight file `path` (a file, or a run folder holding checkpoint.pt).
+    `flag` names the option the path came from, for error messages (e.g. '--teacher')."""
+    p, ckpt = read_weights_file(path, flag)
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{flag}: {p} holds no state dict (expected tensors by name, bare or under 'model')")
