@@ -135,31 +135,25 @@ def _inputs(cfg: FinetuneConfig, env: DistEnv) -> tuple[SDPlan, LogitsCache | No
     return plan, logits, teacher, notes
 
 
-def _resume(cfg: FinetuneConfig, run: Path, tuner: FineTuner, layout: Layout, env: DistEnv) -> tuple[dict, list[str]]:
+def _check_resume(cfg: FinetuneConfig, run: Path) -> tuple[dict, list[str]]:
+    """The checkpoint to resume from, refused in one line when the model or the data order would change."""
     ckpt = load_checkpoint(run, "finetune without --resume to start a new run there")
     if ckpt.get("stage") != STAGE:
         raise UserError(f"{run}/{CHECKPOINT} was not written by `g2sd-cache finetune`; resume it with the command "
                         f"that made it, or choose another --out")
     saved = ckpt["config"]
     fixed = [k for k in (*FinetuneConfig.FIXED_ON_RESUME, "logits") if saved.get(k) != getattr(cfg, k)]
-    if saved.get("mode") and saved["mode"] != cfg.mode and {saved["mode"], cfg.mode} != {"cached", "replay"}:
+    if saved.get("mode") != cfg.mode and {saved.get("mode"), cfg.mode} != {"cached", "replay"}:
         fixed.append("mode (--teacher / --logits)")
     if fixed:
         raise UserError(f"--resume: {', '.join(fixed)} differ from the run being resumed; the model and the data "
                         f"order depend on them, so pass the same values (see {run}/config.yaml)")
-    notes = [f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in SCHEDULE if saved.get(k) != getattr(cfg, k)]
-    if ckpt["world"] != env.world:
-        notes.append(f"world size {ckpt['world']} -> {env.world} (the data order is unchanged)")
-    if ckpt["global_batch"] != layout.global_batch:
-        notes.append(f"global batch {ckpt['global_batch']} -> {layout.global_batch}: continuing at the same group "
-                     f"(the lr scale changes)")
-    tuner.load_state_dict(ckpt)
-    set_rng_state(ckpt["rng"])
-    return ckpt, notes
+    return ckpt, [f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in SCHEDULE if saved.get(k) != getattr(cfg, k)]
 
 
 def _finetune(cfg: FinetuneConfig, env: DistEnv) -> dict:
     run = prepare_run_folder(cfg.out, cfg.resume, env)
+    ckpt, changes = _check_resume(cfg, run) if cfg.resume else (None, [])
     plan, logits, teacher, notes = _inputs(cfg, env)
     classes = plan.data.classes
     tuner = FineTuner(cfg, len(classes), teacher, env, load_init=not cfg.resume)
@@ -170,8 +164,14 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv) -> dict:
                         f"takes ({cfg.accum_iter} x {env.world} rank(s)); lower --accum-iter, --group-size or the "
                         f"number of ranks")
     step, epoch, position, best, best_epoch = 0, 0, 0, -1.0, -1
-    if cfg.resume:
-        ckpt, changes = _resume(cfg, run, tuner, layout, env)
+    if ckpt is not None:
+        if ckpt["world"] != env.world:
+            changes.append(f"world size {ckpt['world']} -> {env.world} (the data order is unchanged)")
+        if ckpt["global_batch"] != layout.global_batch:
+            changes.append(f"global batch {ckpt['global_batch']} -> {layout.global_batch}: continuing at the same "
+                           f"group (the lr scale changes)")
+        tuner.load_state_dict(ckpt)
+        set_rng_state(ckpt["rng"])
         step, epoch, position = ckpt["step"], ckpt["epoch"], ckpt["position"]
         best, best_epoch = ckpt["best_top1"], ckpt["best_epoch"]
         notes += [f"resume: {n}" for n in changes]
