@@ -109,8 +109,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
         shutdown_distributed()
 
 
-def _inputs(cfg: FinetuneConfig, env: DistEnv) -> tuple[SDPlan, LogitsCache | None, torch.nn.Module | None, list[str]]:
-    """The plan, the logits cache and the teacher, each checked against the others (one-line errors)."""
+def _inputs(cfg: FinetuneConfig, env: DistEnv) -> tuple[SDPlan, LogitsCache | None, torch.nn.Module | None, str | None,
+                                                       list[str]]:
+    """The plan, the logits cache, the teacher and its sha256, each checked against the others (one-line errors)."""
     notes = []
     plan = open_plan(cfg.data, cfg.recipe(), cfg.seed)
     classes = plan.data.num_classes
@@ -122,7 +123,7 @@ def _inputs(cfg: FinetuneConfig, env: DistEnv) -> tuple[SDPlan, LogitsCache | No
         check_same_plan(logits.manifest.plan, plan.describe(), f"logits cache {cfg.logits}")
         notes.append(f"teacher predictions from {cfg.logits} ({logits.epochs} cached epoch(s): epoch e trains on the "
                      f"plan's epoch e mod {logits.epochs}); no teacher forward")
-    teacher = None
+    teacher = sha = None
     if cfg.teacher:
         teacher, info = build_teacher(cfg.teacher, cfg.teacher_arch, classes, cfg.img_size)
         if logits is not None and info.sha256 != logits.manifest.teacher["sha256"]:
@@ -130,9 +131,10 @@ def _inputs(cfg: FinetuneConfig, env: DistEnv) -> tuple[SDPlan, LogitsCache | No
                             f"({logits.manifest.teacher['source']}, sha256 {logits.manifest.teacher['sha256'][:12]}...); "
                             f"replay needs the same weights")
         teacher.to(env.device)
+        sha = info.sha256
     if cfg.val:
         open_labelled(cfg.val, plan.data.classes)   # fail now, not after the first epoch
-    return plan, logits, teacher, notes
+    return plan, logits, teacher, sha, notes
 
 
 def _check_resume(cfg: FinetuneConfig, run: Path) -> tuple[dict, list[str]]:
@@ -154,7 +156,10 @@ def _check_resume(cfg: FinetuneConfig, run: Path) -> tuple[dict, list[str]]:
 def _finetune(cfg: FinetuneConfig, env: DistEnv) -> dict:
     run = prepare_run_folder(cfg.out, cfg.resume, env)
     ckpt, changes = _check_resume(cfg, run) if cfg.resume else (None, [])
-    plan, logits, teacher, notes = _inputs(cfg, env)
+    plan, logits, teacher, teacher_sha, notes = _inputs(cfg, env)
+    if ckpt is not None and cfg.mode == "online" and ckpt.get("teacher_sha256") != teacher_sha:
+        raise UserError(f"--resume: --teacher {cfg.teacher} is not the teacher the run was trained with; pass the same "
+                        f"teacher (see {run}/config.yaml)")
     classes = plan.data.classes
     tuner = FineTuner(cfg, len(classes), teacher, env, load_init=not cfg.resume)
     gps = cfg.accum_iter * env.world
@@ -198,7 +203,7 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv) -> dict:
             "stage": STAGE, "step": step, "epoch": at_epoch, "position": at_position, "global_batch": layout.global_batch,
             "rng": rng_state(), "config": dataclasses.asdict(cfg) | {"mode": cfg.mode}, "world": env.world,
             "arch": cfg.arch, "num_classes": len(classes), "classes": list(classes), "img_size": cfg.img_size,
-            "distilled": cfg.distilled, "best_top1": best, "best_epoch": best_epoch}
+            "distilled": cfg.distilled, "best_top1": best, "best_epoch": best_epoch, "teacher_sha256": teacher_sha}
 
     def checkpoint(at_epoch: int, at_position: int) -> None:
         log.raise_if_nonfinite()
@@ -248,6 +253,7 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv) -> dict:
             saved = False
             if epoch_done:
                 end_of_epoch(epoch)
+                log.restart_clock()
                 epoch, position, saved = epoch + 1, 0, True
             elif step % cfg.save_every == 0:
                 checkpoint(epoch, position)

@@ -147,7 +147,8 @@ class FinetuneConfig(PlanOptions):
     resume: bool = False
 
     # What the model and the data order depend on: a resume must keep them (the schedule may change).
-    FIXED_ON_RESUME = (*PlanOptions.PLAN, "arch", "teacher_arch", "drop_path", "batch_size")
+    # (The teacher is compared by the sha256 of its weights.)
+    FIXED_ON_RESUME = (*PlanOptions.PLAN, "arch", "drop_path", "batch_size")
 
     @property
     def distilled(self) -> bool:
