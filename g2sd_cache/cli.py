@@ -138,14 +138,21 @@ def _add_export(sub) -> None:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="run the whole product on generated images (no downloads, a few minutes on CPU)",
-                       description="Generate JPEGs, extract a cache with a seeded random ViT-B teacher (2 views per "
-                                   "image), train the small student from it, run the same steps online, and print "
-                                   "views cached, bytes per view, the loss and cached vs online samples/s.")
-    p.add_argument("--out", default="g2sd-demo", help="folder for the demo's images, cache and runs (replaced)")
-    p.add_argument("--images", type=int, default=48, help="synthetic images to generate")
-    p.add_argument("--steps", type=int, default=24, help="training steps in each mode")
-    p.add_argument("--batch-size", type=int, default=16, help="views per step")
+    p = sub.add_parser("demo", help="run both stages on generated images (no downloads, a few minutes on CPU)",
+                       description="Stage 1: generate JPEGs in class folders, extract a cache with a seeded random "
+                                   "ViT-B teacher (2 views per image), train the small student from it, run the same "
+                                   "steps online, and print views cached, bytes per view, the loss and cached vs "
+                                   "online samples/s. Stage 2: extract a random fine-tuned teacher's predictions on 2 "
+                                   "epochs of mixed batches, fine-tune the stage-1 student from them (validating each "
+                                   "epoch) and online, export the result to timm and evaluate it.")
+    p.add_argument("--out", default="g2sd-demo", help="folder for the demo's images, caches and runs (replaced)")
+    p.add_argument("--images", type=int, default=48, help="synthetic training images (default 48)")
+    p.add_argument("--steps", type=int, default=24, help="stage-1 training steps in each mode (default 24)")
+    p.add_argument("--batch-size", type=int, default=16, help="stage-1 views per step (default 16)")
+    p.add_argument("--stage2-epochs", type=int, default=2, help="stage-2 epochs in each mode, and epochs of teacher "
+                   "predictions cached (default 2)")
+    p.add_argument("--preset", default="small", choices=["small", "micro"], help="small: ViT-B teachers, ViT-S "
+                   "students at 224 px (default); micro: tiny models at 64 px, the same steps in seconds")
     p.add_argument("--workers", type=int, default=1, help="DataLoader processes")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
@@ -194,7 +201,8 @@ def _run_train(args) -> int:
 def _run_demo(args) -> int:
     from .demo import DemoConfig, run_demo
     run_demo(DemoConfig(out=args.out, images=args.images, steps=args.steps, batch_size=args.batch_size,
-                        workers=args.workers, device=args.device))
+                        workers=args.workers, device=args.device, preset=args.preset,
+                        stage2_epochs=args.stage2_epochs))
     return 0
 
 
