@@ -315,3 +315,45 @@ def test_two_ranks_resumed_on_one_continue_the_same_run(image_folder, stage1_exp
                            **plan)
     assert [m["step"] for m in resumed] == list(range(1, 7))
     assert [m["loss"] for m in resumed] == pytest.approx([m["loss"] for m in full], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_finetune_benchmark_quick_writes_every_figure(tmp_path):
+    """benchmarks/finetune.py stays runnable: --quick end to end, every headline figure positive and finite."""
+    out = tmp_path / "finetune.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "finetune.py"), "--quick", "--device", "cpu",
+                           "--threads", "1", "--reps", "1", "--json", str(out)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    step = report["step"][0]
+    figures = [step[k] for k in ("teacher_s_per_sample", "online_s_per_sample", "cached_s_per_sample", "speedup",
+                                 "ideal_speedup")]
+    figures += [report["storage"][k] for k in ("measured_bytes_per_sample", "imagenet_bytes_per_sample")]
+    figures += [report["extract"][k] for k in ("extract_samples_per_s", "teacher_only_samples_per_s", "ratio")]
+    assert all(isinstance(x, float) and math.isfinite(x) and x > 0 for x in figures), figures
+    assert report["storage"]["payload_bytes_per_sample"] == 22
+    assert "## 1. Step" in proc.stdout and "## 3. Extract" in proc.stdout
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(image_folder, stage1_export, logits_cache, tmp_path):
+    """A preemption notice ends the run after the current step with a checkpoint that --resume continues."""
+    import signal
+    import time
+    run = tmp_path / "term"
+    proc = subprocess.Popen([sys.executable, "-m", "g2sd_cache.cli", "finetune", "--data", str(image_folder), "--init",
+                             str(stage1_export), "--logits", str(logits_cache), "--out", str(run), "--arch", MICRO,
+                             "--img-size", "32", "--group-size", "4", "--epochs", "100000", "--workers", "0",
+                             "--device", "cpu", "--log-every", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip():
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() is not None else ""
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert ckpt["stage"] == "finetune" and ckpt["step"] >= 1 and "stopped at step" in out
+    assert [m["step"] for m in metrics(run)] == list(range(1, ckpt["step"] + 1))
