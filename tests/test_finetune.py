@@ -357,3 +357,14 @@ def test_sigterm_saves_a_checkpoint_and_stops(image_folder, stage1_export, logit
     ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
     assert ckpt["stage"] == "finetune" and ckpt["step"] >= 1 and "stopped at step" in out
     assert [m["step"] for m in metrics(run)] == list(range(1, ckpt["step"] + 1))
+
+
+@pytest.mark.slow
+def test_demo_micro_runs_both_stages(tmp_path):
+    from g2sd_cache.demo import DemoConfig, run_demo
+    summary = run_demo(DemoConfig(out=str(tmp_path / "demo"), preset="micro", images=32, steps=4, batch_size=8,
+                                  workers=0, device="cpu"))
+    s2 = summary["stage2"]
+    assert s2["online_losses_equal"] and len(s2["val_top1"]) == 2 and s2["samples_cached"] == 2 * 32
+    assert s2["export_top1"] == pytest.approx(max(s2["val_top1"]))   # best.pt, exported to timm, evaluated again
+    assert (tmp_path / "demo" / "student-timm.pth").is_file()
