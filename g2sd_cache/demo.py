@@ -119,8 +119,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     print(f"cached fine-tuning {s2['cached_samples_per_s']:.1f} samples/s (no teacher forward)")
     print(f"online fine-tuning {s2['online_samples_per_s']:.1f} samples/s (teacher forward every step); its "
           f"{s2['online_steps']} losses {'equal' if s2['online_losses_equal'] else 'DIFFER from'} the cached run's")
-    print(f"speedup            {s2['speedup']:.2f}x from the logits cache on this machine" +
-          (" (micro models: decoding and augmenting images dominates both)" if cfg.preset == "micro" else ""))
+    print(f"speedup            {s2['speedup']:.2f}x from the logits cache on this machine (runs one after the other: "
+          f"a shared machine's load moves it; benchmarks/finetune.py interleaves them)" +
+          ("; micro models: decoding and augmenting images dominates both" if cfg.preset == "micro" else ""))
     print(f"outputs            {out}/ (cache/, run-cached/, run-online/, logits/, sd-cached/, sd-online/, "
           f"student-timm.pth); `g2sd-cache inspect {out / 'cache'}` and `g2sd-cache verify {out / 'logits'}` check "
           f"the caches")
