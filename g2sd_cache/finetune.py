@@ -73,11 +73,42 @@ def lr_at(cfg: FinetuneConfig, layout: Layout, epoch: int, position: int) -> flo
                   warmup_steps=cfg.warmup_epochs * n, total_steps=cfg.epochs * n)
 
 
-class _RunGroups(Dataset):
-    """This rank's groups for the rest of the run, in step order: item i -> (epoch, group, MixedGroup)."""
+class RankItems:
+    """(training epoch, plan epoch, group) of every group this rank trains on, from (epoch, position) to the end
+    of the run, in step order, computed on demand (an ImageNet run has millions: no list to pickle to workers).
 
-    def __init__(self, plan: SDPlan, items: list[tuple[int, int, int]]):
-        self.plan, self.items = plan, items          # (training epoch, plan epoch, group)
+    Item i is micro-step j = i mod accum_iter of the run's k-th step, k = i // accum_iter; that step starts at
+    group position p of its epoch, and rank r's micro-step j takes group p + j x world + r."""
+
+    def __init__(self, cfg: FinetuneConfig, layout: Layout, env: DistEnv, epoch: int, position: int,
+                 cached_epochs: int | None):
+        self.accum, self.world, self.rank = cfg.accum_iter, env.world, env.rank
+        self.layout, self.epoch, self.position, self.cached = layout, epoch, position, cached_epochs
+        self.first = layout.steps_left(position) if epoch < cfg.epochs else 0   # steps left in the first epoch
+        self.per_epoch = layout.steps_left(0)
+        self.steps = self.first + max(0, cfg.epochs - epoch - 1) * self.per_epoch
+
+    def __len__(self) -> int:
+        return self.steps * self.accum
+
+    def __getitem__(self, i: int) -> tuple[int, int, int]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k, j = divmod(i, self.accum)
+        if k < self.first:
+            e, start = self.epoch, self.position + k * self.layout.groups_per_step
+        else:
+            later, step = divmod(k - self.first, self.per_epoch)
+            e, start = self.epoch + 1 + later, step * self.layout.groups_per_step
+        plan_epoch = e % self.cached if self.cached else e
+        return e, plan_epoch, start + j * self.world + self.rank
+
+
+class _RunGroups(Dataset):
+    """RankItems -> (training epoch, MixedGroup), computed in DataLoader workers."""
+
+    def __init__(self, plan: SDPlan, items: RankItems):
+        self.plan, self.items = plan, items
 
     def __len__(self) -> int:
         return len(self.items)
@@ -85,19 +116,6 @@ class _RunGroups(Dataset):
     def __getitem__(self, i: int):
         epoch, plan_epoch, group = self.items[i]
         return epoch, self.plan.batch(plan_epoch, group)
-
-
-def rank_items(cfg: FinetuneConfig, layout: Layout, env: DistEnv, epoch: int, position: int,
-               cached_epochs: int | None) -> list[tuple[int, int, int]]:
-    """(training epoch, plan epoch, group) of every group this rank trains on, from (epoch, position) to the end."""
-    items = []
-    for e in range(epoch, cfg.epochs):
-        start = position if e == epoch else 0
-        plan_epoch = e % cached_epochs if cached_epochs else e
-        for k in range(layout.steps_left(start)):
-            base = start + k * layout.groups_per_step
-            items += [(e, plan_epoch, base + j * env.world + env.rank) for j in range(cfg.accum_iter)]
-    return items
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
@@ -144,7 +162,7 @@ def _check_resume(cfg: FinetuneConfig, run: Path) -> tuple[dict, list[str]]:
         raise UserError(f"{run}/{CHECKPOINT} was not written by `g2sd-cache finetune`; resume it with the command "
                         f"that made it, or choose another --out")
     saved = ckpt["config"]
-    fixed = [k for k in (*FinetuneConfig.FIXED_ON_RESUME, "logits") if saved.get(k) != getattr(cfg, k)]
+    fixed = [k for k in FinetuneConfig.FIXED_ON_RESUME if saved.get(k) != getattr(cfg, k)]
     if saved.get("mode") != cfg.mode and {saved.get("mode"), cfg.mode} != {"cached", "replay"}:
         fixed.append("mode (--teacher / --logits)")
     if fixed:
@@ -157,9 +175,14 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv) -> dict:
     run = prepare_run_folder(cfg.out, cfg.resume, env)
     ckpt, changes = _check_resume(cfg, run) if cfg.resume else (None, [])
     plan, logits, teacher, teacher_sha, notes = _inputs(cfg, env)
-    if ckpt is not None and cfg.mode == "online" and ckpt.get("teacher_sha256") != teacher_sha:
-        raise UserError(f"--resume: --teacher {cfg.teacher} is not the teacher the run was trained with; pass the same "
-                        f"teacher (see {run}/config.yaml)")
+    teacher_sha = teacher_sha or (logits.manifest.teacher["sha256"] if logits else None)
+    listing = plan.data.source.fingerprint
+    if ckpt is not None and ckpt.get("listing") != listing:
+        raise UserError(f"--resume: --data {cfg.data} is not the image folder the run was trained on (another "
+                        f"listing); pass the same images")
+    if ckpt is not None and ckpt.get("teacher_sha256") != teacher_sha:
+        raise UserError(f"--resume: the teacher ({'--teacher' if cfg.teacher else '--logits'}) is not the one the run "
+                        f"was trained with (its weights' sha256 differ); pass the same teacher or logits cache")
     classes = plan.data.classes
     tuner = FineTuner(cfg, len(classes), teacher, env, load_init=not cfg.resume)
     gps = cfg.accum_iter * env.world
@@ -203,7 +226,8 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv) -> dict:
             "stage": STAGE, "step": step, "epoch": at_epoch, "position": at_position, "global_batch": layout.global_batch,
             "rng": rng_state(), "config": dataclasses.asdict(cfg) | {"mode": cfg.mode}, "world": env.world,
             "arch": cfg.arch, "num_classes": len(classes), "classes": list(classes), "img_size": cfg.img_size,
-            "distilled": cfg.distilled, "best_top1": best, "best_epoch": best_epoch, "teacher_sha256": teacher_sha}
+            "distilled": cfg.distilled, "best_top1": best, "best_epoch": best_epoch, "teacher_sha256": teacher_sha,
+            "listing": listing}
 
     def checkpoint(at_epoch: int, at_position: int) -> None:
         log.raise_if_nonfinite()
@@ -231,7 +255,7 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv) -> dict:
         if position and layout.steps_left(position) == 0 and epoch < cfg.epochs:
             end_of_epoch(epoch)       # resumed with a larger step at an epoch's very end
             epoch, position = epoch + 1, 0
-        items = rank_items(cfg, layout, env, epoch, position, cached_epochs)
+        items = RankItems(cfg, layout, env, epoch, position, cached_epochs)
         loader = DataLoader(_RunGroups(plan, items), batch_size=None, num_workers=cfg.workers, collate_fn=keep_as_is,
                             multiprocessing_context=mp_context(cfg.workers),
                             prefetch_factor=cfg.prefetch if cfg.workers else None)

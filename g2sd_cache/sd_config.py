@@ -147,8 +147,9 @@ class FinetuneConfig(PlanOptions):
     resume: bool = False
 
     # What the model and the data order depend on: a resume must keep them (the schedule may change).
-    # (The teacher is compared by the sha256 of its weights.)
-    FIXED_ON_RESUME = (*PlanOptions.PLAN, "arch", "drop_path", "batch_size")
+    # (The images are compared by their listing's fingerprint and the teacher by its weights' sha256, so a moved
+    # folder, teacher file or logits cache resumes.)
+    FIXED_ON_RESUME = (*(k for k in PlanOptions.PLAN if k != "data"), "arch", "drop_path", "batch_size")
 
     @property
     def distilled(self) -> bool:

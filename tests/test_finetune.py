@@ -90,11 +90,18 @@ def test_cached_logits_train_exactly_as_the_live_teacher(image_folder, stage1_ex
 
 def test_epochs_past_k_reuse_the_cached_epochs(image_folder, stage1_export, logits_cache, tmp_path):
     """Epoch e reads cached epoch e mod K: a 3-epoch run with K = 2 trains epoch 2 on the plan's epoch 0."""
-    from g2sd_cache.finetune import Layout, rank_items
     from g2sd_cache.dist import DistEnv
+    from g2sd_cache.finetune import Layout, RankItems
     cfg = FinetuneConfig(data=str(image_folder), out="x", init="x", epochs=3, **PLAN)
-    items = rank_items(cfg, Layout(3, 1, 4, 1.0), DistEnv(0, 1, 0, torch.device("cpu")), 0, 0, cached_epochs=2)
-    assert [(e, p) for e, p, _ in items] == [(0, 0)] * 3 + [(1, 1)] * 3 + [(2, 0)] * 3
+    items = list(RankItems(cfg, Layout(3, 1, 4, 1.0), DistEnv(0, 1, 0, torch.device("cpu")), 0, 0, cached_epochs=2))
+    assert items == [(e, e % 2, g) for e in range(3) for g in range(3)]
+    # 7 groups per epoch, 2 ranks x accum 2: 1 step per epoch (3 groups sit it out); resumed at epoch 0, group 0
+    cfg = dataclasses.replace(cfg, accum_iter=2)
+    ranks = [list(RankItems(cfg, Layout(7, 4, 16, 1.0), DistEnv(r, 2, 0, torch.device("cpu")), 0, 0, None))
+             for r in range(2)]
+    assert ranks == [[(e, e, g) for e in range(3) for g in (0, 2)], [(e, e, g) for e in range(3) for g in (1, 3)]]
+    late = RankItems(cfg, Layout(7, 4, 16, 1.0), DistEnv(0, 2, 0, torch.device("cpu")), 1, 4, None)
+    assert list(late) == [(2, 2, 0), (2, 2, 2)]       # epoch 1 at group 4: no full step left there
     got = run_finetune(tmp_path / "r", image_folder, stage1_export, logits=str(logits_cache), epochs=3)
     assert [m["epoch"] for m in got] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
@@ -116,6 +123,20 @@ def test_stop_and_resume_give_the_same_losses_and_weights(image_folder, stage1_e
         run_finetune(tmp_path / "part", image_folder, stage1_export, resume=True, seed=3, **kw)
     with pytest.raises(UserError, match="already holds a run"):
         run_finetune(tmp_path / "part", image_folder, stage1_export, **kw)
+
+
+def test_resume_follows_moved_inputs_and_refuses_other_ones(image_folder, stage1_export, logits_cache, tmp_path):
+    import shutil
+    moved = tmp_path / "moved-lc"
+    shutil.copytree(logits_cache, moved)
+    run_finetune(tmp_path / "c", image_folder, stage1_export, logits=str(logits_cache), stop_after=1)
+    got = run_finetune(tmp_path / "c", image_folder, stage1_export, logits=str(moved), resume=True, stop_after=2)
+    assert [m["step"] for m in got] == [1, 2]
+    with pytest.raises(UserError, match="--resume: mode"):
+        run_finetune(tmp_path / "c", image_folder, stage1_export, teacher=TEACHER, resume=True)
+    run_finetune(tmp_path / "o", image_folder, stage1_export, teacher=TEACHER, stop_after=1)
+    with pytest.raises(UserError, match="--resume: the teacher \\(--teacher\\) is not the one"):
+        run_finetune(tmp_path / "o", image_folder, stage1_export, teacher="random:7", resume=True)
 
 
 def test_validation_every_epoch_keeps_the_best_weights(image_folder, stage1_export, logits_cache, tmp_path, capsys):
