@@ -20,14 +20,15 @@ def _default(cls, name: str):
     return {f.name: f.default for f in dataclasses.fields(cls)}[name]
 
 
-def _add_plan_flags(group, cls) -> None:
+def _add_plan_flags(group, cls, seeds_student: bool) -> None:
     """The data plan's flags (sd_config.PlanOptions): they decide every mixed batch."""
     d = lambda name: _default(cls, name)  # noqa: E731
+    student = "; also of the student's fresh heads" if seeds_student else ""
     group.add_argument("--data", help="training images: a folder with one sub-folder per class (ImageNet's train/ "
                        "layout); labels are the sorted class folder names (required)")
     group.add_argument("--seed", type=int, help=f"seed of the data plan: every crop, RandAugment op, erasing box, "
-                       f"mixup/cutmix draw and the epoch order are a function of (seed, epoch, image or group); "
-                       f"also of the student's fresh heads (default {d('seed')})")
+                       f"mixup/cutmix draw and the epoch order are a function of (seed, epoch, image or group)"
+                       f"{student} (default {d('seed')})")
     group.add_argument("--img-size", type=int, help=f"training and evaluation resolution in pixels (default {d('img_size')})")
     group.add_argument("--group-size", type=int, help=f"mixing group: the samples mixed together (partner of sample i is "
                        f"G-1-i, one lambda per group); G2SD's per-GPU batch, fixed whatever the number of GPUs "
@@ -60,7 +61,7 @@ def _add_finetune(sub) -> None:
                     "global-pool classifier, no dist token). Run under `torchrun --nproc_per_node N` for DDP. "
                     f"Example: {FINETUNE_EXAMPLE}")
     data = p.add_argument_group("data")
-    _add_plan_flags(data, FinetuneConfig)
+    _add_plan_flags(data, FinetuneConfig, seeds_student=True)
     data.add_argument("--val", help="validation images: class folders named as the training ones, or webdataset "
                       "tars whose samples carry a .cls class index; top-1/top-5 after every --eval-every epochs "
                       "(default: no validation)")
@@ -128,7 +129,7 @@ def _add_extract_logits(sub) -> None:
                     "g2sd-cache extract-logits --config configs/finetune_vit_small.yaml --data /data/imagenet/train "
                     "--teacher mae_finetuned_vit_base.pth --out /cache/in1k-logits --cached-epochs 8")
     data = p.add_argument_group("data (must equal the finetune run's)")
-    _add_plan_flags(data, LogitsConfig)
+    _add_plan_flags(data, LogitsConfig, seeds_student=False)
     model = p.add_argument_group("model")
     model.add_argument("--teacher", help="the fine-tuned teacher classifier (MAE's mae_finetuned_vit_base.pth layout, "
                        "a timm ViT, or random[:SEED] for trials) (required)")

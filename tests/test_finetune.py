@@ -389,3 +389,21 @@ def test_demo_micro_runs_both_stages(tmp_path):
     assert s2["online_losses_equal"] and len(s2["val_top1"]) == 2 and s2["samples_cached"] == 2 * 32
     assert s2["export_top1"] == pytest.approx(max(s2["val_top1"]))   # best.pt, exported to timm, evaluated again
     assert (tmp_path / "demo" / "student-timm.pth").is_file()
+
+
+@pytest.mark.slow
+def test_two_ranks_extract_the_same_logits_cache_as_one(image_folder, logits_cache, tmp_path):
+    """torchrun with 2 ranks: disjoint shards per rank, the manifest from rank 0, the arrays of a 1-rank run."""
+    out = tmp_path / "lc-ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29551", "-m",
+           "g2sd_cache.cli", "extract-logits", "--data", str(image_folder), "--out", str(out), "--teacher", TEACHER,
+           "--teacher-arch", MICRO, "--img-size", "32", "--group-size", "4", "--cached-epochs", "2", "--topk", "2",
+           "--shard-groups", "1", "--workers", "0", "--device", "cpu"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = open_logits(logits_cache), open_logits(out)
+    assert len(two.manifest.shards) == 3 and verify_logits(str(out)).ok
+    for e in range(2):
+        for g in range(3):
+            a, b = one.read(e, g), two.read(e, g)
+            assert torch.equal(a.values, b.values) and torch.equal(a.argmax, b.argmax)
