@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 import yaml
 
 from .classifier import build_teacher
