@@ -11,6 +11,7 @@ therefore kept in that form, the random generators' states included (`rng_state`
 """
 from __future__ import annotations
 
+import argparse
 import pickle
 import random
 import re
@@ -45,6 +46,20 @@ def save_checkpoint(run: Path, state: dict) -> Path:
                         "; the previous checkpoint is intact: free space, then continue with --resume") from e
 
 
+def load_untrusted(path: Path, what: str) -> object:
+    """The content of a torch file a user hands us, loaded weights-only: tensors, plain values and
+    `argparse.Namespace` (the official MAE / G2SD training scripts pickle their arguments beside the weights).
+    Anything else is refused in one line naming it, and never unpickled. `what` says what the file is for."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:   # weights_only refused a global: an object that could run code
+        raise UserError(f"{what} {path} holds objects other than tensors and plain values ({_refused_global(e)}); "
+                        f"it is not loaded, since unpickling it could run code") from e
+    except Exception as e:                # corrupt, truncated, not a torch file
+        raise UserError(f"cannot read {what} {path}: {type(e).__name__}: {_first_line(e)}") from e
+
+
 def load_checkpoint(run: Path, hint: str = "pass the --out folder of a `g2sd-cache train` run",
                     required: tuple[str, ...] = STUDENT_KEYS) -> dict:
     """RUN/checkpoint.pt as a dict, loaded weights-only. `required`: the entries the caller needs (default:
@@ -52,13 +67,7 @@ def load_checkpoint(run: Path, hint: str = "pass the --out folder of a `g2sd-cac
     path = Path(run) / CHECKPOINT
     if not path.is_file():
         raise UserError(f"{run} has no {CHECKPOINT}; {hint}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:   # weights_only refused a global: an object that could run code
-        raise UserError(f"{path} holds objects other than tensors and plain values ({_refused_global(e)}); it was "
-                        f"not written by this g2sd-cache and is not loaded, since unpickling it could run code") from e
-    except Exception as e:
-        raise UserError(f"cannot read {path}: {type(e).__name__}: {_first_line(e)}") from e
+    ckpt = load_untrusted(path, "checkpoint")
     if not isinstance(ckpt, dict):
         raise UserError(f"{path} is not a g2sd-cache training checkpoint (it holds a {type(ckpt).__name__}, "
                         f"not a dict); {hint}")
@@ -70,8 +79,8 @@ def load_checkpoint(run: Path, hint: str = "pass the --out folder of a `g2sd-cac
 
 def _refused_global(e: BaseException) -> str:
     """The line of torch's weights-only refusal that names the object (the rest is advice to load unsafely)."""
-    found = re.search(r"[^\n.]*GLOBAL [^\n]*", str(e))
-    return found.group(0).strip().rstrip(".") if found else _first_line(e)
+    found = re.search(r"GLOBAL ([\w.]+)", str(e))
+    return f"it pickles {found.group(1)}" if found else _first_line(e)
 
 
 def _first_line(e: BaseException) -> str:

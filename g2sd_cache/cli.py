@@ -181,26 +181,42 @@ def _add_verify(sub) -> None:
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="write the student encoder for fine-tuning (timm or MAE checkpoint layout)",
-                       description="Write RUN's student encoder. --format timm: a state dict that timm.create_model("
-                                   "'vit_small_patch16_224', num_classes=0) (or vit_tiny_patch16_224) loads strictly. "
-                                   "--format mae: {'model': state dict}, what MAE's main_finetune.py --finetune and "
-                                   "G2SD's specific distillation (main_finetune_dis.py) read.")
-    p.add_argument("run", help="run directory of `g2sd-cache train`")
+    p = sub.add_parser("export", help="write a trained student: the stage-1 encoder or the stage-2 classifier (timm or "
+                                      "MAE checkpoint layout)",
+                       description="Stage 1 (a `train` run): the student's encoder. --format timm: a state dict that "
+                                   "timm.create_model('vit_small_patch16_224', num_classes=0) (or vit_tiny_patch16_224) "
+                                   "loads strictly. --format mae: {'model': state dict}, what MAE's main_finetune.py "
+                                   "--finetune and G2SD's specific distillation (main_finetune_dis.py) read. "
+                                   "Stage 2 (a `finetune` run: its best.pt, else its checkpoint.pt; or either file): "
+                                   "the whole classifier. --format timm: the distilled student as timm's "
+                                   "deit_small_distilled_patch16_224 (deit_tiny_/deit_base_ by size; "
+                                   "timm.create_model(name, num_classes=C)), strict keys, identical logits: the dist "
+                                   "token's position row is zero; a plain fine-tuned student (no teacher) as "
+                                   "vit_small_patch16_224 with global_pool='avg'. --format mae: {'model': state dict} "
+                                   "in G2SD's / MAE's models_vit layout.")
+    p.add_argument("run", help="run directory of `g2sd-cache train` or `g2sd-cache finetune`, or a finetune "
+                   "checkpoint file (RUN/best.pt)")
     p.add_argument("--out", required=True, help="file to write (.pth)")
     p.add_argument("--format", default="timm", choices=["timm", "mae"], help="timm: bare state dict, strict into "
-                   "timm (default); mae: the same tensors under 'model', as MAE/G2SD fine-tuning scripts expect")
+                   "timm (default); mae: the same tensors under 'model', as MAE/G2SD scripts expect")
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="run the whole product on generated images (no downloads, a few minutes on CPU)",
-                       description="Generate JPEGs, extract a cache with a seeded random ViT-B teacher (2 views per "
-                                   "image), train the small student from it, run the same steps online, and print "
-                                   "views cached, bytes per view, the loss and cached vs online samples/s.")
-    p.add_argument("--out", default="g2sd-demo", help="folder for the demo's images, cache and runs (replaced)")
-    p.add_argument("--images", type=int, default=48, help="synthetic images to generate")
-    p.add_argument("--steps", type=int, default=24, help="training steps in each mode")
-    p.add_argument("--batch-size", type=int, default=16, help="views per step")
+    p = sub.add_parser("demo", help="run both stages on generated images (no downloads, a few minutes on CPU)",
+                       description="Stage 1: generate JPEGs in class folders, extract a cache with a seeded random "
+                                   "ViT-B teacher (2 views per image), train the small student from it, run the same "
+                                   "steps online, and print views cached, bytes per view, the loss and cached vs "
+                                   "online samples/s. Stage 2: extract a random fine-tuned teacher's predictions on 2 "
+                                   "epochs of mixed batches, fine-tune the stage-1 student from them (validating each "
+                                   "epoch) and online, export the result to timm and evaluate it.")
+    p.add_argument("--out", default="g2sd-demo", help="folder for the demo's images, caches and runs (replaced)")
+    p.add_argument("--images", type=int, default=48, help="synthetic training images (default 48)")
+    p.add_argument("--steps", type=int, default=24, help="stage-1 training steps in each mode (default 24)")
+    p.add_argument("--batch-size", type=int, default=16, help="stage-1 views per step (default 16)")
+    p.add_argument("--stage2-epochs", type=int, default=2, help="stage-2 epochs in each mode, and epochs of teacher "
+                   "predictions cached (default 2)")
+    p.add_argument("--preset", default="small", choices=["small", "micro"], help="small: ViT-B teachers, ViT-S "
+                   "students at 224 px (default); micro: tiny models at 64 px, the same steps in seconds")
     p.add_argument("--workers", type=int, default=1, help="DataLoader processes")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
@@ -240,9 +256,15 @@ def _run_train(args) -> int:
 
 def _run_verify(args) -> int:
     import json
-    from .verify import format_summary, verify_cache
-    report = verify_cache(args.cache, deep=args.deep, teacher=args.teacher, data=args.data, device=args.device,
-                          seed=args.seed, pixel_views=args.pixel_views)
+    from .logits_cache import is_logits_cache
+    if is_logits_cache(args.cache):    # stage 2's cache of teacher predictions (verify_logits.py)
+        from .verify_logits import format_logits_summary as format_summary, verify_logits
+        report = verify_logits(args.cache, deep=args.deep, teacher=args.teacher, data=args.data, device=args.device,
+                               seed=args.seed)
+    else:
+        from .verify import format_summary, verify_cache
+        report = verify_cache(args.cache, deep=args.deep, teacher=args.teacher, data=args.data, device=args.device,
+                              seed=args.seed, pixel_views=args.pixel_views)
     if args.json:
         print(json.dumps({"ok": report.ok, "problems": report.problems, "summary": report.summary}, indent=1,
                          default=str))
@@ -258,13 +280,18 @@ def _run_verify(args) -> int:
 def _run_demo(args) -> int:
     from .demo import DemoConfig, run_demo
     run_demo(DemoConfig(out=args.out, images=args.images, steps=args.steps, batch_size=args.batch_size,
-                        workers=args.workers, device=args.device))
+                        workers=args.workers, device=args.device, preset=args.preset,
+                        stage2_epochs=args.stage2_epochs))
     return 0
 
 
 def _run_export(args) -> int:
-    from .export import export_encoder
-    r = export_encoder(args.run, args.out, args.format)
+    from .export import export_run
+    r = export_run(args.run, args.out, args.format)
+    if r["kind"] == "classifier":
+        from .cli_finetune import print_export
+        print_export(r)
+        return 0
     for note in r["notes"]:
         print(f"note: {note}")
     if r["format"] == "mae":
@@ -278,9 +305,15 @@ def _run_export(args) -> int:
     return 0
 
 
+def _stage2_commands() -> dict:
+    from .cli_finetune import COMMANDS as stage2
+    return stage2
+
+
 COMMANDS = {"demo": (_add_demo, _run_demo), "extract": (_add_extract, _run_extract), "train": (_add_train, _run_train),
             "export": (_add_export, _run_export), "inspect": (_add_inspect, _run_inspect),
             "verify": (_add_verify, _run_verify)}
+COMMANDS.update(_stage2_commands())   # finetune, extract-logits, evaluate (cli_finetune.py)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,7 +25,6 @@ only factories. Parameter names follow the official MAE checkpoints so they load
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 from dataclasses import dataclass
 from functools import partial
@@ -39,6 +38,7 @@ from timm.layers import PatchEmbed
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 
+from .checkpoint import load_untrusted
 from .errors import UserError
 from .views import visible_index, visible_patches
 
@@ -329,14 +329,7 @@ def load_mae_checkpoint(path: str, model: nn.Module, arch: str) -> dict[str, tor
     p = Path(path)
     if not p.is_file():
         raise UserError(f"teacher checkpoint {path} does not exist; pass the path of an MAE .pth file or 'random'")
-    try:
-        # MAE's own training checkpoints (main_pretrain.py's checkpoint-N.pth, which carry the decoder)
-        # also pickle the run's argparse.Namespace under 'args'; allow just that type, so they load
-        # while weights_only still refuses arbitrary code.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # a corrupt or non-torch file
-        raise UserError(f"cannot read teacher checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    ckpt = load_untrusted(p, "teacher checkpoint")
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} is not an MAE checkpoint: expected a dict with a 'model' state dict")

@@ -285,3 +285,25 @@ def claim_run_folder(path: Path, resume: bool) -> None:
     except OSError as e:
         raise UserError(f"--out {path}: cannot create it ({e.strerror})") from e
     _write_marker(path, RUN_MARKER, "run", {})
+
+
+# ----------------------------------------------------------------------------------------------
+# the demo
+
+DEMO_MARKER = ".g2sd-demo"
+
+
+def claim_demo_folder(path: Path) -> None:
+    """Make `path` a fresh demo folder: a new or empty folder, or an earlier demo's (marked), which is replaced.
+    Anything else is refused naming what it is: the demo deletes only what it wrote."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path} is an existing file; pass a folder for the demo")
+    entries = _entries(path)
+    if entries:
+        if read_marker(path, DEMO_MARKER, "demo") is None:
+            raise UserError(f"--out {path} is {_what_it_is(path, entries)}; the demo replaces only a folder it made "
+                            f"itself: choose a new or empty --out")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    _write_marker(path, DEMO_MARKER, "demo", {})

@@ -13,23 +13,78 @@ Every metric is global (all ranks) unless its name says otherwise:
 
 After a resume, records past the checkpoint's step are dropped from metrics.jsonl and TensorBoard (they
 belong to the steps that are about to be redone), so no step appears twice.
+
+`MetricsWriter` (metrics.jsonl + TensorBoard, rank 0) and `NonFiniteGuard` (the first step whose loss was
+NaN/Inf, without a device sync per step) are what every trainer shares; `RunLog` is stage 1's report built
+on them (stage 2's is in finetune_log.py).
 """
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from .checkpoint import CHECKPOINT
 from .dist import DistEnv
-from .distill import StepResult
 from .errors import UserError
-from .stream import Batch
+
+if TYPE_CHECKING:  # stage 1's types; importing them at run time would pull distill and stream into stage 2
+    from .distill import StepResult
+    from .stream import Batch
 
 METRICS = "metrics.jsonl"
+
+
+class MetricsWriter:
+    """RUN/metrics.jsonl and RUN/tb on rank 0 (other ranks write nothing). Opened at `start_step`, it first
+    drops the records of steps after it (a resumed run redoes them), in the file and in TensorBoard."""
+
+    def __init__(self, run: Path, env: DistEnv, start_step: int):
+        self.metrics = self.tb = None
+        if env.is_main:
+            _truncate_metrics(run / METRICS, start_step)
+            self.metrics = open(run / METRICS, "a")
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(run / "tb"), purge_step=start_step + 1 if start_step else None)
+
+    def write(self, record: dict, section: str = "train") -> None:
+        """Append `record` (it has a "step") to metrics.jsonl and its numbers to TensorBoard as
+        `section/name`; a no-op off rank 0."""
+        if self.metrics is None:
+            return
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        for k, v in record.items():
+            if k not in ("step", "epoch") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.tb.add_scalar(f"{section}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        for f in (self.metrics, self.tb):
+            if f is not None:
+                f.close()
+
+
+class NonFiniteGuard:
+    """Remembers the first step whose loss was NaN or Inf, as a device tensor (no sync per step)."""
+
+    def __init__(self, run: Path, device: torch.device):
+        self.run = run
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def add(self, step: int, loss: torch.Tensor) -> None:
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), step, self.first_bad)
+
+    def raise_if_nonfinite(self) -> None:
+        bad = int(self.first_bad)
+        if bad >= 0:
+            raise UserError(f"the loss became NaN or Inf at step {bad + 1}; stopped. The last good checkpoint "
+                            f"{self.run / CHECKPOINT} is kept (if one was saved): lower --blr, set --clip-grad "
+                            f"or check the data")
 
 
 class RunLog:
@@ -37,18 +92,13 @@ class RunLog:
                  log_samples: bool):
         self.run, self.env, self.mode, self.global_batch = run, env, mode, global_batch
         device = env.device
-        self.metrics = self.tb = None
-        if env.is_main:
-            _truncate_metrics(run / METRICS, start_step)
-            self.metrics = open(run / METRICS, "a")
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(run / "tb"), purge_step=start_step + 1 if start_step else None)
+        self.writer = MetricsWriter(run, env, start_step)
         self.samples = open(run / f"samples-rank{env.rank}.jsonl", "a") if log_samples else None
         if self.samples and start_step:
             self.samples.close()
             _truncate_metrics(run / f"samples-rank{env.rank}.jsonl", start_step - 1)
             self.samples = open(run / f"samples-rank{env.rank}.jsonl", "a")
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.guard = NonFiniteGuard(run, device)
         self._zero(device)
 
     def _zero(self, device) -> None:
@@ -77,7 +127,7 @@ class RunLog:
         self.skipped += result.skipped
         self.steps += 1
         self.wait += wait_s
-        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(result.loss), step, self.first_bad)
+        self.guard.add(step, result.loss)
 
     # -- per interval -----------------------------------------------------------------------------
     def write(self, step: int, epoch: int, lr: float) -> float:
@@ -101,11 +151,7 @@ class RunLog:
             record.update(replay_rel_rmse=rel_sum / max(1.0, rel_batches), replay_max_abs_err=float(maxes))
         self._zero(device)
         if self.env.is_main:
-            self.metrics.write(json.dumps(record) + "\n")
-            self.metrics.flush()
-            for k, v in record.items():
-                if k not in ("step", "epoch"):
-                    self.tb.add_scalar(f"train/{k}", v, step)
+            self.writer.write(record)
             line = (f"step {step} epoch {epoch} loss {record['loss']:.4f} lr {lr:.3g} "
                     f"{record['samples_per_s']:.1f} samples/s data wait {100 * record['data_wait_frac_rank0']:.0f}%")
             if self.mode == "replay":
@@ -116,16 +162,12 @@ class RunLog:
         return record["loss"]
 
     def raise_if_nonfinite(self) -> None:
-        bad = int(self.first_bad)
-        if bad >= 0:
-            raise UserError(f"the loss became NaN or Inf at step {bad + 1}; stopped. The last good checkpoint "
-                            f"{self.run / 'checkpoint.pt'} is kept (if one was saved): lower --blr, set --clip-grad "
-                            f"or check the data")
+        self.guard.raise_if_nonfinite()
 
     def close(self) -> None:
-        for f in (self.metrics, self.samples, self.tb):
-            if f is not None:
-                f.close()
+        self.writer.close()
+        if self.samples is not None:
+            self.samples.close()
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:

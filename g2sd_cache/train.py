@@ -12,24 +12,20 @@ same global batch), with the same samples in the same order.
 from __future__ import annotations
 
 import dataclasses
-import signal
-import threading
 import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-from .checkpoint import CHECKPOINT, RESUME_KEYS, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import CHECKPOINT, RESUME_KEYS, load_checkpoint, rng_state, set_rng_state
 from .config import to_yaml
 from .dist import DistEnv, init_distributed, shutdown_distributed
 from .distill import Distiller, Setup, TrainConfig, prepare
 from .errors import UserError
 from .fsutil import write_text_atomic
-from .ownership import claim_run_folder
 from .plan import epoch_order, rank_positions, steps_in_epoch
 from .runlog import RunLog
+from .runs import StopRun, StopSignals, any_rank, prepare_run_folder, save_run_checkpoint
 from .schedule import get_lr, scaled_lr
 from .stream import StepLoader, StreamSpec
 
@@ -70,10 +66,6 @@ def make_schedule(cfg: TrainConfig, epoch_size: int, world: int) -> Schedule:
     return Schedule(global_batch, steps_per_epoch, total, warmup, scaled_lr(cfg.blr, global_batch))
 
 
-class _Stop(Exception):
-    """Raised inside the loop to end the run early (signal / --stop-after) after a checkpoint."""
-
-
 def train(cfg: TrainConfig) -> dict:
     cfg.validate()
     env = init_distributed(cfg.device)
@@ -81,19 +73,6 @@ def train(cfg: TrainConfig) -> dict:
         return _train(cfg, env)
     finally:
         shutdown_distributed()
-
-
-def _prepare_run_folder(cfg: TrainConfig, env: DistEnv) -> Path:
-    """Rank 0 claims --out: a new or empty folder, or one of our runs (never a cache, a dataset or a folder of
-    someone else's files)."""
-    run = Path(cfg.out)
-    if env.is_main:
-        claim_run_folder(run, cfg.resume)
-        if (run / CHECKPOINT).exists() and not cfg.resume:
-            raise UserError(f"{run} already holds a run ({CHECKPOINT}); pass --resume to continue it or choose "
-                            f"another --out")
-    env.barrier()
-    return run
 
 
 def _resume(cfg: TrainConfig, run: Path, distiller: Distiller, sched: Schedule, env: DistEnv) -> tuple[int, int, int, list[str]]:
@@ -118,7 +97,7 @@ def _resume(cfg: TrainConfig, run: Path, distiller: Distiller, sched: Schedule, 
 
 
 def _train(cfg: TrainConfig, env: DistEnv) -> dict:
-    run = _prepare_run_folder(cfg, env)
+    run = prepare_run_folder(cfg.out, cfg.resume, env)
     setup = prepare(cfg, env)
     distiller = Distiller(cfg, setup, env)
     sched = make_schedule(cfg, setup.epoch_size, env.world)
@@ -145,21 +124,14 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
                  log_samples=cfg.log_samples)
     bar = tqdm(total=sched.total_steps, initial=step, unit="step", desc=f"train[{cfg.mode}]", disable=not env.is_main,
                dynamic_ncols=True)
-    stop_requested = threading.Event()
-    handlers = _catch_signals(stop_requested)
+    signals = StopSignals().install()
 
     def checkpoint(at_step: int, at_epoch: int, at_position: int) -> None:
         log.raise_if_nonfinite()
-        if not distiller.weights_finite():
-            raise UserError(f"the student's weights became NaN or Inf by step {at_step}; stopped without saving. The "
-                            f"last good checkpoint {run / CHECKPOINT} is kept (if one was saved): lower --blr or set "
-                            f"--clip-grad")
-        if env.is_main:
-            save_checkpoint(run, distiller.state_dict() | {
-                "step": at_step, "epoch": at_epoch, "position": at_position, "global_batch": sched.global_batch,
-                "rng": rng_state(), "config": dataclasses.asdict(cfg), "world": env.world, "student": cfg.student,
-                "target_dim": setup.target_dim, "img_size": setup.geometry.img_size})
-        env.barrier()
+        save_run_checkpoint(run, env, at_step, distiller.weights_finite(), lambda: distiller.state_dict() | {
+            "step": at_step, "epoch": at_epoch, "position": at_position, "global_batch": sched.global_batch,
+            "rng": rng_state(), "config": dataclasses.asdict(cfg), "world": env.world, "student": cfg.student,
+            "target_dim": setup.target_dim, "img_size": setup.geometry.img_size})
 
     last_loss, ended_early, start_step = float("nan"), False, step
     t_start = time.perf_counter()
@@ -193,18 +165,18 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
                 # ranks agree on it at log steps (every step when alone).
                 stop_now = cfg.stop_after is not None and step >= cfg.stop_after
                 if env.world == 1 or step % cfg.log_every == 0:
-                    stop_now = stop_now or _any_rank(stop_requested.is_set(), env)
+                    stop_now = stop_now or any_rank(signals.requested.is_set(), env)
                 if stop_now:
                     if step % cfg.save_every != 0 and step != sched.total_steps:
                         checkpoint(step, at_epoch, at_position)
-                    raise _Stop
+                    raise StopRun
             epoch, position = epoch + 1, 0
-    except _Stop:
+    except StopRun:
         ended_early = True
     finally:
         bar.close()
         log.close()
-        _restore_signals(handlers)
+        signals.restore()
     elapsed = time.perf_counter() - t_start
     done = step - start_step
     summary = {"mode": cfg.mode, "steps": step, "steps_this_run": done, "stopped_early": ended_early,
@@ -227,31 +199,3 @@ def _epoch_loader(cfg: TrainConfig, setup: Setup, env: DistEnv, sched: Schedule,
                                world=env.world)
     return StepLoader(spec, positions, batch_size=cfg.batch_size, workers=cfg.workers, prefetch=cfg.prefetch,
                       pin_memory=env.device.type == "cuda")
-
-
-def _catch_signals(flag: threading.Event) -> dict:
-    """SIGTERM and SIGINT (Ctrl-C) ask the loop to save a checkpoint and stop after the current step;
-    a second Ctrl-C aborts at once (the last checkpoint is kept)."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-
-    def handle(sig, frame):
-        if sig == signal.SIGINT and flag.is_set():
-            raise KeyboardInterrupt
-        if sig == signal.SIGINT:
-            tqdm.write("interrupted: saving a checkpoint after this step (Ctrl-C again to abort without saving)")
-        flag.set()
-    return {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-
-def _restore_signals(handlers: dict) -> None:
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-
-
-def _any_rank(flag: bool, env: DistEnv) -> bool:
-    if env.world == 1:
-        return flag
-    t = torch.tensor(float(flag), device=env.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t)

@@ -1,9 +1,8 @@
 """Reading weight files that users hand us, for the specific (second) stage.
 
-Every file is untrusted: `torch.load(weights_only=True)`, with exactly two extra types allowed —
-`argparse.Namespace` (the official MAE / G2SD training scripts pickle their arguments next to the weights)
-and the numpy array pieces of numpy's RNG state (our own run checkpoints keep it). Anything else is refused
-with a one-line error.
+Every file is untrusted: `checkpoint.load_untrusted` (weights-only; `argparse.Namespace` is the one extra
+type, which the official MAE / G2SD training scripts pickle next to the weights). Anything else is refused
+with a one-line error, never unpickled.
 
 Accepted containers: a bare state dict (`g2sd-cache export --format timm`, timm files) or one under
 `'model'` (official MAE / G2SD checkpoints, `--format mae`), and a stage-1 run folder (`RUN/checkpoint.pt`,
@@ -11,25 +10,17 @@ whose `'model'` is the whole G2SD student: its encoder is the keys under `models
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .checkpoint import CHECKPOINT
+from .checkpoint import CHECKPOINT, load_untrusted
 from .errors import UserError
 from .models import ENCODER_PREFIXES
 
-# numpy 2 moved `_reconstruct` to numpy._core; numpy 1 has it in numpy.core.
-_np_core = getattr(np, "_core", None) or np.core
-_SAFE_TYPES = [argparse.Namespace, np.ndarray, np.dtype, _np_core.multiarray._reconstruct,
-               type(np.dtype(np.uint32))]
-
-
-def read_state_dict(path: str | Path, flag: str) -> dict[str, torch.Tensor]:
-    """The tensors of weight file `path` (a file, or a run folder holding checkpoint.pt).
-    `flag` names the option the path came from, for error messages (e.g. '--teacher')."""
+def read_weights_file(path: str | Path, flag: str) -> tuple[Path, object]:
+    """(the file read, its unpickled content) for weight file `path` (a file, or a run folder holding
+    checkpoint.pt), loaded with `weights_only=True` and the few extra types above."""
     p = Path(path)
     if p.is_dir():
         if not (p / CHECKPOINT).is_file():
@@ -37,11 +28,13 @@ def read_state_dict(path: str | Path, flag: str) -> dict[str, torch.Tensor]:
         p = p / CHECKPOINT
     elif not p.is_file():
         raise UserError(f"{flag} {path} does not exist; pass a weight file (.pth) or a run folder")
-    try:
-        with torch.serialization.safe_globals(_SAFE_TYPES):
-            ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt, not a torch file, or pickles types we refuse to run
-        raise UserError(f"{flag}: cannot read {p}: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
+    return p, load_untrusted(p, f"{flag}:")
+
+
+def read_state_dict(path: str | Path, flag: str) -> dict[str, torch.Tensor]:
+    """The tensors of weight file `path` (a file, or a run folder holding checkpoint.pt).
+    `flag` names the option the path came from, for error messages (e.g. '--teacher')."""
+    p, ckpt = read_weights_file(path, flag)
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{flag}: {p} holds no state dict (expected tensors by name, bare or under 'model')")

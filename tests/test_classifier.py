@@ -190,7 +190,7 @@ def test_untrusted_pickles_are_refused(tmp_path, capsys):
     bad = tmp_path / "bad.pth"
     with open(bad, "wb") as f:
         pickle.dump({"model": _Payload()}, f, protocol=2)
-    with pytest.raises(UserError, match="cannot read") as e:
+    with pytest.raises(UserError, match="holds objects other than tensors.*print.*could run code") as e:
         load_classifier(bad, "--teacher")
     assert "\n" not in str(e.value)
     assert "must never run" not in capsys.readouterr().out
