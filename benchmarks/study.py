@@ -106,9 +106,10 @@ PROFILES = {
     "quick": Profile("quick", "test_mae_micro_patch16", "test_vit_micro_patch16_dec32d1b", img_size=64,
                      train_images=32, heldout_images=16, eval_views=2, epochs=2, batch_size=16, blr=5e-3,
                      warmup_epochs=0.5, workers=0, chunk_views=16, source_px=(80, 128), views=(1, 2)),
-    # a real MAE teacher and a G2SD student at 224 px (G2SD's recipe but 16 epochs and 1 warm-up epoch)
+    # a real MAE teacher and a G2SD student at 224 px: G2SD's recipe (blr, batch scaling), but 32 epochs (each
+    # of K = 8 views seen 4 times) with 1 warm-up epoch
     "full": Profile("full", "mae_vit_base_patch16", DEFAULT_STUDENT, img_size=224, train_images=None,
-                    heldout_images=1000, eval_views=2, epochs=16, batch_size=256, blr=1.5e-4, warmup_epochs=1.0,
+                    heldout_images=1000, eval_views=2, epochs=32, batch_size=256, blr=1.5e-4, warmup_epochs=1.0,
                     workers=min(8, os.cpu_count() or 1), chunk_views=64, source_px=(320, 640), threads=None),
 }
 
@@ -411,6 +412,10 @@ def _pm(stat: dict, fmt: str) -> str:
     return format(stat["mean"], fmt) + (f" ± {format(stat['std'], fmt.lstrip('+'))}" if stat["std"] is not None else "")
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
 def table(report: dict) -> str:
     cfg = report["config"]
     online = next(a for a in report["arms"] if a["name"] == "online")["heldout_loss"]["mean"]
@@ -432,7 +437,7 @@ def table(report: dict) -> str:
                   f"{_pm(cfg['untrained_student']['heldout_loss'], '.5f')}, cosine "
                   f"{_pm(cfg['untrained_student']['heldout_cosine'], '.4f')}. "
                   f"± is the standard deviation over seeds; the gap is paired seed by seed. "
-                  f"Runtime {cfg['runtime_s'] / 60:.1f} min."]
+                  f"Runtime {_duration(cfg['runtime_s'])}."]
     return "\n".join(lines)
 
 
@@ -506,18 +511,33 @@ def run_study(cfg: StudyConfig) -> dict:
     t_start = time.perf_counter()
     cfg.validate()
     device = resolve_device(cfg.device)
-    if cfg.threads is not None and device.type == "cpu":
-        torch.set_num_threads(cfg.threads)
+    with _torch_threads(cfg.threads if device.type == "cpu" else None):
+        return _run_study(cfg, device, t_start)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """torch's CPU threads set to `n` (None: unchanged) for the block, then restored."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_study(cfg: StudyConfig, device: torch.device, t_start: float) -> dict:
     arms = make_arms(list(cfg.views), cfg.codec_views, list(cfg.codecs))
     seeds = list(range(cfg.seeds))
     if max(cfg.views + (cfg.codec_views,)) > cfg.epochs:
         log(f"note: K = {max(cfg.views + (cfg.codec_views,))} is more than the {cfg.epochs} epochs: some cached views "
             f"are never used, and that arm trains on the same views as online")
 
+    teacher, info = build_teacher(cfg.teacher, cfg.arch, cfg.img_size)   # a wrong checkpoint fails before any work
+    teacher.to(device)
     with _work_folder(cfg.workdir) as work:
         plan = prepare_data(cfg, work)
-        teacher, info = build_teacher(cfg.teacher, cfg.arch, cfg.img_size)
-        teacher.to(device)
         heldout = render_heldout(plan.heldout_dir, cfg.geometry, cfg.eval_views)
         log(f"{cfg.profile.name} profile on {device}: {cfg.arch} ({info.source}) -> {cfg.student}, {plan.train_images} "
             f"training images, {len(heldout)} held-out views; {len(arms)} arms x {len(seeds)} seeds, {plan.steps} "
@@ -637,18 +657,33 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
         device=args.device, workdir=args.workdir, keep=args.keep)
 
 
+def read_report(path: str) -> dict:
+    """An earlier --json, checked enough that the table and plot can be drawn from it."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--report {path}: cannot read it as JSON ({type(e).__name__}: {e})") from e
+    if not (isinstance(report, dict) and isinstance(report.get("arms"), list) and "config" in report
+            and any(isinstance(a, dict) and a.get("name") == "online" for a in report["arms"])):
+        raise UserError(f"--report {path}: not a study --json (no arms with an online arm, or no config)")
+    return report
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.plot and importlib.util.find_spec("matplotlib") is None:
             raise UserError("--plot needs matplotlib, which is not installed: pip install matplotlib")
         if args.report:
-            report = json.loads(Path(args.report).read_text())
+            report = read_report(args.report)
         else:
             report = run_study(config_from_args(args))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was reported", file=sys.stderr)
+        return 130
     print(table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
