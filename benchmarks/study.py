@@ -432,7 +432,7 @@ def table(report: dict) -> str:
             a["name"], str(a["views"] or "fresh"), a["codec"] or "—",
             f"{a['bytes_per_view']:,.0f}" if a["bytes_per_view"] is not None else "—",
             _pm(a["heldout_loss"], ".5f"), _pm(a["heldout_cosine"], ".4f"), _pm(a["train_loss"], ".5f"),
-            _pm(gap, "+.5f"), f"{100 * gap['mean'] / online:+.2f} %"]) + " |")
+            _pm(gap, "+.5f"), _pm({k: None if v is None else 100 * v / online for k, v in gap.items()}, "+.2f") + " %"]) + " |")
     lines += ["", f"untrained student (same initialisation): held-out loss "
                   f"{_pm(cfg['untrained_student']['heldout_loss'], '.5f')}, cosine "
                   f"{_pm(cfg['untrained_student']['heldout_cosine'], '.4f')}. "
