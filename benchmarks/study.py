@@ -24,7 +24,8 @@ that of the paired differences.
 Nothing here trains or extracts on its own: caches come from `g2sd_cache.extract.run_extract`, students from
 `g2sd_cache.train.train` (cached arms with `cache=`, the online arm with `teacher=` and `data=`), read back
 from the run's checkpoint. For a seed s, extract's view v of an image is the view online G2SD trains on in
-epoch v (both are `views.sample_view(s, image, v)`), so cached-kK replays exactly online's first K epochs.
+epoch v (both are `views.sample_view(s, image, v)`), so cached-kK replays the views of online's first K epochs
+(the batches differ: a cache's epoch order runs over its shards, online's over the folder listing).
 
 Profiles: the default (micro teacher and student, small generated images, CPU, a few minutes) is a proxy —
 a random micro teacher's targets are not real MAE features — that shows the shape of the trade-off and
