@@ -164,7 +164,7 @@ def plot(rep: dict, path: str) -> None:
     for i, c in enumerate(cores):
         a3.text(i, c, f"{c:.1f}", ha="center", va="bottom", fontsize=8)
     a3.set_ylabel("CPU cores per GPU")
-    a3.set_title(f"Cores to feed one GPU at {d['feed_rate_samples_per_s']:,.0f} samples/s"
+    a3.set_title(f"Cores to feed one GPU\nat {d['feed_rate_samples_per_s']:,.0f} samples/s"
                  f"{' (estimate)' if d['feed_rate_is_estimate'] else ''}", fontsize=10)
     fig.suptitle(f"{mi['cpu_model']}, {mi['usable_cores']} cores; GPU: {mi['gpu'] or 'none'}", fontsize=9)
     fig.tight_layout()
