@@ -1,4 +1,5 @@
-"""Distinct classes per training batch on a class-sorted image folder.
+"""Distinct classes per training batch on a class-sorted image folder: how well extract's shard order and the
+trainer's epoch order mix classes, against the official global shuffle.
 
     python benchmarks/class_mixing.py [--classes 100] [--per-class 50] [--batch 64] [--chunk-views 64]
                                       [--shard-size 2048] [--windows 256 1024] [--workers 4] [--epochs 20]
@@ -9,12 +10,12 @@ real cache from it with `run_extract` (micro teacher, 32-px views, one view per 
 shard's stored `source_index`. Batches are then cut in two trainer orders, both modelled here with numpy
 (independent of train.py / plan.py, whose API may change):
 
-- per-worker windows (the trainer's order before the elastic plan): every shard cut into blocks of chunk_views
+- per-worker windows (the trainer's order before the elastic epoch plan): every shard cut into blocks of chunk_views
   rows, the blocks shuffled and concatenated, cut into windows of `window` rows dealt round-robin to
   `workers` DataLoader slots, every window permuted, the slots interleaved one sample at a time (the
   DataLoader's order), then batches;
-- global: the blocks shuffled, the windows permuted, batches cut in order (a global batch that ranks
-  slice has the same statistics).
+- global (the trainer's order now, plan.epoch_order): the blocks shuffled, the windows permuted, batches
+  cut in order (a global batch that ranks slice has the same statistics).
 
 Each for two layouts of the same images: the cache's (a seeded random order of the listing, what extract
 writes now) and shards that follow the sorted listing (what extract wrote before). The global-shuffle

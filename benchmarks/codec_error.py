@@ -87,7 +87,7 @@ def main(argv=None) -> int:
                                       chunk_views=args.images, shard_size=max(args.images, 8)))
             m = open_cache(str(root)).manifest
             rows[name] = {**codecs.codec_error(codec, x), "bytes_per_view": dir_bytes(root) / m.views,
-                          "target_bytes_per_view": sum(dir_bytes(root / s["name"], ("target", "scale"))
+                          "target_bytes_per_view": sum(dir_bytes(root / s.name, ("target", "scale"))
                                                        for s in m.shards) / m.views,
                           "formula_bytes_per_view": codec.bytes_per_view(m.tokens, m.target_dim)}
         rows["int4 (fp32 scale per token)"] = int4_per_token_error(x)

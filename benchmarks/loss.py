@@ -36,8 +36,8 @@ Usage::
     python benchmarks/loss.py [--quick] [--device cuda|cpu] [--json out.json] [--precision]
     TRITON_INTERPRET=1 python benchmarks/loss.py --device cpu --precision   # ~2 min on one core
 
-``run_loss_benchmark(device, quick)`` returns the same figures as a dict; benchmarks/throughput.py
-imports it (``from loss import run_loss_benchmark`` with benchmarks/ on sys.path).
+``run_loss_benchmark(device, quick)`` returns the same figures as a dict; benchmarks/throughput.py runs
+it as its loss section (bench_loss.py loads this file by path).
 """
 
 from __future__ import annotations

@@ -21,6 +21,10 @@ from .errors import CacheCorruptError
 from .zarr_layout import MAX_UINT_64, ArrayLayout, crc32c_ok, read_shard_index
 
 
+# Rows at least this large are copied one at a time by `MappedShardFile.take` (see there).
+ROW_COPY_BYTES = 4096
+
+
 def _check_index(index: np.ndarray, shard: str, rel: str) -> None:
     if (index == MAX_UINT_64).all(axis=1).any():
         raise CacheCorruptError.in_shard(shard, f"{rel}: an inner chunk is missing from the shard index")
@@ -35,6 +39,7 @@ class MappedShardFile:
         self.row_shape = layout.inner_shape[2:]
         self.dtype = np.dtype(layout.dtype).newbyteorder("<")
         self.chunk_bytes = math.prod(layout.inner_shape) * self.dtype.itemsize
+        self.row_bytes = math.prod(self.row_shape) * self.dtype.itemsize
         try:
             with open(path, "rb") as f:
                 self.buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -67,11 +72,22 @@ class MappedShardFile:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def take(self, rows: np.ndarray, dest: np.ndarray, at: np.ndarray) -> None:
-        """dest[at[i]] = row rows[i], for rows in any order: one fancy-indexed copy per inner chunk."""
+        """dest[at[i]] = row rows[i], for rows in any order.
+
+        Large rows (pixels, targets) are copied one by one straight into `dest`: a fancy-indexed gather
+        would first copy them into a temporary (twice the bytes, and a fresh allocation whose pages the
+        kernel must fault in: most of the read's cost on a VM). Small rows (masks, scales, indices) go in
+        one fancy-indexed copy per inner chunk, where a Python call per row would cost more than the bytes."""
         chunk = rows // self.inner
+        per_row = self.row_bytes >= ROW_COPY_BYTES
         for j in np.unique(chunk):
             sel = chunk == j
-            dest[at[sel]] = self._chunk(int(j))[rows[sel] - j * self.inner]
+            src, local = self._chunk(int(j)), rows[sel] - j * self.inner
+            if per_row:
+                for r, a in zip(local.tolist(), at[sel].tolist()):
+                    dest[a] = src[r]
+            else:
+                dest[at[sel]] = src[local]
 
 
 class ZarrShardFile:

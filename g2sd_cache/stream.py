@@ -22,6 +22,7 @@ keeps its place with `valid` False, so every rank still runs the same steps, and
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -89,16 +90,51 @@ def stand_in_mask(g: ViewGeometry) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # Pixel path: block reads from the memory-mapped cache, on a background thread.
 
-def _buffer(shape: tuple[int, ...], np_dtype: str, pin: bool) -> tuple[torch.Tensor, np.ndarray]:
-    """An uninitialised host buffer as (uint8 torch tensor, numpy view of it in `np_dtype` and `shape`)."""
-    dtype = np.dtype(np_dtype)
-    raw = torch.empty(int(np.prod(shape)) * dtype.itemsize, dtype=torch.uint8, pin_memory=pin)
-    return raw, raw.numpy().view(dtype).reshape(shape)
+class HostBuffers:
+    """Uninitialised host buffers for the pixel path's batches, as (uint8 torch tensor, numpy view of it).
+
+    Pinned buffers come from torch's caching host allocator, which reuses freed blocks (and waits for the
+    non-blocking copies to the device before it does). Unpinned ones are recycled here for the same reason:
+    a batch buffer of several MB that is freed goes back to the OS and a new one comes back as fresh pages,
+    which the kernel faults in and zeroes on first write — more CPU than copying the views' bytes into
+    them, several times more on a VM. A buffer is a numpy array handed out through `torch.from_numpy`,
+    whose storage keeps a reference to it, as does every numpy view of it: it is handed out again only when
+    the pool's reference is the last one, so a batch (or anything made from it) that is still alive is
+    never overwritten. At most `keep` buffers of each size are kept."""
+
+    def __init__(self, pin: bool, keep: int):
+        self.pin, self.keep = pin, keep
+        self.pool: dict[int, list[np.ndarray]] = {}
+        self._idle = _refs([np.empty(1, np.uint8)], 0)    # the count of a buffer only the pool holds
+
+    def get(self, shape: tuple[int, ...], np_dtype: str) -> tuple[torch.Tensor, np.ndarray]:
+        dtype = np.dtype(np_dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if self.pin:
+            raw = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        else:
+            bufs = self.pool.setdefault(nbytes, [])
+            free = next((i for i in range(len(bufs)) if _refs(bufs, i) == self._idle), None)
+            if free is None:
+                buf = np.empty(nbytes, dtype=np.uint8)
+                if len(bufs) < self.keep:
+                    bufs.append(buf)
+            else:
+                buf = bufs[free]
+            raw = torch.from_numpy(buf)
+        return raw, raw.numpy().view(dtype).reshape(shape)
 
 
-def read_cached(spec: StreamSpec, pin: bool):
-    """Stage: positions [B] (PAD for stand-ins) -> Batch, read from a cache that stores pixels."""
+def _refs(buffers: list, i: int) -> int:
+    """The reference count of buffers[i] (one expression, so the idle count is measured the same way)."""
+    return sys.getrefcount(buffers[i])
+
+
+def read_cached(spec: StreamSpec, pin: bool, keep: int = 8):
+    """Stage: positions [B] (PAD for stand-ins) -> Batch, read from a cache that stores pixels.
+    `keep`: batch buffers of each array kept for reuse (about the batches alive at once; see HostBuffers)."""
     cache, g = spec.cache, spec.geometry
+    buffers = HostBuffers(pin, keep)
     specs = cache.specs
     names = [n for n in ("pixels", "target", "scale", "mask") if n in specs]
     codec_dtype = cache.codec.torch_dtype
@@ -108,7 +144,7 @@ def read_cached(spec: StreamSpec, pin: bool):
             b = len(pos)
             raw, out = {}, {}
             for name in names:
-                raw[name], out[name] = _buffer((b, *specs[name].per_view_shape), specs[name].dtype, pin)
+                raw[name], out[name] = buffers.get((b, *specs[name].per_view_shape), specs[name].dtype)
             index = np.full(b, -1, dtype=np.int64)
             valid = pos != PAD
             errors: list[str] = []
@@ -310,7 +346,9 @@ class StepLoader:
 
     def _steps(self) -> Iterator[list[Batch]]:
         if self.spec.reads_pixels:
-            return iter(wds.DataPipeline(self._micro_positions, read_cached(self.spec, self.pin),
+            # batches alive at once: the queue's steps, the one being read and the one being trained on
+            keep = (self.prefetch + 3) * self.accum
+            return iter(wds.DataPipeline(self._micro_positions, read_cached(self.spec, self.pin, keep),
                                          group_steps(self.accum)))
         return group_steps(self.accum)(self._image_batches())
 

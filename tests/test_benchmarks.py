@@ -1,5 +1,5 @@
 """benchmarks/throughput.py stays runnable: `--quick` (micro presets) end to end in a subprocess, as a
-user runs it, and its JSON carries every headline figure as a positive finite number."""
+user runs it, and its JSON carries every figure the README quotes as a positive finite number."""
 import importlib.util
 import json
 import math
@@ -9,16 +9,20 @@ from pathlib import Path
 
 import pytest
 
+from g2sd_cache.codecs import CODECS
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "throughput.py"
 
+# Every figure the README's "What it costs" and "Performance" sections quote (storage: every codec there is).
 KEYS = [
     "step.online_samples_per_s", "step.cached_samples_per_s", "step.speedup", "step.ideal_speedup",
-    "step.efficiency",
-    "data.image_only_samples_per_s", "data.cached_samples_per_s", "data.target_read_gb_per_s",
-    "data.memcpy_gb_per_s",
-    *(f"storage.{codec}.{field}" for codec in ("fp16", "bf16", "int8", "fp8")
-      for field in ("bytes_per_view", "rel_rmse")),
+    "step.efficiency", "step.student_gflop_per_sample", "step.teacher_gflop_per_sample",
+    "data.image_only_samples_per_s", "data.cached_samples_per_s", "data.pixel_cache_speedup",
+    "data.no_pixels_samples_per_s", "data.feed_cores_per_gpu.image", "data.feed_cores_per_gpu.cached",
+    "data.feed_rate_samples_per_s", "data.assumed_gpu_tflops", "data.cached_gb_per_s", "data.memcpy_gb_per_s",
+    *(f"storage.{codec}.{field}" for codec in CODECS
+      for field in ("bytes_per_view", "target_bytes_per_view", "pixel_bytes_per_view", "rel_rmse")),
     "extract.views_per_s", "extract.teacher_only_views_per_s",
 ]
 
@@ -33,8 +37,9 @@ def _get(report: dict, dotted: str):
 
 @pytest.mark.slow
 def test_throughput_quick_writes_every_figure(tmp_path):
-    out = tmp_path / "throughput.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--json", str(out)],
+    out, png = tmp_path / "throughput.json", tmp_path / "throughput.png"
+    plot = ["--plot", str(png)] if importlib.util.find_spec("matplotlib") else []
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--json", str(out), *plot],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"throughput.py --quick failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     report = json.loads(out.read_text())
@@ -44,6 +49,14 @@ def test_throughput_quick_writes_every_figure(tmp_path):
         assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{key} = {value!r}"
         assert math.isfinite(value) and value > 0, f"{key} = {value!r}"
 
+    # on CPU the GPU's rate is an estimate, and says so
+    assert report["data"]["feed_rate_is_estimate"] is True and "ESTIMATE" in report["data"]["feed_rate_basis"]
+    assert "(estimate)" in proc.stdout
+    gflop = report["step"]["gflop_per_sample"]
+    assert 9 < gflop["mae_vit_small_patch16_dec256d4b"] < 13, gflop   # the default student, about 11 GFLOP
+    for codec in CODECS:   # pixels are stored by default, and are the same bytes in every codec
+        assert report["storage"][codec]["pixel_bytes_per_view"] >= report["storage"][codec]["formula_pixel_bytes_per_view"]
+
     pairs = report["step"]["pairs"]
     assert pairs and pairs[0]["teacher"] == report["step"]["teacher"]
     assert pairs[0]["speedup"] == report["step"]["speedup"]
@@ -52,6 +65,18 @@ def test_throughput_quick_writes_every_figure(tmp_path):
     for section in ("## 1. Step", "## 2. Data", "## 3. Loss", "## 4. Storage", "## 5. Extract", "## Targets"):
         assert section in proc.stdout, f"the printed report lacks {section!r}"
     assert all(r["status"] in ("PASS", "SHORT", "n/a") for r in report["targets"])
+    if plot:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args, says", [(["--students", "vit_nope"], "--students: unknown preset vit_nope"),
+                                        (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+                                        (["--device", "tpu"], "--device tpu: expected cpu, cuda or cuda:N")])
+def test_bad_flags_say_what_is_wrong_in_one_line(tmp_path, args, says):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().count("\n") == 0 and says in proc.stderr, proc.stderr
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is not None, reason="matplotlib is installed")
