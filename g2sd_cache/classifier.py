@@ -32,7 +32,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 
 from .errors import UserError
-from .models import weights_sha256
+from .models import random_teacher_seed, weights_sha256
 from .weights import encoder_of, read_state_dict
 
 HEAD_INIT_STD = 2e-5  # main_finetune_dis.py: trunc_normal_(model.head.weight, std=2e-5)
@@ -261,15 +261,13 @@ def load_classifier(path: str | Path, flag: str, arch: str | None = None, num_cl
 def build_teacher(spec: str, arch: str, num_classes: int, img_size: int = 224) -> tuple[nn.Module, ClassifierInfo]:
     """The fine-tuned teacher: a checkpoint (see `load_classifier`) or `random[:SEED]`, a seeded random
     MAE-layout classifier for trials and tests. Eval mode, gradients off; run it in fp32 (G2SD does)."""
-    if spec == "random" or spec.startswith("random:"):
-        seed_text = spec.partition(":")[2] or "0"
-        if not seed_text.isdigit():
-            raise UserError(f"--teacher {spec}: the seed after 'random:' must be a non-negative integer")
+    seed = random_teacher_seed(spec)
+    if seed is not None:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed_text))
+            torch.manual_seed(seed)
             model = _build(arch, "avg", num_classes, img_size)
         model.eval().requires_grad_(False)
-        return model, ClassifierInfo(arch, "avg", num_classes, img_size, f"random:{int(seed_text)}",
+        return model, ClassifierInfo(arch, "avg", num_classes, img_size, f"random:{seed}",
                                      weights_sha256(model.state_dict()))
     return load_classifier(spec, "--teacher", arch, num_classes, img_size)
 

@@ -39,6 +39,7 @@ from .kernels import masked_smooth_l1
 from .manifest_checks import source_problem
 from .models import (DEFAULT_STUDENT, STUDENT_PRESETS, TEACHER_PRESETS, G2SDStudent, MAETeacher, build_student,
                      build_teacher, load_student_state)
+from .runs import optimizer_step, weights_finite
 from .sources import FolderSource, Source, TarSource, open_source
 from .stream import Batch
 from .views import ViewGeometry, normalize_patches, replay_versions
@@ -326,18 +327,11 @@ class Distiller:
         return weighted.detach(), rel, max_abs
 
     def optimizer_step(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        if self.cfg.clip_grad:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer_step(self.optimizer, self.scaler, self.student, lr, self.cfg.clip_grad)
 
     def weights_finite(self) -> bool:
         """Whether every parameter is finite (waits for the device: call it at log and save time)."""
-        return bool(torch.stack([p.detach().isfinite().all() for p in self.student.parameters()]).all())
+        return weights_finite(self.student)
 
     # -- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import errno
 import resource
 import shutil
 import time
@@ -477,11 +476,6 @@ def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
         if assemblers:  # cannot happen unless the loader stopped early
             raise RuntimeError(f"shards {sorted(assemblers)} did not receive all their images")
         writer.close()
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise UserError(f"no space left on the device while writing the cache in {out}; free space and rerun "
-                            f"the same command: complete shards are kept, the rest is redone") from e
-        raise
     finally:
         writer.abandon()
         bar.close()

@@ -13,7 +13,6 @@ before: after a kill and a rerun, the cache equals an uninterrupted run's. Ranks
 from __future__ import annotations
 
 import dataclasses
-import errno
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -167,7 +166,7 @@ def _extract_shards(cfg: LogitsConfig, env: DistEnv, out: Path, plan: SDPlan, te
     by_index = {s.index: s for s in pending}
     specs = logits_specs(cfg.topk, num_classes)
     g = cfg.group_size
-    writer = ShardWriter(out, chunk_views=g)
+    writer = ShardWriter(out, chunk_views=g, what="logits cache")
     buffers: dict[int, dict[str, np.ndarray]] = {}
     filled: dict[int, int] = {}
     bar = tqdm(total=len(items) * g, unit="sample", desc="extract-logits", disable=not env.is_main, dynamic_ncols=True)
@@ -201,11 +200,6 @@ def _extract_shards(cfg: LogitsConfig, env: DistEnv, out: Path, plan: SDPlan, te
                                            group_size=g, epochs=cfg.cached_epochs)
                 writer.submit(ShardData(record, buffers.pop(shard)))
         writer.close()
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise UserError(f"no space left on the device while writing the logits cache in {out}; free space and "
-                            f"rerun the same command: complete shards are kept, the rest is redone") from e
-        raise
     finally:
         writer.abandon()
         bar.close()

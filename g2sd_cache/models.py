@@ -304,18 +304,26 @@ class TeacherInfo:
     sha256: str
 
 
+def random_teacher_seed(spec: str) -> int | None:
+    """The seed of a `--teacher random` / `random:SEED` spec (a seeded random teacher), None for a checkpoint path."""
+    if spec != "random" and not spec.startswith("random:"):
+        return None
+    seed_text = spec.partition(":")[2] or "0"
+    if not seed_text.isdigit():
+        raise UserError(f"--teacher {spec}: the seed after 'random:' must be a non-negative integer")
+    return int(seed_text)
+
+
 def build_teacher(spec: str, arch: str, img_size: int = 224) -> tuple[MAETeacher, TeacherInfo]:
     """`spec` is a checkpoint path in the official MAE layout, or `random` / `random:SEED`.
     Returns the teacher in eval mode with gradients off, and its fingerprint."""
     shape = _preset(TEACHER_PRESETS, arch, "teacher arch")
-    if spec == "random" or spec.startswith("random:"):
-        seed_text = spec.partition(":")[2] or "0"
-        if not seed_text.isdigit():
-            raise UserError(f"--teacher {spec}: the seed after 'random:' must be a non-negative integer")
+    seed = random_teacher_seed(spec)
+    if seed is not None:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed_text))
+            torch.manual_seed(seed)
             teacher = MAETeacher(shape, img_size)
-        source = f"random:{int(seed_text)}"
+        source = f"random:{seed}"
     else:
         teacher = MAETeacher(shape, img_size)
         teacher.load_state_dict(load_mae_checkpoint(spec, teacher, arch))

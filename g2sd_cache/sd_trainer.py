@@ -27,7 +27,7 @@ from .classifier import build_student, init_from_stage1, layer_decay_groups
 from .dist import DistEnv
 from .distill import resolve_precision
 from .logits_cache import TeacherPredictions
-from .runs import weights_finite
+from .runs import optimizer_step, weights_finite
 from .sd_config import FinetuneConfig
 from .sd_loss import sd_loss
 from .sd_plan import MixedGroup
@@ -119,16 +119,10 @@ class FineTuner:
                             compared, max_err)
 
     def optimizer_step(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        if self.cfg.clip_grad:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer_step(self.optimizer, self.scaler, self.student, lr, self.cfg.clip_grad)
 
     def weights_finite(self) -> bool:
+        """Whether every parameter is finite (waits for the device: call it at log and save time)."""
         return weights_finite(self.student)
 
     # -- state ---------------------------------------------------------------------------------------

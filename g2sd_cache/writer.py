@@ -22,7 +22,8 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from .digests import local_reader, shard_digests
-from .fsutil import publish_dir
+from .errors import UserError
+from .fsutil import is_out_of_space, publish_dir
 from .schema import SHARD_RECORD, ShardRecord, shard_name, tmp_shard_name
 
 # Chunks that equal the fill value must still be written: a missing chunk must mean corruption.
@@ -70,8 +71,8 @@ def write_shard(root: Path, data: ShardData, chunk_views: int) -> int:
 class ShardWriter:
     """Writes shards on a background thread; `submit` blocks while one shard is already waiting."""
 
-    def __init__(self, root: Path, chunk_views: int):
-        self.root = root
+    def __init__(self, root: Path, chunk_views: int, what: str = "cache"):
+        self.root, self.what = root, what
         self.chunk_views = chunk_views
         self.bytes_written = 0
         self._queue: queue.Queue[ShardData | None] = queue.Queue(maxsize=1)
@@ -88,8 +89,12 @@ class ShardWriter:
                     self._error = e
 
     def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            raise self._error
+        if self._error is None:
+            return
+        if is_out_of_space(self._error):   # a user's problem: one line, and a rerun resumes
+            raise UserError(f"no space left on the device while writing the {self.what} in {self.root}; free space "
+                            f"and rerun the same command: complete shards are kept, the rest is redone") from self._error
+        raise self._error
 
     def submit(self, data: ShardData) -> None:
         self._raise_if_failed()

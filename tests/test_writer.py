@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import zarr
 
+from g2sd_cache.errors import UserError
 from g2sd_cache.schema import SHARD_RECORD, TMP_MARK, ShardRecord, shard_name
 from g2sd_cache.writer import ShardData, ShardWriter, write_shard
 
@@ -45,8 +46,8 @@ def test_a_failed_write_leaves_no_shard_and_the_writer_reports_it(tmp_path, monk
     monkeypatch.setattr(writer, "publish_dir", fail_once)
     w = ShardWriter(tmp_path, chunk_views=2)
     w.submit(_shard(0))
-    with pytest.raises(OSError, match="No space"):
-        w.close()
+    with pytest.raises(UserError, match="no space left on the device while writing the cache in .*rerun"):
+        w.close()                                  # out of space is the user's to fix: one line
     assert not (tmp_path / shard_name(0)).exists()
     assert all(TMP_MARK in p.name for p in tmp_path.iterdir())   # only a temporary, which the next run removes
     monkeypatch.setattr(writer, "publish_dir", real)
