@@ -16,6 +16,10 @@ mean; every figure lands in the JSON under the section's name:
   estimate from FLOPs, labelled as one).
 - loss (bench_loss.py -> loss.py): the fused loss kernel (CUDA) or the torch reference (CPU).
 - storage (bench_storage.py): bytes per view of targets and pixels for every codec, codec errors.
+- finetune (bench_finetune.py): G2SD's second stage, `FineTuner` steps online vs on cached teacher logits
+  (speedup against the ideal), the logits cache's bytes per sample, extract-logits against the bare teacher;
+  classifier presets of its own (ViT-B -> ViT-S and ViT-T; micro with --quick), not --teachers/--students.
+  `python benchmarks/finetune.py` runs it alone.
 Then bench_targets.py judges the figures against the open issues' targets (PASS / SHORT), and
 bench_report.py prints the markdown report and draws the plot. Shared helpers: bench_common.py.
 
@@ -76,6 +80,7 @@ def run(prof: Profile, device: torch.device, quick: bool) -> dict:
 
     from bench_data import data_section
     from bench_extract import extract_section
+    from bench_finetune import finetune_profile, finetune_section
     from bench_loss import loss_section
     from bench_step import step_section
     from bench_storage import storage_section
@@ -97,6 +102,7 @@ def run(prof: Profile, device: torch.device, quick: bool) -> dict:
         rep["data"] = data_section(ws, prof, device, rep["step"])
         rep["loss"] = loss_section(device, quick)
         rep["storage"] = storage_section(ws, prof, device, rep["data"])
+        rep["finetune"] = finetune_section(tmp, finetune_profile(device, quick), device)
     rep["machine"]["loadavg_end"] = loadavg()
     rep["runtime_s"] = time.perf_counter() - t_start
     rep["targets"] = targets_rows(rep)
