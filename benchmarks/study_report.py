@@ -2,6 +2,8 @@
 against K and against bytes per view), from the --json report."""
 from __future__ import annotations
 
+from bench_report import table as markdown_table
+
 
 def _pm(stat: dict, fmt: str) -> str:
     """mean ± std (std without a sign)."""
@@ -18,17 +20,15 @@ def table(report: dict) -> str:
     lines = [f"## What the cache costs the student ({cfg['profile']} profile: {cfg['teacher']} {cfg['arch']} -> "
              f"{cfg['student']}, {cfg['train_images']} training / {cfg['heldout_images']} held-out images, "
              f"{cfg['steps']} steps of {cfg['batch_size']} = {cfg['epochs']} epochs, seeds {cfg['seeds']})",
-             "",
-             "| arm | K | codec | target bytes/view | held-out loss | held-out cosine | train loss | "
-             "gap to online | gap / online |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for a in report["arms"]:
-        gap = a["gap_to_online"]
-        lines.append("| " + " | ".join([
-            a["name"], str(a["views"] or "fresh"), a["codec"] or "—",
-            f"{a['bytes_per_view']:,.0f}" if a["bytes_per_view"] is not None else "—",
-            _pm(a["heldout_loss"], ".5f"), _pm(a["heldout_cosine"], ".4f"), _pm(a["train_loss"], ".5f"),
-            _pm(gap, "+.5f"), _pm({k: None if v is None else 100 * v / online for k, v in gap.items()}, "+.2f") + " %"]) + " |")
+             ""]
+    rows = [[a["name"], str(a["views"] or "fresh"), a["codec"] or "—",
+             f"{a['bytes_per_view']:,.0f}" if a["bytes_per_view"] is not None else "—",
+             _pm(a["heldout_loss"], ".5f"), _pm(a["heldout_cosine"], ".4f"), _pm(a["train_loss"], ".5f"),
+             _pm(a["gap_to_online"], "+.5f"),
+             _pm({k: None if v is None else 100 * v / online for k, v in a["gap_to_online"].items()}, "+.2f") + " %"]
+            for a in report["arms"]]
+    lines.append(markdown_table(["arm", "K", "codec", "target bytes/view", "held-out loss", "held-out cosine",
+                                 "train loss", "gap to online", "gap / online"], rows))
     lines += ["", f"untrained student (same initialisation): held-out loss "
                   f"{_pm(cfg['untrained_student']['heldout_loss'], '.5f')}, cosine "
                   f"{_pm(cfg['untrained_student']['heldout_cosine'], '.4f')}. "
