@@ -18,7 +18,8 @@ mean; every figure lands in the JSON under the section's name:
 - storage (bench_storage.py): bytes per view of targets and pixels for every codec, codec errors.
 - finetune (bench_finetune.py): G2SD's second stage, `FineTuner` steps online vs on cached teacher logits
   (speedup against the ideal), the logits cache's bytes per sample, extract-logits against the bare teacher;
-  classifier presets of its own (ViT-B -> ViT-S and ViT-T; micro with --quick), not --teachers/--students.
+  classifier presets, batch and workers of its own (bench_finetune.finetune_profile: ViT-B -> ViT-S and ViT-T;
+  micro with --quick), which the flags below do not change.
   `python benchmarks/finetune.py` runs it alone.
 Then bench_targets.py judges the figures against the open issues' targets (PASS / SHORT), and
 bench_report.py prints the markdown report and draws the plot. Shared helpers: bench_common.py.
@@ -43,7 +44,9 @@ from bench_common import Profile, loadavg, log, machine_info, make_images, profi
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="--teachers, --students, --batch-size, "
+                                 "--workers and --rounds apply to the stage-1 sections; the finetune section (stage 2) "
+                                 "keeps its own profile (benchmarks/bench_finetune.py).")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     ap.add_argument("--quick", action="store_true", help="micro presets, tiny batches: a smoke run in well under a minute")
     ap.add_argument("--json", help="write every figure and the machine description to this JSON file")
