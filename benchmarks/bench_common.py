@@ -1,5 +1,6 @@
 """What every section of benchmarks/throughput.py shares: the profile (what one run measures), timing
-and machine helpers, and the synthetic image folders all sections read.
+and machine helpers, and the synthetic image folders all sections read. benchmarks/study.py and
+benchmarks/finetune.py use the same helpers.
 
 Timing conventions: wall-clock figures are medians over repeats, taken in interleaved (ABBA) rounds so
 that drift of a shared machine hits both sides of a ratio alike. CPU figures (`cpu_clock`) are
@@ -69,8 +70,10 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def log(msg: str) -> None:
-    print(f"[throughput {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+def log(msg: str, tag: str | None = None) -> None:
+    """A progress line on stderr, tagged with the script's name (throughput, finetune, ...) and the time."""
+    tag = tag or Path(sys.argv[0]).stem
+    print(f"[{tag} {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def sync(device: torch.device) -> None:
@@ -95,8 +98,14 @@ def cpu_clock():
 
 
 @contextlib.contextmanager
-def quiet():
-    """Swallow the product's progress bars and notes; show them if something fails."""
+def quiet(log_file: Path | None = None):
+    """Swallow the product's progress bars and notes: appended to `log_file` if given (it stays there, for a
+    failure's message to point at), else kept in memory and shown if something fails."""
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_file, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+            yield
+        return
     out, err = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -107,9 +116,11 @@ def quiet():
 
 
 @contextlib.contextmanager
-def torch_threads(n: int):
+def torch_threads(n: int | None):
+    """torch's CPU threads set to `n` (None: unchanged) for the block, then restored."""
     old = torch.get_num_threads()
-    torch.set_num_threads(n)
+    if n is not None:
+        torch.set_num_threads(n)
     try:
         yield
     finally:
@@ -145,20 +156,36 @@ def dir_bytes(path: Path, parts: tuple[str, ...] | None = None) -> int:
     return total
 
 
-def make_images(root: Path, count: int) -> Path:
+def make_images(root: Path, count: int, classes: int = 4) -> Path:
     """`count` seeded ~500x375 JPEGs. Large sets are written in parallel parts (sub-folders)."""
     from g2sd_cache.synthetic import make_image_folder
 
     parts = max(1, min(os.cpu_count() or 1, count // 256))
     if parts == 1:
-        return make_image_folder(root, count, seed=SEED, classes=4, vary_size=True)
+        return make_image_folder(root, count, seed=SEED, classes=classes, vary_size=True)
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     sizes = [count // parts + (i < count % parts) for i in range(parts)]
     with ProcessPoolExecutor(parts, mp_context=multiprocessing.get_context("spawn")) as pool:
         list(pool.map(make_image_folder, [root / f"part{i:02d}" for i in range(parts)], sizes,
-                      [SEED + i for i in range(parts)]))
+                      [SEED + i for i in range(parts)], [classes] * parts))
+    return root
+
+
+def generate_images(root: Path, count: int, sides: tuple[int, int], classes: int = 4) -> Path:
+    """`count` seeded synthetic JPEGs (g2sd_cache.synthetic) of random width and height in `sides`, image i in
+    folder class{i % classes}; small sides make folders of thousands of images in seconds."""
+    import numpy as np
+
+    from g2sd_cache.synthetic import jpeg_bytes, synthetic_image
+
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        folder = root / f"class{i % classes:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        size = (int(rng.integers(*sides)), int(rng.integers(*sides)))
+        (folder / f"img{i:06d}.jpg").write_bytes(jpeg_bytes(synthetic_image(1_000_003 + i, size)))
     return root
 
 

@@ -117,6 +117,37 @@ def _extract(e: dict) -> list[str]:
     return out
 
 
+def finetune_markdown(f: dict, title: str = "## 6. Finetune: stage 2, online vs cached teacher logits") -> list[str]:
+    """The finetune section (bench_finetune.py): step, storage and extract, those that ran."""
+    out = [title]
+    if "step" in f:
+        out += ["", f"`FineTuner.step` per sample (ms), {f['step'][0]['precision']} student, fp32 teacher; medians of "
+                f"{f['config']['reps']} rounds after a warm-up, the three timed in turn on the same mixed group.", ""]
+        out.append(table(["teacher → student", "batch", "teacher forward", "online step", "cached step", "speedup",
+                          "ideal (t_teacher + t_student) / t_student", "efficiency"],
+                         [[f"{short(s['teacher'])} → {short(s['student'])}", s["batch"],
+                           *(fmt(1e3 * s[k], ".1f") for k in ("teacher_s_per_sample", "online_s_per_sample",
+                                                               "cached_s_per_sample")),
+                           f"{s['speedup']:.2f}x", f"{s['ideal_speedup']:.2f}x", f"{s['efficiency']:.2f}"]
+                          for s in f["step"]]))
+    if "storage" in f:
+        st = f["storage"]
+        out += ["", f"Logits cache (top-{st['topk']} fp16 logits + uint16 classes + uint16 argmax): payload "
+                f"{st['payload_bytes_per_sample']} B per sample per cached epoch; {st['measured_bytes_per_sample']:.2f} B "
+                f"on disk ({st['measured_samples']} samples in one shard, zarr metadata {st['metadata_bytes_per_shard']} "
+                f"B per shard); ImageNet-1k: {st['imagenet_bytes_per_sample']:.2f} B per sample, "
+                f"{st['imagenet_mb_per_epoch']:.1f} MB per cached epoch."]
+    if "extract" in f:
+        e = f["extract"]
+        where = f"{e['workers']} DataLoader worker(s), their start-up included" if e["workers"] else "in-process"
+        out += ["", f"extract-logits ({short(e['teacher'])} teacher, {e['samples']} samples, {where}): "
+                f"{e['extract_samples_per_s']:.2f} samples/s end to end against the bare teacher forward's "
+                f"{e['teacher_only_samples_per_s']:.2f}: {e['ratio']:.2f}x; inside extract the teacher ran at "
+                f"{e['teacher_inside_extract_samples_per_s']:.2f} samples/s; a mixed sample (decode, augment, mix) "
+                f"costs {1e3 * e['data_s_per_sample']:.1f} ms of one core to build."]
+    return out
+
+
 def markdown(rep: dict) -> str:
     mi = rep["machine"]
     la0, la1 = mi.get("loadavg_start"), mi.get("loadavg_end")
@@ -127,6 +158,7 @@ def markdown(rep: dict) -> str:
            f"run took {rep['runtime_s']:.0f} s.", ""]
     out += _step(rep["step"], rep["data"], mi) + [""] + _data(rep["data"])
     out += ["", "## 3. Loss", "", rep["loss"]["markdown"], ""] + _storage(rep["storage"]) + [""] + _extract(rep["extract"])
+    out += [""] + finetune_markdown(rep["finetune"])
     out += ["", "## Targets", ""]
     out.append(table(["what", "target", "measured", ""],
                      [[r["what"], r["target"], r["value"], r["status"]] for r in rep["targets"]]))

@@ -21,7 +21,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from g2sd_cache import codecs
@@ -30,6 +29,8 @@ from g2sd_cache.extract import ExtractConfig, run_extract
 from g2sd_cache.models import build_teacher
 from g2sd_cache.synthetic import make_image_folder
 from g2sd_cache.views import ViewGeometry, decode_image, normalize, render_view, sample_view
+
+from bench_common import dir_bytes
 
 
 def teacher_targets(data: Path, arch: str, n: int, target_layer: int = 4) -> torch.Tensor:
@@ -60,11 +61,6 @@ def int4_per_token_error(x: torch.Tensor) -> dict:
     rel = float((y - x).norm() / x.norm())
     cos = float(torch.nn.functional.cosine_similarity(y.flatten(0, 1), x.flatten(0, 1), dim=-1).mean())
     return {"rel_rmse": rel, "cosine": cos, "target_bytes_per_view": T * D // 2 + 4 * T}
-
-
-def dir_bytes(root: Path, names: tuple[str, ...] | None = None) -> int:
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()
-               and (names is None or any(part in names for part in p.relative_to(root).parts)))
 
 
 def main(argv=None) -> int:

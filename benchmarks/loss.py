@@ -45,11 +45,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
+from pathlib import Path
 
 import torch
+
+# Its helpers sit beside this file: importable when it runs as a script and when it is loaded by path
+# (benchmarks/bench_loss.py, the tests). Appended, so that nothing here can shadow an installed module.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.append(str(Path(__file__).resolve().parent))
+
+from bench_report import fmt  # noqa: E402
+from loss_timing import copy_bandwidth_GBps, peak_mem_mib, time_cpu, time_cuda  # noqa: E402
 
 T_TOKENS = 197
 D_MODEL = 512
@@ -102,65 +109,6 @@ def _step_fn(loss_fn, pred, target, scale):
     return step
 
 
-def _time_cuda(fn, repeats, warmup, flush):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    # keep the GPU busy (~1 ms per repeat at ~2 GHz) while the host enqueues every repeat, so the
-    # events time device work, not Python launch gaps
-    torch.cuda._sleep(int(2_000_000 * repeats))
-    for i in range(repeats):
-        flush.zero_()
-        starts[i].record()
-        fn()
-        ends[i].record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
-
-
-def _time_cpu(fn, repeats, warmup):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def _peak_mem_mib(fn, device):
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    out = fn()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - base
-    del out
-    return peak / 2**20
-
-
-def _copy_bandwidth_GBps(device, nbytes, repeats):
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize(device)
-    times = []
-    for _ in range(repeats):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        dst.copy_(src)
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    ms = statistics.median(times)
-    del src, dst
-    return 2 * nbytes / (ms * 1e-3) / 1e9
-
-
 def run_loss_benchmark(device=None, quick: bool = False) -> dict:
     """Benchmark the loss on ``device`` ("cuda", "cuda:N" or "cpu"; default: cuda when available).
 
@@ -211,7 +159,7 @@ def run_loss_benchmark(device=None, quick: bool = False) -> dict:
                 **methods,
             }
         methods["torch_compile"] = torch.compile(kernels.masked_smooth_l1_reference, dynamic=False)
-        report["copy_GBps"] = _copy_bandwidth_GBps(device, (256 if quick else 1024) * 2**20, repeats)
+        report["copy_GBps"] = copy_bandwidth_GBps(device, (256 if quick else 1024) * 2**20, repeats)
         flush = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device=device)
     else:
         report["notes"].append("CPU: only the torch reference is timed; the fused Triton kernel needs a CUDA GPU")
@@ -234,10 +182,10 @@ def run_loss_benchmark(device=None, quick: bool = False) -> dict:
                         row["_grad"] = grad.float()
                     del grad
                     if on_cuda:
-                        row["time_ms"] = _time_cuda(step, repeats, warmup, flush)
-                        row["peak_mem_MiB"] = _peak_mem_mib(step, device)
+                        row["time_ms"] = time_cuda(step, repeats, warmup, flush)
+                        row["peak_mem_MiB"] = peak_mem_mib(step, device)
                     else:
-                        row["time_ms"] = _time_cpu(step, repeats, warmup)
+                        row["time_ms"] = time_cpu(step, repeats, warmup)
                     row["GBps"] = nbytes / (row["time_ms"] * 1e-3) / 1e9
                     if report["copy_GBps"]:
                         row["frac_of_copy"] = row["GBps"] / report["copy_GBps"]
@@ -317,9 +265,6 @@ def format_markdown(report: dict) -> str:
         "| B | target | method | time (ms) | GB/s | of copy BW | peak mem (MiB) |",
         "|---:|---|---|---:|---:|---:|---:|",
     ]
-
-    def fmt(v, spec):
-        return "-" if v is None else format(v, spec)
 
     for r in report["results"]:
         if "error" in r:

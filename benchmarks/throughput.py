@@ -16,6 +16,11 @@ mean; every figure lands in the JSON under the section's name:
   estimate from FLOPs, labelled as one).
 - loss (bench_loss.py -> loss.py): the fused loss kernel (CUDA) or the torch reference (CPU).
 - storage (bench_storage.py): bytes per view of targets and pixels for every codec, codec errors.
+- finetune (bench_finetune.py): G2SD's second stage, `FineTuner` steps online vs on cached teacher logits
+  (speedup against the ideal), the logits cache's bytes per sample, extract-logits against the bare teacher;
+  classifier presets, batch and workers of its own (bench_finetune.finetune_profile: ViT-B -> ViT-S and ViT-T;
+  micro with --quick), which the flags below do not change.
+  `python benchmarks/finetune.py` runs it alone.
 Then bench_targets.py judges the figures against the open issues' targets (PASS / SHORT), and
 bench_report.py prints the markdown report and draws the plot. Shared helpers: bench_common.py.
 
@@ -39,7 +44,9 @@ from bench_common import Profile, loadavg, log, machine_info, make_images, profi
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="--teachers, --students, --batch-size, "
+                                 "--workers and --rounds apply to the stage-1 sections; the finetune section (stage 2) "
+                                 "keeps its own profile (benchmarks/bench_finetune.py).")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     ap.add_argument("--quick", action="store_true", help="micro presets, tiny batches: a smoke run in well under a minute")
     ap.add_argument("--json", help="write every figure and the machine description to this JSON file")
@@ -76,6 +83,7 @@ def run(prof: Profile, device: torch.device, quick: bool) -> dict:
 
     from bench_data import data_section
     from bench_extract import extract_section
+    from bench_finetune import finetune_profile, finetune_section
     from bench_loss import loss_section
     from bench_step import step_section
     from bench_storage import storage_section
@@ -97,6 +105,7 @@ def run(prof: Profile, device: torch.device, quick: bool) -> dict:
         rep["data"] = data_section(ws, prof, device, rep["step"])
         rep["loss"] = loss_section(device, quick)
         rep["storage"] = storage_section(ws, prof, device, rep["data"])
+        rep["finetune"] = finetune_section(tmp, finetune_profile(device, quick), device)
     rep["machine"]["loadavg_end"] = loadavg()
     rep["runtime_s"] = time.perf_counter() - t_start
     rep["targets"] = targets_rows(rep)

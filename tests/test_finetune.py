@@ -340,21 +340,27 @@ def test_two_ranks_resumed_on_one_continue_the_same_run(image_folder, stage1_exp
 
 @pytest.mark.slow
 def test_finetune_benchmark_quick_writes_every_figure(tmp_path):
-    """benchmarks/finetune.py stays runnable: --quick end to end, every headline figure positive and finite."""
+    """benchmarks/finetune.py (throughput's finetune section, alone) stays runnable: --quick end to end, every
+    headline figure positive and finite, and a bad flag is one line."""
     out = tmp_path / "finetune.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "finetune.py"), "--quick", "--device", "cpu",
-                           "--threads", "1", "--reps", "1", "--json", str(out)], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600)
+    script = str(ROOT / "benchmarks" / "finetune.py")
+    proc = subprocess.run([sys.executable, script, "--quick", "--device", "cpu", "--threads", "1", "--reps", "1",
+                           "--json", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     step = report["step"][0]
     figures = [step[k] for k in ("teacher_s_per_sample", "online_s_per_sample", "cached_s_per_sample", "speedup",
-                                 "ideal_speedup")]
+                                 "ideal_speedup", "efficiency")]
     figures += [report["storage"][k] for k in ("measured_bytes_per_sample", "imagenet_bytes_per_sample")]
     figures += [report["extract"][k] for k in ("extract_samples_per_s", "teacher_only_samples_per_s", "ratio")]
     assert all(isinstance(x, float) and math.isfinite(x) and x > 0 for x in figures), figures
     assert report["storage"]["payload_bytes_per_sample"] == 22
-    assert "## 1. Step" in proc.stdout and "## 3. Extract" in proc.stdout
+    assert report["config"]["reps"] == 1 and report["machine"]["torch_threads"] == 1
+    assert "| teacher → student | batch | teacher forward |" in proc.stdout and "extract-logits (" in proc.stdout
+    bad = subprocess.run([sys.executable, script, "--quick", "--sections", "step,nope"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and bad.stderr.strip() == ("--sections: unknown section nope; choose from step, "
+                                                          "storage, extract")
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(image_folder, stage1_export, logits_cache, tmp_path):
