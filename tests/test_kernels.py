@@ -537,7 +537,7 @@ def test_launch_config_rule():
 
 
 def test_loss_benchmark_cpu_quick_runs():
-    # benchmarks/loss.py is imported by path (benchmarks/throughput.py does `from loss import ...`)
+    # benchmarks/loss.py is a script beside the benchmark sections: imported here by its path
     import importlib.util
     import pathlib
 
