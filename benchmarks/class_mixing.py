@@ -8,7 +8,7 @@ trainer's epoch order mix classes, against the official global shuffle.
 Writes a class-sorted folder of tiny JPEGs (class after class, like ImageNet's train/ listing), extracts a
 real cache from it with `run_extract` (micro teacher, 32-px views, one view per image) and reads every
 shard's stored `source_index`. Batches are then cut in two trainer orders, both modelled here with numpy
-(independent of train.py / plan.py, whose API may change):
+(independent of generic/train.py / generic/plan.py, whose API may change):
 
 - per-worker windows (the trainer's order before the elastic epoch plan): every shard cut into blocks of chunk_views
   rows, the blocks shuffled and concatenated, cut into windows of `window` rows dealt round-robin to
@@ -39,7 +39,7 @@ import numpy as np
 
 def make_class_sorted_folder(root: Path, classes: int, per_class: int, size=(40, 36)) -> Path:
     """`classes` folders n000, n001, ... of `per_class` tiny JPEGs each; the sorted listing is class by class."""
-    from g2sd_cache.synthetic import jpeg_bytes, synthetic_image
+    from g2sd_cache.data.synthetic import jpeg_bytes, synthetic_image
     for c in range(classes):
         (root / f"n{c:03d}").mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
@@ -83,7 +83,7 @@ def global_shuffle_expectation(class_sizes: list[int], batch: int) -> float:
 
 
 def _extract_config(data: str, out: str, args):
-    from g2sd_cache.extract import ExtractConfig
+    from g2sd_cache.generic.extract import ExtractConfig
     return ExtractConfig(data=data, out=out, arch="test_mae_micro_patch16", img_size=32, views=1,
                          shard_size=args.shard_size, chunk_views=args.chunk_views, workers=0, device="cpu")
 
@@ -93,8 +93,8 @@ def _extracted_shards(args) -> tuple[list[np.ndarray], tuple[str, ...]]:
     import zarr
 
     from g2sd_cache import open_cache
-    from g2sd_cache.extract import run_extract
-    from g2sd_cache.sources import FolderSource
+    from g2sd_cache.generic.extract import run_extract
+    from g2sd_cache.data.sources import FolderSource
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_class_sorted_folder(Path(tmp) / "images", args.classes, args.per_class)
         out = Path(tmp) / "cache"
@@ -106,9 +106,9 @@ def _extracted_shards(args) -> tuple[list[np.ndarray], tuple[str, ...]]:
 
 def _planned_shards(args) -> tuple[list[np.ndarray], tuple[str, ...]]:
     """The same rows from extract's planning code alone: plan_shards over a listing of names, folder_order."""
-    from g2sd_cache.extract import plan_shards
-    from g2sd_cache.schema import folder_order
-    from g2sd_cache.sources import FolderSource
+    from g2sd_cache.generic.extract import plan_shards
+    from g2sd_cache.cache.schema import folder_order
+    from g2sd_cache.data.sources import FolderSource
     keys = tuple(f"n{c:03d}/{i:04d}.jpg" for c in range(args.classes) for i in range(args.per_class))
     cfg = _extract_config("-", "-", args)
     order = folder_order(cfg.seed, len(keys))

@@ -5,7 +5,7 @@
 1. Renders `--images` views (view 0, seed 0) of generated photos (or `--data DIR`) at 224 px, runs a random
    teacher (`random:0`, as the README's codec table) and keeps its float32 targets [N, 197, 512].
 2. Relative RMS error ||dec(enc(x)) - x|| / ||x|| and mean per-token cosine of every codec on them
-   (`g2sd_cache.codecs.codec_error`), plus int4 with one float32 scale per token instead of one float16
+   (`g2sd_cache.cache.codecs.codec_error`), plus int4 with one float32 scale per token instead of one float16
    scale per 32 channels (same 16 levels, same dither): the alternative the int4 codec was chosen against.
 3. Bytes per view: `g2sd-cache extract --views 1` of the same images in every codec, on disk (all arrays)
    and of the targets alone (target + scale arrays).
@@ -23,14 +23,14 @@ from pathlib import Path
 
 import torch
 
-from g2sd_cache import codecs
-from g2sd_cache.cache import open_cache
-from g2sd_cache.extract import ExtractConfig, run_extract
-from g2sd_cache.models import build_teacher
-from g2sd_cache.synthetic import make_image_folder
-from g2sd_cache.views import ViewGeometry, decode_image, normalize, render_view, sample_view
+from g2sd_cache.cache import codecs
+from g2sd_cache.cache.reader import open_cache
+from g2sd_cache.generic.extract import ExtractConfig, run_extract
+from g2sd_cache.models.mae import build_teacher
+from g2sd_cache.data.synthetic import make_image_folder
+from g2sd_cache.data.views import ViewGeometry, decode_image, normalize, render_view, sample_view
 
-from bench_common import dir_bytes
+from g2sd_cache.benchmarks.common import dir_bytes
 
 
 def teacher_targets(data: Path, arch: str, n: int, target_layer: int = 4) -> torch.Tensor:

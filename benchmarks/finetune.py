@@ -7,7 +7,7 @@ The finetune section of benchmarks/throughput.py, alone: online `FineTuner` step
 fp32 forward on the mixed batch, then the student's step) against cached ones (stored argmax labels), same
 student and mixed groups, with the ideal speedup (t_teacher + t_student) / t_student; bytes per sample per
 cached epoch of a real logits cache, projected for ImageNet-1k; extract-logits samples/s against the bare
-teacher forward. What each figure means: bench_finetune.py. The JSON holds the section's figures (as
+teacher forward. What each figure means: benchmarks/sections/finetune.py. The JSON holds the section's figures (as
 throughput's under `finetune`) and the machine.
 
 Default pairs: ViT-B -> ViT-S and ViT-B -> ViT-T at 224 px (G2SD's); --quick uses micro models at 64 px
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from bench_common import loadavg, machine_info
-from bench_finetune import finetune_profile, finetune_section
-from bench_report import finetune_markdown
+from g2sd_cache.benchmarks.common import loadavg, machine_info
+from g2sd_cache.benchmarks.sections.finetune import finetune_profile, finetune_section
+from g2sd_cache.benchmarks.report import finetune_markdown
 
 PARTS = ("step", "storage", "extract")
 
@@ -50,8 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from g2sd_cache.dist import resolve_device
-    from g2sd_cache.errors import UserError
+    from g2sd_cache.common.dist import resolve_device
+    from g2sd_cache.common.errors import UserError
 
     parts = tuple(s.strip() for s in args.sections.split(","))
     for flag, value in (("--batch", args.batch), ("--reps", args.reps), ("--threads", args.threads),

@@ -37,7 +37,7 @@ Usage::
     TRITON_INTERPRET=1 python benchmarks/loss.py --device cpu --precision   # ~2 min on one core
 
 ``run_loss_benchmark(device, quick)`` returns the same figures as a dict; benchmarks/throughput.py runs
-it as its loss section (bench_loss.py loads this file by path).
+it as its loss section (benchmarks/sections/loss.py imports it).
 """
 
 from __future__ import annotations
@@ -45,18 +45,74 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
-from pathlib import Path
+import time
 
 import torch
 
-# Its helpers sit beside this file: importable when it runs as a script and when it is loaded by path
-# (benchmarks/bench_loss.py, the tests). Appended, so that nothing here can shadow an installed module.
-if str(Path(__file__).resolve().parent) not in sys.path:
-    sys.path.append(str(Path(__file__).resolve().parent))
+from g2sd_cache.benchmarks.report import fmt
 
-from bench_report import fmt  # noqa: E402
-from loss_timing import copy_bandwidth_GBps, peak_mem_mib, time_cpu, time_cuda  # noqa: E402
+# Timing. How benchmarks/loss.py times a step: device time between CUDA events with the host enqueueing ahead (the GPU first kept busy, L2 flushed between repeats), wall clock on CPU, peak memory on top of the inputs, and the device-to-device copy bandwidth the kernel is compared with. Times in ms, medians over repeats.
+
+def time_cuda(fn, repeats, warmup, flush):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    # keep the GPU busy (~1 ms per repeat at ~2 GHz) while the host enqueues every repeat, so the
+    # events time device work, not Python launch gaps
+    torch.cuda._sleep(int(2_000_000 * repeats))
+    for i in range(repeats):
+        flush.zero_()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def time_cpu(fn, repeats, warmup):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_mem_mib(fn, device):
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    out = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del out
+    return peak / 2**20
+
+
+def copy_bandwidth_GBps(device, nbytes, repeats):
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(repeats):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        dst.copy_(src)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    ms = statistics.median(times)
+    del src, dst
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
 
 T_TOKENS = 197
 D_MODEL = 512
@@ -85,7 +141,7 @@ def _make_inputs(B, target_kind, device, seed=0):
         target = torch.round(target_f / scale[..., None]).clamp(-127, 127).to(torch.int8)
         return pred.requires_grad_(), target.to(device), scale.to(device)
     if target_kind == "int4":
-        from g2sd_cache import codecs
+        from g2sd_cache.cache import codecs
 
         target, scale = codecs.encode(codecs.CODECS["int4"], target_f, torch.arange(B, dtype=torch.int64))
         return pred.requires_grad_(), target.to(device), scale.to(device)

@@ -12,7 +12,7 @@ under each arm:
 
     online            the teacher in the loop, fresh views every epoch (G2SD as published)
     cached-kK         a cache of K views per image (fp16, the default codec), for K in --views
-    CODEC-kK          a cache of --codec-views K views in every other codec of g2sd_cache.codecs.CODECS
+    CODEC-kK          a cache of --codec-views K views in every other codec of g2sd_cache.cache.codecs.CODECS
 
 and measures each trained student on a held-out split of images that no arm trained on, with fresh views
 (view indices no arm used) through the live teacher: the G2SD loss (smooth-L1, beta 2, all tokens) against the
@@ -21,8 +21,8 @@ Every arm is repeated for --seeds seeds (student initialisation, data order and 
 the held-out views do not), and its gap to online is taken within each seed, then averaged: the spread is
 that of the paired differences.
 
-Nothing here trains or extracts on its own: caches come from `g2sd_cache.extract.run_extract`, students from
-`g2sd_cache.train.train` (cached arms with `cache=`, the online arm with `teacher=` and `data=`), read back
+Nothing here trains or extracts on its own: caches come from `g2sd_cache.generic.extract.run_extract`, students from
+`g2sd_cache.generic.train.train` (cached arms with `cache=`, the online arm with `teacher=` and `data=`), read back
 from the run's checkpoint. For a seed s, extract's view v of an image is the view online G2SD trains on in
 epoch v (both are `views.sample_view(s, image, v)`), so cached-kK replays the views of online's first K epochs
 (the batches differ: a cache's epoch order runs over its shards, online's over the folder listing).
@@ -32,9 +32,9 @@ a random micro teacher's targets are not real MAE features — that shows the sh
 checks the tool; `--teacher CKPT --arch ... --student ... --data DIR --device cuda` measures the real thing.
 `--quick` is a smoke run for the tests.
 
-Modules: study_setup.py (profiles, configuration), study_data.py (split, held-out views, evaluation),
-study_arms.py (one arm, the whole study, aggregation over seeds), study_report.py (table, plot); shared
-helpers from bench_common.py.
+Modules: benchmarks/fidelity/setup.py (profiles, configuration), benchmarks/fidelity/data.py (split, held-out views, evaluation),
+benchmarks/fidelity/arms.py (one arm, the whole study, aggregation over seeds), benchmarks/fidelity/report.py (table, plot); shared
+helpers from benchmarks/common.py.
 """
 from __future__ import annotations
 
@@ -44,17 +44,12 @@ import json
 import sys
 from pathlib import Path
 
-# The study's modules sit beside this file: importable when it runs as a script and when it is loaded by path
-# (the tests). Appended, so that nothing here can shadow an installed module.
-if str(Path(__file__).resolve().parent) not in sys.path:
-    sys.path.append(str(Path(__file__).resolve().parent))
+from g2sd_cache.cache import codecs
+from g2sd_cache.common.errors import UserError
 
-from g2sd_cache import codecs  # noqa: E402
-from g2sd_cache.errors import UserError  # noqa: E402
-
-from study_arms import run_study  # noqa: E402
-from study_report import plot, table  # noqa: E402
-from study_setup import DEFAULT_CODEC, PROFILES, StudyConfig, choose_profile, log  # noqa: E402, F401 (DEFAULT_CODEC: for the tests)
+from g2sd_cache.benchmarks.fidelity.arms import run_study
+from g2sd_cache.benchmarks.fidelity.report import plot, table
+from g2sd_cache.benchmarks.fidelity.setup import DEFAULT_CODEC, PROFILES, StudyConfig, choose_profile, log  # noqa: F401 (DEFAULT_CODEC: for the tests)
 
 
 def _profiles(field: str) -> str:

@@ -3,26 +3,26 @@
     python benchmarks/throughput.py [--device cpu|cuda] [--quick] [--json OUT.json] [--plot OUT.png]
                                     [--teachers ...] [--students ...] [--batch-size N] [--workers N] [--rounds N]
 
-Everything runs in one process on seeded synthetic JPEGs (g2sd_cache.synthetic, ~500x375) in a temporary
+Everything runs in one process on seeded synthetic JPEGs (g2sd_cache.data.synthetic, ~500x375) in a temporary
 folder, through the product's own code: `run_extract` writes the caches, train's `prepare` + `Distiller`
 run the steps and train's `StepLoader` feeds them. One module per section, each saying what its figures
 mean; every figure lands in the JSON under the section's name:
 
-- extract (bench_extract.py, runs first: its cache feeds the others): `run_extract` against the bare teacher.
-- step (bench_step.py): online vs cached `Distiller` steps, speedup against the ideal
-  (t_teacher + t_student) / t_student, and the models' FLOPs per sample (bench_flops.py).
-- data (bench_data.py): per core, the image path against the cached pixel path (and `--pixels none`), where
+- extract (benchmarks/sections/extract.py, runs first: its cache feeds the others): `run_extract` against the bare teacher.
+- step (benchmarks/sections/step.py): online vs cached `Distiller` steps, speedup against the ideal
+  (t_teacher + t_student) / t_student, and the models' FLOPs per sample (benchmarks/sections/flops.py).
+- data (benchmarks/sections/data.py): per core, the image path against the cached pixel path (and `--pixels none`), where
   the pixel path's time goes, and the cores one GPU needs on each path (measured rate on CUDA, else an
   estimate from FLOPs, labelled as one).
-- loss (bench_loss.py -> loss.py): the fused loss kernel (CUDA) or the torch reference (CPU).
-- storage (bench_storage.py): bytes per view of targets and pixels for every codec, codec errors.
-- finetune (bench_finetune.py): G2SD's second stage, `FineTuner` steps online vs on cached teacher logits
+- loss (benchmarks/sections/loss.py -> benchmarks/loss.py): the fused loss kernel (CUDA) or the torch reference (CPU).
+- storage (benchmarks/sections/storage.py): bytes per view of targets and pixels for every codec, codec errors.
+- finetune (benchmarks/sections/finetune.py): G2SD's second stage, `FineTuner` steps online vs on cached teacher logits
   (speedup against the ideal), the logits cache's bytes per sample, extract-logits against the bare teacher;
   classifier presets, batch and workers of its own (bench_finetune.finetune_profile: ViT-B -> ViT-S and ViT-T;
   micro with --quick), which the flags below do not change.
   `python benchmarks/finetune.py` runs it alone.
-Then bench_targets.py judges the figures against the open issues' targets (PASS / SHORT), and
-bench_report.py prints the markdown report and draws the plot. Shared helpers: bench_common.py.
+Then benchmarks/targets.py judges the figures against the open issues' targets (PASS / SHORT), and
+benchmarks/report.py prints the markdown report and draws the plot. Shared helpers: benchmarks/common.py.
 
 On a shared machine, per-core (CPU-second) figures stay true but wall-clock step rates are noisy: the
 report prints the load average at start and end.
@@ -40,13 +40,13 @@ from pathlib import Path
 
 import torch
 
-from bench_common import Profile, loadavg, log, machine_info, make_images, profile_for, subset_folder
+from g2sd_cache.benchmarks.common import Profile, loadavg, log, machine_info, make_images, profile_for, subset_folder
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="--teachers, --students, --batch-size, "
                                  "--workers and --rounds apply to the stage-1 sections; the finetune section (stage 2) "
-                                 "keeps its own profile (benchmarks/bench_finetune.py).")
+                                 "keeps its own profile (benchmarks/sections/finetune.py).")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     ap.add_argument("--quick", action="store_true", help="micro presets, tiny batches: a smoke run in well under a minute")
     ap.add_argument("--json", help="write every figure and the machine description to this JSON file")
@@ -62,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def make_profile(args: argparse.Namespace, device: torch.device) -> Profile:
     """The profile for the device, with the command line's overrides; a bad value exits with one line."""
-    from g2sd_cache.models import STUDENT_PRESETS, TEACHER_PRESETS
+    from g2sd_cache.models.mae import STUDENT_PRESETS, TEACHER_PRESETS
 
     for flag, names, presets in (("--teachers", args.teachers, TEACHER_PRESETS),
                                  ("--students", args.students, STUDENT_PRESETS)):
@@ -79,15 +79,15 @@ def make_profile(args: argparse.Namespace, device: torch.device) -> Profile:
 
 
 def run(prof: Profile, device: torch.device, quick: bool) -> dict:
-    from g2sd_cache.sources import open_source
+    from g2sd_cache.data.sources import open_source
 
-    from bench_data import data_section
-    from bench_extract import extract_section
-    from bench_finetune import finetune_profile, finetune_section
-    from bench_loss import loss_section
-    from bench_step import step_section
-    from bench_storage import storage_section
-    from bench_targets import targets_rows
+    from g2sd_cache.benchmarks.sections.data import data_section
+    from g2sd_cache.benchmarks.sections.extract import extract_section
+    from g2sd_cache.benchmarks.sections.finetune import finetune_profile, finetune_section
+    from g2sd_cache.benchmarks.sections.loss import loss_section
+    from g2sd_cache.benchmarks.sections.step import step_section
+    from g2sd_cache.benchmarks.sections.storage import storage_section
+    from g2sd_cache.benchmarks.targets import targets_rows
 
     t_start = time.perf_counter()
     rep: dict = {"profile": prof.name, "config": dataclasses.asdict(prof), "machine": machine_info(device)}
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device if args.device != "cuda" else "cuda:0")
     rep = run(make_profile(args, device), device, args.quick)
 
-    from bench_report import markdown, plot
+    from g2sd_cache.benchmarks.report import markdown, plot
     print(markdown(rep))
     if args.json:
         Path(args.json).write_text(json.dumps(rep, indent=1, default=str))

@@ -7,7 +7,7 @@ Per element (fp32 everywhere, whatever the storage dtypes)::
     t      = target                      float targets (fp32 / bf16 / fp16)
            = code.float() * scale[row]   int8 or float8_e4m3fn codes, per-token fp32 scale
            = (n - 7.5) * scale[row, c // 32]   int4: nibble n of byte c // 2 (low nibble for even c),
-                                         fp16 scale per group of 32 channels (g2sd_cache.codecs)
+                                         fp16 scale per group of 32 channels (g2sd_cache.cache.codecs)
     d      = pred - t
     l(d)   = 0.5 * d * d / beta          if |d| < beta
            = |d| - 0.5 * beta            otherwise          (beta == 0: plain L1)
@@ -105,7 +105,7 @@ import os
 
 import torch
 
-from ..codecs import INT4_GROUP
+from g2sd_cache.cache.codecs import INT4_GROUP
 from .reference import masked_smooth_l1_reference, validate_inputs
 
 try:  # the package must stay importable where Triton is missing (CPU-only / non-Linux installs)
@@ -390,7 +390,7 @@ def masked_smooth_l1(
     Args:
         pred: [B, T, D] float32 / bfloat16 / float16 student output.
         target: [B, T, D] float32 / bfloat16 / float16 values, or int8 / float8_e4m3fn codes, or int4 codes
-            packed two per byte: uint8 [B, T, ceil(D/2)] (``g2sd_cache.codecs``, codec "int4").
+            packed two per byte: uint8 [B, T, ceil(D/2)] (``g2sd_cache.cache.codecs``, codec "int4").
         scale: codes only (value = code.float() * scale): [B, T] float32 for int8 / float8; for int4
             [B, T, ceil(D/32)] float16 (value = (nibble - 7.5) * scale of the channel's group).
             Forbidden with float targets.

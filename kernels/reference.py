@@ -27,8 +27,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..codecs import CODECS, INT4_GROUP
-from ..codecs import decode as decode_codes
+from g2sd_cache.cache.codecs import CODECS, INT4_GROUP
+from g2sd_cache.cache.codecs import decode as decode_codes
 
 __all__ = [
     "FLOAT_DTYPES",
@@ -121,7 +121,7 @@ def validate_inputs(pred, target, scale, token_mask, beta) -> None:
 
 def decode_target(target: torch.Tensor, scale: torch.Tensor | None, width: int) -> torch.Tensor:
     """Target values [B, T, width] in float32, detached: ``target.float()``, ``code.float() * scale[..., None]``,
-    or int4 codes unpacked and scaled per group (``g2sd_cache.codecs.decode``)."""
+    or int4 codes unpacked and scaled per group (``g2sd_cache.cache.codecs.decode``)."""
     if target.dtype == torch.uint8:
         return decode_codes(INT4, target.detach(), scale.detach(), width)
     t = target.detach().float()

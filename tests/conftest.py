@@ -5,7 +5,7 @@ time whether a @triton.jit function runs compiled or interpreted. It defaults to
 run with TRITON_INTERPRET=0 on a CUDA machine to test the compiled kernel.
 
 Fixtures build everything from seeds (no downloads): JPEG folders of small images and caches made
-with the micro teacher at 64-px crops (tests/helpers.py), so a whole extract takes seconds.
+with the micro teacher at 64-px crops (tests/common/helpers.py), so a whole extract takes seconds.
 """
 import os
 
@@ -15,10 +15,10 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from helpers import micro_extract_config  # noqa: E402
+from tests.common.helpers import micro_extract_config  # noqa: E402
 
-from g2sd_cache.extract import run_extract  # noqa: E402
-from g2sd_cache.synthetic import make_image_folder  # noqa: E402
+from g2sd_cache.generic.extract import run_extract  # noqa: E402
+from g2sd_cache.data.synthetic import make_image_folder  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")

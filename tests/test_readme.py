@@ -12,7 +12,7 @@ def test_ci_runs_the_readme_test_command_verbatim():
 
 
 def test_every_cli_command_in_the_readme_exists():
-    from g2sd_cache.cli import COMMANDS
+    from g2sd_cache.cli.main import COMMANDS
     readme = (ROOT / "README.md").read_text()
     used = {line.split("g2sd-cache ", 1)[1].split()[0] for line in readme.splitlines()
             if "g2sd-cache " in line and line.lstrip().startswith(("g2sd-cache ", "torchrun", ".venv/bin/g2sd-cache"))}

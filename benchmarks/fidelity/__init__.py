@@ -1,0 +1,2 @@
+"""The parts of `benchmarks/study.py`: its configuration, data, arms and report.
+"""

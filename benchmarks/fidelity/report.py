@@ -1,0 +1,82 @@
+"""benchmarks/study.py's report: the markdown table of the arms and the two-panel plot (held-out loss
+against K and against bytes per view), from the --json report."""
+from __future__ import annotations
+
+from g2sd_cache.benchmarks.report import table as markdown_table
+
+
+def _pm(stat: dict, fmt: str) -> str:
+    """mean ± std (std without a sign)."""
+    return format(stat["mean"], fmt) + (f" ± {format(stat['std'], fmt.lstrip('+'))}" if stat["std"] is not None else "")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def table(report: dict) -> str:
+    cfg = report["config"]
+    online = next(a for a in report["arms"] if a["name"] == "online")["heldout_loss"]["mean"]
+    lines = [f"## What the cache costs the student ({cfg['profile']} profile: {cfg['teacher']} {cfg['arch']} -> "
+             f"{cfg['student']}, {cfg['train_images']} training / {cfg['heldout_images']} held-out images, "
+             f"{cfg['steps']} steps of {cfg['batch_size']} = {cfg['epochs']} epochs, seeds {cfg['seeds']})",
+             ""]
+    rows = [[a["name"], str(a["views"] or "fresh"), a["codec"] or "—",
+             f"{a['bytes_per_view']:,.0f}" if a["bytes_per_view"] is not None else "—",
+             _pm(a["heldout_loss"], ".5f"), _pm(a["heldout_cosine"], ".4f"), _pm(a["train_loss"], ".5f"),
+             _pm(a["gap_to_online"], "+.5f"),
+             _pm({k: None if v is None else 100 * v / online for k, v in a["gap_to_online"].items()}, "+.2f") + " %"]
+            for a in report["arms"]]
+    lines.append(markdown_table(["arm", "K", "codec", "target bytes/view", "held-out loss", "held-out cosine",
+                                 "train loss", "gap to online", "gap / online"], rows))
+    lines += ["", f"untrained student (same initialisation): held-out loss "
+                  f"{_pm(cfg['untrained_student']['heldout_loss'], '.5f')}, cosine "
+                  f"{_pm(cfg['untrained_student']['heldout_cosine'], '.4f')}. "
+                  f"± is the standard deviation over seeds; the gap is paired seed by seed. "
+                  f"Runtime {_duration(cfg['runtime_s'])}."]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: str) -> None:
+    """Two panels: each arm's held-out loss relative to online (the paired gap, % of online's loss, ± its std
+    over seeds) against K, and against the stored target bytes per view at --codec-views K. The gap is plotted
+    rather than the loss itself because the seeds' spread of the loss (mostly the initialisation, shared by
+    every arm of a seed) would hide differences the pairing resolves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms, cfg = report["arms"], report["config"]
+    online = next(a for a in arms if a["name"] == "online")["heldout_loss"]["mean"]
+    rel = lambda a: 100 * a["gap_to_online"]["mean"] / online            # noqa: E731
+    rel_std = lambda a: 100 * (a["gap_to_online"]["std"] or 0) / online  # noqa: E731
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax in (a1, a2):
+        ax.axhline(0, color="C3", label=f"online (fresh views), loss {online:.4g}")
+        ax.set_ylabel("held-out loss − online's (% of online)")
+    cached = sorted((a for a in arms if a["name"].startswith("cached-k")), key=lambda a: a["views"])
+    if cached:
+        a1.errorbar([a["views"] for a in cached], [rel(a) for a in cached], yerr=[rel_std(a) for a in cached],
+                    marker="o", capsize=3, label=f"cached, {cfg['default_codec']}")
+        a1.set_xscale("log", base=2)
+        a1.set_xticks([a["views"] for a in cached], [str(a["views"]) for a in cached])
+    a1.set_xlabel("cached views per image K")
+    a1.set_title("Held-out loss vs views per image")
+    at_k = [a for a in arms if a["views"] == cfg["codec_views"]]
+    a2.errorbar([a["bytes_per_view"] for a in at_k], [rel(a) for a in at_k], yerr=[rel_std(a) for a in at_k],
+                marker="o", capsize=3, linestyle="none", label=f"cached, K = {cfg['codec_views']}")
+    for x in sorted({a["bytes_per_view"] for a in at_k}):   # codecs of one size share a point's label
+        same = [a for a in at_k if a["bytes_per_view"] == x]
+        a2.annotate(", ".join(a["codec"] for a in same), (x, max(rel(a) for a in same)), textcoords="offset points",
+                    xytext=(6, 6), fontsize=8)
+    a2.set_xlabel("stored target bytes per view")
+    a2.set_title("Held-out loss vs bytes per view")
+    for ax in (a1, a2):
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{cfg['arch']} -> {cfg['student']}: {cfg['steps']} steps ({cfg['epochs']} epochs of "
+                 f"{cfg['train_images']} images), held-out {cfg['heldout_images']} images; ± std of the paired gap "
+                 f"over {len(cfg['seeds'])} seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+

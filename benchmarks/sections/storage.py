@@ -1,0 +1,65 @@
+"""Storage section: bytes per view of a cache in every codec of `g2sd_cache.cache.codecs.CODECS`, and each
+codec's error on real teacher targets.
+
+One small cache per codec, written by `run_extract` with the first teacher (pixels stored: the default).
+Figures per codec (`storage.<codec>.*`):
+- `bytes_per_view`: every file of the cache over its views (targets + pixels + masks, crops, keys, ...);
+- `target_bytes_per_view`: the target codes and their scales alone (what the codec decides);
+- `pixel_bytes_per_view`: the stored visible patches alone (uint8, n_keep x p x p x 3: 37,632 B at mask
+  0.75; the same in every codec);
+- `formula_*`: the same from the manifest's array shapes, without shard indexes and checksums;
+- `vs_fp16` / `target_vs_fp16`: the ratios to fp16 (target: int8 targets <= 0.51x fp16);
+- `rel_rmse`, `cosine`: the codec's round trip on float32 targets of the extract section's bare-teacher pass
+  (a random-weight teacher on synthetic images: real MAE features have outlier channels, so re-check on
+  your teacher; `g2sd-cache inspect` prints the same for a real cache);
+- `imagenet_gb`: ImageNet-1k (1,281,167 images) at K = 1, 4, 10 views per image;
+- `read_gb_per_s_per_gpu`: the read bandwidth one GPU needs at the data section's feed rate R (an estimate
+  where R is): a cache larger than the page cache must come off disk at this rate.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from g2sd_cache.benchmarks.common import IMAGENET_IMAGES, Profile, dir_bytes, log
+from g2sd_cache.benchmarks.sections.extract import extract_config, timed_extract
+
+
+def _formula(specs: dict, names: tuple[str, ...]) -> int:
+    return sum(math.prod(specs[n].per_view_shape) * np.dtype(specs[n].dtype).itemsize for n in names if n in specs)
+
+
+def storage_section(ws: dict, prof: Profile, device: torch.device, feed: dict) -> dict:
+    from g2sd_cache.cache import codecs
+    from g2sd_cache.cache.reader import open_cache
+
+    arch, targets, out = prof.teachers[0], ws.get("targets_fp32"), {}
+    rate = feed["feed_rate_samples_per_s"]
+    for name, codec in codecs.CODECS.items():
+        log(f"storage: {prof.store_images}-view {name} cache")
+        root = ws["tmp"] / f"store-{name}"
+        timed_extract(extract_config(ws["store"], root, arch, prof, device, views=1, codec=name, workers=0,
+                                     chunk_views=prof.store_images))
+        m = open_cache(str(root)).manifest
+        specs = m.specs()
+        shards = [root / s.name for s in m.shards]
+        on_disk = dir_bytes(root)
+        err = codecs.codec_error(codec, targets) if targets is not None else {"rel_rmse": None, "cosine": None}
+        out[name] = {
+            "bytes_per_view": on_disk / m.views,
+            "target_bytes_per_view": sum(dir_bytes(s, ("target", "scale")) for s in shards) / m.views,
+            "pixel_bytes_per_view": sum(dir_bytes(s, ("pixels",)) for s in shards) / m.views,
+            "formula_target_bytes_per_view": _formula(specs, ("target", "scale")),
+            "formula_pixel_bytes_per_view": _formula(specs, ("pixels",)),
+            "rel_rmse": err["rel_rmse"], "cosine": err["cosine"], "views": m.views,
+            "imagenet_gb": {str(k): on_disk / m.views * IMAGENET_IMAGES * k / 1e9 for k in (1, 4, 10)},
+            "read_gb_per_s_per_gpu": on_disk / m.views * rate / 1e9,
+        }
+    for name, c in out.items():
+        c["vs_fp16"] = c["bytes_per_view"] / out["fp16"]["bytes_per_view"]
+        c["target_vs_fp16"] = c["target_bytes_per_view"] / out["fp16"]["target_bytes_per_view"]
+    return {**out, "codecs": list(out), "tokens": m.tokens, "target_dim": m.target_dim, "teacher": arch,
+            "error_views": int(targets.shape[0]) if targets is not None else 0, "imagenet_images": IMAGENET_IMAGES,
+            "feed_rate_samples_per_s": rate, "feed_rate_is_estimate": feed["feed_rate_is_estimate"]}

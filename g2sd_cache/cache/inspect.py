@@ -1,0 +1,71 @@
+"""`g2sd-cache inspect CACHE`: what a cache holds, what it costs per view, and what each codec loses."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from g2sd_cache.cache import codecs
+from g2sd_cache.cache.reader import open_cache
+
+
+def inspect_report(path: str, sample_views: int = 64) -> dict:
+    """Figures for the inspect command. Codec errors come in two kinds:
+    - `extract_error`: every codec against the teacher's float32 targets, measured during extraction;
+    - `stored_error`: every codec re-applied to a sample of the stored targets (decoded to float32),
+      i.e. what re-encoding this cache would lose on top of its own codec."""
+    cache = open_cache(path)
+    m = cache.manifest
+    on_disk = sum(sum(s.files.values()) for s in m.shards)
+
+    def stored(*arrays: str) -> float:   # bytes per view on disk of these arrays (chunk files and metadata)
+        return sum(n for s in m.shards for rel, n in s.files.items() if rel.split("/")[0] in arrays) / max(1, m.views)
+
+    rng = np.random.default_rng(0)
+    picks = sorted(rng.choice(len(cache), size=min(sample_views, len(cache)), replace=False).tolist()) if len(cache) else []
+    targets = torch.stack([cache[i].target for i in picks]) if picks else None
+    stored_error = ({name: codecs.codec_error(c, targets) for name, c in codecs.CODECS.items()}
+                    if targets is not None else {})
+    return {
+        "teacher": dataclasses.asdict(m.teacher), "target_layer": m.target_layer,
+        "geometry": dataclasses.asdict(m.geometry), "codec": m.codec, "pixels": m.pixels,
+        "views_per_image": m.views_per_image, "seed": m.seed, "images": m.images, "views": m.views,
+        "shards": len(m.shards), "skipped": len(m.skipped), "source": dataclasses.asdict(m.source),
+        "versions": m.versions, "tokens": m.tokens, "target_dim": m.target_dim,
+        "bytes": on_disk, "bytes_per_view": on_disk / max(1, m.views),
+        "stored_target_bytes_per_view": stored("target", "scale"), "stored_pixel_bytes_per_view": stored("pixels"),
+        "target_bytes_per_view": cache.codec.bytes_per_view(m.tokens, m.target_dim),
+        "extract_error": m.codec_error, "stored_error": stored_error, "sampled_views": len(picks),
+    }
+
+
+def format_report(r: dict) -> str:
+    t = r["teacher"]
+    lines = [
+        f"teacher        {t['arch']}  ({t['source']}, sha256 {t['sha256'][:16]}...)",
+        f"target         LN(decoder block {r['target_layer']}), {r['tokens']} tokens x {r['target_dim']}, codec {r['codec']}",
+        f"views          {r['views']} ({r['images']} images x {r['views_per_image']} views, seed {r['seed']}) "
+        f"in {r['shards']} shards; {r['skipped']} inputs skipped",
+        f"geometry       {r['geometry']['img_size']}px, patch {r['geometry']['patch_size']}, "
+        f"mask ratio {r['geometry']['mask_ratio']}",
+        f"source         {r['source']['kind']} {r['source']['root']} ({r['source']['count']} inputs)",
+        f"size           {r['bytes'] / 2**20:.1f} MiB on disk, {r['bytes_per_view']:.0f} B/view: targets "
+        f"{r['stored_target_bytes_per_view']:.0f} (codes {r['target_bytes_per_view']}), pixels "
+        f"{r['stored_pixel_bytes_per_view']:.0f}" + ("" if r["pixels"] == "visible" else " (--pixels none: training "
+                                                      "reads the images)"),
+        "",
+        "codec   rel RMSE vs fp32 (extract)   cosine     rel RMSE vs stored ({} views)".format(r["sampled_views"]),
+    ]
+    for name in codecs.CODECS:
+        e, s = r["extract_error"].get(name), r["stored_error"].get(name)
+        lines.append(f"{name:6s}  {_pct(e, 'rel_rmse'):>26s}   {_f(e, 'cosine'):>8s}   {_pct(s, 'rel_rmse'):>12s}")
+    return "\n".join(lines)
+
+
+def _pct(d: dict | None, k: str) -> str:
+    return f"{100 * d[k]:.3f} %" if d else "-"
+
+
+def _f(d: dict | None, k: str) -> str:
+    return f"{d[k]:.6f}" if d else "-"

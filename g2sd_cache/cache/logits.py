@@ -1,0 +1,235 @@
+"""The logits cache: a fine-tuned teacher's predictions on the mixed batches of K epochs of a stage-2 plan.
+
+Same conventions as the target cache (cache/schema.py): a folder of zarr v3 shard groups, each renamed into
+place only when complete (writer.write_shard), `shard.json` inside each, every inner chunk and shard index
+with a crc32c, `config.yaml` written first and `manifest.json` written last.
+
+    LOGITS/
+      config.yaml        the extract-logits configuration + teacher sha256 + plan description (rerun checks it)
+      manifest.json      `LogitsManifest`: teacher, the plan description (sd_plan.SDPlan.describe), K, top-k
+      shard-00000/       groups [a, b) of every cached epoch
+        shard.json       `LogitsShardRecord`
+        values/  [K, n, k] float16   the teacher's k largest logits per sample, descending
+        indices/ [K, n, k] uint16    their classes (int32 above 65,535 classes)
+        argmax/  [K, n]    uint16    the argmax of the fp32 logits: the hard-distillation label
+
+Rows: n = (b - a) x G samples, group a's G samples first, in the plan's order inside the group; axis 0 is
+the cached epoch, so the rows an epoch uses are one region per shard, as views are in the target cache.
+One inner chunk holds one group. The argmax is stored on its own because it is taken on the fp32 logits:
+two classes that tie after fp16 rounding of `values` keep the teacher's own choice.
+
+Bytes per sample per cached epoch: k x (2 + 2) + 2 = 22 B at k = 5 (ImageNet-1k: 28 MB an epoch).
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from g2sd_cache.common.errors import CacheCorruptError, UserError
+from g2sd_cache.cache.schema import CONFIG, MANIFEST, ArraySpec
+from g2sd_cache.cache.shard_files import MappedShardFile, can_map
+from g2sd_cache.cache.zarr_layout import parse_layout
+
+LOGITS_FORMAT = "g2sd-logits"
+LOGITS_FORMAT_VERSION = 1
+
+
+def index_dtype(num_classes: int) -> str:
+    return "uint16" if num_classes <= np.iinfo(np.uint16).max + 1 else "int32"
+
+
+def logits_specs(topk: int, num_classes: int) -> dict[str, ArraySpec]:
+    """Per-sample arrays of a logits shard (`ArraySpec.per_view_shape` is per sample here)."""
+    idx = index_dtype(num_classes)
+    return {"values": ArraySpec((topk,), "float16"), "indices": ArraySpec((topk,), idx), "argmax": ArraySpec((), idx)}
+
+
+@dataclass
+class LogitsShardRecord:
+    """shard.json: groups [first_group, first_group + groups) of every cached epoch. `files`: size by path."""
+
+    index: int
+    first_group: int
+    groups: int
+    group_size: int
+    epochs: int
+    files: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def samples(self) -> int:
+        return self.groups * self.group_size
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "LogitsShardRecord":
+        return cls(**json.loads(text))
+
+
+@dataclass
+class LogitsManifest:
+    """manifest.json of a logits cache: what a trainer checks before trusting it."""
+
+    format: str
+    format_version: int
+    teacher: dict            # classifier.ClassifierInfo as a dict
+    teacher_precision: str   # "fp32" (G2SD runs its teacher outside autocast)
+    plan: dict               # SDPlan.describe(): seed, recipe, images, classes, listing, library versions
+    epochs: int              # K: training epoch e reads cached epoch e mod K
+    groups_per_epoch: int
+    group_size: int
+    topk: int
+    num_classes: int
+    shard_groups: int
+    shards: list[dict]       # [{name, first_group, groups, files}]
+    samples: int             # K x groups_per_epoch x group_size
+    bytes: int               # on disk, all shard files
+    created: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> "LogitsManifest":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}/{MANIFEST} is not valid JSON ({e}); rerun the same `g2sd-cache extract-logits` "
+                            f"command to rewrite it") from e
+        if not isinstance(data, dict) or data.get("format") != LOGITS_FORMAT:
+            raise UserError(f"{where} is not a logits cache (its {MANIFEST} is not one); pass the --out folder of "
+                            f"`g2sd-cache extract-logits`")
+        if data.get("format_version") != LOGITS_FORMAT_VERSION:
+            raise UserError(f"{where}: logits cache format version {data.get('format_version')} is not supported "
+                            f"(this g2sd-cache reads version {LOGITS_FORMAT_VERSION}); rerun extract-logits")
+        missing = [k for k in cls.__dataclass_fields__ if k not in data]
+        if missing:
+            raise UserError(f"{where}/{MANIFEST} lacks {', '.join(missing)}; rerun extract-logits to rewrite it")
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+    @property
+    def bytes_per_sample(self) -> float:
+        """On-disk bytes per sample per cached epoch (zarr and crc overheads included)."""
+        return self.bytes / max(1, self.samples)
+
+
+def is_logits_cache(path: str | Path) -> bool:
+    """Whether `path` holds a logits cache (finished or not): its config or manifest says so."""
+    p = Path(path)
+    for name in (MANIFEST, CONFIG):
+        try:
+            head = (p / name).read_text()[:4096]
+        except (OSError, UnicodeDecodeError):
+            continue
+        if f'"format": "{LOGITS_FORMAT}"' in head or f"format: {LOGITS_FORMAT}" in head:
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class TeacherPredictions:
+    """One group's stored predictions: values [G, k] float32 (from fp16), indices [G, k] int64, argmax [G] int64."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    argmax: torch.Tensor
+
+
+class LogitsCache:
+    """A finished logits cache on a local disk. `read(epoch, group)` -> `TeacherPredictions` of cached epoch
+    `epoch` (0 <= epoch < K). Shard files are memory-mapped; each inner chunk's crc32c is checked on first use
+    and every file's size against the manifest when its shard is first touched (CacheCorruptError otherwise).
+    Safe to pickle and fork: maps are reopened per process."""
+
+    OPEN_FILES = 96
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        if "://" in str(root):
+            raise UserError(f"--logits {root}: a logits cache is read from a local or mounted path (it is small: "
+                            f"copy it next to the job)")
+        if not (self.root / MANIFEST).is_file():
+            if (self.root / CONFIG).is_file() and is_logits_cache(self.root):
+                raise UserError(f"logits cache {root} is incomplete: extract-logits has not finished (no {MANIFEST}); "
+                                f"rerun the same command to complete it")
+            raise UserError(f"{root} is not a logits cache (no {MANIFEST}); create one with `g2sd-cache extract-logits`")
+        self.manifest = LogitsManifest.from_json((self.root / MANIFEST).read_text(), str(root))
+        self._reset()
+
+    def _reset(self) -> None:
+        self._files: OrderedDict[tuple[int, int, str], MappedShardFile] = OrderedDict()
+        self._sized: set[int] = set()
+        self._verified: dict[tuple[int, int, str], set[int]] = {}
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_files", "_sized", "_verified", "_pid")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    @property
+    def epochs(self) -> int:
+        return self.manifest.epochs
+
+    def _check_sizes(self, shard: int) -> None:
+        entry = self.manifest.shards[shard]
+        for rel, size in entry["files"].items():
+            path = self.root / entry["name"] / rel
+            if not path.is_file():
+                raise CacheCorruptError.in_shard(entry["name"], f"file {rel} is missing")
+            if path.stat().st_size != size:
+                raise CacheCorruptError.in_shard(entry["name"], f"file {rel} has {path.stat().st_size} bytes, the "
+                                                                f"manifest says {size}")
+        self._sized.add(shard)
+
+    def shard_file(self, shard: int, epoch: int, name: str) -> MappedShardFile:
+        """The mapped rows of array `name`, cached epoch `epoch`, of `shard` (kept in a small LRU)."""
+        if self._pid != os.getpid():
+            self._reset()
+        key = (shard, epoch, name)
+        if key in self._files:
+            self._files.move_to_end(key)
+            return self._files[key]
+        if shard not in self._sized:
+            self._check_sizes(shard)
+        entry = self.manifest.shards[shard]
+        base = self.root / entry["name"]
+        try:
+            layout = parse_layout(json.loads((base / name / "zarr.json").read_text()))
+        except (OSError, ValueError, KeyError) as e:
+            raise CacheCorruptError.in_shard(entry["name"], f"{name}/zarr.json: {type(e).__name__}: {e}") from e
+        if not can_map(layout, local=True):
+            raise CacheCorruptError.in_shard(entry["name"], f"{name} is not stored as plain bytes + crc32c")
+        rel = f"{name}/" + next(r for coord, r in layout.shard_files() if coord[0] == epoch)
+        reader = MappedShardFile(str(base / rel), layout, entry["name"], rel, self._verified.setdefault(key, set()))
+        self._files[key] = reader
+        if len(self._files) > self.OPEN_FILES:
+            self._files.popitem(last=False)
+        return reader
+
+    def read(self, epoch: int, group: int) -> TeacherPredictions:
+        m = self.manifest
+        if not (0 <= epoch < m.epochs and 0 <= group < m.groups_per_epoch):
+            raise IndexError(f"group {group} of cached epoch {epoch}: the cache holds {m.epochs} epochs of "
+                             f"{m.groups_per_epoch} groups")
+        shard = group // m.shard_groups
+        start = (group - m.shards[shard]["first_group"]) * m.group_size
+        rows = {name: np.array(self.shard_file(shard, epoch, name).rows(start, start + m.group_size))
+                for name in ("values", "indices", "argmax")}
+        return TeacherPredictions(values=torch.from_numpy(rows["values"].astype(np.float32)),
+                                  indices=torch.from_numpy(rows["indices"].astype(np.int64)),
+                                  argmax=torch.from_numpy(rows["argmax"].astype(np.int64)))
+
+
+def open_logits(path: str | Path) -> LogitsCache:
+    """Open a finished logits cache for reading."""
+    return LogitsCache(path)

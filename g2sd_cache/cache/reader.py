@@ -1,0 +1,341 @@
+"""Reading a cache: `open_cache(path)` -> `Cache`, with per-view records and block reads.
+
+Global view order: shard by shard; inside a shard view 0 of every image, then view 1, ... (the
+on-disk order). `cache[i]` decodes one view; streaming code calls `read_block`, which returns a run
+of images of one view. On a local disk the fixed-width arrays (targets, scales, masks, crops, ...)
+are memory-mapped and sliced without zarr's per-call cost (~1 ms, docs/design.md §5); string keys and
+remote caches go through zarr (cache/shard_files.py).
+
+Integrity: a shard's files are checked against the manifest (present, right size) the first time a
+process touches the shard; each shard file's index is checked when the file is opened, and every
+inner chunk's crc32c before its first use. Any failure raises `CacheCorruptError` naming the shard:
+a missing chunk never reads back as fill values.
+
+The object is safe to pickle into DataLoader workers and across fork: maps and zarr handles are
+opened lazily per process and never pickled.
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterator
+
+import fsspec
+import numpy as np
+import torch
+import zarr
+
+from g2sd_cache.cache import codecs
+from g2sd_cache.common.errors import CacheCorruptError, UserError
+from g2sd_cache.cache.digests import chunk_file_digest, digest_mismatch, fsspec_reader, is_metadata, local_reader, record_digest
+from g2sd_cache.cache.manifest_checks import array_problems, manifest_problems, record_problems, typed_manifest, unlisted_shards
+from g2sd_cache.cache.schema import SHARD_RECORD, decode_keys, parse_manifest, read_manifest_text
+from g2sd_cache.cache.shard_files import MappedShardFile, ZarrShardFile, can_map, strict_store
+from g2sd_cache.cache.zarr_layout import ArrayLayout, parse_layout
+
+
+@dataclass(frozen=True)
+class ViewRecord:
+    """One cached view. crop = (top, left, height, width); mask: [L] bool (True = hidden);
+    target: [T, D] float32, decoded from the cache's codec; pixels: the visible patches as rendered,
+    [n_keep, p, p, 3] uint8 (None for a cache extracted with --pixels none)."""
+
+    key: str
+    source_index: int
+    view: int
+    crop: tuple[int, int, int, int]
+    flip: bool
+    mask: torch.Tensor
+    target: torch.Tensor
+    pixels: torch.Tensor | None = None
+
+
+@dataclass
+class Block:
+    """Images [start, stop) of view `view` of shard `shard`, as stored. Arrays have n = stop - start rows:
+    codes [n, T, D'] (codec storage dtype), scale [n, T] float32 (int4: [n, T, D/32] float16) or None, mask [n, L], crop [n, 4], flip [n],
+    source_index [n], key [n], pixels [n, n_keep, p, p, 3] uint8 or None."""
+
+    shard: int
+    view: int
+    start: int
+    stop: int
+    codes: np.ndarray
+    scale: np.ndarray | None
+    mask: np.ndarray
+    crop: np.ndarray
+    flip: np.ndarray
+    source_index: np.ndarray
+    key: np.ndarray
+    pixels: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+class Cache:
+    """A finished cache. `len(cache)` is the number of views; `cache[i]` a `ViewRecord`."""
+
+    # Shard files kept open per process (memory maps or zarr handles); the oldest are dropped first.
+    OPEN_FILES = 64
+
+    def __init__(self, root: str):
+        self.root = str(root).rstrip("/")
+        self._fs, self._path = fsspec.core.url_to_fs(self.root)
+        protocols = self._fs.protocol if isinstance(self._fs.protocol, tuple) else (self._fs.protocol,)
+        self._local = "file" in protocols
+        data = parse_manifest(read_manifest_text(self._fs, self._path, root))
+        # What verify checks about the manifest, with its words, before anything is read (cache/manifest_checks.py).
+        folders = [p.rstrip("/").rsplit("/", 1)[-1] for p in self._fs.ls(self._path, detail=False)]
+        problems = manifest_problems(data) + unlisted_shards(data, folders)
+        if problems:
+            raise CacheCorruptError(f"cache {root} does not agree with its manifest: {problems[0][0]}: {problems[0][1]}"
+                                    f"{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}; run "
+                                    f"`g2sd-cache verify {root}` for the full report, then re-extract the cache")
+        self.manifest = typed_manifest(data)
+        self.codec = codecs.get_codec(self.manifest.codec)
+        self.shard_images = [s.images for s in self.manifest.shards]
+        views_per_shard = [s.views for s in self.manifest.shards]
+        self._offsets = np.cumsum([0] + views_per_shard).tolist()
+        m = self.manifest
+        self._specs = m.specs()
+        self._reset()
+        if m.shards:   # the manifest's codec, target_dim, img_size against the arrays' shapes and dtypes, now
+            self._check_sizes(0, arrays_only=True)
+
+    def _reset(self) -> None:
+        """Per-process state: open shard files, zarr groups, shards whose file sizes were checked."""
+        self._files: OrderedDict[tuple[int, int, str], MappedShardFile | ZarrShardFile] = OrderedDict()
+        self._groups: dict[int, zarr.Group] = {}
+        self._sized: set[int] = set()
+        # Inner chunks whose crc32c passed, per (shard, view, array): kept when a file leaves the LRU of open
+        # files, so each chunk is checked once per process, not once per reopening (every epoch at scale).
+        self._verified: dict[tuple[int, int, str], set[int]] = {}
+        self._digests: dict[int, dict[str, str]] = {}     # shard -> its record's file digests
+        self._image_crc32c: dict[int, list[int]] = {}   # shard -> crc32c of each row's source image
+        self._pid = os.getpid()
+
+    # -- pickling / fork safety ------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_files", "_groups", "_sized", "_verified", "_digests",
+                                                                 "_image_crc32c", "_pid")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    def _check_sizes(self, shard: int, arrays_only: bool = False) -> None:
+        """Once per shard and process, before its data is read: shard.json is the record the manifest holds a
+        digest of and agrees with it, every array's zarr.json is the recorded one and has the manifest's shape
+        and dtype, and every file is there at its recorded size. (Each data file's digest is checked when it
+        is opened: `_check_digest`.) `arrays_only` (at open): only the zarr.json that exist against the
+        manifest, so that a damaged shard fails when it is read, which --on-error skip can leave out."""
+        entry = self.manifest.shards[shard]
+        name, base = entry.name, f"{self._path}/{entry.name}"
+
+        read: dict[str, bytes | None] = {}
+
+        def cat(rel: str) -> bytes | None:   # each small file read once
+            if rel not in read:
+                try:
+                    read[rel] = self._fs.cat_file(f"{base}/{rel}")
+                except FileNotFoundError:
+                    if not arrays_only:
+                        raise CacheCorruptError.in_shard(name, f"file {rel} is missing") from None
+                    read[rel] = None
+            return read[rel]
+
+        record, problems = (None, []) if arrays_only else record_problems(self.manifest, shard, cat(SHARD_RECORD))
+        for array, spec in ([] if problems else self._specs.items()):
+            kn, meta = (self.manifest.views_per_image, entry.images), cat(f"{array}/zarr.json")
+            problems += array_problems(name, array, spec, kn, meta)[1] if meta is not None else []
+        if problems:
+            raise CacheCorruptError.in_shard(name, problems[0][1])
+        if arrays_only:
+            return
+        for rel, size in entry.files.items():
+            try:
+                actual = self._fs.size(f"{base}/{rel}")
+            except FileNotFoundError:
+                raise CacheCorruptError.in_shard(name, f"file {rel} is missing") from None
+            if actual != size:
+                raise CacheCorruptError.in_shard(name, f"file {rel} has {actual} bytes, the manifest says {size}")
+        digests = record.get("digests") if isinstance(record.get("digests"), dict) else {}
+        for rel in filter(is_metadata, entry.files):   # the zarr.json read above are the recorded ones
+            problem = digest_mismatch(rel, record_digest(cat(rel)), digests)
+            if problem:
+                raise CacheCorruptError.in_shard(name, problem)
+        self._digests[shard] = digests
+        self._image_crc32c[shard] = list(record.get("image_crc32c") or [])
+        self._sized.add(shard)
+
+    def _check_digest(self, shard: int, rel: str, layout: ArrayLayout) -> None:
+        """Once per file and process, before it is read: a zarr shard file's digest (its index and every inner
+        chunk's crc32c: a few KB; the chunks' bytes are checked against those crc32c at first use) is the one
+        its shard.json records for its path, so a file moved, swapped or copied in from another cache is
+        refused although its own checksums hold."""
+        name = self.manifest.shards[shard].name
+        path = f"{self._path}/{name}/{rel}"
+        read = local_reader(path) if self._local else fsspec_reader(self._fs, path)
+        try:
+            problem = digest_mismatch(rel, chunk_file_digest(read, self._fs.size(path), layout), self._digests[shard])
+        except FileNotFoundError:
+            problem = f"file {rel} is missing"
+        except ValueError as e:
+            problem = f"{rel}: {e}"
+        if problem:
+            raise CacheCorruptError.in_shard(name, problem)
+
+    def image_crc32c(self, shard: int, row: int) -> int | None:
+        """crc32c of the source image bytes extract read for image `row` of `shard` (None if not recorded):
+        the image path of training checks what it reads against it (digests.check_image)."""
+        if self._pid != os.getpid():
+            self._reset()
+        if shard not in self._sized:
+            self._check_sizes(shard)
+        crcs = self._image_crc32c[shard]
+        return crcs[row] if row < len(crcs) else None
+
+    def _file(self, shard: int, view: int, name: str) -> MappedShardFile | ZarrShardFile:
+        """The reader of array `name`, view `view` of `shard`: opened once per process, kept in an LRU."""
+        if self._pid != os.getpid():  # forked: maps and zarr's event loop thread belong to the parent
+            self._reset()
+        key = (shard, view, name)
+        if key in self._files:
+            self._files.move_to_end(key)
+            return self._files[key]
+        if shard not in self._sized:
+            self._check_sizes(shard)
+        entry = self.manifest.shards[shard]
+        base = f"{self._path}/{entry.name}"
+        try:
+            layout = parse_layout(json.loads(self._fs.cat_file(f"{base}/{name}/zarr.json")))
+        except (OSError, ValueError, KeyError) as e:
+            raise CacheCorruptError.in_shard(entry.name, f"{name}/zarr.json: {type(e).__name__}: {e}") from e
+        rel = f"{name}/" + next(r for coord, r in layout.shard_files() if coord[0] == view)
+        self._check_digest(shard, rel, layout)
+        if can_map(layout, self._local):
+            reader = MappedShardFile(f"{base}/{rel}", layout, entry.name, rel, self._verified.setdefault(key, set()))
+        else:
+            size = entry.files.get(rel, 0)
+            index_bytes = 16 * math.prod(layout.chunks_per_shard) + 4
+            try:
+                tail = self._fs.cat_file(f"{base}/{rel}", start=max(0, size - index_bytes), end=size)
+            except FileNotFoundError:
+                raise CacheCorruptError.in_shard(entry.name, f"file {rel} is missing") from None
+            reader = ZarrShardFile(self._group(shard)[name], view, tail, layout, entry.name, rel)
+        self._files[key] = reader
+        if len(self._files) > self.OPEN_FILES:
+            self._files.popitem(last=False)   # rows handed out keep their map alive until they are dropped
+        return reader
+
+    def _group(self, shard: int) -> zarr.Group:
+        if shard not in self._groups:
+            name = self.manifest.shards[shard].name
+            try:
+                self._groups[shard] = zarr.open_group(store=strict_store(f"{self.root}/{name}"), mode="r")
+            except Exception as e:
+                raise CacheCorruptError.in_shard(name, f"{type(e).__name__}: {e}") from e
+        return self._groups[shard]
+
+    # -- reading -----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.manifest.views
+
+    @property
+    def views_per_image(self) -> int:
+        return self.manifest.views_per_image
+
+    @property
+    def specs(self) -> dict:
+        """The per-view arrays of every shard (schema.ArraySpec by name)."""
+        return self._specs
+
+    @property
+    def has_pixels(self) -> bool:
+        """Whether every view's visible patches are stored (then training needs no images)."""
+        return "pixels" in self._specs
+
+    def shard_name(self, shard: int) -> str:
+        return self.manifest.shards[shard].name
+
+    def locate(self, i: int) -> tuple[int, int, int]:
+        """Global view index -> (shard, view, image row in the shard)."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"view {i} out of range for a cache of {len(self)} views")
+        s = bisect.bisect_right(self._offsets, i) - 1
+        view, row = divmod(i - self._offsets[s], self.shard_images[s])
+        return s, view, row
+
+    def read_block(self, shard: int, view: int, start: int, stop: int) -> Block:
+        """Rows [start, stop) of view `view` in `shard`. On a local disk the fixed-width arrays are read-only
+        views of the memory-mapped shard files: copy them before writing."""
+        # Bounds first: an out-of-range request is the caller's mistake, not a corrupt shard.
+        if not (0 <= view < self.views_per_image and 0 <= start <= stop <= self.shard_images[shard]):
+            raise IndexError(f"read_block({shard}, {view}, {start}, {stop}) is out of range: shard "
+                             f"{shard} has {self.shard_images[shard]} images x {self.views_per_image} views")
+        got = {name: self._file(shard, view, name).rows(start, stop) if stop > start else self._empty(name)
+               for name in self._specs}
+        return Block(shard, view, start, stop, codes=got["target"], scale=got.get("scale"), mask=got["mask"],
+                     crop=got["crop"], flip=got["flip"], source_index=got["source_index"],
+                     key=decode_keys(got["key"]), pixels=got.get("pixels"))
+
+    def take(self, shard: int, view: int, rows: np.ndarray, out: dict[str, np.ndarray], at: np.ndarray) -> None:
+        """Scatter rows `rows` of view `view` of `shard` into `out[name][at]` for every array named in `out`
+        (any of the cache's arrays but `key`): the trainer's read, straight from the memory-mapped shard
+        files into its (pinned) batch buffers, one copy per byte. Rows may come in any order."""
+        n = self.shard_images[shard]
+        if not 0 <= view < self.views_per_image or (len(rows) and not (0 <= rows.min() and rows.max() < n)):
+            raise IndexError(f"take({shard}, {view}, ...) is out of range: shard {shard} has {n} images x "
+                             f"{self.views_per_image} views")
+        for name, dest in out.items():
+            self._file(shard, view, name).take(rows, dest, at)
+
+    def keys(self, shard: int, view: int, rows: np.ndarray) -> list[str]:
+        """The source keys of rows `rows` of view `view` of `shard` (keys are zero-padded per shard)."""
+        width = self._file(shard, view, "key").row_shape
+        codes = np.zeros((len(rows), *width), dtype=np.uint8)
+        self.take(shard, view, rows, {"key": codes}, np.arange(len(rows)))
+        return decode_keys(codes).tolist()
+
+    def _empty(self, name: str, rows: int = 0) -> np.ndarray:
+        spec = self._specs[name]
+        return np.zeros((rows, *(d or 1 for d in spec.per_view_shape)), dtype=spec.dtype)
+
+    def blank_block(self, rows: int) -> Block:
+        """A block of `rows` zero views (empty keys): the stand-in for rows that could not be read."""
+        z = {name: self._empty(name, rows) for name in self._specs}
+        return Block(-1, -1, 0, rows, codes=z["target"], scale=z.get("scale"), mask=z["mask"], crop=z["crop"],
+                     flip=z["flip"], source_index=z["source_index"], key=decode_keys(z["key"]), pixels=z.get("pixels"))
+
+    def decode(self, codes: np.ndarray, scale: np.ndarray | None) -> torch.Tensor:
+        """Stored codes (+ scale) -> float32 targets."""
+        return codecs.decode(self.codec, codecs.from_storage(self.codec, np.array(codes)),
+                             None if scale is None else torch.from_numpy(np.array(scale)))
+
+    def __getitem__(self, i: int) -> ViewRecord:
+        s, view, row = self.locate(i)
+        b = self.read_block(s, view, row, row + 1)
+        return ViewRecord(key=str(b.key[0]), source_index=int(b.source_index[0]), view=view,
+                          crop=tuple(int(c) for c in b.crop[0]), flip=bool(b.flip[0]),
+                          mask=torch.from_numpy(np.array(b.mask[0])),
+                          target=self.decode(b.codes, b.scale)[0],
+                          pixels=None if b.pixels is None else torch.from_numpy(np.array(b.pixels[0])))
+
+    def iter_blocks(self, block_images: int | None = None, views: list[int] | None = None) -> Iterator[Block]:
+        """Every shard's rows in blocks of `block_images` (default: the inner chunk size), for the given
+        view indices (default all), in the global view order."""
+        size = block_images or self.manifest.chunk_views
+        for s, n in enumerate(self.shard_images):
+            for view in views if views is not None else range(self.views_per_image):
+                for start in range(0, n, size):
+                    yield self.read_block(s, view, start, min(n, start + size))
+
+
+def open_cache(path: str) -> Cache:
+    """Open a finished cache (a directory or fsspec URL) for reading."""
+    return Cache(path)

@@ -1,0 +1,496 @@
+"""`g2sd-cache extract`: run the frozen MAE teacher once per sampled view and store G2SD's targets.
+
+    listing -> shards (runs of the seeded listing order, or one per tar) -> this rank's unfinished shards
+      -> DataLoader workers: decode image, sample K views, crop + flip,
+         cut each view's visible patches (all the teacher sees)          (_RenderedImages)
+      -> main: batches of views of one shard -> teacher -> LN(z_t) -> codec, + the patches (_ShardAssembler)
+      -> background thread: write the shard atomically                   (writer.ShardWriter)
+    rank 0, after every rank is done: manifest.json from the shards' records.
+
+Batches never mix shards, so a shard's bytes do not depend on which shards were already done:
+after a kill and a rerun, the cache equals an uninterrupted run's, array by array.
+Memory is bounded by the shard size (one shard filling, one being written), never by the dataset.
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import resource
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from g2sd_cache.cache import codecs
+from g2sd_cache.common.config import read_yaml, to_yaml
+from g2sd_cache.cache.digests import image_crc32c, record_digest
+from g2sd_cache.common.dist import DistEnv, init_distributed, shutdown_distributed
+from g2sd_cache.common.errors import UserError
+from g2sd_cache.common.fsutil import write_text_atomic
+from g2sd_cache.models.mae import TEACHER_PRESETS, build_teacher
+from g2sd_cache.cache.ownership import FolderLock, claim_cache_folder
+from g2sd_cache.cache.schema import (CONFIG, FORMAT_VERSION, MANIFEST, SHARD_RECORD, TMP_MARK, Manifest, ShardEntry, ShardRecord,
+                     SourceRecord, TeacherRecord, array_specs, encode_keys, folder_order, shard_name,
+                     source_index_for_tar)
+from g2sd_cache.data.sources import FolderSource, Source, TarMemberError, TarSource, open_source
+from g2sd_cache.data.views import (ViewGeometry, decode_image, normalize_patches, render_view, replay_versions, sample_view,
+                    visible_patches)
+from g2sd_cache.common.workers import keep_as_is, mp_context
+from g2sd_cache.cache.writer import ShardData, ShardWriter
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    data: str
+    out: str
+    teacher: str = "random"
+    arch: str = "mae_vit_base_patch16"
+    views: int = 1
+    seed: int = 0
+    target_layer: int = 4
+    mask_ratio: float = 0.75
+    img_size: int = 224
+    codec: str = "fp16"
+    shard_size: int = 2048
+    chunk_views: int = 64
+    batch_size: int = 64
+    workers: int = 4
+    device: str = "auto"
+    on_error: str = "skip"
+    overwrite: bool = False
+    pixels: str = "visible"
+
+    # Fields that decide the cache's content; a rerun with any of them changed is refused.
+    # The teacher is compared by the sha256 of its weights (fingerprints), not by how its path was typed.
+    CONTENT = ("arch", "views", "seed", "target_layer", "mask_ratio", "img_size", "codec",
+               "shard_size", "chunk_views", "pixels")
+
+    @property
+    def geometry(self) -> ViewGeometry:
+        return ViewGeometry(img_size=self.img_size, patch_size=TEACHER_PRESETS[self.arch].patch_size,
+                            mask_ratio=self.mask_ratio)
+
+    def validate(self) -> None:
+        if self.arch not in TEACHER_PRESETS:
+            raise UserError(f"unknown --arch {self.arch}; choose one of: {', '.join(TEACHER_PRESETS)}")
+        codecs.get_codec(self.codec)
+        depth = TEACHER_PRESETS[self.arch].decoder_depth
+        if not 1 <= self.target_layer <= depth:
+            raise UserError(f"--target-layer {self.target_layer}: must be between 1 and {depth} "
+                            f"(the teacher's decoder blocks)")
+        if not 0 <= self.mask_ratio < 1:
+            raise UserError(f"--mask-ratio {self.mask_ratio}: must be in [0, 1)")
+        patch = TEACHER_PRESETS[self.arch].patch_size
+        if self.img_size % patch:
+            raise UserError(f"--img-size {self.img_size}: must be a multiple of the patch size {patch}")
+        for name in ("views", "shard_size", "chunk_views", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.workers < 0:
+            raise UserError("--workers must be 0 or more")
+        if self.on_error not in ("skip", "fail"):
+            raise UserError(f"--on-error {self.on_error}: choose skip or fail")
+        if self.pixels not in ("visible", "none"):
+            raise UserError(f"--pixels {self.pixels}: choose visible or none")
+
+    @property
+    def visible_pixels(self) -> tuple[int, int] | None:
+        """(n_keep, patch size) when the cache stores the views' visible patches."""
+        g = self.geometry
+        return (g.num_visible, g.patch_size) if self.pixels == "visible" else None
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Shard `index` holds the folder images at positions [start, stop) of `folder_order(seed, n)`,
+    or tar number `index` (start = stop = 0)."""
+
+    index: int
+    start: int = 0
+    stop: int = 0
+
+
+def plan_shards(source: Source, cfg: ExtractConfig) -> list[ShardPlan]:
+    """Tars: one shard each, in order. Folders: runs of a seeded random order of the listing, so that a
+    class-sorted folder gives shards (and inner chunks) of mixed classes; see schema.folder_order."""
+    if isinstance(source, TarSource):
+        return [ShardPlan(i) for i in range(len(source))]
+    per_shard = max(1, cfg.shard_size // cfg.views)
+    if per_shard >= cfg.chunk_views:  # whole inner chunks: zarr stores a partial edge chunk at full size
+        per_shard -= per_shard % cfg.chunk_views
+    n = len(source)
+    return [ShardPlan(i, s, min(n, s + per_shard)) for i, s in enumerate(range(0, n, per_shard))]
+
+
+# ----------------------------------------------------------------------------------------------
+# DataLoader side: decode and render every view of an image (runs in worker processes).
+
+class _RenderedImages(IterableDataset):
+    """Yields, per image of the pending shards, in order: {"shard", "pos", "key", "index", "patches"
+    [K, n_keep, p, p, 3] uint8 (the visible patches of each view, as rendered), "crop" [K,4], "flip" [K],
+    "mask" [K,L]} or {..., "error"}; for tars also {"shard", "end": count}.
+
+    Folder images are dealt to workers round-robin and tars whole, so the DataLoader (which takes
+    items from workers in turn) returns folder images in shard order: each shard's run of the seeded
+    listing order. "index" is the image's index in the sorted listing; its views depend on nothing else."""
+
+    def __init__(self, source: Source, shards: list[ShardPlan], cfg: ExtractConfig):
+        self.source, self.shards, self.cfg = source, shards, cfg
+        self.geometry = cfg.geometry
+        self.offsets = np.cumsum([0] + [p.stop - p.start for p in shards]).tolist()
+        self.order = folder_order(cfg.seed, len(source)) if isinstance(source, FolderSource) else None
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if isinstance(self.source, TarSource):
+            for plan in self.shards[worker::workers]:
+                yield from self._tar_items(plan)
+            return
+        for j in range(worker, self.offsets[-1], workers):
+            s = bisect.bisect_right(self.offsets, j) - 1
+            plan, pos = self.shards[s], j - self.offsets[s]
+            index = int(self.order[plan.start + pos])
+            key = self.source.keys[index]
+            yield self._render(plan.index, pos, index, key, lambda: self.source.read(key))
+
+    def _tar_items(self, plan: ShardPlan) -> Iterator[dict]:
+        tar_errors: list[tuple[str, str]] = []   # (key, error): each problem the tar reader reports, once
+
+        def on_error(exc: Exception) -> bool:
+            key = exc.key if isinstance(exc, TarMemberError) else f"{self.source.urls[plan.index]} (tar)"
+            tar_errors.append((key, str(exc) if isinstance(exc, TarMemberError) else f"{type(exc).__name__}: {exc}"))
+            return self.cfg.on_error == "skip"
+
+        pos = 0
+        for key, data in self.source.samples(plan.index, on_error):
+            for bad, msg in tar_errors:
+                yield {"shard": plan.index, "key": bad, "error": msg}
+            tar_errors.clear()
+            item = self._render(plan.index, pos, source_index_for_tar(plan.index, pos), key,
+                                lambda: data if data is not None else _no_image(key))
+            if "error" not in item:
+                pos += 1
+            yield item
+        for bad, msg in tar_errors:
+            yield {"shard": plan.index, "key": bad, "error": msg}
+        yield {"shard": plan.index, "end": pos}
+
+    def _render(self, shard: int, pos: int, index: int, key: str, read) -> dict:
+        try:
+            data = read()
+            img = decode_image(data)
+        except Exception as e:  # unreadable, truncated or not an image
+            return {"shard": shard, "pos": pos, "key": key, "error": f"{type(e).__name__}: {e}"}
+        g, k = self.geometry, self.cfg.views
+        views = [sample_view(self.cfg.seed, index, v, img.size, g) for v in range(k)]
+        mask = np.stack([v.mask for v in views])
+        pixels = torch.stack([render_view(img, v.crop, v.flip, g.img_size) for v in views])
+        return {
+            "shard": shard, "pos": pos, "key": key, "index": index, "crc32c": image_crc32c(data),
+            # only the visible patches leave the worker: a quarter of the bytes, all the teacher sees
+            "patches": visible_patches(pixels, torch.from_numpy(mask), g.patch_size),
+            "crop": np.array([v.crop for v in views], dtype=np.int32),
+            "flip": np.array([v.flip for v in views], dtype=bool),
+            "mask": mask,
+        }
+
+
+def _no_image(key: str) -> bytes:
+    raise ValueError(f"sample {key} has no jpg/jpeg/png/webp member")
+
+
+# ----------------------------------------------------------------------------------------------
+# Main process: teacher batches and shard assembly.
+
+class _ShardAssembler:
+    """Collects one shard's images (in order), runs the teacher on full batches of their views and
+    keeps the encoded targets in [K, capacity, ...] buffers that grow as needed."""
+
+    def __init__(self, plan: ShardPlan, source: Source, cfg: ExtractConfig, tokens: int, width: int):
+        self.plan, self.cfg = plan, cfg
+        self.codec = codecs.get_codec(cfg.codec)
+        self.specs = array_specs(self.codec, tokens, width, cfg.geometry.num_patches, cfg.visible_pixels)
+        self.expected = plan.stop - plan.start if isinstance(source, FolderSource) else None
+        self.received = 0
+        self.images = 0
+        self.skipped: list[dict] = []
+        self.image_crc32c: list[int] = []      # per stored row: crc32c of the source bytes
+        self.codec_error: dict = {}
+        self.pending: list[tuple[int, int, torch.Tensor]] = []   # (row, view, patches [n_keep,p,p,3])
+        self.buffers: dict[str, np.ndarray] = {}
+        self._grow(self.expected or 64)
+
+    def _grow(self, capacity: int) -> None:
+        k = self.cfg.views
+        for name, spec in self.specs.items():
+            variable = None in spec.per_view_shape   # keys: kept as str objects until the shard is finished
+            new = np.empty((k, capacity) if variable else (k, capacity, *spec.per_view_shape),
+                           dtype=object if variable else spec.dtype)
+            if name in self.buffers:
+                new[:, : self.images] = self.buffers[name][:, : self.images]
+            self.buffers[name] = new
+
+    @property
+    def complete(self) -> bool:
+        return self.expected is not None and self.received == self.expected
+
+    def add(self, item: dict) -> None:
+        """An image's rendered views (or its error), in shard order."""
+        self.received += 1
+        if "error" in item:
+            self.skipped.append({"key": item["key"], "error": item["error"]})
+            return
+        row = self.images
+        if row == self.buffers["target"].shape[1]:
+            self._grow(2 * row)
+        b = self.buffers
+        b["crop"][:, row], b["flip"][:, row], b["mask"][:, row] = item["crop"], item["flip"], item["mask"]
+        b["source_index"][:, row], b["key"][:, row] = item["index"], item["key"]
+        if "pixels" in b:
+            b["pixels"][:, row] = item["patches"].numpy()
+        self.image_crc32c.append(item["crc32c"])
+        for v in range(self.cfg.views):
+            self.pending.append((row, v, item["patches"][v]))
+        self.images += 1
+
+    def run_teacher(self, teacher, device: torch.device, flush: bool = False) -> int:
+        """Run the teacher on full batches of pending views (and the remainder if `flush`). Returns views done."""
+        done = 0
+        bs = self.cfg.batch_size
+        while len(self.pending) >= bs or (flush and self.pending):
+            batch, self.pending = self.pending[:bs], self.pending[bs:]
+            rows = np.array([r for r, _, _ in batch])
+            vis = np.array([v for _, v, _ in batch])
+            patches = torch.stack([p for _, _, p in batch]).to(device, non_blocking=True)
+            mask = torch.from_numpy(self.buffers["mask"][vis, rows]).to(device)
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if teacher_precision(device) != "fp32" \
+                else nullcontext()
+            with autocast:
+                target = teacher.targets_visible(normalize_patches(patches), mask, self.cfg.target_layer)
+            bad = ~torch.isfinite(target).flatten(1).all(dim=1)
+            if bool(bad.any()):
+                j = int(bad.nonzero()[0, 0])
+                raise UserError(f"teacher output is not finite (NaN or Inf) for image {self.buffers['key'][vis[j], rows[j]]} "
+                                f"view {vis[j]}; nothing of shard {shard_name(self.plan.index)} was written. "
+                                f"Check the teacher checkpoint")
+            if not self.codec_error:
+                sample = target[:64].float()
+                self.codec_error = {name: codecs.codec_error(c, sample) for name, c in codecs.CODECS.items()}
+            seeds = (codecs.dither_seeds(self.cfg.seed, self.buffers["source_index"][vis, rows], vis)
+                     if self.codec.dithered else None)    # int4: a pure function of (seed, image, view)
+            codes, scale = codecs.encode(self.codec, target, seeds)
+            self.buffers["target"][vis, rows] = codecs.to_storage(self.codec, codes)
+            if scale is not None:
+                self.buffers["scale"][vis, rows] = scale.cpu().numpy()
+            done += len(batch)
+        return done
+
+    def finish(self, source: Source) -> ShardData:
+        n = self.images
+        arrays = {name: buf[:, :n] for name, buf in self.buffers.items()}
+        arrays["key"] = encode_keys(arrays["key"].astype(str))
+        tar = source.urls[self.plan.index] if isinstance(source, TarSource) else None
+        record = ShardRecord(index=self.plan.index, images=n, views_per_image=self.cfg.views,
+                             start=None if tar else self.plan.start, stop=None if tar else self.plan.stop, tar=tar,
+                             skipped=self.skipped, codec_error=self.codec_error, image_crc32c=self.image_crc32c)
+        return ShardData(record, arrays)
+
+
+# ----------------------------------------------------------------------------------------------
+
+# Rank 0's lock on --out, per output folder, from `_prepare_output` until `run_extract` returns.
+_OUTPUT_LOCKS: dict[str, FolderLock] = {}
+
+
+def _prepare_output(out: Path, cfg: ExtractConfig, fingerprints: dict) -> None:
+    """Rank 0: claim and lock the cache folder (cache/ownership.py: only a folder marked as a cache is resumed or
+    overwritten; a second extract into it is refused), then check that an existing cache was made by the
+    same configuration."""
+    _OUTPUT_LOCKS[str(out)] = claim_cache_folder(out, cfg.overwrite)
+    config_path = out / CONFIG
+    if config_path.exists():
+        old = read_yaml(config_path)
+        new = dataclasses.asdict(cfg) | fingerprints
+        diff = [k for k in (*ExtractConfig.CONTENT, *fingerprints) if old.get(k) != new.get(k)]
+        if diff:
+            changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+            raise UserError(f"--out {out} holds a cache made with another configuration ({changes}); "
+                            f"pass --overwrite to replace it or choose another --out")
+    write_text_atomic(config_path, to_yaml(cfg, fingerprints))
+
+
+def _release_output(out: str) -> None:
+    lock = _OUTPUT_LOCKS.pop(str(Path(out)), None)
+    if lock is not None:
+        lock.release()
+
+
+def _is_complete(out: Path, index: int) -> bool:
+    return (out / shard_name(index) / SHARD_RECORD).is_file()
+
+
+def _remove_stale_temporaries(out: Path, shards: list[ShardPlan]) -> None:
+    mine = {shard_name(p.index) for p in shards}
+    for path in out.glob(f".shard-*{TMP_MARK}*"):
+        if path.name[1:].split(TMP_MARK)[0] in mine:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def teacher_precision(device: torch.device) -> str:
+    """How extract ran the teacher: bf16 autocast on CUDA (LayerNorm of the target in fp32), else fp32."""
+    return "bf16-autocast" if device.type == "cuda" else "fp32"
+
+
+def write_manifest(out: Path, cfg: ExtractConfig, source: Source, plans: list[ShardPlan], teacher_info,
+                   tokens: int, width: int, device: torch.device) -> Manifest:
+    """Rank 0, after every shard is complete: gather the shards' records into manifest.json."""
+    records, digests = [], []
+    for p in plans:
+        path = out / shard_name(p.index) / SHARD_RECORD
+        if not path.is_file():
+            raise UserError(f"shard {shard_name(p.index)} is missing after extraction; rerun the same command")
+        raw = path.read_bytes()
+        records.append(ShardRecord.from_json(raw.decode()))
+        digests.append(record_digest(raw))      # binds each shard.json (and so every file it lists) to this cache
+    codec_error = {}
+    measured = [r.codec_error for r in records if r.codec_error]
+    for name in codecs.CODECS:
+        vals = [m[name] for m in measured if name in m]
+        if vals:
+            codec_error[name] = {k: float(np.mean([v[k] for v in vals])) for k in vals[0]}
+    images = sum(r.images for r in records)
+    left_out = list(getattr(source, "skipped", ()))   # entries the folder scan left out (never in the listing)
+    skipped = [*left_out, *(s for r in records for s in r.skipped)]
+    source_info = SourceRecord(
+        kind=source.kind, root=source.root, fingerprint=source.fingerprint, scan_skipped=len(left_out),
+        count=len(source) if isinstance(source, FolderSource) else images + len(skipped),
+        shards=tuple(source.urls) if isinstance(source, TarSource) else ())
+    manifest = Manifest(
+        format_version=FORMAT_VERSION,
+        teacher=TeacherRecord(**dataclasses.asdict(teacher_info)),
+        target_layer=cfg.target_layer, geometry=cfg.geometry,
+        views_per_image=cfg.views, seed=cfg.seed, codec=cfg.codec, pixels=cfg.pixels, tokens=tokens, target_dim=width,
+        chunk_views=cfg.chunk_views, source=source_info,
+        versions=replay_versions(), teacher_precision=teacher_precision(device),
+        shards=tuple(ShardEntry(name=shard_name(r.index), images=r.images, views=r.views, files=r.files, record=d,
+                                start=r.start, stop=r.stop, tar=r.tar) for r, d in zip(records, digests)),
+        skipped=skipped, codec_error=codec_error,
+        views=sum(r.views for r in records), images=images,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    write_text_atomic(out / MANIFEST, manifest.to_json())
+    if source.scan_note():
+        print(source.scan_note())
+    return manifest
+
+
+def run_extract(cfg: ExtractConfig) -> dict:
+    """Extract the cache described by `cfg`; returns the summary that the CLI prints."""
+    cfg.validate()
+    env = init_distributed(cfg.device)
+    try:
+        return _extract(cfg, env)
+    finally:
+        _release_output(cfg.out)
+        shutdown_distributed()
+
+
+def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
+    if "://" in cfg.out:
+        raise UserError(f"--out {cfg.out}: extract writes to a local or mounted path (shards are renamed into place "
+                        f"atomically, which object stores cannot do); copy the finished cache to {cfg.out} afterwards")
+    out = Path(cfg.out)
+    source = open_source(cfg.data)
+    if isinstance(source, TarSource) and cfg.shard_size != ExtractConfig.shard_size:
+        print("note: --shard-size is ignored for tar sources: the cache keeps one shard per tar")
+    teacher, info = build_teacher(cfg.teacher, cfg.arch, cfg.img_size)
+    teacher.to(env.device)
+    tokens, width = teacher.num_tokens, teacher.shape.decoder_embed_dim
+    fingerprints = {"teacher_sha256": info.sha256, "source_fingerprint": source.fingerprint}
+    if isinstance(source, FolderSource):  # caches begun before the shuffle dealt images in listing order
+        fingerprints["folder_order"] = "seeded shuffle"
+    if env.is_main:
+        _prepare_output(out, cfg, fingerprints)
+    env.barrier()
+
+    plans = plan_shards(source, cfg)
+    mine = [p for p in plans if p.index % env.world == env.rank]
+    pending = [p for p in mine if not _is_complete(out, p.index)]
+    _remove_stale_temporaries(out, pending)
+    if env.is_main and len(pending) < len(mine):
+        print(f"resuming: {len(mine) - len(pending)} of {len(mine)} shards of this rank are already complete")
+
+    dataset = _RenderedImages(source, pending, cfg)
+    loader = DataLoader(dataset, batch_size=None, num_workers=cfg.workers, collate_fn=keep_as_is,
+                        multiprocessing_context=mp_context(cfg.workers, __name__),
+                        pin_memory=env.device.type == "cuda", prefetch_factor=4 if cfg.workers else None)
+    total = sum(p.stop - p.start for p in pending) * cfg.views if isinstance(source, FolderSource) else None
+    bar = tqdm(total=total, unit="view", desc=f"extract[{env.rank}]" if env.world > 1 else "extract",
+               disable=not env.is_main, dynamic_ncols=True, smoothing=0.05)
+    writer = ShardWriter(out, cfg.chunk_views)
+    assemblers: dict[int, _ShardAssembler] = {}
+    plan_by_index = {p.index: p for p in pending}
+    views_done, skipped = 0, 0
+    waited = teacher_s = write_wait = 0.0
+    start = time.perf_counter()
+    try:
+        items = iter(loader)
+        while True:
+            t0 = time.perf_counter()
+            item = next(items, None)
+            waited += time.perf_counter() - t0     # data loading the teacher could not hide
+            if item is None:
+                break
+            s = item["shard"]
+            asm = assemblers.get(s) or assemblers.setdefault(
+                s, _ShardAssembler(plan_by_index[s], source, cfg, tokens, width))
+            if "end" in item:
+                asm.expected = asm.received
+            elif "error" in item:
+                if cfg.on_error == "fail":
+                    raise UserError(f"cannot read image {item['key']}: {item['error']}; fix or remove it, "
+                                    f"or rerun with --on-error skip")
+                skipped += 1
+                asm.add(item)
+            else:
+                asm.add(item)
+            t0 = time.perf_counter()
+            done = asm.run_teacher(teacher, env.device, flush=asm.complete)
+            teacher_s += time.perf_counter() - t0
+            views_done += done
+            bar.update(done)
+            if asm.complete:
+                t0 = time.perf_counter()
+                writer.submit(asm.finish(source))
+                write_wait += time.perf_counter() - t0   # blocked behind the previous shard's write
+                del assemblers[s]
+        if assemblers:  # cannot happen unless the loader stopped early
+            raise RuntimeError(f"shards {sorted(assemblers)} did not receive all their images")
+        writer.close()
+    finally:
+        writer.abandon()
+        bar.close()
+    elapsed = time.perf_counter() - start
+    env.barrier()
+
+    summary = {"views": views_done, "skipped_images": skipped, "bytes": writer.bytes_written,
+               "seconds": elapsed, "views_per_s": views_done / elapsed if elapsed > 0 else 0.0,
+               "teacher_s": teacher_s, "data_wait_s": waited, "write_wait_s": write_wait,
+               "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if env.device.type == "cuda":
+        summary["peak_gpu_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
+    if env.is_main:
+        manifest = write_manifest(out, cfg, source, plans, info, tokens, width, env.device)
+        on_disk = sum(sum(s.files.values()) for s in manifest.shards)
+        summary.update(cache_views=manifest.views, cache_images=manifest.images, cache_skipped=len(manifest.skipped),
+                       cache_bytes=on_disk, bytes_per_view=on_disk / max(1, manifest.views))
+    return summary

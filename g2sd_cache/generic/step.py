@@ -1,0 +1,350 @@
+"""The G2SD distillation step, defined once: used by `g2sd-cache train` and by the benchmark.
+
+- `TrainConfig`: the frozen configuration of a training run (built in cli/main.py, saved as config.yaml).
+- `prepare(cfg, env) -> Setup`: what the configuration implies before the first step — the cache, the
+  source images (when they are needed), the teacher (online and replay), the view geometry, the epoch size.
+- `Distiller`: owns the student, the optimizer, the loss scaler, DDP and autocast. `step(batches, lr)` is
+  one optimizer step over a step's micro-batches: `begin_step` -> `micro_step` per micro-batch ->
+  `optimizer_step`.
+
+Where a micro-batch's target comes from decides the mode: the stored codes (cached: no teacher at all),
+the live teacher on a fresh view (online, the paper), or the live teacher on the cached view (replay, which
+also measures how far the stored targets are from the live ones).
+
+**One normalisation per optimizer step.** The loss of a step is the sum of smooth-L1 over the selected
+elements of all its micro-batches on all ranks, divided by the selected count of the whole step (all
+ranks). Every selected token has the same number of elements, so this is the mean over the step's valid
+samples: micro-batch m (mean loss l_m over its v_m valid samples) contributes v_m / V x l_m, where V is the
+step's valid count summed over ranks (one all-reduce before the first backward, no host sync), times the
+world size to undo DDP's average of the ranks' gradients. So every valid sample weighs 1 / V however the
+step is cut into micro-batches and ranks, and an all-invalid micro-batch (stand-ins) changes nothing.
+The logged loss is the same quantity.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from timm.optim import param_groups_weight_decay
+from torch.nn.parallel import DistributedDataParallel
+
+from g2sd_cache.cache import codecs
+from g2sd_cache.cache.reader import Cache, open_cache
+from g2sd_cache.common.dist import DistEnv
+from g2sd_cache.common.errors import UserError
+from g2sd_cache.kernels import masked_smooth_l1
+from g2sd_cache.cache.manifest_checks import source_problem
+from g2sd_cache.models.mae import (DEFAULT_STUDENT, STUDENT_PRESETS, TEACHER_PRESETS, G2SDStudent, MAETeacher, build_student,
+                     build_teacher, load_student_state)
+from g2sd_cache.training.precision import resolve_precision
+from g2sd_cache.training.run_folder import optimizer_step, weights_finite
+from g2sd_cache.data.sources import FolderSource, Source, TarSource, open_source
+from g2sd_cache.generic.stream import Batch
+from g2sd_cache.data.views import ViewGeometry, normalize_patches, replay_versions
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out: str
+    data: str | None = None
+    cache: str | None = None
+    teacher: str | None = None
+    arch: str = "mae_vit_base_patch16"
+    student: str = DEFAULT_STUDENT
+    epochs: int | None = None
+    steps: int | None = None
+    batch_size: int = 64
+    accum_iter: int = 1
+    blr: float = 1.5e-4
+    min_lr: float = 2.5e-6
+    weight_decay: float = 0.05
+    warmup_epochs: float = 10.0
+    warmup_steps: int | None = None
+    clip_grad: float | None = None
+    loss_tokens: str = "all"
+    beta: float = 2.0
+    target_layer: int = 4
+    mask_ratio: float = 0.75
+    img_size: int = 224
+    workers: int = 4
+    prefetch: int = 2
+    shuffle_window: int = 16384
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    log_every: int = 20
+    save_every: int = 1000
+    stop_after: int | None = None
+    resume: bool = False
+    on_error: str = "fail"
+    log_samples: bool = False
+
+    # What the epoch order depends on (with the global batch, checked separately): a resume must keep them.
+    ORDER = ("seed", "cache", "shuffle_window")
+
+    @property
+    def mode(self) -> str:
+        return "replay" if self.cache and self.teacher else "cached" if self.cache else "online"
+
+    def validate(self) -> None:
+        if not self.cache and not self.teacher:
+            raise UserError("give --cache CACHE (cached G2SD), --teacher CKPT (online G2SD) or both (replay check)")
+        if not self.cache and not self.data:
+            raise UserError("online G2SD needs --data (the image folder the teacher and student see)")
+        if self.student not in STUDENT_PRESETS:
+            raise UserError(f"unknown --student {self.student}; choose one of: {', '.join(STUDENT_PRESETS)}")
+        if self.arch not in TEACHER_PRESETS:
+            raise UserError(f"unknown --arch {self.arch}; choose one of: {', '.join(TEACHER_PRESETS)}")
+        if self.epochs is not None and self.steps is not None:
+            raise UserError("give --epochs or --steps, not both")
+        for name in ("batch_size", "accum_iter", "log_every", "save_every", "shuffle_window", "prefetch"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("epochs", "steps", "stop_after"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        if not (math.isfinite(self.blr) and self.blr > 0):
+            raise UserError(f"--blr {self.blr}: the base learning rate must be a positive finite number")
+        if not (math.isfinite(self.min_lr) and 0 <= self.min_lr):
+            raise UserError(f"--min-lr {self.min_lr}: must be a finite number >= 0")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise UserError(f"--weight-decay {self.weight_decay}: must be a finite number >= 0")
+        if not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
+            raise UserError(f"--warmup-epochs {self.warmup_epochs}: must be a finite number >= 0")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise UserError(f"--warmup-steps {self.warmup_steps}: must be 0 or more")
+        if self.clip_grad is not None and not (math.isfinite(self.clip_grad) and self.clip_grad > 0):
+            raise UserError(f"--clip-grad {self.clip_grad}: must be a positive finite number")
+        if not (math.isfinite(self.beta) and self.beta >= 0):
+            raise UserError(f"--beta {self.beta}: must be a finite number >= 0")
+        if self.workers < 0:
+            raise UserError("--workers must be 0 or more")
+        if self.loss_tokens not in ("all", "masked", "visible"):
+            raise UserError(f"--loss-tokens {self.loss_tokens}: choose all, masked or visible")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise UserError(f"--precision {self.precision}: choose auto, bf16, fp16 or fp32")
+        if self.on_error not in ("skip", "fail"):
+            raise UserError(f"--on-error {self.on_error}: choose skip or fail")
+
+
+# ----------------------------------------------------------------------------------------------
+# Set-up
+
+@dataclass
+class Setup:
+    """Everything a run derives from its configuration before the first step."""
+
+    source: Source | None          # None: a pixel cache trained without --data
+    cache: Cache | None
+    teacher: MAETeacher | None
+    geometry: ViewGeometry
+    target_layer: int
+    target_dim: int
+    unit_sizes: list[int]          # rows of each plan unit (cache shard, or the image folder)
+    block: int                     # rows read together (the cache's inner chunk)
+    whole_units: bool              # tar units: read whole, in order
+    views_per_image: int | None    # K of the cache; None online
+    notes: list[str]               # set-up remarks for the console (rank 0 prints them)
+
+    @property
+    def epoch_size(self) -> int:
+        return sum(self.unit_sizes)
+
+
+def prepare(cfg: TrainConfig, env: DistEnv) -> Setup:
+    notes: list[str] = []
+    cache = teacher = None
+    source = open_source(cfg.data) if cfg.data else None
+    if cfg.cache:
+        cache = open_cache(cfg.cache)
+        m = cache.manifest
+        if source is None and not cache.has_pixels:
+            raise UserError(f"cache {cfg.cache} was extracted with --pixels none, so training reads the images: "
+                            f"pass --data with the dataset it was extracted from ({m.source.root})")
+        mismatch = source_problem(m, source, cfg.data) if source is not None else None
+        if mismatch:
+            raise UserError(mismatch)
+        geometry = m.geometry
+        target_layer, target_dim = m.target_layer, m.target_dim
+        ignored = _flags_ignored_with_a_cache(cfg)
+        if ignored:
+            notes.append(f"note: {', '.join(ignored)} come from the cache's manifest with --cache; the flags are ignored")
+        if cache.has_pixels:
+            notes.append("reading the views' stored pixels: no image is opened" +
+                         (" (--data is only checked against the cache's listing)" if source is not None else ""))
+        elif m.versions != replay_versions():
+            notes.append(f"warning: the cache was made with {m.versions}; this machine has {replay_versions()}: "
+                         f"replayed crops may differ slightly from what the teacher saw")
+    else:
+        if not isinstance(source, FolderSource):
+            raise UserError("online G2SD needs an image folder as --data (tar shards carry no image count); "
+                            "extract a cache from the tars and train with --cache")
+        geometry = ViewGeometry(img_size=cfg.img_size, patch_size=TEACHER_PRESETS[cfg.arch].patch_size,
+                                mask_ratio=cfg.mask_ratio)
+        target_layer, target_dim = cfg.target_layer, TEACHER_PRESETS[cfg.arch].decoder_embed_dim
+        depth = TEACHER_PRESETS[cfg.arch].decoder_depth
+        if not 1 <= target_layer <= depth:
+            raise UserError(f"--target-layer {target_layer}: must be between 1 and {depth}")
+    if cfg.teacher:
+        arch = cache.manifest.teacher.arch if cache else cfg.arch
+        teacher, info = build_teacher(cfg.teacher, arch, geometry.img_size)
+        made = cache.manifest.teacher if cache else None
+        if made and info.sha256 != made.sha256:
+            raise UserError(f"--teacher {cfg.teacher} is not the teacher that made the cache ({made.source}, sha256 "
+                            f"{made.sha256[:12]}...); replay needs the same weights")
+        teacher.to(env.device)
+    student_patch = STUDENT_PRESETS[cfg.student].patch_size
+    if student_patch != geometry.patch_size:
+        raise UserError(f"student {cfg.student} has patch size {student_patch} but the views use "
+                        f"{geometry.patch_size}; choose a student with the teacher's patch size")
+    if cache:
+        unit_sizes, block = list(cache.shard_images), cache.manifest.chunk_views
+    else:
+        unit_sizes, block = [len(source)], 64
+    whole_units = isinstance(source, TarSource) and not (cache and cache.has_pixels)
+    return Setup(source, cache, teacher, geometry, target_layer, target_dim, unit_sizes, block, whole_units,
+                 views_per_image=cache.views_per_image if cache else None, notes=notes)
+
+
+def _flags_ignored_with_a_cache(cfg: TrainConfig) -> list[str]:
+    """View and target flags set away from their defaults, which a cache's manifest overrides."""
+    defaults = TrainConfig(out="")
+    return [f"--{k.replace('_', '-')}" for k in ("target_layer", "mask_ratio", "img_size", "arch")
+            if getattr(cfg, k) != getattr(defaults, k)]
+
+
+# ----------------------------------------------------------------------------------------------
+# The step
+
+@dataclass
+class StepResult:
+    """One optimizer step, as device tensors (reading them would wait for the device):
+    loss: this rank's share of the step's global mean loss (the ranks' shares sum to it);
+    replay_rel_sum / replay_batches: relative RMS error of cached vs live targets, summed over this rank's
+    micro-batches that had valid samples, and their count; replay_max_abs: the largest absolute error."""
+
+    loss: torch.Tensor
+    replay_rel_sum: torch.Tensor
+    replay_batches: int
+    replay_max_abs: torch.Tensor
+    skipped: int                     # samples of this rank's micro-batches that could not be read
+
+
+class Distiller:
+    """Student, optimizer, loss scaler, DDP and autocast of a G2SD run; see the module docstring."""
+
+    def __init__(self, cfg: TrainConfig, setup: Setup, env: DistEnv):
+        self.cfg, self.setup, self.env = cfg, setup, env
+        device = env.device
+        self.precision = resolve_precision(cfg.precision, device)
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        self.autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
+        # fp16 has too little range for a large teacher's activations: run the teacher in bf16 where the GPU has
+        # it, else in fp32 (its targets are LayerNorm-ed in fp32 either way).
+        teacher_amp = torch.bfloat16 if self.precision == "bf16" or (
+            self.precision == "fp16" and device.type == "cuda" and torch.cuda.is_bf16_supported()) else None
+        self.teacher_autocast = (lambda: torch.autocast(device.type, dtype=teacher_amp)) if teacher_amp else nullcontext
+        self.student: G2SDStudent = build_student(cfg.student, setup.target_dim, setup.geometry.img_size,
+                                                  seed=cfg.seed).to(device)
+        # The official recipe (timm's add_weight_decay, no skip list): decay every parameter with >= 2 dims,
+        # the cls and mask tokens included; biases and norms are not decayed.
+        groups = param_groups_weight_decay(self.student, cfg.weight_decay, no_weight_decay_list=())
+        self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.95))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        self.model = DistributedDataParallel(self.student, device_ids=[device.index] if device.type == "cuda" else None) \
+            if env.world > 1 else self.student
+        self._weights: list[torch.Tensor] = []
+
+    # -- one optimizer step ------------------------------------------------------------------------
+    def step(self, batches: list[Batch], lr: float) -> StepResult:
+        """The whole optimizer step over `batches` (this rank's micro-batches of the step)."""
+        self.begin_step(batches)
+        losses, rels, n_rel, maxes = [], [], 0, []
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            loss, rel, max_abs = self.micro_step(batch, self._weights[i], sync=last)
+            losses.append(loss)
+            if rel is not None:
+                rels.append(rel)
+                maxes.append(max_abs)
+                n_rel += 1
+        self.optimizer_step(lr)
+        zero = torch.zeros((), device=self.env.device)
+        return StepResult(loss=torch.stack(losses).sum(), replay_rel_sum=torch.stack(rels).sum() if rels else zero,
+                          replay_batches=n_rel, replay_max_abs=torch.stack(maxes).max() if maxes else zero,
+                          skipped=sum(len(b.errors) for b in batches))
+
+    def begin_step(self, batches: list[Batch]) -> None:
+        """Each micro-batch's share of the step's loss: v_m / V (see the module docstring)."""
+        local = torch.tensor([int(b.valid.sum()) for b in batches], dtype=torch.float32)
+        total = local.sum().to(self.env.device)
+        if self.env.world > 1:
+            dist.all_reduce(total)
+        self._weights = list((local.to(self.env.device) / total.clamp_min(1)).unbind())
+
+    def micro_step(self, batch: Batch, share: torch.Tensor, sync: bool = True):
+        """Forward and backward of one micro-batch whose mean loss is `share` of the step's loss. Gradients are
+        all-reduced across ranks only when `sync`. Returns (its contribution to the step's loss, replay
+        relative error or None, max abs error or None)."""
+        device = self.env.device
+        patches = normalize_patches(batch.patches.to(device, non_blocking=True))
+        mask = batch.mask.to(device, non_blocking=True)
+        valid = batch.valid.to(device, non_blocking=True)
+        scale = None
+        rel = max_abs = None
+        s = self.setup
+        if s.teacher is not None:
+            with self.teacher_autocast():
+                target = s.teacher.targets_visible(patches, mask, s.target_layer)
+            if batch.codes is not None and bool(batch.valid.any()):   # replay: cached vs live targets
+                cached = codecs.decode(s.cache.codec, batch.codes.to(device), None if batch.scale is None
+                                       else batch.scale.to(device))
+                ok = valid[:, None, None]
+                err = (cached - target) * ok
+                rel = err.pow(2).sum().sqrt() / (target * ok).pow(2).sum().sqrt().clamp_min(1e-12)
+                max_abs = err.abs().max()
+        else:
+            target = batch.codes.to(device, non_blocking=True)
+            scale = batch.scale.to(device, non_blocking=True) if batch.scale is not None else None
+        sync_ctx = nullcontext() if (self.env.world == 1 or sync) else self.model.no_sync()
+        with sync_ctx:
+            with self.autocast():
+                pred = self.model(patches, mask)
+            loss = masked_smooth_l1(pred, target, scale=scale, beta=self.cfg.beta,
+                                    token_mask=token_mask(self.cfg.loss_tokens, mask, valid, bool(batch.valid.all())))
+            weighted = loss * share
+            # x world: DDP averages the ranks' gradients, the step's loss is their sum
+            self.scaler.scale(weighted * self.env.world).backward()
+        return weighted.detach(), rel, max_abs
+
+    def optimizer_step(self, lr: float) -> None:
+        optimizer_step(self.optimizer, self.scaler, self.student, lr, self.cfg.clip_grad)
+
+    def weights_finite(self) -> bool:
+        """Whether every parameter is finite (waits for the device: call it at log and save time)."""
+        return weights_finite(self.student)
+
+    # -- state -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        # A run from before the head fix has decoder_norm.* (and optimizer state for it): refused in one line.
+        load_student_state(self.student, state["model"], refuse_old_head=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+def token_mask(loss_tokens: str, mask: torch.Tensor, valid: torch.Tensor, all_valid: bool) -> torch.Tensor | None:
+    """[B, 1 + L] bool of the tokens the loss averages over (cls counts as visible), or None for all.
+    `all_valid` comes from the CPU copy of `valid`, so deciding costs no device sync."""
+    if loss_tokens == "all" and all_valid:
+        return None
+    cls = torch.ones_like(mask[:, :1])
+    tokens = {"all": torch.ones_like(mask), "masked": mask, "visible": ~mask}[loss_tokens]
+    tokens = torch.cat([cls & (loss_tokens != "masked"), tokens], dim=1)
+    return tokens & valid[:, None]

@@ -1,0 +1,201 @@
+"""`g2sd-cache train`: the command around the distillation step (generic/step.py) — run folder, resume,
+config.yaml, signals, the epoch / step loop and the summary.
+
+Modes: cached (--cache: no teacher), online (--teacher: the paper's G2SD, the baseline), replay (both: the
+cached views through the live teacher, logging how far the stored targets are from live ones).
+
+The data order is a pure function of (seed, epoch) (generic/plan.py), cut into global batches of
+batch_size x accum_iter x world samples; a checkpoint records the epoch and the global sample position.
+`--resume` continues at that sample on any number of ranks and workers (and any per-rank batch giving the
+same global batch), with the same samples in the same order.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from g2sd_cache.common.checkpoint import CHECKPOINT, RESUME_KEYS, load_checkpoint, rng_state, set_rng_state
+from g2sd_cache.common.config import to_yaml
+from g2sd_cache.common.dist import DistEnv, init_distributed, shutdown_distributed
+from g2sd_cache.generic.step import Distiller, Setup, TrainConfig, prepare
+from g2sd_cache.common.errors import UserError
+from g2sd_cache.common.fsutil import write_text_atomic
+from g2sd_cache.generic.plan import epoch_order, rank_positions, steps_in_epoch
+from g2sd_cache.generic.runlog import RunLog
+from g2sd_cache.training.run_folder import StopRun, StopSignals, any_rank, prepare_run_folder, save_run_checkpoint
+from g2sd_cache.training.schedule import get_lr, scaled_lr
+from g2sd_cache.generic.stream import StepLoader, StreamSpec
+
+__all__ = ["TrainConfig", "train"]
+
+# Options whose change on --resume is accepted (printed and recorded in config.yaml): the schedule.
+SCHEDULE = ("epochs", "steps", "blr", "min_lr", "warmup_epochs", "warmup_steps", "weight_decay", "clip_grad",
+            "stop_after", "log_every", "save_every")
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """The run's length and learning-rate schedule in optimizer steps."""
+
+    global_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    base_lr: float
+
+
+def make_schedule(cfg: TrainConfig, epoch_size: int, world: int) -> Schedule:
+    global_batch = cfg.batch_size * cfg.accum_iter * world
+    steps_per_epoch = steps_in_epoch(epoch_size, global_batch)
+    if steps_per_epoch == 0:
+        raise UserError("the dataset has no samples to train on")
+    total = cfg.steps or (cfg.epochs or 300) * steps_per_epoch
+    if cfg.warmup_steps is not None:
+        warmup = cfg.warmup_steps
+    else:
+        warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+        # --steps and --warmup-epochs count in different units: a mismatch is the likely mistake there. (With
+        # --epochs both are epochs; a warm-up past the end is printed with the other set-up lines.)
+        if warmup > total and cfg.steps is not None:
+            raise UserError(f"--warmup-epochs {cfg.warmup_epochs} is {warmup} steps ({steps_per_epoch} steps per epoch), "
+                            f"longer than the run's {total} steps (--steps): the learning rate would never reach --blr. "
+                            f"Lower --warmup-epochs, or give --warmup-steps N to mean it")
+    return Schedule(global_batch, steps_per_epoch, total, warmup, scaled_lr(cfg.blr, global_batch))
+
+
+def train(cfg: TrainConfig) -> dict:
+    cfg.validate()
+    env = init_distributed(cfg.device)
+    try:
+        return _train(cfg, env)
+    finally:
+        shutdown_distributed()
+
+
+def _resume(cfg: TrainConfig, run: Path, distiller: Distiller, sched: Schedule, env: DistEnv) -> tuple[int, int, int, list[str]]:
+    """Load the checkpoint; returns (step, epoch, sample position in the epoch, notes on what changed)."""
+    ckpt = load_checkpoint(run, "train without --resume to start a new run there", required=RESUME_KEYS)
+    saved = ckpt["config"]
+    fixed = [k for k in (*TrainConfig.ORDER, "student", "loss_tokens", "beta") if saved.get(k) != getattr(cfg, k)]
+    if cfg.mode == "online" and saved.get("data") != cfg.data:
+        fixed.append("data")
+    if fixed:
+        raise UserError(f"--resume: {', '.join(fixed)} differ from the run being resumed; the model and the data "
+                        f"order depend on them, so pass the same values (see {run}/config.yaml)")
+    notes = [f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in SCHEDULE if saved.get(k) != getattr(cfg, k)]
+    if ckpt["global_batch"] != sched.global_batch:
+        notes.append(f"global batch {ckpt['global_batch']} -> {sched.global_batch}: continuing at the same sample "
+                     f"with the new batch (steps per epoch and the lr scale change)")
+    if ckpt["world"] != env.world:
+        notes.append(f"world size {ckpt['world']} -> {env.world} (the data order is unchanged)")
+    distiller.load_state_dict(ckpt)
+    set_rng_state(ckpt["rng"])
+    return ckpt["step"], ckpt["epoch"], ckpt["position"], notes
+
+
+def _train(cfg: TrainConfig, env: DistEnv) -> dict:
+    run = prepare_run_folder(cfg.out, cfg.resume, env)
+    setup = prepare(cfg, env)
+    distiller = Distiller(cfg, setup, env)
+    sched = make_schedule(cfg, setup.epoch_size, env.world)
+    step, epoch, position, notes = _resume(cfg, run, distiller, sched, env) if cfg.resume else (0, 0, 0, [])
+    if env.is_main:
+        for line in setup.notes + [f"resume: {n}" for n in notes]:
+            print(line)
+        derived = {"mode": cfg.mode, "world_size": env.world, "global_batch": sched.global_batch,
+                   "steps_per_epoch": sched.steps_per_epoch, "total_steps": sched.total_steps,
+                   "warmup_steps": sched.warmup_steps, "lr": sched.base_lr, "precision": distiller.precision,
+                   "target_layer": setup.target_layer, "target_dim": setup.target_dim,
+                   "reads": "cached pixels" if setup.cache and setup.cache.has_pixels else "images",
+                   "resumed_with_changes": notes}
+        write_text_atomic(run / "config.yaml", to_yaml(cfg, {"derived": derived}))
+        tqdm.write(f"{cfg.mode} G2SD: {cfg.student} <- {setup.target_dim}-wide targets, {env.world} rank(s), "
+                   f"batch {cfg.batch_size}x{cfg.accum_iter}x{env.world}, lr {sched.base_lr:.3g}, "
+                   f"{sched.steps_per_epoch} steps/epoch, {sched.total_steps} steps, warm-up {sched.warmup_steps} "
+                   f"steps" + (f", resuming at step {step}" if step else ""))
+        if sched.warmup_steps > sched.total_steps:
+            tqdm.write(f"warning: the warm-up ({sched.warmup_steps} steps) is longer than the run ({sched.total_steps} "
+                       f"steps): the learning rate never reaches {sched.base_lr:.3g}")
+
+    log = RunLog(run, env, mode=cfg.mode, global_batch=sched.global_batch, start_step=step,
+                 log_samples=cfg.log_samples)
+    bar = tqdm(total=sched.total_steps, initial=step, unit="step", desc=f"train[{cfg.mode}]", disable=not env.is_main,
+               dynamic_ncols=True)
+    signals = StopSignals().install()
+
+    def checkpoint(at_step: int, at_epoch: int, at_position: int) -> None:
+        log.raise_if_nonfinite()
+        save_run_checkpoint(run, env, at_step, distiller.weights_finite(), lambda: distiller.state_dict() | {
+            "step": at_step, "epoch": at_epoch, "position": at_position, "global_batch": sched.global_batch,
+            "rng": rng_state(), "config": dataclasses.asdict(cfg), "world": env.world, "student": cfg.student,
+            "target_dim": setup.target_dim, "img_size": setup.geometry.img_size})
+
+    last_loss, ended_early, start_step = float("nan"), False, step
+    t_start = time.perf_counter()
+    try:
+        while step < sched.total_steps:
+            loader = _epoch_loader(cfg, setup, env, sched, epoch, position)
+            steps = iter(loader)
+            while step < sched.total_steps:
+                t_wait = time.perf_counter()
+                batches = next(steps, None)
+                if batches is None:
+                    break
+                wait = time.perf_counter() - t_wait
+                errors = [e for b in batches for e in b.errors]
+                if errors and cfg.on_error == "fail":
+                    raise UserError(f"cannot read a training sample ({errors[0]}); fix the input, or pass "
+                                    f"--on-error skip to leave such samples out (they are counted)")
+                log.log_batches(step, epoch, batches)
+                lr = get_lr(step, base_lr=sched.base_lr, min_lr=cfg.min_lr, warmup_steps=sched.warmup_steps,
+                            total_steps=sched.total_steps)
+                log.add(step, distiller.step(batches, lr), wait)
+                step += 1
+                position = min(setup.epoch_size, position + sched.global_batch)
+                bar.update(1)
+                at_epoch, at_position = (epoch, position) if position < setup.epoch_size else (epoch + 1, 0)
+                if step % cfg.log_every == 0 or step == sched.total_steps:
+                    last_loss = log.write(step, epoch, lr)
+                if step % cfg.save_every == 0 or step == sched.total_steps:
+                    checkpoint(step, at_epoch, at_position)
+                # --stop-after is the same step on every rank; a signal may reach ranks at different steps, so
+                # ranks agree on it at log steps (every step when alone).
+                stop_now = cfg.stop_after is not None and step >= cfg.stop_after
+                if env.world == 1 or step % cfg.log_every == 0:
+                    stop_now = stop_now or any_rank(signals.requested.is_set(), env)
+                if stop_now:
+                    if step % cfg.save_every != 0 and step != sched.total_steps:
+                        checkpoint(step, at_epoch, at_position)
+                    raise StopRun
+            epoch, position = epoch + 1, 0
+    except StopRun:
+        ended_early = True
+    finally:
+        bar.close()
+        log.close()
+        signals.restore()
+    elapsed = time.perf_counter() - t_start
+    done = step - start_step
+    summary = {"mode": cfg.mode, "steps": step, "steps_this_run": done, "stopped_early": ended_early,
+               "seconds": elapsed, "final_loss": last_loss,
+               "samples_per_s": done * sched.global_batch / elapsed if elapsed > 0 else 0.0,
+               "checkpoint": str(run / CHECKPOINT)}
+    if env.is_main:
+        tqdm.write(f"{'stopped' if ended_early else 'finished'} at step {step}/{sched.total_steps}: loss "
+                   f"{last_loss:.4f}, {summary['samples_per_s']:.1f} samples/s; checkpoint {run / CHECKPOINT}")
+    return summary
+
+
+def _epoch_loader(cfg: TrainConfig, setup: Setup, env: DistEnv, sched: Schedule, epoch: int, position: int) -> StepLoader:
+    """This rank's remaining steps of `epoch`, from global sample `position` on."""
+    order = epoch_order(setup.unit_sizes, seed=cfg.seed, epoch=epoch, block=setup.block, window=cfg.shuffle_window,
+                        whole_units=setup.whole_units)
+    view = epoch % setup.views_per_image if setup.views_per_image else epoch
+    spec = StreamSpec(setup.source, setup.cache, setup.geometry, cfg.seed, view, order, keys=cfg.log_samples)
+    positions = rank_positions(len(order), start=position, global_batch=sched.global_batch, rank=env.rank,
+                               world=env.world)
+    return StepLoader(spec, positions, batch_size=cfg.batch_size, workers=cfg.workers, prefetch=cfg.prefetch,
+                      pin_memory=env.device.type == "cuda")

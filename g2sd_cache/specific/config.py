@@ -1,0 +1,254 @@
+"""Frozen configurations of the specific stage: `finetune` and `extract-logits`, built in cli/main.py only.
+
+Both commands share the data plan's options (`PlanOptions`): a logits cache is only valid for the plan that
+made it, so the options that decide the plan have one definition, one set of flags and one set of defaults.
+Option names are the keys of `configs/finetune_vit_*.yaml` (G2SD's recipe, each value with its source); the
+defaults are the same values, so `--config` and no `--config` give the official recipe.
+
+A few recipe keys in those files name choices this implementation does not let you change (the optimizer,
+timm's batch-mode mixing, ...): `from_values` accepts them when they hold the supported value and refuses
+anything else in one line (`FIXED`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from g2sd_cache.models.classifier import CLASSIFIER_PRESETS
+from g2sd_cache.common.config import read_yaml
+from g2sd_cache.common.errors import UserError
+from g2sd_cache.specific.augment import AugmentRecipe
+from g2sd_cache.specific.mix import MixRecipe
+from g2sd_cache.specific.plan import SDRecipe
+
+# Recipe keys of configs/finetune_vit_*.yaml with the only value supported here.
+FIXED = {"optimizer": "adamw", "adam_betas": [0.9, 0.999], "head_init_std": 2e-5, "teacher_precision": "fp32",
+         "color_jitter": None, "cutmix_minmax": None, "mixup_mode": "batch"}
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """What decides every mixed training batch (sd_plan.SDPlan): data, seed, augmentation, mixing, group."""
+
+    data: str = ""
+    seed: int = 0
+    img_size: int = 224
+    group_size: int = 128
+    auto_augment: str = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25
+    remode: str = "pixel"
+    recount: int = 1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    smoothing: float = 0.1
+
+    # The fields that decide the plan (a resume or a logits cache must keep them).
+    PLAN = ("data", "seed", "img_size", "group_size", "auto_augment", "reprob", "remode", "recount", "mixup",
+            "cutmix", "mixup_prob", "mixup_switch_prob", "smoothing")
+
+    def recipe(self) -> SDRecipe:
+        return SDRecipe(
+            augment=AugmentRecipe(img_size=self.img_size, auto_augment=self.auto_augment, re_prob=self.reprob,
+                                  re_mode=self.remode, re_count=self.recount),
+            mix=MixRecipe(mixup_alpha=self.mixup, cutmix_alpha=self.cutmix, prob=self.mixup_prob,
+                          switch_prob=self.mixup_switch_prob, label_smoothing=self.smoothing),
+            group_size=self.group_size)
+
+    def validate_plan(self) -> None:
+        if not self.data:
+            raise UserError("--data is required: the training image folder, one sub-folder per class")
+        if self.img_size < 16 or self.img_size % 16:
+            raise UserError(f"--img-size {self.img_size}: must be a positive multiple of the patch size 16")
+        if self.group_size < 2 or self.group_size % 2:
+            raise UserError(f"--group-size {self.group_size}: must be even and at least 2 (mixup pairs sample i "
+                            f"with sample G-1-i)")
+        for name in ("reprob", "mixup_prob", "mixup_switch_prob", "smoothing"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0 <= value <= 1):
+                raise UserError(f"--{name.replace('_', '-')} {value}: must be between 0 and 1")
+        for name in ("mixup", "cutmix"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise UserError(f"--{name} {getattr(self, name)}: the Beta distribution's alpha must be >= 0 (0: off)")
+        if self.remode not in ("pixel", "rand", "const"):
+            raise UserError(f"--remode {self.remode}: choose pixel, rand or const (timm's RandomErasing modes)")
+        if self.recount < 1:
+            raise UserError("--recount must be at least 1")
+
+    def check_teacher_arch(self, arch: str) -> None:
+        if arch not in CLASSIFIER_PRESETS:
+            raise UserError(f"unknown --teacher-arch {arch}; choose one of: {', '.join(CLASSIFIER_PRESETS)}")
+
+
+@dataclass(frozen=True)
+class LogitsConfig(PlanOptions):
+    """`g2sd-cache extract-logits`: the teacher's predictions on the mixed batches of epochs 0..K-1."""
+
+    out: str = ""
+    teacher: str = ""
+    teacher_arch: str = "vit_base_patch16"
+    cached_epochs: int = 1
+    topk: int = 5
+    shard_groups: int = 256
+    workers: int = 4
+    device: str = "auto"
+    overwrite: bool = False
+
+    # Fields that decide the cache's content besides the plan; a rerun with any of them changed is refused.
+    CONTENT = (*PlanOptions.PLAN, "teacher_arch", "cached_epochs", "topk", "shard_groups")
+
+    def validate(self) -> None:
+        self.validate_plan()
+        if not self.out:
+            raise UserError("--out is required: the folder of the logits cache")
+        if not self.teacher:
+            raise UserError("--teacher is required: the fine-tuned teacher classifier (or random[:SEED] for trials)")
+        self.check_teacher_arch(self.teacher_arch)
+        for name in ("cached_epochs", "topk", "shard_groups"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.workers < 0:
+            raise UserError("--workers must be 0 or more")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(PlanOptions):
+    """`g2sd-cache finetune`: G2SD's specific distillation (with a teacher or a logits cache), or plain
+    fine-tuning (neither). Defaults: SD.sh / main_finetune_dis.py (see configs/finetune_vit_small.yaml)."""
+
+    out: str = ""
+    init: str = ""
+    val: str | None = None
+    teacher: str | None = None
+    teacher_arch: str = "vit_base_patch16"
+    logits: str | None = None
+    arch: str = "vit_small_patch16"
+    drop_path: float = 0.0
+    epochs: int = 200
+    batch_size: int | None = None      # forward micro-batch; None = the group
+    accum_iter: int = 1
+    blr: float = 1e-3
+    layer_decay: float = 0.75
+    weight_decay: float = 0.05
+    min_lr: float = 1e-6
+    warmup_epochs: float = 5.0
+    clip_grad: float | None = None
+    precision: str = "auto"
+    eval_every: int = 1
+    eval_batch_size: int = 128
+    workers: int = 4
+    prefetch: int = 2
+    device: str = "auto"
+    log_every: int = 20
+    save_every: int = 1000
+    stop_after: int | None = None
+    resume: bool = False
+
+    # What the model and the data order depend on: a resume must keep them (the schedule may change).
+    # (The images are compared by their listing's fingerprint and the teacher by its weights' sha256, so a moved
+    # folder, teacher file or logits cache resumes.)
+    FIXED_ON_RESUME = (*(k for k in PlanOptions.PLAN if k != "data"), "arch", "drop_path", "batch_size")
+
+    @property
+    def distilled(self) -> bool:
+        return bool(self.teacher or self.logits)
+
+    @property
+    def mode(self) -> str:
+        """cached (logits, no teacher), online (teacher in the loop), replay (both: logs agreement), plain."""
+        if self.logits:
+            return "replay" if self.teacher else "cached"
+        return "online" if self.teacher else "plain"
+
+    @property
+    def micro_batch(self) -> int:
+        return self.batch_size or self.group_size
+
+    def validate(self) -> None:
+        self.validate_plan()
+        if not self.out:
+            raise UserError("--out is required: the run folder")
+        if not self.init and not self.resume:
+            raise UserError("--init is required: the stage-1 student (a `g2sd-cache train` run folder or its "
+                            "`g2sd-cache export` file)")
+        if self.arch not in CLASSIFIER_PRESETS:
+            raise UserError(f"unknown --arch {self.arch}; choose one of: {', '.join(CLASSIFIER_PRESETS)}")
+        self.check_teacher_arch(self.teacher_arch)
+        if self.micro_batch < 1 or self.group_size % self.micro_batch:
+            raise UserError(f"--batch-size {self.batch_size} must divide --group-size {self.group_size}: a mixing "
+                            f"group is split into equal micro-batches")
+        for name in ("epochs", "accum_iter", "eval_batch_size", "log_every", "save_every", "prefetch"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise UserError("--stop-after must be at least 1")
+        if self.eval_every < 0:
+            raise UserError("--eval-every must be 0 (never) or more")
+        if self.workers < 0:
+            raise UserError("--workers must be 0 or more")
+        for name in ("blr", "layer_decay"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be a positive finite number")
+        for name in ("min_lr", "weight_decay", "warmup_epochs", "drop_path"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be a finite number >= 0")
+        if self.drop_path >= 1:
+            raise UserError(f"--drop-path {self.drop_path}: must be below 1")
+        if self.clip_grad is not None and not (math.isfinite(self.clip_grad) and self.clip_grad > 0):
+            raise UserError(f"--clip-grad {self.clip_grad}: must be a positive finite number")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise UserError(f"--precision {self.precision}: choose auto, bf16, fp16 or fp32")
+
+
+def from_values(cls: type, values: dict, path: str | None, distilled: bool | None = None) -> dict:
+    """The keyword arguments of `cls` from `values` (a --config file's mapping merged with the flags given).
+
+    FIXED recipe keys must hold their supported value and are then dropped; `distilled` / `global_pool` must
+    agree with the mode (`distilled`: whether a teacher or a logits cache is given; None: not checked). Keys
+    of FinetuneConfig that `cls` lacks (training options in a finetune config given to extract-logits) are
+    dropped; anything else is refused with the list of valid keys."""
+    values = dict(values)
+    where = f"config {path}" if path else "options"
+    for key, want in FIXED.items():
+        if key in values:
+            got = values.pop(key)
+            if not _same(got, want):
+                raise UserError(f"{where}: {key} {got!r} is not supported; this implementation uses G2SD's {want!r}")
+    for key, want in (("distilled", distilled), ("global_pool", None if distilled is None else not distilled)):
+        if key in values:
+            got = values.pop(key)
+            if want is not None and bool(got) != want:
+                raise UserError(_mode_mismatch(key, bool(got), distilled, where))
+    known = {f.name for f in dataclasses.fields(cls)}
+    training_only = {f.name for f in dataclasses.fields(FinetuneConfig)} - known
+    unknown = sorted(set(values) - known - training_only)
+    if unknown:
+        raise UserError(f"{where}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+    return {k: v for k, v in values.items() if k in known}
+
+
+def _same(got, want) -> bool:
+    if isinstance(want, list):
+        return isinstance(got, (list, tuple)) and len(got) == len(want) and all(_same(a, b) for a, b in zip(got, want))
+    if isinstance(want, float):
+        return isinstance(got, (int, float)) and math.isclose(got, want, rel_tol=1e-9)
+    return got == want
+
+
+def _mode_mismatch(key: str, got: bool, distilled: bool, where: str) -> str:
+    if key == "distilled":
+        given = "a teacher or logits cache is given" if distilled else "neither --teacher nor --logits is given"
+        return (f"{where} sets distilled: {str(got).lower()} but {given}; pass --teacher CKPT or --logits CACHE to "
+                f"distil, or neither for plain fine-tuning (and drop distilled)")
+    student = ("the distilled student classifies from its cls and dist tokens" if distilled
+               else "plain fine-tuning uses MAE's global-pool classifier")
+    return f"{where} sets global_pool: {str(got).lower()}, but {student}: drop global_pool"
+
+
+def load_config_values(path: str | None, given: dict) -> dict:
+    """A --config file's mapping (if any) with the flags given on top."""
+    values = read_yaml(path) if path else {}
+    values.update(given)
+    return values

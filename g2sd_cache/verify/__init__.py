@@ -1,0 +1,2 @@
+"""`g2sd-cache verify`: checks a target or logits cache end to end without trusting it.
+"""

@@ -1,0 +1,76 @@
+"""benchmarks/study.py (issue 13) runs end to end in its quick profile: every arm (online, cached K, every codec of
+CODECS) is extracted and trained through the product, evaluated on held-out views, and reported in the --json
+schema of the issue."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from g2sd_cache.cache.codecs import CODECS
+
+ROOT = Path(__file__).resolve().parents[2]
+ARM_KEYS = {"name", "views", "codec", "bytes_per_view", "heldout_loss", "heldout_cosine", "train_loss",
+            "gap_to_online"}
+
+
+def _study():
+    from g2sd_cache.benchmarks import study
+    return study
+
+
+@pytest.mark.slow
+def test_quick_study_trains_every_arm_and_reports_the_issue_schema(tmp_path, capsys):
+    study = _study()
+    out = tmp_path / "study.json"
+    assert study.main(["--quick", "--device", "cpu", "--workdir", str(tmp_path / "work"), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report) == {"arms", "config"}
+    arms = {a["name"]: a for a in report["arms"]}
+    k = report["config"]["codec_views"]
+    # online, cached K for the profile's K, and every codec at K (the default codec at K is cached-kK itself)
+    expected = {"online", *(f"cached-k{v}" for v in report["config"]["views"]),
+                *(f"{c}-k{k}" for c in CODECS if c != study.DEFAULT_CODEC)}
+    assert set(arms) == expected and len(arms) == len(report["arms"])
+
+    seeds = report["config"]["seeds"]
+    assert len(seeds) >= 2
+    init = report["config"]["untrained_student"]["heldout_loss"]["mean"]
+    for a in report["arms"]:
+        assert set(a) == ARM_KEYS, a["name"]
+        for metric in ("heldout_loss", "heldout_cosine", "train_loss", "gap_to_online"):
+            assert set(a[metric]) == {"mean", "std"} and all(math.isfinite(v) for v in a[metric].values()), a
+        assert -1 <= a["heldout_cosine"]["mean"] <= 1
+        # every arm learned something in its few steps: below the untrained student on images it never saw
+        assert 0 < a["heldout_loss"]["mean"] < init, a["name"]
+        gap = a["heldout_loss"]["mean"] - arms["online"]["heldout_loss"]["mean"]
+        assert a["gap_to_online"]["mean"] == pytest.approx(gap, abs=1e-9)
+    assert arms["online"]["views"] is None and arms["online"]["bytes_per_view"] is None
+    assert arms["online"]["gap_to_online"] == {"mean": 0.0, "std": 0.0}
+
+    # bytes per view: the stored codes (and scales) of [T, D] targets
+    tokens = (report["config"]["img_size"] // 16) ** 2 + 1
+    width = 32   # the micro teacher's decoder width
+    fp16 = arms["cached-k1"]["bytes_per_view"]
+    assert fp16 == pytest.approx(tokens * width * 2, rel=0.05)
+    assert arms[f"int8-k{k}"]["bytes_per_view"] == pytest.approx(tokens * width + 4 * tokens, rel=0.05)
+    for name, codec in CODECS.items():   # a new codec (int4) is compared without changes here
+        arm = arms[f"cached-k{k}" if name == study.DEFAULT_CODEC else f"{name}-k{k}"]
+        assert arm["codec"] == name and arm["views"] == k and 0 < arm["bytes_per_view"] <= fp16 * 1.01
+
+    printed = capsys.readouterr().out
+    assert "| arm | K | codec |" in printed and all(f"| {name} |" in printed for name in arms)
+    # each arm trained the same number of steps through `g2sd-cache train`: its log says so
+    logs = tmp_path / "work" / "logs"
+    steps = report["config"]["steps"]
+    for name in arms:
+        for seed in seeds:
+            assert f"finished at step {steps}/{steps}" in (logs / f"{name}-seed{seed}.log").read_text()
+
+
+def test_study_refuses_bad_options_in_one_line(capsys):
+    study = _study()
+    assert study.main(["--quick", "--seeds", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --seeds must be at least 1"
+    assert study.main(["--quick", "--student", "mae_vit_small_patch16_dec256d4b", "--arch", "mae_vit_huge_patch14"]) == 2
+    assert "patch size" in capsys.readouterr().err

@@ -1,0 +1,110 @@
+"""benchmarks/throughput.py stays runnable: `--quick` (micro presets) end to end in a subprocess, as a
+user runs it, and its JSON carries every figure the README quotes (stage 2's included: the finetune section)
+as a positive finite number."""
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from g2sd_cache.cache.codecs import CODECS
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "benchmarks/throughput.py"
+
+# Every figure the README's "What it costs" and "Performance" sections quote (storage: every codec there is).
+KEYS = [
+    "step.online_samples_per_s", "step.cached_samples_per_s", "step.speedup", "step.ideal_speedup",
+    "step.efficiency", "step.student_gflop_per_sample", "step.teacher_gflop_per_sample",
+    "data.image_only_samples_per_s", "data.cached_samples_per_s", "data.pixel_cache_speedup",
+    "data.no_pixels_samples_per_s", "data.feed_cores_per_gpu.image", "data.feed_cores_per_gpu.cached",
+    "data.feed_rate_samples_per_s", "data.assumed_gpu_tflops", "data.cached_gb_per_s", "data.memcpy_gb_per_s",
+    *(f"storage.{codec}.{field}" for codec in CODECS
+      for field in ("bytes_per_view", "target_bytes_per_view", "pixel_bytes_per_view", "rel_rmse")),
+    "extract.views_per_s", "extract.teacher_only_views_per_s",
+    "finetune.storage.measured_bytes_per_sample", "finetune.storage.imagenet_bytes_per_sample",
+    "finetune.extract.extract_samples_per_s", "finetune.extract.teacher_only_samples_per_s", "finetune.extract.ratio",
+]
+# Per (teacher, student) pair of the finetune section (stage 2): the README's "Stage 2" table.
+FINETUNE_STEP_KEYS = ["teacher_s_per_sample", "online_s_per_sample", "cached_s_per_sample", "speedup",
+                      "ideal_speedup", "efficiency"]
+
+
+def _get(report: dict, dotted: str):
+    """report["a"]["b"]... for "a.b...", where a number indexes a list ("finetune.step.0.speedup")."""
+    value = report
+    for part in dotted.split("."):
+        if isinstance(value, list):
+            assert part.isdigit() and int(part) < len(value), f"JSON lacks {dotted}"
+            value = value[int(part)]
+        else:
+            assert isinstance(value, dict) and part in value, f"JSON lacks {dotted}"
+            value = value[part]
+    return value
+
+
+@pytest.mark.slow
+def test_throughput_quick_writes_every_figure(tmp_path):
+    out, png = tmp_path / "throughput.json", tmp_path / "throughput.png"
+    plot = ["--plot", str(png)] if importlib.util.find_spec("matplotlib") else []
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--json", str(out), *plot],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"benchmarks/throughput.py --quick failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    report = json.loads(out.read_text())
+
+    finetune_steps = report["finetune"]["step"]
+    assert finetune_steps, "the finetune section timed no pair"
+    for key in KEYS + [f"finetune.step.{i}.{k}" for i in range(len(finetune_steps)) for k in FINETUNE_STEP_KEYS]:
+        value = _get(report, key)
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{key} = {value!r}"
+        assert math.isfinite(value) and value > 0, f"{key} = {value!r}"
+
+    # on CPU the GPU's rate is an estimate, and says so
+    assert report["data"]["feed_rate_is_estimate"] is True and "ESTIMATE" in report["data"]["feed_rate_basis"]
+    assert "(estimate)" in proc.stdout
+    gflop = report["step"]["gflop_per_sample"]
+    assert 9 < gflop["mae_vit_small_patch16_dec256d4b"] < 13, gflop   # the default student, about 11 GFLOP
+    for codec in CODECS:   # pixels are stored by default, and are the same bytes in every codec
+        assert report["storage"][codec]["pixel_bytes_per_view"] >= report["storage"][codec]["formula_pixel_bytes_per_view"]
+
+    for p in finetune_steps:   # the ratios are those of the timings they are said to be
+        assert p["speedup"] == pytest.approx(p["online_s_per_sample"] / p["cached_s_per_sample"])
+        assert p["ideal_speedup"] == pytest.approx(1 + p["teacher_s_per_sample"] / p["cached_s_per_sample"])
+        assert p["efficiency"] == pytest.approx(p["speedup"] / p["ideal_speedup"])
+    assert report["finetune"]["storage"]["payload_bytes_per_sample"] == 22   # top-5 fp16 + uint16 classes + argmax
+    assert report["finetune"]["storage"]["measured_bytes_per_sample"] > 22
+    assert report["finetune"]["extract"]["samples"] == report["finetune"]["config"]["extract_images"]
+
+    pairs = report["step"]["pairs"]
+    assert pairs and pairs[0]["teacher"] == report["step"]["teacher"]
+    assert pairs[0]["speedup"] == report["step"]["speedup"]
+    for field in ("cpu_model", "usable_cores", "torch"):
+        assert report["machine"][field], field
+    for section in ("## 1. Step", "## 2. Data", "## 3. Loss", "## 4. Storage", "## 5. Extract", "## 6. Finetune",
+                    "## Targets"):
+        assert section in proc.stdout, f"the printed report lacks {section!r}"
+    assert all(r["status"] in ("PASS", "SHORT", "n/a") for r in report["targets"])
+    assert [r for r in report["targets"] if r["what"].startswith("finetune step efficiency")], report["targets"]
+    if plot:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args, says", [(["--students", "vit_nope"], "--students: unknown preset vit_nope"),
+                                        (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+                                        (["--device", "tpu"], "--device tpu: expected cpu, cuda or cuda:N")])
+def test_bad_flags_say_what_is_wrong_in_one_line(tmp_path, args, says):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().count("\n") == 0 and says in proc.stderr, proc.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is not None, reason="matplotlib is installed")
+def test_plot_without_matplotlib_says_how_to_get_it(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--plot", str(tmp_path / "p.png")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().count("\n") == 0 and "pip install matplotlib" in proc.stderr

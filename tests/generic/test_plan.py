@@ -1,0 +1,70 @@
+"""The epoch plan: a global order that is a pure function of (seed, epoch), cut into global batches whose
+rank slices cover every sample once, whatever the world size; resume at any sample position."""
+import itertools
+
+import numpy as np
+import pytest
+
+from g2sd_cache.generic.plan import PAD, epoch_order, rank_positions, steps_in_epoch
+
+SIZES = [7, 64, 33, 1, 0, 19]
+
+
+def _pairs(order):
+    return list(zip(order.unit.tolist(), order.row.tolist()))
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_the_epoch_order_is_a_permutation_of_every_row_and_a_pure_function(whole):
+    kw = dict(seed=5, block=8, window=20, whole_units=whole)
+    a = epoch_order(SIZES, epoch=3, **kw)
+    assert sorted(_pairs(a)) == [(u, r) for u, n in enumerate(SIZES) for r in range(n)]
+    assert _pairs(a) == _pairs(epoch_order(SIZES, epoch=3, **kw))
+    assert _pairs(a) != _pairs(epoch_order(SIZES, epoch=4, **kw))
+    assert _pairs(a) != _pairs(epoch_order(SIZES, epoch=3, **(kw | {"seed": 6})))
+
+
+def test_windows_shuffle_within_reach_and_tar_units_stay_whole_and_contiguous():
+    order = epoch_order([50, 50], epoch=0, seed=0, block=8, window=12)
+    # each window of 12 consecutive samples draws from at most a few blocks of 8 rows (reads stay local)
+    for a in range(0, 100, 12):
+        blocks = {(u, r // 8) for u, r in _pairs(order)[a:a + 12]}
+        assert len(blocks) <= 3
+    tar = epoch_order([5, 9, 3], epoch=0, seed=0, block=2, window=2, whole_units=True)
+    runs = [u for u, _ in itertools.groupby(tar.unit.tolist())]
+    assert sorted(runs) == [0, 1, 2]                    # each tar's rows are one contiguous run
+    assert list(tar.row[tar.unit == 1]) != list(range(9))   # ... shuffled inside
+
+
+@pytest.mark.parametrize("n,global_batch,world", [(12, 4, 1), (12, 4, 2), (12, 4, 4), (13, 6, 3), (5, 8, 2), (1, 2, 2)])
+def test_rank_slices_cover_every_sample_once_with_padding_only_at_the_end(n, global_batch, world):
+    per_rank = [rank_positions(n, start=0, global_batch=global_batch, rank=r, world=world) for r in range(world)]
+    steps = steps_in_epoch(n, global_batch)
+    assert all(p.shape == (steps, global_batch // world) for p in per_rank)   # the same steps on every rank
+    flat = np.concatenate([p.reshape(-1) for p in per_rank])
+    real = sorted(flat[flat != PAD].tolist())
+    assert real == list(range(n))
+    assert (flat == PAD).sum() == steps * global_batch - n
+    # step k of every rank is global batch k: ranks take contiguous slices of it, in rank order
+    for k in range(steps):
+        joined = np.concatenate([p[k] for p in per_rank])
+        expect = np.arange(k * global_batch, (k + 1) * global_batch)
+        assert joined.tolist() == np.where(expect < n, expect, PAD).tolist()
+
+
+def test_the_global_batches_do_not_depend_on_the_world_size_and_resume_at_any_position():
+    n, gb = 23, 6
+    one = rank_positions(n, start=0, global_batch=gb, rank=0, world=1)
+    for world in (2, 3, 6):
+        slices = [rank_positions(n, start=0, global_batch=gb, rank=r, world=world) for r in range(world)]
+        assert np.array_equal(np.concatenate(slices, axis=1), one)
+    # resuming at sample 12 (after two steps) continues with the third global batch
+    assert np.array_equal(rank_positions(n, start=12, global_batch=gb, rank=0, world=1), one[2:])
+    # with another global batch, at the same sample
+    other = rank_positions(n, start=12, global_batch=4, rank=0, world=1).reshape(-1)
+    assert other[other != PAD].tolist() == list(range(12, n))
+
+
+def test_a_global_batch_that_is_not_a_multiple_of_the_world_size_is_refused():
+    with pytest.raises(ValueError, match="multiple"):
+        rank_positions(10, start=0, global_batch=5, rank=0, world=2)

@@ -1,0 +1,78 @@
+"""The training input, stage by stage: the pixel path's reads, stand-ins, step grouping and the background
+reader; the image path gives the same samples whatever the number of workers."""
+import numpy as np
+import pytest
+import torch
+
+from g2sd_cache import open_cache
+from g2sd_cache.generic.plan import PAD, epoch_order, rank_positions
+from g2sd_cache.generic.stream import StepLoader, StreamSpec, _background, group_steps, read_cached, stand_in_mask
+from g2sd_cache.data.sources import open_source
+
+
+def _spec(cache_dir, data=None, epoch=0, keys=False) -> StreamSpec:
+    cache = open_cache(cache_dir)
+    m = cache.manifest
+    order = epoch_order(list(cache.shard_images), seed=0, epoch=epoch, block=m.chunk_views, window=5)
+    return StreamSpec(open_source(str(data)) if data else None, cache, m.geometry, m.seed, epoch % m.views_per_image,
+                      order, keys=keys)
+
+
+def test_group_steps_cuts_micro_batches_into_steps_with_a_short_last_one():
+    assert list(group_steps(3)(iter(range(7)))) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert list(group_steps(1)(iter("ab"))) == [["a"], ["b"]]
+
+
+def test_read_cached_returns_the_planned_views_and_zeroed_stand_ins(micro_cache):
+    spec = _spec(micro_cache, keys=True)
+    cache = spec.cache
+    pos = np.array([3, PAD, 0, 7])
+    (batch,) = list(read_cached(spec, pin=False)(iter([pos])))
+    assert batch.patches.shape == (4, 4, 16, 16, 3) and batch.patches.dtype == torch.uint8
+    assert batch.valid.tolist() == [True, False, True, True] and batch.errors == []
+    for i, p in enumerate(pos):
+        if p == PAD:
+            assert not batch.patches[i].any() and not batch.codes[i].float().any()
+            assert batch.mask[i].tolist() == stand_in_mask(spec.geometry).tolist() and batch.index[i] == -1
+            assert batch.keys[i] == ""
+            continue
+        block = cache.read_block(int(spec.order.unit[p]), spec.view, int(spec.order.row[p]), int(spec.order.row[p]) + 1)
+        assert np.array_equal(batch.patches[i].numpy(), block.pixels[0])
+        assert np.array_equal(batch.codes[i].numpy(), block.codes[0])
+        assert np.array_equal(batch.mask[i].numpy(), block.mask[0])
+        assert batch.index[i] == block.source_index[0] and batch.keys[i] == str(block.key[0])
+    assert batch.view.tolist() == [spec.view] * 4
+
+
+def test_the_image_path_gives_the_same_batches_with_any_number_of_workers(micro_cache_no_pixels, image_folder):
+    spec = _spec(micro_cache_no_pixels, image_folder, epoch=1)
+    positions = rank_positions(len(spec.order), start=0, global_batch=5, rank=0, world=1)   # 12 views: 3 steps, padded
+    runs = [[b for step in StepLoader(spec, positions, batch_size=5, workers=w, prefetch=2, pin_memory=False)
+             for b in step] for w in (0, 2)]
+    assert [len(b) for b in runs[0]] == [5, 5, 5]
+    assert runs[0][-1].valid.tolist() == [True, True, False, False, False]
+    for a, b in zip(*runs):
+        assert torch.equal(a.patches, b.patches) and torch.equal(a.codes, b.codes) and torch.equal(a.index, b.index)
+
+
+def test_the_pixel_path_and_the_image_path_agree(micro_cache, micro_cache_no_pixels, image_folder):
+    """The same views: stored pixels are what decoding and rendering the images gives."""
+    pix = _spec(micro_cache)
+    img = _spec(micro_cache_no_pixels, image_folder)
+    positions = rank_positions(len(pix.order), start=0, global_batch=6, rank=0, world=1)
+    a = [b for s in StepLoader(pix, positions, batch_size=3, workers=0, prefetch=1, pin_memory=False) for b in s]
+    b = [b for s in StepLoader(img, positions, batch_size=3, workers=0, prefetch=1, pin_memory=False) for b in s]
+    for x, y in zip(a, b):
+        assert torch.equal(x.patches, y.patches) and torch.equal(x.mask, y.mask) and torch.equal(x.codes, y.codes)
+
+
+def test_the_background_reader_keeps_order_and_re_raises_in_the_consumer():
+    assert list(_background(lambda: iter(range(5)), depth=2)) == [0, 1, 2, 3, 4]
+
+    def broken():
+        yield 1
+        raise ValueError("disk gone")
+    got = _background(broken, depth=1)
+    assert next(got) == 1
+    with pytest.raises(ValueError, match="disk gone"):
+        next(got)
