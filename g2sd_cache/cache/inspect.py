@@ -8,6 +8,7 @@ import torch
 
 from g2sd_cache.cache import codecs
 from g2sd_cache.cache.reader import open_cache
+from g2sd_cache.common.errors import CacheCorruptError
 
 
 def inspect_report(path: str, sample_views: int = 64) -> dict:
@@ -24,7 +25,15 @@ def inspect_report(path: str, sample_views: int = 64) -> dict:
 
     rng = np.random.default_rng(0)
     picks = sorted(rng.choice(len(cache), size=min(sample_views, len(cache)), replace=False).tolist()) if len(cache) else []
-    targets = torch.stack([cache[i].target for i in picks]) if picks else None
+    # A damaged chunk must not hide the rest of the cache: sample around it and name it.
+    rows, corrupt = [], []
+    for i in picks:
+        try:
+            rows.append(cache[i].target)
+        except CacheCorruptError as e:
+            if str(e) not in corrupt:
+                corrupt.append(str(e))
+    targets = torch.stack(rows) if rows else None
     stored_error = ({name: codecs.codec_error(c, targets) for name, c in codecs.CODECS.items()}
                     if targets is not None else {})
     return {
@@ -36,7 +45,8 @@ def inspect_report(path: str, sample_views: int = 64) -> dict:
         "bytes": on_disk, "bytes_per_view": on_disk / max(1, m.views),
         "stored_target_bytes_per_view": stored("target", "scale"), "stored_pixel_bytes_per_view": stored("pixels"),
         "target_bytes_per_view": cache.codec.bytes_per_view(m.tokens, m.target_dim),
-        "extract_error": m.codec_error, "stored_error": stored_error, "sampled_views": len(picks),
+        "extract_error": m.codec_error, "stored_error": stored_error, "sampled_views": len(rows),
+        "corrupt": corrupt,
     }
 
 
@@ -60,6 +70,7 @@ def format_report(r: dict) -> str:
     for name in codecs.CODECS:
         e, s = r["extract_error"].get(name), r["stored_error"].get(name)
         lines.append(f"{name:6s}  {_pct(e, 'rel_rmse'):>26s}   {_f(e, 'cosine'):>8s}   {_pct(s, 'rel_rmse'):>12s}")
+    lines += [f"CORRUPT        {c}" for c in r.get("corrupt", ())]
     return "\n".join(lines)
 
 
@@ -69,3 +80,29 @@ def _pct(d: dict | None, k: str) -> str:
 
 def _f(d: dict | None, k: str) -> str:
     return f"{d[k]:.6f}" if d else "-"
+
+
+def inspect_logits_report(path: str) -> dict:
+    """Figures of a stage-2 logits cache (`g2sd-cache extract-logits`): teacher, plan, epochs, size; read from its
+    manifest alone (no chunk is opened; `verify` checks them)."""
+    from g2sd_cache.cache.logits import LogitsCache
+    m = LogitsCache(path).manifest
+    plan = m.plan
+    return {"kind": "logits", "format": m.format, "format_version": m.format_version, "teacher": m.teacher,
+            "teacher_precision": m.teacher_precision, "epochs": m.epochs, "groups_per_epoch": m.groups_per_epoch,
+            "group_size": m.group_size, "topk": m.topk, "num_classes": m.num_classes, "shards": len(m.shards),
+            "samples": m.samples, "bytes": m.bytes, "bytes_per_sample": m.bytes_per_sample,
+            "seed": plan.get("seed"), "images": plan.get("num_images"), "recipe": plan.get("recipe")}
+
+
+def format_logits_report(r: dict) -> str:
+    t = r["teacher"]
+    return "\n".join([
+        f"logits cache   {r['format']} version {r['format_version']} (stage 2: `finetune --logits`)",
+        f"teacher        {t.get('arch')}  ({t.get('source')}, sha256 {str(t.get('sha256'))[:16]}...), "
+        f"{r['teacher_precision']}, {r['num_classes']} classes",
+        f"predictions    top-{r['topk']} logits + argmax of {r['samples']} samples: {r['epochs']} epoch(s) x "
+        f"{r['groups_per_epoch']} groups x {r['group_size']} in {r['shards']} shards",
+        f"plan           seed {r['seed']}, {r['images']} images",
+        f"size           {r['bytes'] / 2**20:.2f} MiB on disk, {r['bytes_per_sample']:.1f} B/sample",
+    ])

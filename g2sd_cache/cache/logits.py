@@ -97,7 +97,13 @@ class LogitsManifest:
         return json.dumps(asdict(self), indent=1)
 
     @classmethod
-    def from_json(cls, text: str, where: str) -> "LogitsManifest":
+    def from_json(cls, text: str | bytes, where: str) -> "LogitsManifest":
+        if isinstance(text, bytes):
+            try:
+                text = text.decode()
+            except UnicodeDecodeError as e:
+                raise UserError(f"{where}/{MANIFEST} is not UTF-8 text (damaged: byte {e.start} of {len(text)}); "
+                                f"rerun the same `g2sd-cache extract-logits` command to rewrite it") from e
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
@@ -160,7 +166,7 @@ class LogitsCache:
                 raise UserError(f"logits cache {root} is incomplete: extract-logits has not finished (no {MANIFEST}); "
                                 f"rerun the same command to complete it")
             raise UserError(f"{root} is not a logits cache (no {MANIFEST}); create one with `g2sd-cache extract-logits`")
-        self.manifest = LogitsManifest.from_json((self.root / MANIFEST).read_text(), str(root))
+        self.manifest = LogitsManifest.from_json((self.root / MANIFEST).read_bytes(), str(root))
         self._reset()
 
     def _reset(self) -> None:
@@ -223,8 +229,11 @@ class LogitsCache:
                              f"{m.groups_per_epoch} groups")
         shard = group // m.shard_groups
         start = (group - m.shards[shard]["first_group"]) * m.group_size
-        rows = {name: np.array(self.shard_file(shard, epoch, name).rows(start, start + m.group_size))
-                for name in ("values", "indices", "argmax")}
+        try:
+            rows = {name: np.array(self.shard_file(shard, epoch, name).rows(start, start + m.group_size))
+                    for name in ("values", "indices", "argmax")}
+        except CacheCorruptError as e:
+            raise e.in_logits_cache(str(self.root)) from None
         return TeacherPredictions(values=torch.from_numpy(rows["values"].astype(np.float32)),
                                   indices=torch.from_numpy(rows["indices"].astype(np.int64)),
                                   argmax=torch.from_numpy(rows["argmax"].astype(np.int64)))

@@ -122,7 +122,10 @@ class FolderLock:
 
     def __init__(self, folder: Path, name: str, command: str):
         self.path = Path(folder) / name
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(_cannot_write(self.path, e)) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -134,8 +137,12 @@ class FolderLock:
                    if holder else "pid and host unknown")
             raise UserError(f"another {command} is writing into {folder} ({who}); wait for it to finish or stop "
                             f"it, then rerun") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": _host(), "command": command, "since": _now()}).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": _host(), "command": command, "since": _now()}).encode(), 0)
+        except OSError as e:
+            os.close(fd)
+            raise UserError(_cannot_write(self.path, e)) from None
         self.fd: int | None = fd
 
     def release(self) -> None:
@@ -149,6 +156,11 @@ class FolderLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _cannot_write(path: Path, e: OSError) -> str:
+    return (f"cannot write the lock file {path} ({e.strerror}): the disk is full or the folder is read-only; free "
+            f"space or choose another --out")
 
 
 def _read_holder(fd: int) -> dict:
@@ -199,10 +211,7 @@ def claim_cache_folder(out: Path, overwrite: bool) -> FolderLock:
                             f"old cache yourself first")
         raise UserError(f"--out {out} is not a g2sd-cache cache (no {CACHE_MARKER} marker): it is "
                         f"{_what_it_is(out, entries)}; nothing was changed. Choose a new or empty folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot create it ({e.strerror})") from e
+    _make_folder(out)
     lock = FolderLock(out, LOCK_FILE, "extract")
     try:
         if entries and overwrite:
@@ -221,6 +230,17 @@ def claim_cache_folder(out: Path, overwrite: bool) -> FolderLock:
         lock.release()
         raise
     return lock
+
+
+def _make_folder(path: Path) -> None:
+    """mkdir -p `path`, or one line: a link to nothing is named as such (mkdir would say "File exists")."""
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"--out {path} is a link to {os.readlink(path)}, which does not exist; create that folder "
+                        f"or pass another --out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {path}: cannot create it ({e.strerror})") from e
 
 
 def _temp_writer(name: str) -> tuple[str | None, int | None]:
@@ -278,12 +298,9 @@ def claim_run_folder(path: Path, resume: bool) -> None:
         raise UserError(f"--out {path} is not a g2sd-cache training run (no {RUN_MARKER} marker); pass the --out "
                         f"of the run to continue, or train without --resume to start a new one")
     if entries:
-        raise UserError(f"--out {path} is {_what_it_is(path, entries)}; train writes only into a new or empty folder "
-                        f"or one of its own runs: choose another --out")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {path}: cannot create it ({e.strerror})") from e
+        raise UserError(f"--out {path} is {_what_it_is(path, entries)}; a training run (train, finetune) is written "
+                        f"only into a new or empty folder or one of its own runs: choose another --out")
+    _make_folder(path)
     _write_marker(path, RUN_MARKER, "run", {})
 
 

@@ -290,4 +290,9 @@ def read_manifest_text(fs, root: str, shown: str) -> str:
             raise UserError(f"cache {shown} is incomplete: extraction has not finished (no {MANIFEST}); rerun the "
                             f"same `g2sd-cache extract` command to complete it")
         raise UserError(f"{shown} is not a g2sd-cache cache (no {MANIFEST}); create one with `g2sd-cache extract`")
-    return fs.cat_file(f"{root}/{MANIFEST}").decode()
+    raw = fs.cat_file(f"{root}/{MANIFEST}")
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as e:
+        raise UserError(f"cache manifest {shown}/{MANIFEST} is not UTF-8 text (damaged: byte {e.start} of "
+                        f"{len(raw)}); rerun the same `g2sd-cache extract` command to rewrite it") from e

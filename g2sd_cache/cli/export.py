@@ -28,7 +28,6 @@ from g2sd_cache.common.checkpoint import CHECKPOINT, load_checkpoint
 from g2sd_cache.models.classifier import CLASSIFIER_PRESETS, DistilledViT, to_timm_distilled
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.specific.finetuned import BEST, read_finetuned
-from g2sd_cache.common.fsutil import atomic_write
 from g2sd_cache.models.mae import STUDENT_PRESETS, build_student, load_student_state
 
 FORMATS = ("timm", "mae")
@@ -44,8 +43,7 @@ def _check_out(out: str, fmt: str) -> Path:
 
 
 def _save(obj, out_path: Path) -> None:
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_path, lambda f: torch.save(obj, f))
+    save_torch_file(out_path, obj, "free space or choose another --out, then rerun export")
 
 
 def export_run(run: str, out: str, fmt: str = "timm") -> dict:

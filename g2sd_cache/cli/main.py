@@ -235,8 +235,13 @@ def _run_extract(args) -> int:
 
 def _run_inspect(args) -> int:
     import json
-    from g2sd_cache.cache.inspect import format_report, inspect_report
-    report = inspect_report(args.cache, args.sample)
+    from g2sd_cache.cache.logits import is_logits_cache
+    if is_logits_cache(args.cache):    # stage 2's cache of teacher predictions: no codecs to compare
+        from g2sd_cache.cache.inspect import format_logits_report as format_report, inspect_logits_report
+        report = inspect_logits_report(args.cache)
+    else:
+        from g2sd_cache.cache.inspect import format_report, inspect_report
+        report = inspect_report(args.cache, args.sample)
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 0
 

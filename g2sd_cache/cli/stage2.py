@@ -44,6 +44,9 @@ def _add_plan_flags(group, cls, seeds_student: bool) -> None:
     group.add_argument("--mixup-switch-prob", type=float, help=f"probability of cutmix rather than mixup when both "
                        f"are on (default {d('mixup_switch_prob')})")
     group.add_argument("--smoothing", type=float, help=f"label smoothing of the mixed targets (default {d('smoothing')})")
+    group.add_argument("--on-error", choices=["skip", "fail"], help=f"unreadable images (truncated, not an image): "
+                       f"use the next readable image of the same mixing group in its place and list it (skip), or "
+                       f"stop naming it (fail) (default {d('on_error')})")
 
 
 def _add_finetune(sub) -> None:
@@ -169,6 +172,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default 128)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader processes")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--on-error", default="fail", choices=["skip", "fail"], help="unreadable images: stop naming "
+                   "the first (fail, default) or leave them out of the accuracy and list them (skip)")
     p.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU), as G2SD evaluates")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -198,7 +203,8 @@ def _run_extract_logits(args) -> int:
     if "cache_samples" in s:
         print(f"extracted {s['samples']} samples in {s['seconds']:.1f} s ({s['samples_per_s']:.1f} samples/s; teacher "
               f"alone {s['teacher_samples_per_s']:.1f}/s); cache: {s['epochs']} epoch(s) x {s['groups_per_epoch']} "
-              f"groups, {s['cache_bytes'] / 2**20:.2f} MiB, {s['bytes_per_sample']:.1f} B/sample")
+              f"groups, {s['cache_bytes'] / 2**20:.2f} MiB, {s['bytes_per_sample']:.1f} B/sample" +
+              (f"; {len(s['unreadable'])} unreadable image(s) replaced in their groups" if s.get("unreadable") else ""))
     return 0
 
 
@@ -220,12 +226,14 @@ def _run_evaluate(args) -> int:
         classes = LabelledFolder.scan(args.classes_from).classes
     device = resolve_device(args.device)
     r = evaluate(model.to(device), args.val, classes=classes, batch_size=args.batch_size, workers=args.workers,
-                 device=str(device), amp=args.amp)
+                 device=str(device), amp=args.amp, on_error=args.on_error)
     if args.json:
         print(json.dumps(r | {"model": source}))
     else:
+        skipped = r["unreadable"]
         print(f"{source} on {args.val}: top-1 {r['top1']:.2f}%, top-5 {r['top5']:.2f}%, loss {r['loss']:.4f} "
-              f"({r['n']} images)")
+              f"({r['n']} images" + (f"; {len(skipped)} unreadable left out: {', '.join(skipped[:5])}"
+                                     f"{' ...' if len(skipped) > 5 else ''}" if skipped else "") + ")")
     return 0
 
 

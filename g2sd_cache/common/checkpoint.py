@@ -12,6 +12,7 @@ therefore kept in that form, the random generators' states included (`rng_state`
 from __future__ import annotations
 
 import argparse
+import errno
 import pickle
 import random
 import re
@@ -33,17 +34,39 @@ RESUME_KEYS = STUDENT_KEYS + ("optimizer", "scaler", "epoch", "position", "globa
 
 def save_checkpoint(run: Path, state: dict) -> Path:
     """Replace RUN/checkpoint.pt with `state` (tensors and plain values only: `load_checkpoint` refuses
-    anything else). A full disk is a one-line UserError; the previous checkpoint stays as it was."""
+    anything else). A full disk is a one-line UserError; the previous checkpoint, if any, stays as it was."""
     path = Path(run) / CHECKPOINT
+    return save_torch_file(path, state, "free space, then continue with --resume" if path.exists() else
+                           "free space, then rerun the same command (no checkpoint of this run was saved yet)",
+                           what="checkpoint")
+
+
+def save_torch_file(path: Path, obj, then: str, what: str | None = None) -> Path:
+    """torch.save `obj` to `path` atomically (no temporary left on failure). A full disk, a read-only folder or
+    one we may not write is a one-line UserError that says whether an earlier `path` is still there and, in
+    `then`, what to do next."""
+    path = Path(path)
+    existed = path.exists()
     try:
-        return atomic_write(path, lambda f: torch.save(state, f))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return atomic_write(path, lambda f: torch.save(obj, f))
     except (OSError, RuntimeError) as e:   # torch.save wraps the OSError of a failed write in a RuntimeError
-        if not is_out_of_space(e):
+        cause = _os_error(e)
+        if cause is None or not (is_out_of_space(e) or cause.errno in (errno.EROFS, errno.EACCES, errno.EPERM)):
             raise
-        free = free_bytes(path.parent)
-        raise UserError(f"no space left on the device to save {path}" +
-                        (f" ({free / 2**20:.0f} MiB free)" if free is not None else "") +
-                        "; the previous checkpoint is intact: free space, then continue with --resume") from e
+        kept = f"the previous {what or path.name} is intact" if existed else "nothing was written"
+        if is_out_of_space(e):
+            free = free_bytes(path.parent)
+            why = "no space left on the device" + (f" ({free / 2**20:.0f} MiB free)" if free is not None else "")
+        else:
+            why = f"{cause.strerror.lower()} (a read-only or protected folder)"
+        raise UserError(f"cannot write {path}: {why}; {kept}: {then}") from e
+
+
+def _os_error(e: BaseException | None) -> OSError | None:
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or e.__context__
+    return e
 
 
 def load_untrusted(path: Path, what: str) -> object:

@@ -13,7 +13,21 @@ class UserError(Exception):
 class CacheCorruptError(UserError):
     """A cache shard fails its checksum, misses a chunk or disagrees with its manifest."""
 
+    shard: str | None = None
+    what: str | None = None
+
     @classmethod
     def in_shard(cls, shard: str, what: str) -> "CacheCorruptError":
-        return cls(f"cache shard {shard} is corrupt: {what}; run `g2sd-cache verify` on the cache, then delete "
-                   f"that shard's folder and manifest.json and rerun extract, or train with --on-error skip")
+        e = cls(f"cache shard {shard} is corrupt: {what}; run `g2sd-cache verify` on the cache, then delete "
+                f"that shard's folder and manifest.json and rerun extract, or train with --on-error skip")
+        e.shard, e.what = shard, what
+        return e
+
+    def in_logits_cache(self, root: str) -> "CacheCorruptError":
+        """The same damage named for a stage-2 logits cache, whose reader (`finetune`) has no --on-error and
+        whose writer is `extract-logits`."""
+        if self.shard is None:
+            return self
+        return CacheCorruptError(f"logits cache {root}: shard {self.shard} is corrupt: {self.what}; run "
+                                 f"`g2sd-cache verify {root}`, then rerun `g2sd-cache extract-logits --overwrite` "
+                                 f"with the same options (or finetune without --logits)")

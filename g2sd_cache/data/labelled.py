@@ -95,14 +95,16 @@ def _tar_samples(url: str) -> Iterator[dict]:
 
 def _class_index(raw: bytes, url: str, key: str) -> int:
     text = raw.decode("ascii", errors="replace").strip()
-    if not text.isdigit():
-        raise UserError(f"{url}: sample {key} has .cls '{text[:20]}', expected a non-negative integer class index")
+    if not text.isdigit() or len(text) > 9:   # a tensor of labels holds int64; no model has 10^9 classes
+        raise UserError(f"{url}: sample {key} has .cls '{text[:20]}', expected a non-negative integer class index"
+                        + (" (below 10^9)" if text.isdigit() else ""))
     return int(text)
 
 
-def open_labelled(spec: str, classes: Sequence[str] | None = None) -> LabelledFolder | LabelledTars:
-    """A class-folder tree or `.cls`-labelled tar shards (same `spec` rules as `--data`)."""
-    source = open_source(spec)
+def open_labelled(spec: str, classes: Sequence[str] | None = None, flag: str = "--data") -> LabelledFolder | LabelledTars:
+    """A class-folder tree or `.cls`-labelled tar shards (same `spec` rules as `--data`; `flag` names the option
+    in messages)."""
+    source = open_source(spec, flag)
     if isinstance(source, FolderSource):
         return LabelledFolder.of(source, classes)
     return LabelledTars(source)

@@ -55,11 +55,12 @@ class FolderSource:
     kind: str = field(default="folder", init=False)
 
     @classmethod
-    def scan(cls, root: str) -> "FolderSource":
-        found, skipped = _scan_folder(root)
+    def scan(cls, root: str, flag: str = "--data") -> "FolderSource":
+        """`flag`: the option that named `root` (--data, --val), for the messages."""
+        found, skipped = _scan_folder(root, flag)
         if not found:
             note = f" ({len(skipped)} entries left out, e.g. {skipped[0]['key']}: {skipped[0]['error']})" if skipped else ""
-            raise UserError(f"--data {root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} files "
+            raise UserError(f"{flag} {root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} files "
                             f"in the folder and its sub-folders){note}")
         found.sort()
         return cls(str(Path(root).resolve()), tuple(k for k, _ in found), tuple(s for _, s in found), tuple(skipped))
@@ -87,7 +88,7 @@ class FolderSource:
                 f"{first['error']}); they are listed in the cache manifest's skipped inputs")
 
 
-def _scan_folder(root: str) -> tuple[list[tuple[str, int]], list[dict]]:
+def _scan_folder(root: str, flag: str = "--data") -> tuple[list[tuple[str, int]], list[dict]]:
     """(relative key, size) of every image file under `root`, and what was left out. Folders are walked
     in sorted order, the real tree first and folders reached through links after it, so a real folder
     or file reached twice is taken at its real path (else at its first path) and only once."""
@@ -97,7 +98,7 @@ def _scan_folder(root: str) -> tuple[list[tuple[str, int]], list[dict]]:
     try:
         st = os.stat(root)
     except OSError as e:
-        raise UserError(f"--data {root}: cannot read it ({e.strerror})") from e
+        raise UserError(f"{flag} {root}: cannot read it ({e.strerror})") from e
     seen_dirs.add((st.st_dev, st.st_ino))
     stack: list[str] = [""]                          # real folders still to list (relative), sorted order
     linked: list[tuple[str, tuple[int, int]]] = []   # folders reached through a link, listed after the real tree
@@ -167,13 +168,13 @@ class TarSource:
     kind: str = field(default="tars", init=False)
 
     @classmethod
-    def from_spec(cls, spec: str) -> "TarSource":
+    def from_spec(cls, spec: str, flag: str = "--data") -> "TarSource":
         urls = []
         for part in spec.split(","):
             urls.extend(shardlists.expand_urls(part.strip()))
         for url in urls:
             if _is_local(url) and not os.path.isfile(url):
-                raise UserError(f"--data: tar shard {url} does not exist")
+                raise UserError(f"{flag}: tar shard {url} does not exist")
         return cls(spec, tuple(urls))
 
     def __len__(self) -> int:
@@ -307,11 +308,11 @@ def _is_local(url: str) -> bool:
 Source = FolderSource | TarSource
 
 
-def open_source(spec: str) -> Source:
-    """`--data` -> a source: an existing directory is an image folder, anything else tar shards."""
+def open_source(spec: str, flag: str = "--data") -> Source:
+    """`--data` (or `flag`) -> a source: an existing directory is an image folder, anything else tar shards."""
     if os.path.isdir(spec):
-        return FolderSource.scan(spec)
+        return FolderSource.scan(spec, flag)
     if spec.endswith(".tar") or "{" in spec or "," in spec or "://" in spec or spec.startswith("pipe:"):
-        return TarSource.from_spec(spec)
-    raise UserError(f"--data {spec}: not an image folder or a list of .tar shards; pass a directory of images "
+        return TarSource.from_spec(spec, flag)
+    raise UserError(f"{flag} {spec}: not an image folder or a list of .tar shards; pass a directory of images "
                     f"or webdataset shards like 'train-{{000000..000099}}.tar'")

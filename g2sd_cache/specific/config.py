@@ -44,6 +44,7 @@ class PlanOptions:
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
     smoothing: float = 0.1
+    on_error: str = "skip"   # unreadable images: replaced in their group and listed (skip), or stop (fail)
 
     # The fields that decide the plan (a resume or a logits cache must keep them).
     PLAN = ("data", "seed", "img_size", "group_size", "auto_augment", "reprob", "remode", "recount", "mixup",
@@ -76,6 +77,8 @@ class PlanOptions:
             raise UserError(f"--remode {self.remode}: choose pixel, rand or const (timm's RandomErasing modes)")
         if self.recount < 1:
             raise UserError("--recount must be at least 1")
+        if self.on_error not in ("skip", "fail"):
+            raise UserError(f"--on-error {self.on_error}: choose skip or fail")
 
     def check_teacher_arch(self, arch: str) -> None:
         if arch not in CLASSIFIER_PRESETS:

@@ -33,7 +33,7 @@ from g2sd_cache.cache.logits import (LOGITS_FORMAT, LOGITS_FORMAT_VERSION, Logit
 from g2sd_cache.cache.ownership import FolderLock, claim_cache_folder
 from g2sd_cache.cache.schema import CONFIG, MANIFEST, SHARD_RECORD, shard_name
 from g2sd_cache.specific.config import LogitsConfig
-from g2sd_cache.specific.plan import MixedGroup, SDPlan, SDRecipe
+from g2sd_cache.specific.plan import MixedGroup, SDPlan, SDRecipe, UnreadableImages
 from g2sd_cache.data.sources import FolderSource, open_source
 from g2sd_cache.common.workers import keep_as_is, mp_context
 from g2sd_cache.cache.writer import ShardData, ShardWriter
@@ -172,9 +172,12 @@ def _extract_shards(cfg: LogitsConfig, env: DistEnv, out: Path, plan: SDPlan, te
     bar = tqdm(total=len(items) * g, unit="sample", desc="extract-logits", disable=not env.is_main, dynamic_ncols=True)
     samples = 0
     teacher_s = 0.0
+    unreadable = UnreadableImages(cfg.on_error, cfg.data)
     start = time.perf_counter()
     try:
         for (shard, epoch, group), batch in loader:
+            for note in unreadable.check(batch):
+                tqdm.write(note)
             span = by_index[shard]
             if shard not in buffers:
                 n = span.groups * g
@@ -207,7 +210,7 @@ def _extract_shards(cfg: LogitsConfig, env: DistEnv, out: Path, plan: SDPlan, te
     env.barrier()
     summary = {"samples": samples, "seconds": elapsed, "samples_per_s": samples / elapsed if elapsed > 0 else 0.0,
                "teacher_s": teacher_s, "teacher_samples_per_s": samples / teacher_s if teacher_s > 0 else 0.0,
-               "index_dtype": index_dtype(num_classes)}
+               "index_dtype": index_dtype(num_classes), "unreadable": sorted(unreadable.seen)}
     if env.is_main:
         manifest = write_manifest(out, cfg, plan, shards, info)
         summary.update(cache_samples=manifest.samples, cache_bytes=manifest.bytes,

@@ -22,7 +22,6 @@ metrics.jsonl, tb/.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 
@@ -30,7 +29,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from g2sd_cache.common.checkpoint import CHECKPOINT, load_checkpoint, rng_state, set_rng_state
+from g2sd_cache.common.checkpoint import (CHECKPOINT, load_checkpoint, rng_state, save_checkpoint, save_torch_file,
+                                         set_rng_state)
 from g2sd_cache.models.classifier import build_teacher
 from g2sd_cache.common.config import to_yaml
 from g2sd_cache.common.dist import DistEnv, init_distributed, shutdown_distributed
@@ -45,7 +45,7 @@ from g2sd_cache.cache.logits import LogitsCache, open_logits
 from g2sd_cache.training.run_folder import StopRun, StopSignals, any_rank, prepare_run_folder, save_run_checkpoint
 from g2sd_cache.training.schedule import get_lr, scaled_lr
 from g2sd_cache.specific.config import FinetuneConfig
-from g2sd_cache.specific.plan import SDPlan, check_same_plan
+from g2sd_cache.specific.plan import SDPlan, UnreadableImages, check_same_plan
 from g2sd_cache.specific.step import FineTuner
 from g2sd_cache.common.workers import keep_as_is, mp_context
 
@@ -156,7 +156,7 @@ def _inputs(cfg: FinetuneConfig, env: DistEnv) -> tuple[SDPlan, LogitsCache | No
         teacher.to(env.device)
         sha = info.sha256
     if cfg.val:
-        open_labelled(cfg.val, plan.data.classes)   # fail now, not after the first epoch
+        open_labelled(cfg.val, plan.data.classes, "--val")   # fail now, not after the first epoch
     return plan, logits, teacher, sha, notes
 
 
@@ -239,23 +239,33 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv) -> dict:
         save_run_checkpoint(run, env, step, tuner.weights_finite(), lambda: state(at_epoch, at_position))
 
     def end_of_epoch(done_epoch: int) -> None:
-        """Validate (when due), keep the best weights, checkpoint at the next epoch's start."""
+        """Checkpoint at the next epoch's start, then validate (when due) and keep the best weights: a validation
+        that fails (an unreadable image, a full disk for best.pt) never costs the epoch's training."""
         nonlocal best, best_epoch
+        checkpoint(done_epoch + 1, 0)
         due = cfg.val and cfg.eval_every and ((done_epoch + 1) % cfg.eval_every == 0 or done_epoch + 1 == cfg.epochs)
-        if due and tuner.weights_finite():
+        if due:
             if env.is_main:
-                result = evaluate(tuner.student, cfg.val, classes=classes, batch_size=cfg.eval_batch_size,
-                                  workers=cfg.workers, device=str(env.device), amp=tuner.precision != "fp32")
+                rng = rng_state()   # the DataLoader draws a seed: keep training's RNG equal to the checkpoint's
+                try:
+                    result = evaluate(tuner.student, cfg.val, classes=classes, batch_size=cfg.eval_batch_size,
+                                      workers=cfg.workers, device=str(env.device), amp=tuner.precision != "fp32",
+                                      on_error=cfg.on_error)
+                finally:
+                    set_rng_state(rng)
+                for key in result.get("unreadable", ()):
+                    tqdm.write(f"note: validation image {key} cannot be read; left out (--on-error skip)")
                 if result["top1"] > best:
                     best, best_epoch = result["top1"], done_epoch
                     _save_best(run, state(done_epoch + 1, 0) | {"epoch": done_epoch}, result)
+                    save_checkpoint(run, state(done_epoch + 1, 0))   # the checkpoint records the new best
                 log.write_eval(step, done_epoch, result, best)
             env.barrier()   # only rank 0 knows the best so far: it alone writes checkpoints
-        checkpoint(done_epoch + 1, 0)
 
     last_loss, ended_early, start_step = float("nan"), False, step
     t_start = time.perf_counter()
     cached_epochs = logits.epochs if logits else None
+    unreadable = UnreadableImages(cfg.on_error, cfg.data)
     try:
         if position and layout.steps_left(position) == 0 and epoch < cfg.epochs:
             end_of_epoch(epoch)       # resumed with a larger step at an epoch's very end
@@ -270,6 +280,8 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv) -> dict:
             got = [next(stream) for _ in range(cfg.accum_iter)]
             wait = time.perf_counter() - t_wait
             groups = [g for _, g in got]
+            for note in (n for g in groups for n in unreadable.check(g)):
+                tqdm.write(note)
             stored = [logits.read(g.epoch, g.group) if logits else None for g in groups]
             lr = lr_at(cfg, layout, epoch, position)
             log.add(step, tuner.step(groups, stored, lr), wait)
@@ -308,7 +320,8 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv) -> dict:
                "seconds": elapsed, "final_loss": last_loss, "best_top1": best if best >= 0 else None,
                "best_epoch": best_epoch if best_epoch >= 0 else None,
                "samples_per_s": done * layout.global_batch / elapsed if elapsed > 0 else 0.0,
-               "checkpoint": str(run / CHECKPOINT), "best": str(run / BEST) if (run / BEST).exists() else None}
+               "checkpoint": str(run / CHECKPOINT), "best": str(run / BEST) if (run / BEST).exists() else None,
+               "unreadable": sorted(unreadable.seen)}
     if env.is_main:
         tqdm.write(f"{'stopped' if ended_early else 'finished'} at step {step}/{total}: loss {last_loss:.4f}, "
                    f"{summary['samples_per_s']:.1f} samples/s; checkpoint {run / CHECKPOINT}" +
@@ -320,8 +333,7 @@ def _save_best(run: Path, state: dict, result: dict) -> None:
     """RUN/best.pt: the weights and what evaluate / export need (no optimizer), written atomically.
     Its `epoch` is the epoch just validated (a checkpoint's is the epoch it resumes at)."""
     keep = ("model", "stage", "step", "epoch", "arch", "num_classes", "classes", "img_size", "distilled")
-    best = {k: state[k] for k in keep} | {"val": {k: float(v) for k, v in result.items()}}
-    tmp = run / f".{BEST}.tmp-{os.getpid()}"
-    torch.save(best, tmp)
-    os.replace(tmp, run / BEST)
+    best = {k: state[k] for k in keep} | {"val": {k: float(v) for k, v in result.items() if k != "unreadable"}}
+    save_torch_file(run / BEST, best, "free space, then continue with --resume (the checkpoint is saved after "
+                                      "validation)")
 

@@ -5,6 +5,12 @@
     sample        = SampleAugmenter(image, key (seed, epoch, index))      (sd_augment)
     mixing        = draw_mix(key (seed, epoch, g)) applied to the group   (sd_mix)
 
+An unreadable image (truncated, not an image, a bomb) is replaced inside its group by the next readable image
+of the group (positions p+1, p+2, ... wrapping), augmented with the unreadable image's own key and labelled with
+the substitute's class; the group keeps its size, so the mixing pairs and every other sample are unchanged and a
+logits cache made with the same images agrees. `MixedGroup.unreadable` lists what was replaced; the trainer
+decides (--on-error) whether that stops the run.
+
 An epoch has floor(N / G) groups (the rest of the images sit the epoch out, like the official
 `drop_last`). Nothing depends on the number of GPUs, DataLoader workers or the order in which groups are
 computed: a trainer with W ranks can take groups [s*W, (s+1)*W) at global step s, rank r the r-th of them,
@@ -55,6 +61,7 @@ class MixedGroup:
     labels: torch.Tensor
     indices: torch.Tensor
     mix: MixParams
+    unreadable: tuple[tuple[str, str], ...] = ()   # (image key, error) of the images replaced in this group
 
 
 class SDPlan:
@@ -96,12 +103,33 @@ class SDPlan:
     def batch(self, epoch: int, group: int) -> MixedGroup:
         if not 0 <= group < self.num_groups:
             raise IndexError(f"group {group} of an epoch of {self.num_groups} groups")
-        indices = self.order(epoch)[group]
-        images = torch.stack([self.sample(epoch, int(i)) for i in indices])
-        labels = torch.tensor([self.data.labels[i] for i in indices], dtype=torch.int64)
+        indices = [int(i) for i in self.order(epoch)[group]]
+        decoded, unreadable = {}, []
+        for i in indices:
+            try:
+                decoded[i] = self.data.image(i)
+            except Exception as e:   # truncated, not an image, a bomb: replaced below, reported to the trainer
+                unreadable.append((self.data.source.keys[i], f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+        used = [self._readable_at(indices, p, decoded) for p in range(len(indices))]
+        images = torch.stack([self.augmenter(decoded[u], epoch, i) if u is not None else self._blank()
+                              for u, i in zip(used, indices)])
+        sources = [u if u is not None else i for u, i in zip(used, indices)]
+        labels = torch.tensor([self.data.labels[i] for i in sources], dtype=torch.int64)
         params = self.mix_params(epoch, group)
         mixed, targets = apply_mix(images, labels, params, self.data.num_classes, self.recipe.mix.label_smoothing)
-        return MixedGroup(epoch, group, mixed, targets, labels, torch.from_numpy(indices.astype(np.int64)), params)
+        return MixedGroup(epoch, group, mixed, targets, labels, torch.tensor(sources, dtype=torch.int64), params,
+                          tuple(unreadable))
+
+    @staticmethod
+    def _readable_at(indices: list[int], p: int, decoded: dict) -> int | None:
+        """The image that stands at position p: its own if readable, else the next readable one of the group."""
+        n = len(indices)
+        return next((indices[(p + d) % n] for d in range(n) if indices[(p + d) % n] in decoded), None)
+
+    def _blank(self) -> torch.Tensor:
+        """A group with no readable image at all (the trainer refuses it): zeros of the right shape."""
+        s = self.recipe.augment.img_size
+        return torch.zeros(3, s, s)
 
     def describe(self) -> dict:
         """What a logits cache must record to be replayed by this plan (see `check_same_plan`); JSON-normal
@@ -138,3 +166,32 @@ def check_same_plan(stored: dict, current: dict, what: str) -> None:
     if differ:
         raise UserError(f"{what} was extracted for another stage-2 plan ({', '.join(differ)} differ); rerun "
                         f"extract-logits with this data and these settings, or train without it")
+
+
+class UnreadableImages:
+    """The trainer's side of unreadable images (`--on-error`): `fail` stops at the first one naming it; `skip`
+    keeps each group's substitute (see the module docstring) and lists every image once. A group with no
+    readable image at all stops the run either way."""
+
+    def __init__(self, on_error: str, data: str):
+        self.on_error, self.data = on_error, data
+        self.seen: dict[str, str] = {}
+
+    def check(self, group: MixedGroup) -> list[str]:
+        """Notes to print for images not seen before; raises UserError as the policy says."""
+        if not group.unreadable:
+            return []
+        key, error = group.unreadable[0]
+        if len(group.unreadable) == group.images.shape[0]:
+            raise UserError(f"every image of mixing group {group.group} (epoch {group.epoch}) of --data {self.data} is "
+                            f"unreadable (e.g. {key}: {error}); replace or remove them")
+        if self.on_error == "fail":
+            raise UserError(f"image {key} of --data {self.data} cannot be read ({error}); replace or remove it, or "
+                            f"pass --on-error skip to use another image of its mixing group in its place")
+        notes = []
+        for key, error in group.unreadable:
+            if key not in self.seen:
+                self.seen[key] = error
+                notes.append(f"note: image {key} cannot be read ({error}); another image of its mixing group is used "
+                             f"in its place (--on-error skip)")
+        return notes
