@@ -24,6 +24,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
+from g2sd_cache.common.errors import UserError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -38,6 +40,17 @@ class ViewGeometry:
     scale: tuple[float, float] = (0.2, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_p: float = 0.5
+
+    def check(self) -> None:
+        """One-line refusals of a geometry no view can have: no patch, or no visible patch."""
+        if self.img_size < self.patch_size or self.img_size % self.patch_size:
+            raise UserError(f"--img-size {self.img_size}: must be a positive multiple of the patch size "
+                            f"{self.patch_size}")
+        if not 0 <= self.mask_ratio < 1:
+            raise UserError(f"--mask-ratio {self.mask_ratio}: must be in [0, 1)")
+        if self.num_visible < 1:
+            raise UserError(f"--mask-ratio {self.mask_ratio} at --img-size {self.img_size} leaves no visible patch of "
+                            f"{self.num_patches}; lower the mask ratio or raise the image size")
 
     @property
     def num_patches(self) -> int:

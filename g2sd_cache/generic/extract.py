@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from g2sd_cache.cache import codecs
-from g2sd_cache.common.config import read_yaml, to_yaml
+from g2sd_cache.common.config import check_seed, read_yaml, to_yaml
 from g2sd_cache.cache.digests import image_crc32c, record_digest
 from g2sd_cache.common.dist import DistEnv, init_distributed, shutdown_distributed
 from g2sd_cache.common.errors import UserError
@@ -86,11 +86,8 @@ class ExtractConfig:
         if not 1 <= self.target_layer <= depth:
             raise UserError(f"--target-layer {self.target_layer}: must be between 1 and {depth} "
                             f"(the teacher's decoder blocks)")
-        if not 0 <= self.mask_ratio < 1:
-            raise UserError(f"--mask-ratio {self.mask_ratio}: must be in [0, 1)")
-        patch = TEACHER_PRESETS[self.arch].patch_size
-        if self.img_size % patch:
-            raise UserError(f"--img-size {self.img_size}: must be a multiple of the patch size {patch}")
+        self.geometry.check()
+        check_seed(self.seed)
         for name in ("views", "shard_size", "chunk_views", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
@@ -370,6 +367,10 @@ def write_manifest(out: Path, cfg: ExtractConfig, source: Source, plans: list[Sh
     images = sum(r.images for r in records)
     left_out = list(getattr(source, "skipped", ()))   # entries the folder scan left out (never in the listing)
     skipped = [*left_out, *(s for r in records for s in r.skipped)]
+    if images == 0:   # an empty cache is not a sound one: nothing could train on it
+        first = f" (e.g. {skipped[0]['key']}: {skipped[0]['error']})" if skipped else ""
+        raise UserError(f"every input of --data {cfg.data} was unreadable ({len(skipped)} skipped{first}): there is "
+                        f"no view to cache, so no manifest was written; fix or replace the images, then rerun")
     source_info = SourceRecord(
         kind=source.kind, root=source.root, fingerprint=source.fingerprint, scan_skipped=len(left_out),
         count=len(source) if isinstance(source, FolderSource) else images + len(skipped),

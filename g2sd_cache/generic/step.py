@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from g2sd_cache.cache import codecs
 from g2sd_cache.cache.reader import Cache, open_cache
 from g2sd_cache.common.dist import DistEnv
+from g2sd_cache.common.config import check_seed
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.kernels import masked_smooth_l1
 from g2sd_cache.cache.manifest_checks import source_problem
@@ -128,6 +129,10 @@ class TrainConfig:
             raise UserError(f"--precision {self.precision}: choose auto, bf16, fp16 or fp32")
         if self.on_error not in ("skip", "fail"):
             raise UserError(f"--on-error {self.on_error}: choose skip or fail")
+        check_seed(self.seed)
+        if not self.cache:   # online: the views' geometry comes from these flags (with a cache, from its manifest)
+            ViewGeometry(img_size=self.img_size, patch_size=TEACHER_PRESETS[self.arch].patch_size,
+                         mask_ratio=self.mask_ratio).check()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,6 +166,9 @@ def prepare(cfg: TrainConfig, env: DistEnv) -> Setup:
     if cfg.cache:
         cache = open_cache(cfg.cache)
         m = cache.manifest
+        if m.views == 0:
+            raise UserError(f"cache {cfg.cache} holds no views (all {len(m.skipped)} inputs were unreadable): there is "
+                            f"nothing to train on; re-extract from readable images")
         if source is None and not cache.has_pixels:
             raise UserError(f"cache {cfg.cache} was extracted with --pixels none, so training reads the images: "
                             f"pass --data with the dataset it was extracted from ({m.source.root})")

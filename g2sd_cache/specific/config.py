@@ -16,9 +16,9 @@ import math
 from dataclasses import dataclass
 
 from g2sd_cache.models.classifier import CLASSIFIER_PRESETS
-from g2sd_cache.common.config import read_yaml
+from g2sd_cache.common.config import check_seed, read_yaml
 from g2sd_cache.common.errors import UserError
-from g2sd_cache.specific.augment import AugmentRecipe
+from g2sd_cache.specific.augment import AugmentRecipe, build_train_transform
 from g2sd_cache.specific.mix import MixRecipe
 from g2sd_cache.specific.plan import SDRecipe
 
@@ -61,6 +61,7 @@ class PlanOptions:
     def validate_plan(self) -> None:
         if not self.data:
             raise UserError("--data is required: the training image folder, one sub-folder per class")
+        check_seed(self.seed)
         if self.img_size < 16 or self.img_size % 16:
             raise UserError(f"--img-size {self.img_size}: must be a positive multiple of the patch size 16")
         if self.group_size < 2 or self.group_size % 2:
@@ -79,6 +80,11 @@ class PlanOptions:
             raise UserError("--recount must be at least 1")
         if self.on_error not in ("skip", "fail"):
             raise UserError(f"--on-error {self.on_error}: choose skip or fail")
+        try:
+            build_train_transform(self.recipe().augment)
+        except (AssertionError, ValueError, KeyError, IndexError, TypeError) as e:
+            raise UserError(f"--auto-augment {self.auto_augment}: not a timm augmentation policy ({e}); e.g. "
+                            f"rand-m9-mstd0.5-inc1 (G2SD's), original, v0 or augmix-m5") from None
 
     def check_teacher_arch(self, arch: str) -> None:
         if arch not in CLASSIFIER_PRESETS:

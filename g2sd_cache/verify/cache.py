@@ -73,6 +73,9 @@ def verify_cache(path: str, deep: int = 0, teacher: str | None = None, data: str
 
     shards = {s: got for s in range(len(m.shards)) if (got := files.check_shard(s, on_disk)) is not None}
     pairs = check_rows(report, m, shards)
+    if m.views == 0:
+        report.add(MANIFEST, f"holds no views (all {len(m.skipped)} inputs were skipped as unreadable): an empty "
+                             f"cache cannot train a student; re-extract from readable images")
     if pairs != m.views and not report.problems:
         report.add(MANIFEST, f"{pairs} (image, view) pairs found, the manifest says {m.views} views")
     _check_skipped(report, m, shards)
