@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from g2sd_cache.common.checkpoint import CHECKPOINT, load_checkpoint
+from g2sd_cache.common.checkpoint import CHECKPOINT, load_checkpoint, save_torch_file
 from g2sd_cache.models.classifier import CLASSIFIER_PRESETS, DistilledViT, to_timm_distilled
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.specific.finetuned import BEST, read_finetuned

@@ -329,6 +329,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"g2sd-cache {args.command}: interrupted", file=sys.stderr)
         return 130
+    except (OSError, RuntimeError) as e:   # torch.save wraps OSErrors in RuntimeError
+        line = _storage_problem(e)
+        if line is None:
+            raise
+        print(f"g2sd-cache {args.command}: error: {line}", file=sys.stderr)
+        return 2
+
+
+def _storage_problem(e: BaseException) -> str | None:
+    """One line for a full disk or a read-only filesystem that no finer handler named (a marker, a config file):
+    the machine's state, not a bug. Writes are atomic, so nothing half-written is left under a final name."""
+    import errno
+    from g2sd_cache.common.fsutil import SPACE_ERRNOS
+    while e is not None and not (isinstance(e, OSError) and e.errno in (*SPACE_ERRNOS, errno.EROFS)):
+        e = e.__cause__ or e.__context__
+    if e is None:
+        return None
+    where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+    fix = "free space" if e.errno in SPACE_ERRNOS else "choose a writable --out"
+    return f"{e.strerror or os.strerror(e.errno)}{where}; nothing half-written was left: {fix}, then rerun the same command"
 
 
 if __name__ == "__main__":

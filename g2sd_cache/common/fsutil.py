@@ -78,6 +78,10 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None:   # a failed write or flush names no file: say which one
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     finally:  # a failed write (disk full) must not leave the temporary behind
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)

@@ -124,7 +124,12 @@ def build_student(arch: str, num_classes: int, img_size: int = 224, distilled: b
 def init_from_stage1(model: VisionTransformer, path: str | Path, flag: str = "--init") -> None:
     """Load the stage-1 encoder from `path` (an export, a stage-1 run folder, or an MAE checkpoint) into
     `model`; everything the encoder lacks (heads, dist token, fc_norm) keeps its fresh initialisation."""
-    encoder = encoder_of(read_state_dict(path, flag), flag, path)
+    state = read_state_dict(path, flag)
+    if "dist_token" in state:   # its position table has a row for the dist token: not a stage-1 encoder
+        raise UserError(f"{flag} {path} is a distilled classifier (a `g2sd-cache finetune` export or a DeiT: it has a "
+                        f"dist token), not a stage-1 student; pass the `g2sd-cache train` run folder or its "
+                        f"`g2sd-cache export` file, or continue the finetune run with --resume and its --out")
+    encoder = encoder_of(state, flag, path)
     found = _shape_of(encoder)
     want = (model.patch_embed.patch_size[0], model.embed_dim, len(model.blocks))
     if found[:3] != want:

@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from g2sd_cache.models.classifier import build_student, init_from_stage1, layer_decay_groups
 from g2sd_cache.common.dist import DistEnv
+from g2sd_cache.common.errors import UserError
 from g2sd_cache.training.precision import resolve_precision
 from g2sd_cache.cache.logits import TeacherPredictions
 from g2sd_cache.training.run_folder import optimizer_step, weights_finite
@@ -131,10 +132,24 @@ class FineTuner:
                 "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.student.load_state_dict(state["model"])
+        """A checkpoint's state; one that does not fit this student (keys, shapes, optimizer groups) is a one-line
+        UserError, as for `train --resume`."""
+        expected, saved = self.student.state_dict(), state["model"]
+        missing, unexpected = [k for k in expected if k not in saved], [k for k in saved if k not in expected]
+        shapes = [k for k in expected if k in saved and tuple(saved[k].shape) != tuple(expected[k].shape)]
+        if missing or unexpected or shapes:
+            what = "; ".join(f"{name} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}" for name, keys in
+                             (("missing", missing), ("unexpected", unexpected), ("other shape", shapes)) if keys)
+            raise UserError(f"--resume: the checkpoint does not match this student ({what}); resume with the arch "
+                            f"it was trained with, or start a new run in another --out")
+        self.student.load_state_dict(saved)
         # The optimizer's saved groups carry the old weight decay and lr scales; a resume may change them.
         fresh = [(g["weight_decay"], g["lr_scale"]) for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"--resume: the checkpoint's optimizer state does not match this student's parameters "
+                            f"({e}); start a new run in another --out") from None
         for group, (decay, scale) in zip(self.optimizer.param_groups, fresh):
             group["weight_decay"], group["lr_scale"] = decay, scale
         self.scaler.load_state_dict(state["scaler"])
