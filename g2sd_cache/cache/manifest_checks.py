@@ -248,3 +248,11 @@ def source_problem(m: Manifest, source, given: str) -> str | None:
 def short_repr(x) -> str:
     s = repr(x)
     return s if len(s) <= 60 else s[:57] + "..."
+
+
+def refuse_empty(images: int, skipped: list[dict], data: str) -> None:
+    """An empty cache is not a sound one (nothing could train on it): extract publishes no manifest for it."""
+    if images == 0:
+        first = f" (e.g. {skipped[0]['key']}: {skipped[0]['error']})" if skipped else ""
+        raise UserError(f"every input of --data {data} was unreadable ({len(skipped)} skipped{first}): there is "
+                        f"no view to cache, so no manifest was written; fix or replace the images, then rerun")

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from g2sd_cache.cache import codecs
+from g2sd_cache.cache import manifest_checks
 from g2sd_cache.common.config import check_seed, read_yaml, to_yaml
 from g2sd_cache.cache.digests import image_crc32c, record_digest
 from g2sd_cache.common.dist import DistEnv, init_distributed, shutdown_distributed
@@ -367,7 +368,7 @@ def write_manifest(out: Path, cfg: ExtractConfig, source: Source, plans: list[Sh
     images = sum(r.images for r in records)
     left_out = list(getattr(source, "skipped", ()))   # entries the folder scan left out (never in the listing)
     skipped = [*left_out, *(s for r in records for s in r.skipped)]
-    refuse_empty(images, skipped, cfg.data)
+    manifest_checks.refuse_empty(images, skipped, cfg.data)
     source_info = SourceRecord(
         kind=source.kind, root=source.root, fingerprint=source.fingerprint, scan_skipped=len(left_out),
         count=len(source) if isinstance(source, FolderSource) else images + len(skipped),
@@ -389,14 +390,6 @@ def write_manifest(out: Path, cfg: ExtractConfig, source: Source, plans: list[Sh
     if source.scan_note():
         print(source.scan_note())
     return manifest
-
-
-def refuse_empty(images: int, skipped: list[dict], data: str) -> None:
-    """An empty cache is not a sound one (nothing could train on it): no manifest is published for it."""
-    if images == 0:
-        first = f" (e.g. {skipped[0]['key']}: {skipped[0]['error']})" if skipped else ""
-        raise UserError(f"every input of --data {data} was unreadable ({len(skipped)} skipped{first}): there is "
-                        f"no view to cache, so no manifest was written; fix or replace the images, then rerun")
 
 
 def run_extract(cfg: ExtractConfig) -> dict:
