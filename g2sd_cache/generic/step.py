@@ -82,8 +82,17 @@ class TrainConfig:
     on_error: str = "fail"
     log_samples: bool = False
 
+    # The run's length when neither --epochs nor --steps is given (G2SD's); not a field, so that giving both
+    # stays a mistake the config can see.
+    DEFAULT_EPOCHS = 300
+
     # What the epoch order depends on (with the global batch, checked separately): a resume must keep them.
     ORDER = ("seed", "cache", "shuffle_window")
+
+    @property
+    def run_epochs(self) -> int | None:
+        """Epochs to train: --epochs, else DEFAULT_EPOCHS unless --steps sets the length."""
+        return None if self.steps is not None else self.epochs or self.DEFAULT_EPOCHS
 
     @property
     def mode(self) -> str:

@@ -52,7 +52,7 @@ def make_schedule(cfg: TrainConfig, epoch_size: int, world: int) -> Schedule:
     steps_per_epoch = steps_in_epoch(epoch_size, global_batch)
     if steps_per_epoch == 0:
         raise UserError("the dataset has no samples to train on")
-    total = cfg.steps or (cfg.epochs or 300) * steps_per_epoch
+    total = cfg.steps or cfg.run_epochs * steps_per_epoch
     if cfg.warmup_steps is not None:
         warmup = cfg.warmup_steps
     else:
