@@ -22,24 +22,24 @@ def _add_plan_flags(group, seeds_student: bool) -> None:
     student = "; also of the student's fresh heads" if seeds_student else ""
     group.add_argument("--data", help="training images: a folder with one sub-folder per class (ImageNet's train/ "
                        "layout); labels are the sorted class folder names (required)")
-    group.add_argument("--seed", type=int, help=f"seed of the data plan: every crop, RandAugment op, erasing box, "
-                       f"mixup/cutmix draw and the epoch order are a function of (seed, epoch, image or group)"
+    group.add_argument("--seed", type=int, help="seed of the data plan: every crop, RandAugment op, erasing box, "
+                       "mixup/cutmix draw and the epoch order are a function of (seed, epoch, image or group)"
                        f"{student} (default %(default)s)")
-    group.add_argument("--img-size", type=int, help=f"training and evaluation resolution in pixels (default %(default)s)")
-    group.add_argument("--group-size", type=int, help=f"mixing group: the samples mixed together (partner of sample i is "
-                       f"G-1-i, one lambda per group); G2SD's per-GPU batch, fixed whatever the number of GPUs "
-                       f"(default %(default)s)")
-    group.add_argument("--auto-augment", help=f"timm RandAugment policy (default %(default)s)")
-    group.add_argument("--reprob", type=float, help=f"random erasing probability (default %(default)s)")
-    group.add_argument("--remode", choices=["pixel", "rand", "const"], help=f"random erasing fill: per-pixel normal "
-                       f"noise, per-channel noise or zeros (default %(default)s)")
-    group.add_argument("--recount", type=int, help=f"random erasing boxes per image (default %(default)s)")
-    group.add_argument("--mixup", type=float, help=f"mixup Beta alpha, 0 = off (default %(default)s)")
-    group.add_argument("--cutmix", type=float, help=f"cutmix Beta alpha, 0 = off (default %(default)s)")
-    group.add_argument("--mixup-prob", type=float, help=f"probability that a group is mixed at all (default %(default)s)")
-    group.add_argument("--mixup-switch-prob", type=float, help=f"probability of cutmix rather than mixup when both "
-                       f"are on (default %(default)s)")
-    group.add_argument("--smoothing", type=float, help=f"label smoothing of the mixed targets (default %(default)s)")
+    group.add_argument("--img-size", type=int, help="training and evaluation resolution in pixels (default %(default)s)")
+    group.add_argument("--group-size", type=int, help="mixing group: the samples mixed together (partner of sample i is "
+                       "G-1-i, one lambda per group); G2SD's per-GPU batch, fixed whatever the number of GPUs "
+                       "(default %(default)s)")
+    group.add_argument("--auto-augment", help="timm RandAugment policy (default %(default)s)")
+    group.add_argument("--reprob", type=float, help="random erasing probability (default %(default)s)")
+    group.add_argument("--remode", choices=["pixel", "rand", "const"], help="random erasing fill: per-pixel normal "
+                       "noise, per-channel noise or zeros (default %(default)s)")
+    group.add_argument("--recount", type=int, help="random erasing boxes per image (default %(default)s)")
+    group.add_argument("--mixup", type=float, help="mixup Beta alpha, 0 = off (default %(default)s)")
+    group.add_argument("--cutmix", type=float, help="cutmix Beta alpha, 0 = off (default %(default)s)")
+    group.add_argument("--mixup-prob", type=float, help="probability that a group is mixed at all (default %(default)s)")
+    group.add_argument("--mixup-switch-prob", type=float, help="probability of cutmix rather than mixup when both "
+                       "are on (default %(default)s)")
+    group.add_argument("--smoothing", type=float, help="label smoothing of the mixed targets (default %(default)s)")
 
 
 def add_finetune(sub):
@@ -63,25 +63,25 @@ def add_finetune(sub):
     model = p.add_argument_group("model")
     model.add_argument("--init", help="the stage-1 student: a `g2sd-cache train` run folder or its `g2sd-cache export` "
                        "file (an MAE encoder checkpoint also works); required unless --resume")
-    model.add_argument("--arch", choices=list(CLASSIFIER_PRESETS), help=f"student classifier (default %(default)s)")
-    model.add_argument("--drop-path", type=float, help=f"stochastic depth rate of the student (default %(default)s, SD.sh)")
+    model.add_argument("--arch", choices=list(CLASSIFIER_PRESETS), help="student classifier (default %(default)s)")
+    model.add_argument("--drop-path", type=float, help="stochastic depth rate of the student (default %(default)s, SD.sh)")
     model.add_argument("--teacher", help="the fine-tuned teacher classifier (MAE's mae_finetuned_vit_base.pth layout, "
                        "a timm ViT, or random[:SEED] for trials); run in fp32 on the same mixed input")
-    model.add_argument("--teacher-arch", choices=list(CLASSIFIER_PRESETS), help=f"teacher architecture (default "
-                       f"%(default)s)")
+    model.add_argument("--teacher-arch", choices=list(CLASSIFIER_PRESETS), help="teacher architecture (default "
+                       "%(default)s)")
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int, help=f"epochs to train (default %(default)s)")
+    opt.add_argument("--epochs", type=int, help="epochs to train (default %(default)s)")
     opt.add_argument("--batch-size", type=int, help="samples per forward pass; must divide --group-size, a group is "
                      "then split into micro-batches (default: the whole group)")
-    opt.add_argument("--accum-iter", type=int, help=f"groups per rank per optimizer step; effective batch = group "
-                     f"size x accum-iter x ranks (default %(default)s)")
-    opt.add_argument("--blr", type=float, help=f"base lr; lr = blr x effective batch / 256 (default %(default)s)")
-    opt.add_argument("--layer-decay", type=float, help=f"layer-wise lr decay: block i gets lr x decay^(depth + 1 - "
-                     f"layer) (default %(default)s)")
-    opt.add_argument("--weight-decay", type=float, help=f"AdamW weight decay, none on biases, norms, tokens and "
-                     f"positions (default %(default)s)")
-    opt.add_argument("--min-lr", type=float, help=f"lr at the end of the cosine (default %(default)s)")
-    opt.add_argument("--warmup-epochs", type=float, help=f"linear warm-up in epochs (default %(default)s)")
+    opt.add_argument("--accum-iter", type=int, help="groups per rank per optimizer step; effective batch = group "
+                     "size x accum-iter x ranks (default %(default)s)")
+    opt.add_argument("--blr", type=float, help="base lr; lr = blr x effective batch / 256 (default %(default)s)")
+    opt.add_argument("--layer-decay", type=float, help="layer-wise lr decay: block i gets lr x decay^(depth + 1 - "
+                     "layer) (default %(default)s)")
+    opt.add_argument("--weight-decay", type=float, help="AdamW weight decay, none on biases, norms, tokens and "
+                     "positions (default %(default)s)")
+    opt.add_argument("--min-lr", type=float, help="lr at the end of the cosine (default %(default)s)")
+    opt.add_argument("--warmup-epochs", type=float, help="linear warm-up in epochs (default %(default)s)")
     opt.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value (default: no clipping)")
     run = p.add_argument_group("run")
     run.add_argument("--out", help="run folder: checkpoint.pt, best.pt, metrics.jsonl, tb/, config.yaml (required)")
@@ -89,21 +89,21 @@ def add_finetune(sub):
                      "configs/finetune_vit_small.yaml is G2SD's recipe with sources); flags override it")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, mid-epoch, "
                      "at the same group, on any number of ranks")
-    run.add_argument("--eval-every", type=int, help=f"epochs between validations (and the last epoch); 0 = never "
-                     f"(default %(default)s)")
-    run.add_argument("--log-every", type=int, help=f"steps between console lines / metrics.jsonl records (default "
-                     f"%(default)s; also at every epoch's end)")
-    run.add_argument("--save-every", type=int, help=f"steps between checkpoints (default %(default)s; also at "
-                     f"every epoch's end)")
+    run.add_argument("--eval-every", type=int, help="epochs between validations (and the last epoch); 0 = never "
+                     "(default %(default)s)")
+    run.add_argument("--log-every", type=int, help="steps between console lines / metrics.jsonl records (default "
+                     "%(default)s; also at every epoch's end)")
+    run.add_argument("--save-every", type=int, help="steps between checkpoints (default %(default)s; also at "
+                     "every epoch's end)")
     run.add_argument("--stop-after", type=int, help="end after this many steps as if preempted (checkpoint saved)")
     perf = p.add_argument_group("performance")
-    perf.add_argument("--workers", type=int, help=f"DataLoader processes per rank decoding and augmenting images "
-                      f"(default %(default)s); the data does not depend on it")
-    perf.add_argument("--prefetch", type=int, help=f"groups each worker prepares ahead (default %(default)s)")
+    perf.add_argument("--workers", type=int, help="DataLoader processes per rank decoding and augmenting images "
+                      "(default %(default)s); the data does not depend on it")
+    perf.add_argument("--prefetch", type=int, help="groups each worker prepares ahead (default %(default)s)")
     perf.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto: this rank's GPU if any)")
     perf.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], help="student autocast dtype (auto: "
                       "bf16 on CUDA, fp32 on CPU; G2SD used fp16 with a loss scaler); the teacher always runs in fp32")
-    perf.add_argument("--eval-batch-size", type=int, help=f"validation batch (default %(default)s)")
+    perf.add_argument("--eval-batch-size", type=int, help="validation batch (default %(default)s)")
     set_dataclass_defaults(p, FinetuneConfig)
     return p
 
@@ -125,23 +125,23 @@ def add_extract_logits(sub):
     model = p.add_argument_group("model")
     model.add_argument("--teacher", help="the fine-tuned teacher classifier (MAE's mae_finetuned_vit_base.pth layout, "
                        "a timm ViT, or random[:SEED] for trials) (required)")
-    model.add_argument("--teacher-arch", choices=list(CLASSIFIER_PRESETS), help=f"teacher architecture (default "
-                       f"%(default)s)")
+    model.add_argument("--teacher-arch", choices=list(CLASSIFIER_PRESETS), help="teacher architecture (default "
+                       "%(default)s)")
     cache = p.add_argument_group("cache")
     cache.add_argument("--out", help="logits cache folder to create (or resume) (required)")
-    cache.add_argument("--cached-epochs", type=int, help=f"K: epochs of the plan to cache; finetune epoch e reads "
-                       f"epoch e mod K, so augmentations repeat every K epochs (default %(default)s; the "
-                       f"teacher costs K epochs of forward passes, once)")
-    cache.add_argument("--topk", type=int, help=f"logits kept per sample (default %(default)s); the argmax is "
-                       f"stored besides")
-    cache.add_argument("--shard-groups", type=int, help=f"groups per shard, each with all K epochs (default "
-                       f"%(default)s)")
+    cache.add_argument("--cached-epochs", type=int, help="K: epochs of the plan to cache; finetune epoch e reads "
+                       "epoch e mod K, so augmentations repeat every K epochs (default %(default)s; the "
+                       "teacher costs K epochs of forward passes, once)")
+    cache.add_argument("--topk", type=int, help="logits kept per sample (default %(default)s); the argmax is "
+                       "stored besides")
+    cache.add_argument("--shard-groups", type=int, help="groups per shard, each with all K epochs (default "
+                       "%(default)s)")
     cache.add_argument("--overwrite", action="store_true", help="replace an existing logits cache at --out")
     cache.add_argument("--config", help="YAML file of these options, e.g. the finetune config (its training options "
                        "are ignored); flags override it")
     perf = p.add_argument_group("performance")
-    perf.add_argument("--workers", type=int, help=f"DataLoader processes decoding, augmenting and mixing "
-                      f"(default %(default)s)")
+    perf.add_argument("--workers", type=int, help="DataLoader processes decoding, augmenting and mixing "
+                      "(default %(default)s)")
     perf.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto); torchrun splits shards over ranks")
     set_dataclass_defaults(p, LogitsConfig)
     return p
