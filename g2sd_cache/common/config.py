@@ -33,7 +33,7 @@ MAX_SEED = 2**63 - 1
 
 def check_seed(seed: int, flag: str = "--seed") -> None:
     """One line for a seed no generator takes (every config's validate calls it)."""
-    if not 0 <= seed <= MAX_SEED:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise UserError(f"{flag} {seed}: must be a whole number from 0 to 2^63 - 1")
 
 

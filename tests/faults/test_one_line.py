@@ -185,3 +185,18 @@ def test_messages_name_the_option_given(micro_cache, image_folder, tmp_path, cap
     dangling.symlink_to(tmp_path / "gone")
     line = cli_error(capsys, "train", "--cache", str(micro_cache), "--out", str(dangling))
     assert "is a link to" in line and "File exists" not in line
+
+
+@pytest.mark.parametrize("text, says", [('steps: "four"', "four"), ("seed: null", "--seed None"),
+                                        ("seed: 1.5", "--seed 1.5")])
+def test_config_values_of_the_wrong_type_are_one_line_before_any_run_folder(micro_cache, image_folder, tmp_path,
+                                                                            capsys, text, says):
+    config = tmp_path / "c.yaml"
+    config.write_text(text + "\n")
+    out = tmp_path / "run"
+    assert says in cli_error(capsys, "train", "--cache", str(micro_cache), "--out", str(out), "--config", str(config))
+    assert not out.exists()
+    if "seed" in text:
+        assert says in cli_error(capsys, "finetune", "--data", str(image_folder), "--init", "x", "--out", str(out),
+                                 "--img-size", "32", "--group-size", "4", "--config", str(config))
+        assert not out.exists()
