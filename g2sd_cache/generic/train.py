@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from g2sd_cache.common.checkpoint import RESUME_KEYS, load_checkpoint, rng_state, set_rng_state
 from g2sd_cache.common.config import to_yaml
-from g2sd_cache.common.dist import DistEnv, init_distributed, shutdown_distributed
+from g2sd_cache.common.dist import DistEnv, run_on_ranks
 from g2sd_cache.generic.step import Distiller, Setup, TrainConfig, prepare
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.common.fsutil import write_text_atomic
@@ -67,12 +67,7 @@ def make_schedule(cfg: TrainConfig, epoch_size: int, world: int) -> Schedule:
 
 
 def train(cfg: TrainConfig) -> dict:
-    cfg.validate()
-    env = init_distributed(cfg.device)
-    try:
-        return _train(cfg, env)
-    finally:
-        shutdown_distributed()
+    return run_on_ranks(cfg, _train)
 
 
 def _resume(cfg: TrainConfig, run: Path, distiller: Distiller, sched: Schedule, env: DistEnv) -> tuple[int, int, int, list[str]]:
@@ -137,7 +132,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
     t_start = time.perf_counter()
     try:
         while step < sched.total_steps:
-            loader = _epoch_loader(cfg, setup, env, sched, epoch, position)
+            loader = epoch_loader(cfg, setup, env, sched, epoch, position)
             steps = iter(loader)
             while step < sched.total_steps:
                 t_wait = time.perf_counter()
@@ -179,8 +174,9 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
     return summary
 
 
-def _epoch_loader(cfg: TrainConfig, setup: Setup, env: DistEnv, sched: Schedule, epoch: int, position: int) -> StepLoader:
-    """This rank's remaining steps of `epoch`, from global sample `position` on."""
+def epoch_loader(cfg: TrainConfig, setup: Setup, env: DistEnv, sched: Schedule, epoch: int, position: int) -> StepLoader:
+    """This rank's remaining steps of `epoch`, from global sample `position` on: train's input, and the
+    benchmark's (benchmarks/sections/step.py), so both time the same loader."""
     order = epoch_order(setup.unit_sizes, seed=cfg.seed, epoch=epoch, block=setup.block, window=cfg.shuffle_window,
                         whole_units=setup.whole_units)
     view = epoch % setup.views_per_image if setup.views_per_image else epoch

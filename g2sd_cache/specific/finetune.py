@@ -33,11 +33,10 @@ from tqdm import tqdm
 from g2sd_cache.common.checkpoint import CHECKPOINT, load_checkpoint, rng_state, set_rng_state
 from g2sd_cache.models.classifier import build_teacher
 from g2sd_cache.common.config import to_yaml
-from g2sd_cache.common.dist import DistEnv, init_distributed, shutdown_distributed
+from g2sd_cache.common.dist import DistEnv, run_on_ranks
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.common.fsutil import write_text_atomic
 from g2sd_cache.specific.evaluate import evaluate
-from g2sd_cache.specific.extract_logits import open_plan
 from g2sd_cache.specific.log import FinetuneLog
 from g2sd_cache.specific.finetuned import BEST, STAGE
 from g2sd_cache.data.labelled import open_labelled
@@ -45,7 +44,7 @@ from g2sd_cache.cache.logits import LogitsCache, open_logits
 from g2sd_cache.training.run_folder import StopRun, StopSignals, prepare_run_folder, save_run_checkpoint
 from g2sd_cache.training.schedule import get_lr, scaled_lr
 from g2sd_cache.specific.config import FinetuneConfig
-from g2sd_cache.specific.plan import SDPlan, check_same_plan
+from g2sd_cache.specific.plan import SDPlan, check_same_plan, open_plan
 from g2sd_cache.specific.step import FineTuner
 from g2sd_cache.common.workers import keep_as_is, mp_context
 
@@ -124,12 +123,7 @@ class _RunGroups(Dataset):
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
-    cfg.validate()
-    env = init_distributed(cfg.device)
-    try:
-        return _finetune(cfg, env)
-    finally:
-        shutdown_distributed()
+    return run_on_ranks(cfg, _finetune)
 
 
 def _inputs(cfg: FinetuneConfig, env: DistEnv) -> tuple[SDPlan, LogitsCache | None, torch.nn.Module | None, str | None,
