@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import json
 import sys
 import tempfile
 import time
@@ -40,7 +39,8 @@ from pathlib import Path
 
 import torch
 
-from g2sd_cache.benchmarks.common import Profile, loadavg, log, machine_info, make_images, profile_for, subset_folder
+from g2sd_cache.benchmarks.common import (Profile, loadavg, log, machine_info, make_images, profile_for, subset_folder,
+                                          write_outputs)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -115,12 +115,7 @@ def main(argv=None) -> int:
 
     from g2sd_cache.benchmarks.report import markdown, plot
     print(markdown(rep))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rep, indent=1, default=str))
-        log(f"wrote {args.json}")
-    if args.plot:
-        plot(rep, args.plot)
-        log(f"wrote {args.plot}")
+    write_outputs(rep, args.json, args.plot, plot)
     return 0
 
 
