@@ -53,10 +53,16 @@ def _add_extract(sub) -> None:
     model.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches hidden (MAE: 0.75)")
     model.add_argument("--img-size", type=int, default=224, help="crop size in pixels")
     store = p.add_argument_group("storage")
-    store.add_argument("--codec", default="fp16", choices=list(CODECS), help="how targets are stored: fp16/bf16 "
-                       "(2 B/value), int8/fp8 with a per-token scale (1 B/value) or int4 (0.5 B/value, a float16 "
-                       "scale per 32 channels, unbiased stochastic rounding); see `g2sd-cache inspect` for each "
-                       "codec's error on your teacher")
+    store.add_argument("--codec", default="fp16", metavar="{" + ",".join(CODECS) + ",pcaR,auto}",
+                       help="how targets are stored: fp16/bf16 (2 B/value), int8/fp8 with a per-token scale "
+                       "(1 B/value), int4 (0.5 B/value, a float16 scale per 32 channels, unbiased stochastic "
+                       "rounding), pcaR (R int8 coefficients per token in a PCA basis fitted on the teacher's "
+                       "targets, stored with the cache: pca64 is 66 B/token), or auto: the fewest bytes within "
+                       "--max-error; see `g2sd-cache inspect` for each codec's error on your teacher")
+    store.add_argument("--max-error", type=float, default=None, help="with --codec auto: the largest relative RMS "
+                       "error of decoded targets, measured on held-out calibration views (e.g. 0.05)")
+    store.add_argument("--calibration-views", type=int, default=256, help="views of the teacher's targets that "
+                       "--codec auto/pcaR measure codecs and fit the basis on (the cache's first views)")
     store.add_argument("--shard-size", type=int, default=2048, help="views per cache shard for image folders "
                        "(memory: about 2 shards of targets); tar sources keep one shard per tar")
     store.add_argument("--chunk-views", type=int, default=64, help="images per inner zarr chunk (the unit of a "
@@ -168,7 +174,8 @@ def _add_verify(sub) -> None:
     p.add_argument("--deep", type=int, default=0, metavar="N", help="replay N random views through the live teacher "
                    "(from the stored pixels; a --pixels none cache needs --data) and fail any whose stored target "
                    "differs by more than the codec's tolerance (relative RMS: "
-                   f"{', '.join(f'{k} {v:g}' for k, v in CODEC_TOLERANCE.items())}; combined with "
+                   f"{', '.join(f'{k} {v:g}' for k, v in CODEC_TOLERANCE.items())}, pcaR twice its worst held-out "
+                   "calibration view (0.05 to 0.5); combined with "
                    f"{BF16_COMPUTE_TOLERANCE:g} when bf16 autocast may be involved); default 0")
     p.add_argument("--teacher", default=None, metavar="CKPT|random", help="teacher for --deep: the MAE checkpoint "
                    "the cache was made with, or random[:SEED]; default: the one the manifest records. Its weights "
