@@ -333,6 +333,8 @@ def _prepare_output(out: Path, cfg: ExtractConfig, fingerprints: dict) -> None:
     if config_path.exists():
         old = read_yaml(config_path)
         new = dataclasses.asdict(cfg) | fingerprints
+        # a key the old config lacks (a flag added since) had its default then
+        old = {k: getattr(ExtractConfig, k) for k in ("max_error", "calibration_views")} | old
         diff = [k for k in (*ExtractConfig.CONTENT, *fingerprints) if old.get(k) != new.get(k)]
         if diff:
             changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)

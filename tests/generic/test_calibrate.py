@@ -111,3 +111,19 @@ def test_codec_flags_are_checked_in_one_line(image_folder, tmp_path, capsys):
     with pytest.raises(UserError, match="max_error"):   # a rerun with another bound is another configuration
         run_extract(micro_extract_config(image_folder, tmp_path / "y", codec="auto", max_error=0.05, shard_size=24))
         run_extract(micro_extract_config(image_folder, tmp_path / "y", codec="auto", max_error=0.1, shard_size=24))
+
+
+def test_a_cache_begun_before_the_calibration_flags_still_resumes(image_folder, tmp_path):
+    """config.yaml of an extract begun by an older g2sd-cache has no max_error / calibration_views: their defaults
+    then, not another configuration."""
+    import yaml
+    out = tmp_path / "c"
+    cfg = micro_extract_config(image_folder, out, shard_size=24)
+    run_extract(cfg)
+    (out / MANIFEST).unlink()
+    old = yaml.safe_load((out / "config.yaml").read_text())
+    for k in ("max_error", "calibration_views"):
+        old.pop(k)
+    (out / "config.yaml").write_text(yaml.safe_dump(old))
+    run_extract(cfg)
+    assert (out / MANIFEST).is_file()
