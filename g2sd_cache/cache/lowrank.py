@@ -1,7 +1,8 @@
 """The low-rank target codec (`pcaR`): a per-cache PCA basis of the teacher's tokens, and int8 coefficients.
 
 A ViT-B target is 197 tokens x 512 LayerNorm-ed channels, but a teacher's tokens live near a subspace of far
-fewer dimensions (a random ViT-B: rank 64 keeps ~95 % of the energy; benchmarks/codec_error.py). So:
+fewer dimensions (a random ViT-B at rank 64: 5.9 % relative RMS error in-sample, ~9 % on held-out views;
+benchmarks/codec_error.py). So:
 
 - basis: float32 [R + 1, D] -- row 0 the centre (mean token), rows 1..R the R leading principal directions of
   the calibration sample's tokens (orthonormal), fitted once at extract start on the teacher's own targets
