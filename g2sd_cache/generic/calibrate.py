@@ -49,7 +49,7 @@ def needs_calibration(codec: str) -> bool:
 def teacher_targets(items: Iterable[dict], teacher, device: torch.device, views: int, batch_size: int,
                     target_layer: int, autocast: bool) -> torch.Tensor:
     """float32 [N, T, D] (N <= views, on the CPU): the teacher's targets of the rendered images' views in `items`
-    (extract's _RenderedImages items; errors and tar ends are passed over), in order, until `views` are taken."""
+    (extract's RenderedImages items; errors and tar ends are passed over), in order, until `views` are taken."""
     patches, masks = [], []
     for item in items:
         if "patches" not in item:

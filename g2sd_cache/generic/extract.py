@@ -373,7 +373,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
 
 def _calibrate(cfg: ExtractConfig, source: Source, plans: list[ShardPlan], teacher, device) -> Calibration:
     """Rank 0: the teacher's targets of the cache's first views (as extract renders them) -> the codec and basis."""
-    items = _RenderedImages(source, plans, cfg)
+    items = RenderedImages(source, plans, cfg)
     x = teacher_targets(iter(items), teacher, device, cfg.calibration_views, cfg.batch_size, cfg.target_layer,
                         autocast=teacher_precision(device) != "fp32")
     return calibrate(x, cfg.codec, cfg.max_error)
