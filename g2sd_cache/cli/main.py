@@ -32,9 +32,15 @@ def _add_extract(sub) -> None:
     data.add_argument("--data", required=True, help="image folder (class sub-folders or flat; jpg/jpeg/png/webp) or "
                       "webdataset tars: paths, brace patterns like 'train-{000000..000099}.tar', URLs, comma-separated")
     data.add_argument("--out", required=True, help="cache directory to create (or resume)")
-    data.add_argument("--pixels", default="visible", choices=["visible", "none"], help="visible (default): also store "
-                      "each view's visible patches as uint8 (+37,632 B/view at 224 px, mask 0.75), so train needs no "
-                      "images and no JPEG decoding; none: a smaller cache, train then needs --data")
+    from g2sd_cache.generic.extract import ExtractConfig
+    data.add_argument("--pixels", default=ExtractConfig.pixels, choices=["visible", "jpeg", "none"], help="visible "
+                      "(default): also store each view's visible patches as uint8 (+37,632 B/view at 224 px, mask 0.75), "
+                      "so train needs no images and no decoder; jpeg: as one JPEG per view (~8-12 KB at quality 90 on "
+                      "photographs), and the teacher is given the decoded JPEG, so teacher and student still see the "
+                      "same pixels (train decodes it: CPU time, or the GPU's decoder when extracted on a GPU); none: "
+                      "the smallest cache, train then needs --data")
+    data.add_argument("--pixel-quality", type=int, default=ExtractConfig.pixel_quality, metavar="Q",
+                      help=f"--pixels jpeg: JPEG quality 1..100 (default {ExtractConfig.pixel_quality}; 4:4:4 chroma)")
     data.add_argument("--on-error", default="skip", choices=["skip", "fail"], help="unreadable images: skip and list "
                       "them in the manifest, or stop with the path")
     data.add_argument("--overwrite", action="store_true", help="replace the cache at --out: only a folder marked as a "
