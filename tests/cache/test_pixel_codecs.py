@@ -122,3 +122,5 @@ def test_verify_with_data_re_encodes_the_views_and_finds_the_stored_jpegs(jpeg_c
     report = verify_cache(str(jpeg_cache[0]), data=str(image_folder), pixel_views=None)
     assert report.ok, report.problems
     assert report.summary["pixel_views_checked"] == 24
+    deep = verify_cache(str(jpeg_cache[0]), deep=6)      # the live teacher on the decoded JPEGs: the stored targets
+    assert deep.ok, deep.problems
