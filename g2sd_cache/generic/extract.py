@@ -14,6 +14,7 @@ Memory is bounded by the shard size (one shard filling, one being written), neve
 from __future__ import annotations
 
 import dataclasses
+import os
 import resource
 import shutil
 import time
@@ -60,7 +61,7 @@ class ExtractConfig:
     shard_size: int = 2048
     chunk_views: int = 64
     batch_size: int = 64
-    workers: int = 4
+    workers: int = dataclasses.field(default_factory=lambda: min(8, os.cpu_count() or 1))
     device: str = "auto"
     on_error: str = "skip"
     overwrite: bool = False
