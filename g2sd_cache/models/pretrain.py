@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.data.views import ViewGeometry, normalize, patchify, render_view, sample_view, visible_patches
