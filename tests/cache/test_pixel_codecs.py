@@ -10,7 +10,7 @@ from tests.common.helpers import micro_extract_config
 from tests.generic.test_train import run_train
 from g2sd_cache.cache.pixel_codecs import decode_jpegs, encode_jpeg, grid, tile, untile
 from g2sd_cache.cache.reader import open_cache
-from g2sd_cache.common.errors import CacheCorruptError
+from g2sd_cache.common.errors import CacheCorruptError, UserError
 from g2sd_cache.data.views import normalize_patches
 from g2sd_cache.generic.extract import run_extract
 from g2sd_cache.models.mae import MAETeacher
@@ -124,3 +124,10 @@ def test_verify_with_data_re_encodes_the_views_and_finds_the_stored_jpegs(jpeg_c
     assert report.summary["pixel_views_checked"] == 24
     deep = verify_cache(str(jpeg_cache[0]), deep=6)      # the live teacher on the decoded JPEGs: the stored targets
     assert deep.ok, deep.problems
+
+
+def test_a_bad_pixel_quality_or_mode_is_one_line(image_folder, tmp_path):
+    with pytest.raises(UserError, match="--pixel-quality 0: must be between 1 and 100"):
+        run_extract(micro_extract_config(image_folder, tmp_path / "q", pixels="jpeg", pixel_quality=0))
+    with pytest.raises(UserError, match="--pixels png: choose visible, jpeg, none"):
+        run_extract(micro_extract_config(image_folder, tmp_path / "p", pixels="png"))
