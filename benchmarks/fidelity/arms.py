@@ -139,6 +139,7 @@ def summarise(arms: list[Arm], per_seed: dict[str, list[dict]], teacher: str = "
             "pixel_bytes_per_view": res[0].get("pixel_bytes_per_view"),
             "total_bytes_per_view": res[0].get("total_bytes_per_view"),
             "heldout_loss": mean_std([r["heldout_loss"] for r in res]),
+            "heldout_loss_per_seed": [r["heldout_loss"] for r in res],   # arms pair with each other seed by seed too
             "heldout_cosine": mean_std([r["heldout_cosine"] for r in res]),
             "train_loss": mean_std([r["train_loss"] for r in res]),
             "gap_to_online": mean_std([r["heldout_loss"] - o["heldout_loss"] for r, o in zip(res, online)]),

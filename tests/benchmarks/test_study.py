@@ -11,7 +11,7 @@ from g2sd_cache.cache.codecs import CODECS
 
 ROOT = Path(__file__).resolve().parents[2]
 ARM_KEYS = {"name", "views", "codec", "bytes_per_view", "heldout_loss", "heldout_cosine", "train_loss",
-            "gap_to_online", "gap_sem", "pixels", "teacher", "pixel_bytes_per_view", "total_bytes_per_view"}
+            "gap_to_online", "gap_sem", "heldout_loss_per_seed", "pixels", "teacher", "pixel_bytes_per_view", "total_bytes_per_view"}
 
 
 def _study():
