@@ -32,7 +32,7 @@ from g2sd_cache.cache import codecs
 from g2sd_cache.cache.pixel_codecs import DEFAULT_QUALITY, JPEG_ARRAY, PIXEL_MODES, decode_jpegs
 from g2sd_cache.common.config import read_yaml, to_yaml
 from g2sd_cache.cache.digests import record_digest
-from g2sd_cache.common.dist import DistEnv, init_distributed, shutdown_distributed
+from g2sd_cache.common.dist import DistEnv, run_on_ranks
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.common.fsutil import write_text_atomic
 from g2sd_cache.models.mae import TEACHER_PRESETS, build_teacher
@@ -324,13 +324,7 @@ def write_manifest(out: Path, cfg: ExtractConfig, source: Source, plans: list[Sh
 
 def run_extract(cfg: ExtractConfig) -> dict:
     """Extract the cache described by `cfg`; returns the summary that the CLI prints."""
-    cfg.validate()
-    env = init_distributed(cfg.device)
-    try:
-        return _extract(cfg, env)
-    finally:
-        _release_output(cfg.out)
-        shutdown_distributed()
+    return run_on_ranks(cfg, _extract, release=lambda: _release_output(cfg.out))
 
 
 def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
@@ -345,7 +339,7 @@ def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
     teacher.to(env.device)
     tokens, width = teacher.num_tokens, teacher.shape.decoder_embed_dim
     fingerprints = {"teacher_sha256": info.sha256, "source_fingerprint": source.fingerprint}
-    if isinstance(source, FolderSource):  # caches begun before the shuffle dealt images in listing order
+    if isinstance(source, FolderSource):  # the images' order in the shards is part of the cache's content
         fingerprints["folder_order"] = "seeded shuffle"
     decoder = jpeg_decoder(env.device)
     if cfg.pixels == "jpeg":   # the teacher's pixels depend on the decoder: a resume must use the same one
