@@ -5,6 +5,9 @@
       .g2sd-cache.lock   the advisory lock a running extract holds (with its pid and host)
       config.yaml        the extract configuration that produced it (rerun checks it)
       manifest.json      written last, by rank 0, once every shard is complete; a digest of every shard.json
+      basis.npy          low-rank codecs (pcaR) only: the PCA basis the codes decode with, float32 [R + 1, D]
+                         (cache/lowrank.py), bound by its sha256 in the manifest
+      calibration.json   codec auto and pcaR: the calibration extract ran first (its record is in the manifest)
       shard-00000/       a zarr v3 group, renamed into place only when complete
         shard.json       the shard's record: counts, skipped inputs, file sizes and digests, source image crc32c
         target/ scale/ mask/ crop/ flip/ source_index/ key/ pixels/ (or jpeg/)   zarr v3 arrays
@@ -43,6 +46,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from g2sd_cache.cache import lowrank
 from g2sd_cache.cache.codecs import Codec, get_codec
 from g2sd_cache.cache.pixel_codecs import JPEG_ARRAY
 from g2sd_cache.common.fsutil import TMP_MARK  # noqa: F401  (re-exported: the cache's temporaries carry it)
@@ -55,6 +59,8 @@ CONFIG = "config.yaml"
 SHARD_RECORD = "shard.json"
 SHARD_PREFIX = "shard-"
 CACHE_MARKER = ".g2sd-cache"
+CALIBRATION_FILE = "calibration.json"
+BASIS_FILE = lowrank.BASIS_FILE
 LOCK_FILE = ".g2sd-cache.lock"
 
 
@@ -239,6 +245,10 @@ class Manifest:
     views: int
     images: int
     created: str
+    # Optional (caches of the same format made before them lack them):
+    basis: dict | None = None        # low-rank codecs: {file, sha256, shape} of basis.npy (lowrank.basis_record)
+    calibration: dict | None = None  # codec auto / pcaR: {views, fit_views, heldout_views, max_error, chosen,
+                                     #   errors: {codec: {rel_rmse, cosine, max_view_rel_rmse, target_bytes_per_view}}}
     # jpeg caches: {"quality", "subsampling", "decoder"}: how the stored JPEGs were made and which decoder gave
     # the teacher its pixels (the reader decodes with the same one). Empty otherwise; optional in the JSON.
     pixel_encoding: dict = field(default_factory=dict)

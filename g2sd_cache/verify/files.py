@@ -10,6 +10,7 @@ is a missing chunk, which zarr would silently read back as fill values: a proble
 """
 from __future__ import annotations
 
+
 import json
 import math
 from dataclasses import dataclass, field
