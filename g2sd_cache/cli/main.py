@@ -242,12 +242,13 @@ def _run_inspect(args) -> int:
 
 
 def _run_train(args) -> int:
-    from g2sd_cache.common.config import check_keys, read_yaml
+    from g2sd_cache.common.config import check_keys, check_values, read_yaml
     from g2sd_cache.generic.train import TrainConfig, train
     values = {}
     if hasattr(args, "config"):
         values = read_yaml(args.config)
         check_keys(values, TrainConfig, args.config)
+        values = check_values(values, TrainConfig, args.config)
     if not getattr(args, "out", None) and not values.get("out"):
         raise UserError("--out is required (on the command line or in --config)")
     summary = train(_config_from_args(TrainConfig, args, values))

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 
 from g2sd_cache.models.classifier import CLASSIFIER_PRESETS
-from g2sd_cache.common.config import read_yaml
+from g2sd_cache.common.config import check_values, read_yaml
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.specific.augment import AugmentRecipe
 from g2sd_cache.specific.mix import MixRecipe
@@ -226,7 +226,7 @@ def from_values(cls: type, values: dict, path: str | None, distilled: bool | Non
     unknown = sorted(set(values) - known - training_only)
     if unknown:
         raise UserError(f"{where}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
-    return {k: v for k, v in values.items() if k in known}
+    return check_values({k: v for k, v in values.items() if k in known}, cls, path)
 
 
 def _same(got, want) -> bool:
