@@ -36,7 +36,7 @@ from g2sd_cache.common.dist import DistEnv, init_distributed, shutdown_distribut
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.common.fsutil import write_text_atomic
 from g2sd_cache.models.mae import TEACHER_PRESETS, build_teacher
-from g2sd_cache.cache.ownership import FolderLock, claim_cache_folder
+from g2sd_cache.cache.ownership import FolderLock, claim_cache_folder, is_our_temporary
 from g2sd_cache.cache.schema import (CONFIG, FORMAT_VERSION, MANIFEST, SHARD_RECORD, TMP_MARK, Manifest, ShardEntry, ShardRecord,
                      SourceRecord, TeacherRecord, array_specs, encode_keys, folder_order, shard_name,
                      source_index_for_tar)
@@ -341,7 +341,7 @@ def _is_complete(out: Path, index: int) -> bool:
 def _remove_stale_temporaries(out: Path, shards: list[ShardPlan]) -> None:
     mine = {shard_name(p.index) for p in shards}
     for path in out.glob(f".shard-*{TMP_MARK}*"):
-        if path.name[1:].split(TMP_MARK)[0] in mine:
+        if is_our_temporary(path.name) and path.name[1:].split(TMP_MARK)[0] in mine:
             shutil.rmtree(path, ignore_errors=True)
 
 

@@ -67,6 +67,57 @@ def test_overwrite_deletes_a_cache_only_if_it_holds_nothing_else(micro_cache, im
     assert verify_cache(str(c)).ok and open_cache(str(c)).manifest.seed == 1
 
 
+def _tree(folder: Path) -> dict[str, bytes]:
+    """Every file's bytes but the lock's (its content names the last process that took it)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".g2sd-cache.lock"}
+
+
+def test_overwrite_replaces_only_a_cache_of_its_own_kind(micro_cache, image_folder, tmp_path):
+    """Own only what is yours: `extract-logits --overwrite` into a target cache, and `extract --overwrite` into a
+    logits cache, refuse in one line naming the kind found; both caches stay byte for byte."""
+    from g2sd_cache.specific.config import LogitsConfig
+    from g2sd_cache.specific.extract_logits import run_extract_logits
+    targets = copy_cache(micro_cache, tmp_path / "targets")
+    logits = tmp_path / "logits"
+    logits_cfg = dict(data=str(image_folder), teacher="random:1", teacher_arch="test_vit_micro_patch16", topk=2,
+                      shard_groups=2, workers=0, device="cpu", img_size=32, group_size=4)
+    run_extract_logits(LogitsConfig(out=str(logits), **logits_cfg))
+    before_t, before_l = _tree(targets), _tree(logits)
+    for overwrite in (True, False):
+        with pytest.raises(UserError) as e:
+            run_extract_logits(LogitsConfig(out=str(targets), overwrite=overwrite, **logits_cfg))
+        assert "is a targets cache" in one_line(e.value) and "nothing was changed" in str(e.value)
+        with pytest.raises(UserError) as e:
+            run_extract(micro_extract_config(image_folder, logits, overwrite=overwrite))
+        assert "is a logits cache" in one_line(e.value) and "nothing was changed" in str(e.value)
+    assert _tree(targets) == before_t and _tree(logits) == before_l
+    assert verify_cache(str(targets)).ok
+
+
+def test_clean_up_removes_only_what_the_writer_made(micro_cache, image_folder, tmp_path):
+    """Own only what is yours: a rerun's clean-up deletes only temporaries of the cache's own files (exact name
+    pattern), never a user's file named like one; --overwrite refuses a shard holding a user's folder even when
+    that folder looks like a zarr array (it holds a zarr.json), and deletes nothing."""
+    c = copy_cache(micro_cache, tmp_path / "c")
+    (c / "results.tmp-final.csv").write_text("mine")
+    (c / ".shard-00001.tmp-notes").mkdir()
+    (c / ".shard-00001.tmp-notes" / "keep.txt").write_text("mine")
+    run_extract(micro_extract_config(image_folder, c))
+    assert (c / "results.tmp-final.csv").read_text() == "mine"
+    assert (c / ".shard-00001.tmp-notes" / "keep.txt").read_text() == "mine"
+    (c / "results.tmp-final.csv").unlink()
+    shutil.rmtree(c / ".shard-00001.tmp-notes")
+    user = c / "shard-00001" / "my-analysis"
+    user.mkdir()
+    (user / "zarr.json").write_text("{}")
+    (user / "results.csv").write_text("mine")
+    with pytest.raises(UserError) as e:
+        run_extract(micro_extract_config(image_folder, c, overwrite=True, seed=1))
+    assert "shard-00001" in one_line(e.value)
+    assert (user / "results.csv").read_text() == "mine" and (c / MANIFEST).is_file()
+
+
 def test_a_format_1_cache_is_refused_with_one_line_saying_to_re_extract(micro_cache, image_folder, tmp_path, capsys):
     """Own only what is yours / format 2: a cache of the previous format (no marker, format_version 1) is refused by
     open_cache, verify and a resuming extract, each in one line that says to re-extract."""
