@@ -133,7 +133,7 @@ class FolderLock:
                 raise
             who = (f"pid {holder.get('pid')} on host {holder.get('host')}, since {holder.get('since')}"
                    if holder else "pid and host unknown")
-            raise UserError(f"another {command} is writing into {folder} ({who}); wait for it to finish or stop "
+            raise UserError(f"another {holder.get('command') or command} is writing into {folder} ({who}); wait for it to finish or stop "
                             f"it, then rerun") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": _host(), "command": command, "since": _now()}).encode(), 0)

@@ -25,7 +25,8 @@ from g2sd_cache.common.errors import UserError
 from g2sd_cache.common.fsutil import write_text_atomic
 from g2sd_cache.generic.plan import epoch_order, rank_positions, steps_in_epoch
 from g2sd_cache.generic.runlog import RunLog
-from g2sd_cache.training.run_folder import StopRun, StopSignals, any_rank, prepare_run_folder, save_run_checkpoint
+from g2sd_cache.training.run_folder import (StopRun, StopSignals, any_rank, prepare_run_folder, release_run_folder,
+                                             save_run_checkpoint)
 from g2sd_cache.training.schedule import get_lr, scaled_lr
 from g2sd_cache.generic.stream import StepLoader, StreamSpec
 
@@ -72,6 +73,7 @@ def train(cfg: TrainConfig) -> dict:
     try:
         return _train(cfg, env)
     finally:
+        release_run_folder(cfg.out)
         shutdown_distributed()
 
 

@@ -42,7 +42,8 @@ from g2sd_cache.specific.log import FinetuneLog
 from g2sd_cache.specific.finetuned import BEST, STAGE
 from g2sd_cache.data.labelled import open_labelled
 from g2sd_cache.cache.logits import LogitsCache, open_logits
-from g2sd_cache.training.run_folder import StopRun, StopSignals, any_rank, prepare_run_folder, save_run_checkpoint
+from g2sd_cache.training.run_folder import (StopRun, StopSignals, any_rank, prepare_run_folder, release_run_folder,
+                                             save_run_checkpoint)
 from g2sd_cache.training.schedule import get_lr, scaled_lr
 from g2sd_cache.specific.config import FinetuneConfig
 from g2sd_cache.specific.plan import SDPlan, check_same_plan
@@ -129,6 +130,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     try:
         return _finetune(cfg, env)
     finally:
+        release_run_folder(cfg.out)
         shutdown_distributed()
 
 
@@ -177,7 +179,7 @@ def _check_resume(cfg: FinetuneConfig, run: Path) -> tuple[dict, list[str]]:
 
 
 def _finetune(cfg: FinetuneConfig, env: DistEnv) -> dict:
-    run = prepare_run_folder(cfg.out, cfg.resume, env)
+    run = prepare_run_folder(cfg.out, cfg.resume, env, "finetune")
     ckpt, changes = _check_resume(cfg, run) if cfg.resume else (None, [])
     plan, logits, teacher, teacher_sha, notes = _inputs(cfg, env)
     teacher_sha = teacher_sha or (logits.manifest.teacher["sha256"] if logits else None)
