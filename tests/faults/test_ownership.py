@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.common.helpers import MICRO_TEACHER, micro_extract_config
 from g2sd_cache import open_cache
@@ -232,3 +233,32 @@ def test_the_same_extract_started_twice_one_runs_one_refuses(image_folder, tmp_p
     assert second.stderr.startswith("g2sd-cache extract: error: another extract is writing into") and \
         f"pid {first.pid}" in second.stderr and second.stderr.count("\n") == 1, second.stderr
     assert verify_cache(str(out)).ok
+
+
+def test_export_never_replaces_a_file_it_did_not_write(micro_cache, image_folder, tmp_path, capsys):
+    """Own only what is yours: `export RUN --out` over the run's checkpoint.pt, a cache's manifest.json or any file of
+    the user's exits 2 with one line and leaves the file byte for byte; an export it wrote itself (unchanged since)
+    is replaced by a rerun, and once the user edits it, it is theirs and refused."""
+    from g2sd_cache.cli.main import main as cli_main
+    from g2sd_cache.generic.train import train
+    from tests.common.faults import micro_train_config
+    run = tmp_path / "run"
+    train(micro_train_config(image_folder, micro_cache, run, steps=1))
+    cache = copy_cache(micro_cache, tmp_path / "c")
+    mine = tmp_path / "teacher.pth"
+    mine.write_bytes(b"my weights")
+    capsys.readouterr()
+    for target in (run / "checkpoint.pt", cache / MANIFEST, mine):
+        before = target.read_bytes()
+        assert cli_main(["export", str(run), "--out", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "already exists" in err and str(target) in err, err
+        assert target.read_bytes() == before
+    out = tmp_path / "encoder.pth"
+    assert cli_main(["export", str(run), "--out", str(out)]) == 0
+    assert cli_main(["export", str(run), "--out", str(out), "--format", "mae"]) == 0     # its own file: replaced
+    assert "model" in torch.load(out, weights_only=True)
+    with open(out, "ab") as f:
+        f.write(b"edited")
+    assert cli_main(["export", str(run), "--out", str(out)]) == 2
+    assert out.read_bytes().endswith(b"edited")
