@@ -349,17 +349,26 @@ def claim_run_folder(path: Path, resume: bool) -> None:
 DEMO_MARKER = ".g2sd-demo"
 
 
-def claim_demo_folder(path: Path) -> None:
-    """Make `path` a fresh demo folder: a new or empty folder, or an earlier demo's (marked), which is replaced.
-    Anything else is refused naming what it is: the demo deletes only what it wrote."""
+def claim_demo_folder(path: Path, outputs: tuple[str, ...]) -> list[str]:
+    """Make `path` a demo folder: a new or empty folder, or an earlier demo's (marked). Of an earlier demo's folder
+    only the entries the demo writes (`outputs`, top-level names) are deleted; whatever else is there (a user's
+    notes, a `train --out DEMO/my-run`) is kept, and its names returned. Anything else is refused naming what it
+    is: the demo deletes only what it wrote."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"--out {path} is an existing file; pass a folder for the demo")
     entries = _entries(path)
+    kept = []
     if entries:
         if read_marker(path, DEMO_MARKER, "demo") is None:
             raise UserError(f"--out {path} is {_what_it_is(path, entries)}; the demo replaces only a folder it made "
                             f"itself: choose a new or empty --out")
-        shutil.rmtree(path)
+        for name in entries:
+            entry = path / name
+            if name in outputs:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            elif name != DEMO_MARKER:
+                kept.append(name)
     path.mkdir(parents=True, exist_ok=True)
     _write_marker(path, DEMO_MARKER, "demo", {})
+    return kept

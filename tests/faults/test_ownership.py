@@ -262,3 +262,23 @@ def test_export_never_replaces_a_file_it_did_not_write(micro_cache, image_folder
         f.write(b"edited")
     assert cli_main(["export", str(run), "--out", str(out)]) == 2
     assert out.read_bytes().endswith(b"edited")
+
+
+def test_a_demo_rerun_replaces_its_own_outputs_and_keeps_what_the_user_added(micro_cache, image_folder, tmp_path):
+    """Own only what is yours: rerunning the demo into its folder deletes what the demo wrote there (images, caches,
+    its runs, its export) but keeps a user's notes and a `train --out DEMO/my-run` run, and names them."""
+    from g2sd_cache.cli.demo import DEMO_OUTPUTS
+    from g2sd_cache.cache.ownership import claim_demo_folder
+    from g2sd_cache.generic.train import train
+    from tests.common.faults import micro_train_config
+    demo = tmp_path / "demo"
+    assert claim_demo_folder(demo, DEMO_OUTPUTS) == []
+    shutil.copytree(image_folder, demo / "images")
+    shutil.copytree(micro_cache, demo / "cache")
+    (demo / "student-timm.pth").write_bytes(b"export")
+    (demo / "notes.txt").write_text("mine")
+    train(micro_train_config(image_folder, demo / "cache", demo / "my-run", steps=1))
+    kept = claim_demo_folder(demo, DEMO_OUTPUTS)
+    assert sorted(kept) == ["my-run", "notes.txt"]
+    assert sorted(p.name for p in demo.iterdir()) == [".g2sd-demo", "my-run", "notes.txt"]
+    assert (demo / "notes.txt").read_text() == "mine" and (demo / "my-run" / "checkpoint.pt").is_file()
