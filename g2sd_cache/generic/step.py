@@ -82,8 +82,9 @@ class TrainConfig:
     on_error: str = "fail"
     log_samples: bool = False
 
-    # What the epoch order depends on (with the global batch, checked separately): a resume must keep them.
-    ORDER = ("seed", "cache", "shuffle_window")
+    # What the epoch order depends on (with the global batch, checked separately): a resume must keep them. The
+    # cache is compared by its content fingerprint (train.py), not by how its path is spelled.
+    ORDER = ("seed", "shuffle_window")
 
     @property
     def mode(self) -> str:
