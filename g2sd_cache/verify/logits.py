@@ -66,6 +66,16 @@ def verify_logits(path: str, deep: int = 0, teacher: str | None = None, data: st
     return report
 
 
+def manifest_problems(cache: LogitsCache) -> list[str]:
+    """What verify finds about a logits cache without reading its data (the manifest against itself, the plan it
+    records, config.yaml, the shard folders, records and array shapes): `finetune --logits` refuses a cache with
+    any, as `open_cache` does for target caches. Problem lines as in a VerifyReport."""
+    report = VerifyReport(str(cache.root))
+    _check_layout(report, cache.root, cache.manifest)
+    _check_shards(report, cache, read_rows=False)
+    return report.problems
+
+
 def _check_layout(report: VerifyReport, root: Path, m) -> None:
     for p in sorted(root.rglob(f"*{TMP_MARK}*")):
         report.add(p.relative_to(root).parts[0], f"leftover temporary {p.relative_to(root)} (an interrupted write; "
@@ -86,6 +96,14 @@ def _check_layout(report: VerifyReport, root: Path, m) -> None:
                                     f"{m.group_size}")
     if m.bytes != sum(sum(s["files"].values()) for s in m.shards):
         report.add("manifest.json", "bytes is not the sum of the shards' file sizes")
+    plan = m.plan if isinstance(m.plan, dict) else {}
+    recipe = plan.get("recipe") if isinstance(plan.get("recipe"), dict) else {}
+    if not isinstance(plan.get("classes"), list) or m.num_classes != len(plan["classes"]):
+        report.add("manifest.json", f"num_classes {m.num_classes} is not the number of the plan's classes")
+    if m.group_size != recipe.get("group_size") or not isinstance(plan.get("num_images"), int) \
+            or m.groups_per_epoch != plan["num_images"] // m.group_size:
+        report.add("manifest.json", f"groups_per_epoch {m.groups_per_epoch} x group_size {m.group_size} does not "
+                                    f"match the plan's {plan.get('num_images')} images")
     try:
         config = yaml.safe_load((root / CONFIG).read_text())
     except (OSError, yaml.YAMLError) as e:
@@ -94,9 +112,14 @@ def _check_layout(report: VerifyReport, root: Path, m) -> None:
     if not isinstance(config, dict) or config.get("teacher_sha256") != m.teacher.get("sha256") \
             or json.loads(json.dumps(config.get("plan"))) != m.plan:
         report.add(CONFIG, "names another teacher or plan than manifest.json")
+        return
+    settings = {"cached_epochs": m.epochs, "topk": m.topk, "shard_groups": m.shard_groups, "group_size": m.group_size}
+    changed = [k for k, v in settings.items() if config.get(k) != v]
+    if changed:
+        report.add(CONFIG, f"{', '.join(changed)} differ from manifest.json")
 
 
-def _check_shards(report: VerifyReport, cache: LogitsCache) -> dict:
+def _check_shards(report: VerifyReport, cache: LogitsCache, read_rows: bool = True) -> dict:
     m, root = cache.manifest, cache.root
     specs = logits_specs(m.topk, m.num_classes)
     files = chunks = 0
@@ -131,7 +154,7 @@ def _check_shards(report: VerifyReport, cache: LogitsCache) -> dict:
             if layout.shape != want or layout.dtype != spec.dtype:
                 report.add(name, f"{array} is {layout.dtype} {list(layout.shape)}, expected {spec.dtype} {list(want)}")
                 continue
-            for epoch in range(m.epochs):
+            for epoch in range(m.epochs if read_rows else 0):
                 try:
                     rows = np.array(cache.shard_file(s, epoch, array).rows(0, n))
                 except CacheCorruptError as e:
