@@ -22,6 +22,7 @@ def _config_from_args(cls, args: argparse.Namespace, values: dict | None = None)
 
 def _add_extract(sub) -> None:
     from g2sd_cache.cache.codecs import CODECS
+    from g2sd_cache.common.dist import DIST_TIMEOUT_MIN
     from g2sd_cache.models.mae import TEACHER_PRESETS
     p = sub.add_parser("extract", help="run the MAE teacher once over sampled views and write the target cache",
                        description="Sample K views (crop, flip, mask) of every image, run the frozen MAE teacher and "
@@ -66,6 +67,8 @@ def _add_extract(sub) -> None:
     perf.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader processes "
                       "decoding images")
     perf.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto: this rank's GPU if any)")
+    perf.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_MIN, help="minutes a collective (barrier) "
+                      "waits for the other ranks before it fails instead of hanging (default 30)")
 
 
 def _add_inspect(sub) -> None:
@@ -143,6 +146,8 @@ def _add_train(sub) -> None:
     perf.add_argument("--prefetch", type=int, help="steps read ahead of the optimizer (and samples per worker on the "
                       "image path; default 2)")
     perf.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    perf.add_argument("--dist-timeout", type=float, help="minutes a collective (barrier, all-reduce) waits for the "
+                      "other ranks before it fails instead of hanging (default 30)")
     perf.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], help="autocast dtype (auto: bf16 on "
                       "CUDA, fp32 on CPU). fp16 is G2SD's (with a loss scaler); bf16 needs none. With fp16 the teacher "
                       "(online, replay) runs in bf16 where the GPU has it, else in fp32")

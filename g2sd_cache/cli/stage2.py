@@ -111,6 +111,8 @@ def _add_finetune(sub) -> None:
     perf.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], help="student autocast dtype (auto: "
                       "bf16 on CUDA, fp32 on CPU; G2SD used fp16 with a loss scaler); the teacher always runs in fp32")
     perf.add_argument("--eval-batch-size", type=int, help=f"validation batch (default {d('eval_batch_size')})")
+    perf.add_argument("--dist-timeout", type=float, help=f"minutes a collective (barrier, all-reduce) waits for the "
+                      f"other ranks before it fails instead of hanging (default {d('dist_timeout'):g})")
 
 
 def _add_extract_logits(sub) -> None:
@@ -151,6 +153,8 @@ def _add_extract_logits(sub) -> None:
     perf.add_argument("--workers", type=int, help=f"DataLoader processes decoding, augmenting and mixing "
                       f"(default {d('workers')})")
     perf.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto); torchrun splits shards over ranks")
+    perf.add_argument("--dist-timeout", type=float, help=f"minutes a collective (barrier) waits for the other ranks "
+                      f"before it fails instead of hanging (default {d('dist_timeout'):g})")
 
 
 def _add_evaluate(sub) -> None:

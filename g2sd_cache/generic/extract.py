@@ -32,7 +32,7 @@ from tqdm import tqdm
 from g2sd_cache.cache import codecs
 from g2sd_cache.common.config import read_yaml, to_yaml
 from g2sd_cache.cache.digests import image_crc32c, record_digest
-from g2sd_cache.common.dist import DistEnv, init_distributed, shutdown_distributed
+from g2sd_cache.common.dist import DIST_TIMEOUT_MIN, DistEnv, check_ranks_agree, init_distributed, shutdown_distributed
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.common.fsutil import write_text_atomic
 from g2sd_cache.models.mae import TEACHER_PRESETS, build_teacher
@@ -67,6 +67,7 @@ class ExtractConfig:
     on_error: str = "skip"
     overwrite: bool = False
     pixels: str = "visible"
+    dist_timeout: float = DIST_TIMEOUT_MIN   # minutes a collective waits for the other ranks
 
     # Fields that decide the cache's content; a rerun with any of them changed is refused.
     # The teacher is compared by the sha256 of its weights (fingerprints), not by how its path was typed.
@@ -396,8 +397,9 @@ def write_manifest(out: Path, cfg: ExtractConfig, source: Source, plans: list[Sh
 def run_extract(cfg: ExtractConfig) -> dict:
     """Extract the cache described by `cfg`; returns the summary that the CLI prints."""
     cfg.validate()
-    env = init_distributed(cfg.device)
+    env = init_distributed(cfg.device, cfg.dist_timeout)
     try:
+        check_ranks_agree(cfg, env, "extract")
         return _extract(cfg, env)
     finally:
         _release_output(cfg.out)

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from g2sd_cache.cache import codecs
 from g2sd_cache.cache.reader import Cache, open_cache
-from g2sd_cache.common.dist import DistEnv
+from g2sd_cache.common.dist import DIST_TIMEOUT_MIN, DistEnv
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.kernels import masked_smooth_l1
 from g2sd_cache.cache.manifest_checks import source_problem
@@ -81,6 +81,7 @@ class TrainConfig:
     resume: bool = False
     on_error: str = "fail"
     log_samples: bool = False
+    dist_timeout: float = DIST_TIMEOUT_MIN   # minutes a collective waits for the other ranks
 
     # What the epoch order depends on (with the global batch, checked separately): a resume must keep them. The
     # cache is compared by its content fingerprint (train.py), not by how its path is spelled.

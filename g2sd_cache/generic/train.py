@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from g2sd_cache.common.checkpoint import CHECKPOINT, RESUME_KEYS, load_checkpoint, rng_state, set_rng_state
 from g2sd_cache.common.config import to_yaml
-from g2sd_cache.common.dist import DistEnv, init_distributed, shutdown_distributed
+from g2sd_cache.common.dist import DistEnv, check_ranks_agree, init_distributed, shutdown_distributed
 from g2sd_cache.generic.step import Distiller, Setup, TrainConfig, prepare
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.common.fsutil import write_text_atomic
@@ -69,8 +69,9 @@ def make_schedule(cfg: TrainConfig, epoch_size: int, world: int) -> Schedule:
 
 def train(cfg: TrainConfig) -> dict:
     cfg.validate()
-    env = init_distributed(cfg.device)
+    env = init_distributed(cfg.device, cfg.dist_timeout)
     try:
+        check_ranks_agree(cfg, env, "train")
         return _train(cfg, env)
     finally:
         release_run_folder(cfg.out)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from g2sd_cache.models.classifier import ClassifierInfo, build_teacher
 from g2sd_cache.common.config import read_yaml, to_yaml
-from g2sd_cache.common.dist import DistEnv, init_distributed, shutdown_distributed
+from g2sd_cache.common.dist import DistEnv, check_ranks_agree, init_distributed, shutdown_distributed
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.data.labelled import LabelledFolder
 from g2sd_cache.common.fsutil import write_text_atomic
@@ -126,8 +126,9 @@ def write_manifest(out: Path, cfg: LogitsConfig, plan: SDPlan, shards: list[Shar
 def run_extract_logits(cfg: LogitsConfig) -> dict:
     """Extract the logits cache described by `cfg`; returns the summary the CLI prints."""
     cfg.validate()
-    env = init_distributed(cfg.device)
+    env = init_distributed(cfg.device, cfg.dist_timeout)
     try:
+        check_ranks_agree(cfg, env, "extract-logits")
         return _extract(cfg, env)
     finally:
         shutdown_distributed()

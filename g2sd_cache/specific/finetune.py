@@ -33,7 +33,7 @@ from tqdm import tqdm
 from g2sd_cache.common.checkpoint import CHECKPOINT, load_checkpoint, rng_state, set_rng_state
 from g2sd_cache.models.classifier import build_teacher
 from g2sd_cache.common.config import to_yaml
-from g2sd_cache.common.dist import DistEnv, init_distributed, shutdown_distributed
+from g2sd_cache.common.dist import DistEnv, check_ranks_agree, init_distributed, shutdown_distributed
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.common.fsutil import write_text_atomic
 from g2sd_cache.specific.evaluate import evaluate
@@ -127,8 +127,9 @@ class _RunGroups(Dataset):
 
 def finetune(cfg: FinetuneConfig) -> dict:
     cfg.validate()
-    env = init_distributed(cfg.device)
+    env = init_distributed(cfg.device, cfg.dist_timeout)
     try:
+        check_ranks_agree(cfg, env, "finetune")
         return _finetune(cfg, env)
     finally:
         release_run_folder(cfg.out)
