@@ -119,7 +119,7 @@ def _resume(cfg: TrainConfig, run: Path, distiller: Distiller, sched: Schedule, 
                 and k in was and was[k] != now[k]]
         raise UserError(f"--resume: --cache {cfg.cache} is not the cache the run was trained on ({saved.get('cache')}"
                         + (f"; {', '.join(what)}" if what else ", another content") + "); pass that cache, or train "
-                        f"without --resume into a new --out")
+                        "without --resume into a new --out")
     if fixed:
         raise UserError(f"--resume: {', '.join(fixed)} differ from the run being resumed; the model and the data "
                         f"order depend on them, so pass the same values (see {run}/config.yaml)")

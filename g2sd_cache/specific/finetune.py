@@ -42,7 +42,7 @@ from g2sd_cache.specific.log import FinetuneLog
 from g2sd_cache.specific.finetuned import BEST, STAGE
 from g2sd_cache.data.labelled import open_labelled
 from g2sd_cache.cache.logits import LogitsCache, open_logits
-from g2sd_cache.verify.logits import manifest_problems as logits_manifest_problems
+from g2sd_cache.cache.logits_checks import manifest_problems as logits_manifest_problems
 from g2sd_cache.training.run_folder import (StopRun, StopSignals, any_rank, prepare_run_folder, release_run_folder,
                                              save_run_checkpoint)
 from g2sd_cache.training.schedule import get_lr, scaled_lr
