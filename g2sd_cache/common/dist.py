@@ -6,6 +6,7 @@ import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -85,3 +86,20 @@ def check_ranks_agree(cfg, env: DistEnv, command: str) -> None:
             raise UserError(f"the ranks of this {command} were started with different arguments: rank {rank} has "
                             f"{shown}{' and more' if len(differ) > 3 else ''}; start every rank with the same "
                             f"options (torchrun passes one command line to all)")
+
+
+def run_on_ranks(cfg, body: Callable[[Any, DistEnv], dict], release: Callable[[], None] | None = None,
+                 command: str = "run") -> dict:
+    """What every command of a torchrun job does around its work: `cfg.validate()`, join the process group (its
+    collectives time out after `cfg.dist_timeout` minutes), check that every rank got the same options
+    (`check_ranks_agree`), `body(cfg, env)`, and always leave the group again (after `release()`, e.g. an output
+    folder's lock). `command` names the command in the ranks' refusal."""
+    cfg.validate()
+    env = init_distributed(cfg.device, cfg.dist_timeout)
+    try:
+        check_ranks_agree(cfg, env, command)
+        return body(cfg, env)
+    finally:
+        if release is not None:
+            release()
+        shutdown_distributed()
