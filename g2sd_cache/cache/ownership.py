@@ -24,7 +24,7 @@ from pathlib import Path
 
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.common.fsutil import TMP_MARK, write_text_atomic
-from g2sd_cache.cache.schema import CACHE_MARKER, CONFIG, FORMAT_VERSION, LOCK_FILE, MANIFEST, SHARD_PREFIX, SHARD_RECORD
+from g2sd_cache.cache.schema import BASIS_FILE, CACHE_MARKER, CALIBRATION_FILE, CONFIG, FORMAT_VERSION, LOCK_FILE, MANIFEST, SHARD_PREFIX, SHARD_RECORD
 from g2sd_cache.data.sources import IMAGE_SUFFIXES
 
 RUN_MARKER = ".g2sd-run"
@@ -165,7 +165,7 @@ def _read_holder(fd: int) -> dict:
 
 # A temporary this tool writes: `NAME.tmp-HOST-PID` (or `NAME.tmp-PID`) where NAME is a file or shard folder a cache
 # holds. A user's `results.tmp-final.csv` does not match and is never taken for one.
-_TEMP_NAME = re.compile(r"^(?P<base>\.shard-\d{5,}|" + "|".join(re.escape(n) for n in (CACHE_MARKER, CONFIG, MANIFEST)) +
+_TEMP_NAME = re.compile(r"^(?P<base>\.shard-\d{5,}|" + "|".join(re.escape(n) for n in (CACHE_MARKER, CONFIG, MANIFEST, BASIS_FILE, CALIBRATION_FILE)) +
                         r")" + re.escape(TMP_MARK) + r"(?:(?P<host>.+)-)?(?P<pid>\d+)$")
 _CHUNK_PATH = re.compile(r"^c(/\d+)+$")   # a zarr v3 chunk (or shard) file inside an array folder: c/0/0/...
 
@@ -201,7 +201,7 @@ def _shard_files_are_ours(path: Path) -> bool:
 def _cache_entry_is_ours(folder: Path, name: str) -> bool:
     """Whether a top-level entry of a cache is something extract writes."""
     path = folder / name
-    if name in (CACHE_MARKER, LOCK_FILE, CONFIG, MANIFEST) or is_our_temporary(name):
+    if name in (CACHE_MARKER, LOCK_FILE, CONFIG, MANIFEST, BASIS_FILE, CALIBRATION_FILE) or is_our_temporary(name):
         return True
     if not (name.startswith(SHARD_PREFIX) and path.is_dir() and not path.is_symlink()):
         return False
