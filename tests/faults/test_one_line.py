@@ -187,7 +187,7 @@ def test_messages_name_the_option_given(micro_cache, image_folder, tmp_path, cap
     assert "is a link to" in line and "File exists" not in line
 
 
-@pytest.mark.parametrize("text, says", [("seed: null", "--seed None"), ("seed: 1.5", "--seed 1.5")])
+@pytest.mark.parametrize("text, says", [("seed: null", "null"), ("seed: 1.5", "1.5")])
 def test_config_values_of_the_wrong_type_are_one_line_before_any_run_folder(micro_cache, image_folder, tmp_path,
                                                                             capsys, text, says):
     config = tmp_path / "c.yaml"
