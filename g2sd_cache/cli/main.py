@@ -31,7 +31,13 @@ def _add_extract(sub) -> None:
     data = p.add_argument_group("data")
     data.add_argument("--data", required=True, help="image folder (class sub-folders or flat; jpg/jpeg/png/webp) or "
                       "webdataset tars: paths, brace patterns like 'train-{000000..000099}.tar', URLs, comma-separated")
-    data.add_argument("--out", required=True, help="cache directory to create (or resume)")
+    data.add_argument("--out", required=True, help="cache directory or fsspec URL (s3://bucket/prefix, gs://...) to "
+                      "create (or resume); a URL gets each shard uploaded as it is finished, its shard.json last")
+    data.add_argument("--staging", help="--out is a URL: local folder where shards are written before their upload "
+                      "(about two shards at a time; default: a folder in the system's temp directory)")
+    data.add_argument("--lease-s", type=float, default=argparse.SUPPRESS, help="--out is a URL: seconds of the "
+                      "lock's lease on the store, renewed while extract runs (default 120): how long a crashed "
+                      "extract on another host blocks the next")
     data.add_argument("--pixels", default="visible", choices=["visible", "none"], help="visible (default): also store "
                       "each view's visible patches as uint8 (+37,632 B/view at 224 px, mask 0.75), so train needs no "
                       "images and no JPEG decoding; none: a smaller cache, train then needs --data")

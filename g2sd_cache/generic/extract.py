@@ -16,12 +16,10 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import resource
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -30,14 +28,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from g2sd_cache.cache import codecs
-from g2sd_cache.common.config import read_yaml, to_yaml
+from g2sd_cache.common.config import to_yaml
 from g2sd_cache.cache.digests import image_crc32c, record_digest
 from g2sd_cache.common.dist import DistEnv, init_distributed, shutdown_distributed
 from g2sd_cache.common.errors import UserError
-from g2sd_cache.common.fsutil import write_text_atomic
 from g2sd_cache.models.mae import TEACHER_PRESETS, build_teacher
-from g2sd_cache.cache.ownership import FolderLock, claim_cache_folder
-from g2sd_cache.cache.schema import (CONFIG, FORMAT_VERSION, MANIFEST, SHARD_RECORD, TMP_MARK, Manifest, ShardEntry, ShardRecord,
+from g2sd_cache.cache.destination import open_destination
+from g2sd_cache.cache.schema import (CONFIG, FORMAT_VERSION, MANIFEST, Manifest, ShardEntry, ShardRecord,
                      SourceRecord, TeacherRecord, array_specs, encode_keys, folder_order, shard_name,
                      source_index_for_tar)
 from g2sd_cache.data.sources import FolderSource, Source, TarMemberError, TarSource, open_source
@@ -67,6 +64,8 @@ class ExtractConfig:
     on_error: str = "skip"
     overwrite: bool = False
     pixels: str = "visible"
+    staging: str | None = None     # --out is a URL: local folder where shards are written before upload
+    lease_s: float = 120.0         # --out is a URL: the lock's lease, renewed every third of it
 
     # Fields that decide the cache's content; a rerun with any of them changed is refused.
     # The teacher is compared by the sha256 of its weights (fingerprints), not by how its path was typed.
@@ -307,42 +306,20 @@ class _ShardAssembler:
 
 # ----------------------------------------------------------------------------------------------
 
-# Rank 0's lock on --out, per output folder, from `_prepare_output` until `run_extract` returns.
-_OUTPUT_LOCKS: dict[str, FolderLock] = {}
-
-
-def _prepare_output(out: Path, cfg: ExtractConfig, fingerprints: dict) -> None:
-    """Rank 0: claim and lock the cache folder (cache/ownership.py: only a folder marked as a cache is resumed or
+def _prepare_output(dest, cfg: ExtractConfig, fingerprints: dict) -> None:
+    """Rank 0: claim and lock the cache (cache/ownership.py, cache/destination.py: only a cache is resumed or
     overwritten; a second extract into it is refused), then check that an existing cache was made by the
     same configuration."""
-    _OUTPUT_LOCKS[str(out)] = claim_cache_folder(out, cfg.overwrite)
-    config_path = out / CONFIG
-    if config_path.exists():
-        old = read_yaml(config_path)
+    dest.claim(cfg.overwrite)
+    old = dest.read_config()
+    if old is not None:
         new = dataclasses.asdict(cfg) | fingerprints
         diff = [k for k in (*ExtractConfig.CONTENT, *fingerprints) if old.get(k) != new.get(k)]
         if diff:
             changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
-            raise UserError(f"--out {out} holds a cache made with another configuration ({changes}); "
+            raise UserError(f"--out {cfg.out} holds a cache made with another configuration ({changes}); "
                             f"pass --overwrite to replace it or choose another --out")
-    write_text_atomic(config_path, to_yaml(cfg, fingerprints))
-
-
-def _release_output(out: str) -> None:
-    lock = _OUTPUT_LOCKS.pop(str(Path(out)), None)
-    if lock is not None:
-        lock.release()
-
-
-def _is_complete(out: Path, index: int) -> bool:
-    return (out / shard_name(index) / SHARD_RECORD).is_file()
-
-
-def _remove_stale_temporaries(out: Path, shards: list[ShardPlan]) -> None:
-    mine = {shard_name(p.index) for p in shards}
-    for path in out.glob(f".shard-*{TMP_MARK}*"):
-        if path.name[1:].split(TMP_MARK)[0] in mine:
-            shutil.rmtree(path, ignore_errors=True)
+    dest.write_text(CONFIG, to_yaml(cfg, fingerprints))
 
 
 def teacher_precision(device: torch.device) -> str:
@@ -350,15 +327,15 @@ def teacher_precision(device: torch.device) -> str:
     return "bf16-autocast" if device.type == "cuda" else "fp32"
 
 
-def write_manifest(out: Path, cfg: ExtractConfig, source: Source, plans: list[ShardPlan], teacher_info,
+def write_manifest(out, cfg: ExtractConfig, source: Source, plans: list[ShardPlan], teacher_info,
                    tokens: int, width: int, device: torch.device) -> Manifest:
-    """Rank 0, after every shard is complete: gather the shards' records into manifest.json."""
+    """Rank 0, after every shard is complete: gather the shards' records into manifest.json (`out`: a
+    cache/destination.py destination)."""
     records, digests = [], []
     for p in plans:
-        path = out / shard_name(p.index) / SHARD_RECORD
-        if not path.is_file():
+        raw = out.read_record(p.index)
+        if raw is None:
             raise UserError(f"shard {shard_name(p.index)} is missing after extraction; rerun the same command")
-        raw = path.read_bytes()
         records.append(ShardRecord.from_json(raw.decode()))
         digests.append(record_digest(raw))      # binds each shard.json (and so every file it lists) to this cache
     codec_error = {}
@@ -387,7 +364,7 @@ def write_manifest(out: Path, cfg: ExtractConfig, source: Source, plans: list[Sh
         views=sum(r.views for r in records), images=images,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-    write_text_atomic(out / MANIFEST, manifest.to_json())
+    out.write_text(MANIFEST, manifest.to_json())
     if source.scan_note():
         print(source.scan_note())
     return manifest
@@ -397,18 +374,15 @@ def run_extract(cfg: ExtractConfig) -> dict:
     """Extract the cache described by `cfg`; returns the summary that the CLI prints."""
     cfg.validate()
     env = init_distributed(cfg.device)
+    dest = open_destination(cfg.out, cfg.staging, cfg.lease_s)
     try:
-        return _extract(cfg, env)
+        return _extract(cfg, env, dest)
     finally:
-        _release_output(cfg.out)
+        dest.release()
         shutdown_distributed()
 
 
-def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
-    if "://" in cfg.out:
-        raise UserError(f"--out {cfg.out}: extract writes to a local or mounted path (shards are renamed into place "
-                        f"atomically, which object stores cannot do); copy the finished cache to {cfg.out} afterwards")
-    out = Path(cfg.out)
+def _extract(cfg: ExtractConfig, env: DistEnv, dest) -> dict:
     source = open_source(cfg.data)
     if isinstance(source, TarSource) and cfg.shard_size != ExtractConfig.shard_size:
         print("note: --shard-size is ignored for tar sources: the cache keeps one shard per tar")
@@ -419,13 +393,13 @@ def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
     if isinstance(source, FolderSource):  # caches begun before the shuffle dealt images in listing order
         fingerprints["folder_order"] = "seeded shuffle"
     if env.is_main:
-        _prepare_output(out, cfg, fingerprints)
+        _prepare_output(dest, cfg, fingerprints)
     env.barrier()
 
     plans = plan_shards(source, cfg)
     mine = [p for p in plans if p.index % env.world == env.rank]
-    pending = [p for p in mine if not _is_complete(out, p.index)]
-    _remove_stale_temporaries(out, pending)
+    pending = [p for p in mine if not dest.is_complete(p.index)]
+    dest.clear_unfinished([p.index for p in pending])
     if env.is_main and len(pending) < len(mine):
         print(f"resuming: {len(mine) - len(pending)} of {len(mine)} shards of this rank are already complete")
 
@@ -436,7 +410,7 @@ def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
     total = sum(p.stop - p.start for p in pending) * cfg.views if isinstance(source, FolderSource) else None
     bar = tqdm(total=total, unit="view", desc=f"extract[{env.rank}]" if env.world > 1 else "extract",
                disable=not env.is_main, dynamic_ncols=True, smoothing=0.05)
-    writer = ShardWriter(out, cfg.chunk_views)
+    writer = ShardWriter(dest.staging, cfg.chunk_views, publish=dest.publish)
     assemblers: dict[int, _ShardAssembler] = {}
     plan_by_index = {p.index: p for p in pending}
     views_done, skipped = 0, 0
@@ -489,7 +463,8 @@ def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
     if env.device.type == "cuda":
         summary["peak_gpu_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
     if env.is_main:
-        manifest = write_manifest(out, cfg, source, plans, info, tokens, width, env.device)
+        dest.check()
+        manifest = write_manifest(dest, cfg, source, plans, info, tokens, width, env.device)
         on_disk = sum(sum(s.files.values()) for s in manifest.shards)
         summary.update(cache_views=manifest.views, cache_images=manifest.images, cache_skipped=len(manifest.skipped),
                        cache_bytes=on_disk, bytes_per_view=on_disk / max(1, manifest.views))
