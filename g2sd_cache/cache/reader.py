@@ -32,10 +32,11 @@ import zarr
 from g2sd_cache.cache import codecs
 from g2sd_cache.common.errors import CacheCorruptError, UserError
 from g2sd_cache.cache.digests import chunk_file_digest, digest_mismatch, fsspec_reader, is_metadata, local_reader, record_digest
+from g2sd_cache.cache.local_mirror import FileSpec, LocalCacheConfig, LocalMirror
 from g2sd_cache.cache.manifest_checks import array_problems, manifest_problems, record_problems, typed_manifest, unlisted_shards
 from g2sd_cache.cache.schema import SHARD_RECORD, decode_keys, parse_manifest, read_manifest_text
 from g2sd_cache.cache.shard_files import MappedShardFile, ZarrShardFile, can_map, strict_store
-from g2sd_cache.cache.zarr_layout import ArrayLayout, parse_layout
+from g2sd_cache.cache.zarr_layout import MAX_UINT_64, ArrayLayout, chunk_crc_ok, parse_layout, read_shard_index
 
 
 @dataclass(frozen=True)
@@ -83,12 +84,17 @@ class Cache:
     # Shard files kept open per process (memory maps or zarr handles); the oldest are dropped first.
     OPEN_FILES = 64
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, local_cache: LocalCacheConfig | None = None):
         self.root = str(root).rstrip("/")
         self._fs, self._path = fsspec.core.url_to_fs(self.root)
         protocols = self._fs.protocol if isinstance(self._fs.protocol, tuple) else (self._fs.protocol,)
         self._local = "file" in protocols
-        data = parse_manifest(read_manifest_text(self._fs, self._path, root))
+        text = read_manifest_text(self._fs, self._path, root)
+        # A remote cache read through a node-local copy of its files (cache/local_mirror.py), one folder
+        # per cache content (the manifest's digest), so two caches never share a file name.
+        self._mirror_cfg = None if self._local or local_cache is None else local_cache
+        self._mirror_key = record_digest(text.encode())[:16]
+        data = parse_manifest(text)
         # What verify checks about the manifest, with its words, before anything is read (cache/manifest_checks.py).
         folders = [p.rstrip("/").rsplit("/", 1)[-1] for p in self._fs.ls(self._path, detail=False)]
         problems = manifest_problems(data) + unlisted_shards(data, folders)
@@ -117,12 +123,14 @@ class Cache:
         self._verified: dict[tuple[int, int, str], set[int]] = {}
         self._digests: dict[int, dict[str, str]] = {}     # shard -> its record's file digests
         self._image_crc32c: dict[int, list[int]] = {}   # shard -> crc32c of each row's source image
+        self._layouts: dict[tuple[int, str], ArrayLayout] = {}
+        self._mirror_obj: LocalMirror | None = None
         self._pid = os.getpid()
 
     # -- pickling / fork safety ------------------------------------------------------------
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in ("_files", "_groups", "_sized", "_verified", "_digests",
-                                                                 "_image_crc32c", "_pid")}
+                                                                 "_image_crc32c", "_pid", "_layouts", "_mirror_obj")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -212,11 +220,15 @@ class Cache:
             self._check_sizes(shard)
         entry = self.manifest.shards[shard]
         base = f"{self._path}/{entry.name}"
-        try:
-            layout = parse_layout(json.loads(self._fs.cat_file(f"{base}/{name}/zarr.json")))
-        except (OSError, ValueError, KeyError) as e:
-            raise CacheCorruptError.in_shard(entry.name, f"{name}/zarr.json: {type(e).__name__}: {e}") from e
+        layout = self._layout(shard, name)
         rel = f"{name}/" + next(r for coord, r in layout.shard_files() if coord[0] == view)
+        if self._mirror_cfg is not None and can_map(layout, True):   # digest checked on arrival
+            local = self.mirror.path(FileSpec(shard, entry.name, rel, entry.files.get(rel, 0)))
+            reader = MappedShardFile(local, layout, entry.name, rel, self._verified.setdefault(key, set()))
+            self._files[key] = reader
+            if len(self._files) > self.OPEN_FILES:
+                self._files.popitem(last=False)
+            return reader
         self._check_digest(shard, rel, layout)
         if can_map(layout, self._local):
             reader = MappedShardFile(f"{base}/{rel}", layout, entry.name, rel, self._verified.setdefault(key, set()))
@@ -232,6 +244,63 @@ class Cache:
         if len(self._files) > self.OPEN_FILES:
             self._files.popitem(last=False)   # rows handed out keep their map alive until they are dropped
         return reader
+
+    def _layout(self, shard: int, name: str) -> ArrayLayout:
+        key = (shard, name)
+        if key not in self._layouts:
+            entry = self.manifest.shards[shard]
+            try:
+                self._layouts[key] = parse_layout(json.loads(self._fs.cat_file(f"{self._path}/{entry.name}/{name}/zarr.json")))
+            except (OSError, ValueError, KeyError) as e:
+                raise CacheCorruptError.in_shard(entry.name, f"{name}/zarr.json: {type(e).__name__}: {e}") from e
+        return self._layouts[key]
+
+    # -- the node-local copy of a remote cache (cache/local_mirror.py) --------------------------------
+    @property
+    def mirror(self) -> LocalMirror | None:
+        """This process's local mirror (None for a local cache or without a local cache configured)."""
+        if self._mirror_cfg is None:
+            return None
+        if self._pid != os.getpid():
+            self._reset()
+        if self._mirror_obj is None:
+            folder = os.path.join(self._mirror_cfg.folder, self._mirror_key)
+            self._mirror_obj = LocalMirror(self._fs, self._path, self.root, folder, self._mirror_cfg, self._mirrored_problem)
+        return self._mirror_obj
+
+    def _mirrored_problem(self, spec: FileSpec, path: str) -> str | None:
+        """What is wrong with a downloaded file, by the digest its shard.json records (None: nothing)."""
+        if spec.shard not in self._sized:
+            self._check_sizes(spec.shard)
+        if is_metadata(spec.rel):
+            with open(path, "rb") as f:
+                return digest_mismatch(spec.rel, record_digest(f.read()), self._digests[spec.shard])
+        layout = self._layout(spec.shard, spec.rel.split("/")[0])
+        try:
+            digest = chunk_file_digest(local_reader(path), os.path.getsize(path), layout)
+        except ValueError as e:
+            return f"{spec.rel}: {e}"
+        problem = digest_mismatch(spec.rel, digest, self._digests[spec.shard])
+        if problem is None:   # the bytes too (crc32c runs at memory speed): a bad body never gets a final name
+            with open(path, "rb") as f:
+                data = f.read()
+            index = read_shard_index(data, math.prod(layout.chunks_per_shard), layout.index_at_end)
+            for j, (off, nbytes) in enumerate(index.tolist()):
+                if off != MAX_UINT_64 and not chunk_crc_ok(memoryview(data)[off:off + nbytes]):
+                    return f"{spec.rel}: inner chunk {j} fails its crc32c"
+        return problem
+
+    def view_files(self, shard: int, view: int) -> list[FileSpec]:
+        """The shard files a read of view `view` of `shard` opens (one per array), from the manifest."""
+        entry = self.manifest.shards[shard]
+        return [FileSpec(shard, entry.name, rel, size) for rel, size in sorted(entry.files.items())
+                if rel.split("/")[0] in self._specs and rel.split("/")[1:3] == ["c", str(view)]]
+
+    def plan_reads(self, shards: list[int], view: int) -> None:
+        """The shards this node reads next, in order (with repeats), for view `view`: the local mirror
+        prefetches their files and evicts by it. No effect on a local cache."""
+        if self.mirror is not None:
+            self.mirror.set_plan(shards, lambda s: self.view_files(s, view))
 
     def _group(self, shard: int) -> zarr.Group:
         if shard not in self._groups:
@@ -278,6 +347,8 @@ class Cache:
         if not (0 <= view < self.views_per_image and 0 <= start <= stop <= self.shard_images[shard]):
             raise IndexError(f"read_block({shard}, {view}, {start}, {stop}) is out of range: shard "
                              f"{shard} has {self.shard_images[shard]} images x {self.views_per_image} views")
+        if self._mirror_cfg is not None:
+            self.mirror.touch(shard)
         got = {name: self._file(shard, view, name).rows(start, stop) if stop > start else self._empty(name)
                for name in self._specs}
         return Block(shard, view, start, stop, codes=got["target"], scale=got.get("scale"), mask=got["mask"],
@@ -289,6 +360,8 @@ class Cache:
         (any of the cache's arrays but `key`): the trainer's read, straight from the memory-mapped shard
         files into its (pinned) batch buffers, one copy per byte. Rows may come in any order."""
         n = self.shard_images[shard]
+        if self._mirror_cfg is not None:
+            self.mirror.touch(shard)
         if not 0 <= view < self.views_per_image or (len(rows) and not (0 <= rows.min() and rows.max() < n)):
             raise IndexError(f"take({shard}, {view}, ...) is out of range: shard {shard} has {n} images x "
                              f"{self.views_per_image} views")
@@ -336,6 +409,7 @@ class Cache:
                     yield self.read_block(s, view, start, min(n, start + size))
 
 
-def open_cache(path: str) -> Cache:
-    """Open a finished cache (a directory or fsspec URL) for reading."""
-    return Cache(path)
+def open_cache(path: str, local_cache: LocalCacheConfig | None = None) -> Cache:
+    """Open a finished cache (a directory or fsspec URL) for reading; a URL's shard files are read through
+    `local_cache` (a node-local copy) when it is given, else straight from the store."""
+    return Cache(path, local_cache)

@@ -12,9 +12,11 @@ same global batch), with the same samples in the same order.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from g2sd_cache.common.checkpoint import CHECKPOINT, RESUME_KEYS, load_checkpoint, rng_state, set_rng_state
@@ -189,6 +191,19 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
     return summary
 
 
+def node_shards(order, position: int, global_batch: int, env: DistEnv) -> list[int]:
+    """The cache shards this node's ranks read from `position` on, in order (runs of one shard merged): the
+    plan of the node-local copy. torchrun numbers a node's ranks contiguously (LOCAL_WORLD_SIZE of them)."""
+    local = max(1, min(env.world, int(os.environ.get("LOCAL_WORLD_SIZE", env.world))))
+    first = env.rank - env.rank % local
+    pos = np.stack([rank_positions(len(order), start=position, global_batch=global_batch, rank=r, world=env.world)
+                    for r in range(first, first + local)], axis=1).reshape(-1)
+    units = order.unit[pos[pos >= 0]]
+    keep = np.ones(len(units), dtype=bool)
+    keep[1:] = units[1:] != units[:-1]
+    return units[keep].tolist()
+
+
 def _epoch_loader(cfg: TrainConfig, setup: Setup, env: DistEnv, sched: Schedule, epoch: int, position: int) -> StepLoader:
     """This rank's remaining steps of `epoch`, from global sample `position` on."""
     order = epoch_order(setup.unit_sizes, seed=cfg.seed, epoch=epoch, block=setup.block, window=cfg.shuffle_window,
@@ -197,5 +212,7 @@ def _epoch_loader(cfg: TrainConfig, setup: Setup, env: DistEnv, sched: Schedule,
     spec = StreamSpec(setup.source, setup.cache, setup.geometry, cfg.seed, view, order, keys=cfg.log_samples)
     positions = rank_positions(len(order), start=position, global_batch=sched.global_batch, rank=env.rank,
                                world=env.world)
+    if setup.cache is not None and setup.cache.mirror is not None:
+        setup.cache.plan_reads(node_shards(order, position, sched.global_batch, env), view)
     return StepLoader(spec, positions, batch_size=cfg.batch_size, workers=cfg.workers, prefetch=cfg.prefetch,
                       pin_memory=env.device.type == "cuda")

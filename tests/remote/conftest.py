@@ -23,6 +23,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def s3_server():
+    import logging
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)   # one line per request otherwise
     port = _free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
