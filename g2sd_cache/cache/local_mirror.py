@@ -91,7 +91,7 @@ class LocalMirror:
     `check(spec, local_path)` returns the problem with a downloaded file (digest), or None."""
 
     def __init__(self, fs, root: str, url: str, folder: Path, cfg: LocalCacheConfig,
-                 check: Callable[[FileSpec, str], str | None], policy: RetryPolicy = RetryPolicy()):
+                 check: Callable[[FileSpec, str], str | None], policy: RetryPolicy | None = None):
         self.fs, self.root, self.url, self.dir, self.cfg = fs, root.rstrip("/"), url, Path(folder), cfg
         self.check, self.policy = check, policy
         try:
@@ -101,7 +101,7 @@ class LocalMirror:
         self.fetched_bytes = 0
         self._lock = threading.Condition()
         self._inflight: dict[str, Future] = {}
-        self._errors: dict[str, BaseException] = {}
+        self._failed: dict[str, BaseException] = {}      # files whose download the reader waited for and that failed
         self._pool = ThreadPoolExecutor(max_workers=max(1, cfg.threads), thread_name_prefix="shard-download")
         self._plan: list[int] = []                 # shards in the order the node reads them (with repeats)
         self._uses: dict[int, list[int]] = {}      # shard -> its positions in _plan
@@ -264,6 +264,10 @@ class LocalMirror:
     def _submit(self, spec: FileSpec, urgent: bool) -> Future:
         key = f"{spec.name}/{spec.rel}"
         with self._lock:
+            if urgent and key in self._failed:    # failed after its retries: the same answer, not a new round
+                fut = Future()
+                fut.set_exception(self._failed[key])
+                return fut
             fut = self._inflight.get(key)
             if fut is None or (urgent and fut.done()):
                 fut = self._pool.submit(self._download, spec, urgent)
@@ -275,8 +279,7 @@ class LocalMirror:
         with self._lock:
             if self._inflight.get(key) is fut:
                 del self._inflight[key]
-            if fut.exception() is not None:
-                self._errors[key] = fut.exception()
+
 
     def _prefetch(self) -> None:
         with self._lock:
@@ -300,7 +303,12 @@ class LocalMirror:
                 os.utime(final)      # the LRU's clock (atime and mtime)
                 return str(final)
             fut = self._submit(spec, urgent=True)
-            fut.result()
+            try:
+                fut.result()
+            except BaseException as e:
+                with self._lock:
+                    self._failed[f"{spec.name}/{spec.rel}"] = e
+                raise
         if final.exists():
             return str(final)
         raise UserError(f"{final}: evicted again before it could be read; raise --local-cache-limit")

@@ -8,6 +8,7 @@ access denied, a bad bucket name) is not transient and goes straight to the call
 """
 from __future__ import annotations
 
+import errno
 import random
 import time
 from dataclasses import dataclass
@@ -43,6 +44,9 @@ class RetryPolicy:
     max_s: float = 8.0
 
 
+DEFAULT_RETRY = RetryPolicy()
+
+
 class RemoteError(UserError):
     """A request to the object store failed after its retries; the message names the object and the cause."""
 
@@ -50,7 +54,7 @@ class RemoteError(UserError):
 # Words in an exception that mark a failure worth retrying (botocore/aiohttp/gcsfs/requests spell them
 # differently; the types are not importable without those packages).
 _TRANSIENT_WORDS = ("timeout", "timed out", "reset", "connection", "broken pipe", "slow down", "slowdown",
-                    "503", "500", "502", "504", "429", "service unavailable", "internal error", "throttl",
+                    "503", "500", "502", "504", "429", "reduce your request rate", "service unavailable", "internal error", "throttl",
                     "payload", "incomplete", "truncated", "content-length", "not enough data", "server disconnected")
 
 
@@ -63,13 +67,16 @@ def is_transient(e: BaseException) -> bool:
         return False
     if isinstance(e, (TimeoutError, ConnectionError, TruncatedBody)):
         return True
+    if isinstance(e, OSError) and e.errno in (errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET):
+        return True     # s3fs's translation of SlowDown / 503
     text = f"{type(e).__name__}: {e}".lower()
     return any(w in text for w in _TRANSIENT_WORDS)
 
 
-def with_retries(call: Callable[[], T], what: str, policy: RetryPolicy = RetryPolicy(),
+def with_retries(call: Callable[[], T], what: str, policy: RetryPolicy | None = None,
                  sleep: Callable[[float], None] = time.sleep) -> T:
     """`call()`, retried on transient failures; `what` names the object for the final error line."""
+    policy = policy or DEFAULT_RETRY
     for attempt in range(policy.attempts):
         try:
             return call()

@@ -58,3 +58,21 @@ def s3_bucket(s3_env):
     fs = fsspec.filesystem("s3")
     fs.mkdir(name)
     return f"s3://{name}"
+
+
+@pytest.fixture
+def faulty_s3(s3_bucket, s3_server, monkeypatch):
+    """`s3_bucket` reached through tests/remote/faulty_proxy.py: yields (bucket URL, proxy). s3fs's and
+    botocore's own retries are turned off, so what is retried is our retry loop (with short waits)."""
+    import fsspec.config
+
+    from g2sd_cache.cache import remote
+    from tests.remote.faulty_proxy import FaultyProxy
+    with FaultyProxy(s3_server) as proxy:
+        monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": proxy.url,
+                                                       "config_kwargs": {"retries": {"max_attempts": 1}}})
+        monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
+        monkeypatch.setattr(remote, "DEFAULT_RETRY", remote.RetryPolicy(attempts=4, base_s=0.01, max_s=0.05))
+        s3fs.S3FileSystem.clear_instance_cache()
+        yield s3_bucket, proxy
+        s3fs.S3FileSystem.clear_instance_cache()
