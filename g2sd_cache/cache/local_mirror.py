@@ -291,7 +291,8 @@ class LocalMirror:
                 ahead += [f for f in self._files.get(s, []) if not self.local_path(f).exists()]
                 if len(ahead) >= self.cfg.prefetch_files:
                     break
-            ahead = [f for f in ahead[:self.cfg.prefetch_files] if f"{f.name}/{f.rel}" not in self._inflight]
+            ahead = [f for f in ahead[:self.cfg.prefetch_files]
+                     if f"{f.name}/{f.rel}" not in self._inflight and f"{f.name}/{f.rel}" not in self._failed]
         for spec in ahead:
             self._submit(spec, urgent=False)
 
@@ -314,4 +315,5 @@ class LocalMirror:
         raise UserError(f"{final}: evicted again before it could be read; raise --local-cache-limit")
 
     def close(self) -> None:
+        """Cancel the prefetches not started and wait for those running (each removes its temporary)."""
         self._pool.shutdown(wait=True, cancel_futures=True)

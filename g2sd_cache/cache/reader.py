@@ -290,6 +290,12 @@ class Cache:
                     return f"{spec.rel}: inner chunk {j} fails its crc32c"
         return problem
 
+    def close(self) -> None:
+        """Stop this process's downloads (a remote cache read through a local copy); reading reopens them."""
+        if self._mirror_obj is not None and self._pid == os.getpid():
+            self._mirror_obj.close()
+            self._mirror_obj = None
+
     def view_files(self, shard: int, view: int) -> list[FileSpec]:
         """The shard files a read of view `view` of `shard` opens (one per array), from the manifest."""
         entry = self.manifest.shards[shard]

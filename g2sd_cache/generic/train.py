@@ -179,6 +179,8 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
         bar.close()
         log.close()
         signals.restore()
+        if setup.cache is not None:
+            setup.cache.close()      # downloads of a remote cache's local copy end with the run
     elapsed = time.perf_counter() - t_start
     done = step - start_step
     summary = {"mode": cfg.mode, "steps": step, "steps_this_run": done, "stopped_early": ended_early,

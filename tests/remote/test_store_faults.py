@@ -37,7 +37,8 @@ def test_a_persistent_failure_is_one_line_naming_the_object(faulty_s3, micro_cac
     assert "\n" not in str(err.value)
     assert f"download of {url}/shard-00001/target/c/0" in str(err.value)
     assert "failed 4 times with backoff" in str(err.value)
-    assert proxy.faults[0].done == 8     # the prefetch's 4 tries, then the reader's own 4; then no more
+    # the prefetch's 4 tries, then (if the reader came after it ended) the reader's own 4; then no more
+    assert proxy.faults[0].done in (4, 8)
     leftovers = [p for p in (tmp_path / "lc").rglob("*") if p.is_file() and "target/c/0" in p.as_posix()
                  and "shard-00001" in p.as_posix() and not p.name.endswith(".lock")]
     assert leftovers == []          # no partial download under any name
