@@ -94,6 +94,7 @@ class Cache:
         # per cache content (the manifest's digest), so two caches never share a file name.
         self._mirror_cfg = None if self._local or local_cache is None else local_cache
         self._mirror_key = record_digest(text.encode())[:16]
+        self.fetched_mark = 0    # the local copy's fetched bytes at the start of the epoch (train reports the difference)
         data = parse_manifest(text)
         # What verify checks about the manifest, with its words, before anything is read (cache/manifest_checks.py).
         folders = [p.rstrip("/").rsplit("/", 1)[-1] for p in self._fs.ls(self._path, detail=False)]

@@ -136,6 +136,8 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
             "target_dim": setup.target_dim, "img_size": setup.geometry.img_size})
 
     last_loss, ended_early, start_step = float("nan"), False, step
+    if setup.cache is not None and setup.cache.mirror is not None:
+        setup.cache.fetched_mark = setup.cache.mirror.fetched_bytes
     t_start = time.perf_counter()
     try:
         while step < sched.total_steps:
@@ -172,6 +174,8 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
                     if step % cfg.save_every != 0 and step != sched.total_steps:
                         checkpoint(step, at_epoch, at_position)
                     raise StopRun
+            if step < sched.total_steps or position >= setup.epoch_size:
+                _report_fetched(setup, env, epoch)
             epoch, position = epoch + 1, 0
     except StopRun:
         ended_early = True
@@ -191,6 +195,20 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
         tqdm.write(f"{'stopped' if ended_early else 'finished'} at step {step}/{sched.total_steps}: loss "
                    f"{last_loss:.4f}, {summary['samples_per_s']:.1f} samples/s; checkpoint {run / CHECKPOINT}")
     return summary
+
+
+def _report_fetched(setup: Setup, env: DistEnv, epoch: int) -> None:
+    """A remote cache: what this rank downloaded during the epoch, against the epoch's share of the cache (the
+    files of its view: 1.0x is each byte once; less when files were already in the local copy)."""
+    cache = setup.cache
+    if cache is None or cache.mirror is None:
+        return
+    view = epoch % setup.views_per_image
+    share = sum(f.size for s in range(len(cache.manifest.shards)) for f in cache.view_files(s, view))
+    got = cache.mirror.fetched_bytes - cache.fetched_mark
+    cache.fetched_mark = cache.mirror.fetched_bytes
+    tqdm.write(f"rank {env.rank} epoch {epoch}: fetched {got / 2**20:.2f} MiB ({got} B) from {cache.root} = {got / max(1, share):.2f}x "
+               f"the epoch's share of the cache ({share / 2**20:.2f} MiB)")
 
 
 def node_shards(order, position: int, global_batch: int, env: DistEnv) -> list[int]:
