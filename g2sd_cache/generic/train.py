@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from g2sd_cache.common.checkpoint import CHECKPOINT, RESUME_KEYS, load_checkpoint, rng_state, set_rng_state
+from g2sd_cache.common.checkpoint import RESUME_KEYS, load_checkpoint, rng_state, set_rng_state
 from g2sd_cache.common.config import to_yaml
 from g2sd_cache.common.dist import DistEnv, init_distributed, shutdown_distributed
 from g2sd_cache.generic.step import Distiller, Setup, TrainConfig, prepare
@@ -27,7 +27,7 @@ from g2sd_cache.common.errors import UserError
 from g2sd_cache.common.fsutil import write_text_atomic
 from g2sd_cache.generic.plan import epoch_order, rank_positions, steps_in_epoch
 from g2sd_cache.generic.runlog import RunLog
-from g2sd_cache.training.run_folder import StopRun, StopSignals, any_rank, prepare_run_folder, save_run_checkpoint
+from g2sd_cache.training.run_folder import StopRun, StopSignals, prepare_run_folder, save_run_checkpoint
 from g2sd_cache.training.schedule import get_lr, scaled_lr
 from g2sd_cache.generic.stream import StepLoader, StreamSpec
 
@@ -54,7 +54,7 @@ def make_schedule(cfg: TrainConfig, epoch_size: int, world: int) -> Schedule:
     steps_per_epoch = steps_in_epoch(epoch_size, global_batch)
     if steps_per_epoch == 0:
         raise UserError("the dataset has no samples to train on")
-    total = cfg.steps or (cfg.epochs or 300) * steps_per_epoch
+    total = cfg.steps or cfg.run_epochs * steps_per_epoch
     if cfg.warmup_steps is not None:
         warmup = cfg.warmup_steps
     else:
@@ -165,12 +165,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
                     last_loss = log.write(step, epoch, lr)
                 if step % cfg.save_every == 0 or step == sched.total_steps:
                     checkpoint(step, at_epoch, at_position)
-                # --stop-after is the same step on every rank; a signal may reach ranks at different steps, so
-                # ranks agree on it at log steps (every step when alone).
-                stop_now = cfg.stop_after is not None and step >= cfg.stop_after
-                if env.world == 1 or step % cfg.log_every == 0:
-                    stop_now = stop_now or any_rank(signals.requested.is_set(), env)
-                if stop_now:
+                if distiller.stop_requested(step, cfg.stop_after, cfg.log_every, signals):
                     if step % cfg.save_every != 0 and step != sched.total_steps:
                         checkpoint(step, at_epoch, at_position)
                     raise StopRun
@@ -185,15 +180,10 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
         signals.restore()
         if setup.cache is not None:
             setup.cache.close()      # downloads of a remote cache's local copy end with the run
-    elapsed = time.perf_counter() - t_start
-    done = step - start_step
-    summary = {"mode": cfg.mode, "steps": step, "steps_this_run": done, "stopped_early": ended_early,
-               "seconds": elapsed, "final_loss": last_loss,
-               "samples_per_s": done * sched.global_batch / elapsed if elapsed > 0 else 0.0,
-               "checkpoint": str(run / CHECKPOINT)}
+    summary = distiller.summary(cfg.mode, step, start_step, ended_early, time.perf_counter() - t_start, last_loss,
+                                sched.global_batch, run)
     if env.is_main:
-        tqdm.write(f"{'stopped' if ended_early else 'finished'} at step {step}/{sched.total_steps}: loss "
-                   f"{last_loss:.4f}, {summary['samples_per_s']:.1f} samples/s; checkpoint {run / CHECKPOINT}")
+        tqdm.write(distiller.summary_line(summary, sched.total_steps))
     return summary
 
 

@@ -13,7 +13,7 @@ import pytest
 from g2sd_cache.cache.codecs import CODECS
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "benchmarks/throughput.py"
+SCRIPT = ROOT / "benchmarks" / "throughput.py"
 
 # Every figure the README's "What it costs" and "Performance" sections quote (storage: every codec there is).
 KEYS = [

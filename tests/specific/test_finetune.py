@@ -14,7 +14,9 @@ import timm
 import torch
 
 from g2sd_cache.models.classifier import build_student, build_teacher, timm_distilled_model
-from g2sd_cache.cli.main import main as cli_main
+from g2sd_cache.cli.finetune import finetune_config
+from g2sd_cache.cli.main import main as cli_main, parse
+from g2sd_cache.common.config import config_from_args
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.specific.evaluate import evaluate
 from g2sd_cache.cli.export import export_run
@@ -23,7 +25,7 @@ from g2sd_cache.specific.finetune import finetune
 from g2sd_cache.specific.finetuned import read_finetuned
 from g2sd_cache.cache.logits import logits_specs, open_logits
 from g2sd_cache.models.mae import build_student as build_stage1_student
-from g2sd_cache.specific.config import FinetuneConfig, LogitsConfig, from_values, load_config_values
+from g2sd_cache.specific.config import FinetuneConfig, LogitsConfig
 from g2sd_cache.verify.logits import verify_logits
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -303,15 +305,16 @@ def test_bad_input_is_one_line(image_folder, stage1_export, logits_cache, tmp_pa
 
 def test_the_recipe_config_is_accepted_and_gives_the_defaults():
     path = ROOT / "configs" / "finetune_vit_small.yaml"
-    values = load_config_values(str(path), {"data": "d", "out": "o", "init": "i"})
-    cfg = FinetuneConfig(**from_values(FinetuneConfig, values, str(path), distilled=True))
+    given = ["--config", str(path), "--data", "d", "--out", "o"]
+    cfg = finetune_config(parse(["finetune", *given, "--init", "i"]))
     defaults = FinetuneConfig(data="d", out="o", init="i", teacher=cfg.teacher)
+    assert cfg.teacher == "mae_finetuned_vit_base.pth"
     assert cfg.recipe() == defaults.recipe()
     assert cfg == dataclasses.replace(defaults, precision="fp16", batch_size=128)   # G2SD's fp16; its per-GPU batch
-    logits = LogitsConfig(**from_values(LogitsConfig, values | {"teacher": "t"}, str(path)))
-    assert logits.recipe() == cfg.recipe()
+    logits = config_from_args(LogitsConfig, parse(["extract-logits", *given, "--teacher", "t"]))
+    assert logits.recipe() == cfg.recipe() and logits.teacher == "t"
     with pytest.raises(UserError, match="distilled: true but neither --teacher nor --logits"):
-        from_values(FinetuneConfig, values, str(path), distilled=False)
+        finetune_config(parse(["finetune", *given, "--init", "i", "--teacher", ""]))
 
 
 def _torchrun(nproc: int, port: int, *args) -> subprocess.CompletedProcess:
@@ -343,7 +346,7 @@ def test_finetune_benchmark_quick_writes_every_figure(tmp_path):
     """benchmarks/finetune.py (throughput's finetune section, alone) stays runnable: --quick end to end, every
     headline figure positive and finite, and a bad flag is one line."""
     out = tmp_path / "finetune.json"
-    script = str(ROOT / "benchmarks" / "specific/finetune.py")
+    script = str(ROOT / "benchmarks" / "finetune.py")
     proc = subprocess.run([sys.executable, script, "--quick", "--device", "cpu", "--threads", "1", "--reps", "1",
                            "--json", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
