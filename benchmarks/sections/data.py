@@ -1,6 +1,6 @@
 """Data section, per core: what each input path costs the CPU, as `g2sd-cache train` runs it.
 
-Every path is train's own loader (`StepLoader`, built by train's `_epoch_loader`) with workers=0 (so the
+Every path is train's own loader (`StepLoader`, built by train's `epoch_loader`) with workers=0 (so the
 image path renders in this process) and torch at one thread, its epoch's positions repeated until a pass
 holds `image_views` / `cached_views` views (a benchmark epoch of a hundred views would otherwise measure
 the per-epoch set-up that a real epoch of a million views amortises). Rates are per CPU-second of this
@@ -35,6 +35,7 @@ import math
 import numpy as np
 import torch
 
+from g2sd_cache.benchmarks.sections import Bench, section
 from g2sd_cache.benchmarks.common import Profile, cpu_clock, log, median, torch_threads
 from g2sd_cache.benchmarks.sections.extract import extract_config, timed_extract
 from g2sd_cache.benchmarks.sections.step import Run
@@ -168,3 +169,8 @@ def data_section(ws: dict, prof: Profile, device: torch.device, step: dict) -> d
         "batch_size": prof.batch, "codec": runs["cached"].setup.cache.manifest.codec, "passes": passes,
         "per": "CPU-second of this process (all threads), torch at 1 thread, workers=0",
     }
+
+
+@section("data")
+def run_section(bench: Bench) -> dict:
+    return data_section(bench.ws, bench.prof, bench.device, bench.report["step"])

@@ -31,6 +31,7 @@ import time
 
 import torch
 
+from g2sd_cache.benchmarks.sections import Bench, section
 from g2sd_cache.benchmarks.common import SEED, Profile, log, median, sync
 from g2sd_cache.benchmarks.sections.flops import default_student_gflop, student_gflop, teacher_gflop
 
@@ -54,10 +55,10 @@ class Run:
 
     def loader(self, epoch: int, **overrides):
         """Train's loader of `epoch` from its first sample (overrides: TrainConfig fields, e.g. workers)."""
-        from g2sd_cache.generic.train import _epoch_loader
+        from g2sd_cache.generic.train import epoch_loader
 
         cfg = dataclasses.replace(self.cfg, **overrides)
-        return _epoch_loader(cfg, self.setup, self.env, self.sched, epoch, 0)
+        return epoch_loader(cfg, self.setup, self.env, self.sched, epoch, 0)
 
 
 class Feed:
@@ -254,3 +255,8 @@ def _pair(results: list[dict], t: str, s: str, batch: int) -> dict:
         "online_data_wait_frac": median(col["wait_online"]), "cached_data_wait_frac": median(col["wait_cached"]),
         "rounds": rows,
     }
+
+
+@section("step")
+def run_section(bench: Bench) -> dict:
+    return step_section(bench.ws, bench.prof, bench.device)
