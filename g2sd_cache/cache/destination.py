@@ -23,7 +23,7 @@ import yaml
 
 from g2sd_cache.cache.digests import fsspec_reader, shard_digests
 from g2sd_cache.cache.lease import LeaseLock
-from g2sd_cache.cache.ownership import FolderLock, TOOL, claim_cache_folder, _now, _version
+from g2sd_cache.cache.ownership import FolderLock, TOOL, claim_cache_folder, is_our_temporary, _now, _version
 from g2sd_cache.cache.remote import is_remote, url_fs, with_retries
 from g2sd_cache.cache.schema import (CACHE_MARKER, CONFIG, FORMAT_VERSION, LOCK_FILE, MANIFEST, SHARD_PREFIX, SHARD_RECORD,
                                      TMP_MARK, shard_name)
@@ -60,7 +60,7 @@ class LocalDestination:
     def clear_unfinished(self, indices: list[int]) -> None:
         mine = {shard_name(i) for i in indices}
         for path in self.out.glob(f".shard-*{TMP_MARK}*"):
-            if path.name[1:].split(TMP_MARK)[0] in mine:
+            if is_our_temporary(path.name) and path.name[1:].split(TMP_MARK)[0] in mine:
                 shutil.rmtree(path, ignore_errors=True)
 
     publish = None     # the writer's rename is the publication

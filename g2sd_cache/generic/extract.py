@@ -28,7 +28,7 @@ from tqdm import tqdm
 from g2sd_cache.cache import codecs
 from g2sd_cache.cache.pixel_codecs import DEFAULT_QUALITY, JPEG_ARRAY, PIXEL_MODES, decode_jpegs
 from g2sd_cache.common.config import to_yaml
-from g2sd_cache.common.dist import DistEnv, run_on_ranks
+from g2sd_cache.common.dist import DIST_TIMEOUT_MIN, DistEnv, run_on_ranks
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.models.mae import TEACHER_PRESETS, build_teacher
 from g2sd_cache.cache.destination import LocalDestination, open_destination
@@ -64,6 +64,7 @@ class ExtractConfig:
     on_error: str = "skip"
     overwrite: bool = False
     pixels: str = "visible"
+    dist_timeout: float = DIST_TIMEOUT_MIN   # minutes a collective waits for the other ranks
     pixel_quality: int = DEFAULT_QUALITY     # --pixels jpeg: the JPEG quality (1..100)
     max_error: float | None = None     # --codec auto: the largest relative RMS error of decoded targets allowed
     calibration_views: int = 256       # views the codecs are measured (and a low-rank basis fitted) on
@@ -276,7 +277,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
     def body(cfg: ExtractConfig, env: DistEnv) -> dict:
         dests.append(open_destination(cfg.out, cfg.staging, cfg.lease_s))
         return _extract(cfg, env, dests[0])
-    return run_on_ranks(cfg, body, release=lambda: [d.release() for d in dests])
+    return run_on_ranks(cfg, body, release=lambda: [d.release() for d in dests], command="extract")
 
 
 def _calibrate(cfg: ExtractConfig, source: Source, plans: list[ShardPlan], teacher, device) -> Calibration:

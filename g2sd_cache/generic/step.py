@@ -35,7 +35,7 @@ from g2sd_cache.cache import codecs
 from g2sd_cache.cache.local_mirror import LocalCacheConfig, default_folder, parse_size
 from g2sd_cache.cache.reader import Cache, open_cache
 from g2sd_cache.cache.remote import is_remote
-from g2sd_cache.common.dist import DistEnv
+from g2sd_cache.common.dist import DIST_TIMEOUT_MIN, DistEnv
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.kernels import masked_smooth_l1
 from g2sd_cache.cache.manifest_checks import source_problem
@@ -86,13 +86,15 @@ class TrainConfig:
     local_cache_limit: str | None = None    # bytes that folder may hold, e.g. "200GB" (None: no limit)
     prefetch_files: int = 16                # shard files downloaded ahead of the reader
     download_threads: int = 8               # parallel GETs per process
+    dist_timeout: float = DIST_TIMEOUT_MIN   # minutes a collective waits for the other ranks
 
     # The run's length when neither --epochs nor --steps is given (G2SD's); not a field, so that giving both
     # stays a mistake the config can see.
     DEFAULT_EPOCHS = 300
 
-    # What the epoch order depends on (with the global batch, checked separately): a resume must keep them.
-    ORDER = ("seed", "cache", "shuffle_window")
+    # What the epoch order depends on (with the global batch, checked separately): a resume must keep them. The
+    # cache is compared by its content fingerprint (train.py), not by how its path is spelled.
+    ORDER = ("seed", "shuffle_window")
 
     @property
     def run_epochs(self) -> int | None:
