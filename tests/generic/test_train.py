@@ -334,6 +334,25 @@ def test_elastic_resume_on_another_number_of_ranks_continues_the_same_run(micro_
         assert sorted(used[0]) == [(i, 0) for i in range(12)] and sorted(used[1]) == [(i, 1) for i in range(12)]
 
 
+def test_resume_with_another_global_batch_under_epochs_trains_exactly_those_epochs(micro_cache, tmp_path):
+    """--epochs 2 stopped at the end of epoch 0 with batch 8 and resumed with batch 4 (and 4 -> 8) trains each
+    of the 12 views once per epoch, two epochs and no partial third, and the lr at every resumed step is the lr
+    an uninterrupted run at the new batch has at the same sample."""
+    for first, then in ((8, 4), (4, 8)):
+        kw = dict(cache=str(micro_cache), epochs=2, warmup_epochs=1, log_samples=True, blr=1e-3)
+        full = run_train(tmp_path / f"full{then}", None, batch_size=then, **kw)
+        run = tmp_path / f"r{first}-{then}"
+        run_train(run, None, batch_size=first, stop_after=-(-12 // first), **kw)
+        resumed = run_train(run, None, batch_size=then, resume=True, **kw)
+        per_epoch = {}
+        for s in samples(run):
+            per_epoch.setdefault(s["epoch"], []).extend(i for i, ok in zip(s["index"], s["valid"]) if ok)
+        assert {e: sorted(v) for e, v in per_epoch.items()} == {0: list(range(12)), 1: list(range(12))}
+        epoch1 = [m["lr"] for m in resumed if m["epoch"] == 1]
+        assert epoch1 == pytest.approx([m["lr"] for m in full if m["epoch"] == 1], rel=1e-9)
+        assert resumed[-1]["step"] == -(-12 // first) + -(-12 // then)
+
+
 @pytest.mark.parametrize("batch,accum", [((6, 1), (3, 2)), ((8, 1), (4, 2))])
 def test_how_a_step_is_cut_into_micro_batches_does_not_change_the_run(micro_cache, tmp_path, batch, accum):
     """One normalisation per optimizer step: batch 6 x 1 and 3 x 2 (and 8 x 1 vs 4 x 2, whose second step is half
