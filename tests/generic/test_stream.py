@@ -76,3 +76,44 @@ def test_the_background_reader_keeps_order_and_re_raises_in_the_consumer():
     assert next(got) == 1
     with pytest.raises(ValueError, match="disk gone"):
         next(got)
+
+
+def _next_within(it, seconds: float):
+    """next(it) on a helper thread: (value or exception, finished in time)."""
+    import threading
+    out = {}
+
+    def run():
+        try:
+            out["value"] = next(it)
+        except BaseException as e:   # noqa: BLE001 - handed back to the test
+            out["error"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    return out, not t.is_alive()
+
+
+def test_an_error_while_setting_up_the_reader_reaches_the_consumer_instead_of_a_hang():
+    def make():
+        raise OSError("cannot build the reader")
+    out, finished = _next_within(_background(make, depth=2), 10)
+    assert finished, "the consumer is still blocked 10 s after the reader's set-up failed"
+    assert isinstance(out.get("error"), OSError) and "cannot build the reader" in str(out["error"])
+
+
+def test_a_producer_that_dies_without_its_last_item_does_not_block_the_consumer(monkeypatch):
+    import queue as queue_module
+
+    class Lossy(queue_module.Queue):
+        """Drops everything after the first item, as a producer killed mid-way would."""
+        def put(self, item, block=True, timeout=None):
+            self.seen = getattr(self, "seen", 0) + 1
+            if self.seen == 1:
+                super().put(item, block, timeout)
+
+    monkeypatch.setattr("g2sd_cache.generic.stream.queue.Queue", Lossy)
+    got = _background(lambda: iter(range(3)), depth=2)
+    assert next(got) == 0
+    out, finished = _next_within(got, 10)
+    assert finished and isinstance(out.get("error"), RuntimeError), out
