@@ -292,3 +292,27 @@ def test_layer_decay_groups_follow_g2sd_rules(distilled):
     assert got["blocks.0.attn.qkv.weight"] == pytest.approx((0.75 ** 2, 0.05))
     if distilled:
         assert got["dist_token"] == (1.0, 0.0) and got["norm.weight"] == (1.0, 0.0)
+
+
+def test_the_optimizer_step_uses_each_groups_layer_decay_scale():
+    """After one step of the trainer's optimizer_step, every group's lr is lr x 0.75 ** (depth + 1 - layer)
+    (from the official rules above), and the weights moved by it: AdamW's first step moves a parameter
+    without weight decay by lr x scale per element (m / sqrt(v) = sign of the gradient)."""
+    from g2sd_cache.training.run_folder import optimizer_step
+    student = build_student(MICRO, num_classes=5, img_size=32, distilled=True)
+    _randomise(student)
+    optimizer = torch.optim.AdamW(layer_decay_groups(student, weight_decay=0.05, layer_decay=0.75), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    cls, dist = student(torch.randn(2, 3, 32, 32))
+    (cls.square().mean() + dist.square().mean()).backward()
+    optimizer_step(optimizer, scaler, student, lr=1e-3, clip_grad=None)
+    want = official_layer_decay(student, 0.05, 0.75, {"cls_token", "pos_embed", "dist_token"})
+    names = {id(p): n for n, p in student.named_parameters()}
+    depth = len(student.blocks)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            assert group["lr"] == pytest.approx(1e-3 * want[names[id(p)]][0]), names[id(p)]
+    for name, layer in (("blocks.0.norm1.bias", 1), (f"blocks.{depth - 1}.mlp.fc2.bias", depth), ("head.bias", depth + 1)):
+        moved = (dict(student.named_parameters())[name].detach() - before[name]).abs()
+        assert moved.max().item() == pytest.approx(1e-3 * 0.75 ** (depth + 1 - layer), rel=1e-3), name
