@@ -21,7 +21,7 @@ from g2sd_cache.cli.export import export_run
 from g2sd_cache.specific.extract_logits import run_extract_logits
 from g2sd_cache.specific.finetune import finetune
 from g2sd_cache.specific.finetuned import read_finetuned
-from g2sd_cache.cache.logits import logits_specs, open_logits
+from g2sd_cache.cache.logits import index_dtype, logits_specs, open_logits
 from g2sd_cache.models.mae import build_student as build_stage1_student
 from g2sd_cache.specific.config import FinetuneConfig, LogitsConfig, from_values, load_config_values
 from g2sd_cache.verify.logits import verify_logits
@@ -231,6 +231,29 @@ def test_logits_cache_layout_bytes_and_resume(image_folder, tmp_path):
             assert torch.equal(a.values, b.values) and torch.equal(a.argmax, b.argmax) and torch.equal(a.indices, b.indices)
     with pytest.raises(UserError, match="other settings \\(topk"):
         run_extract_logits(logits_config(image_folder, out, topk=2, shard_groups=3))
+
+
+@pytest.mark.parametrize("classes,labels", [(40000, [0, 32767, 32768, 39999]), (65536, [65535, 32768, 1, 2]),
+                                            (70000, [65535, 65536, 69999, 7])])
+def test_class_indices_of_large_label_spaces_round_trip_through_the_cache(tmp_path, classes, labels):
+    """Written by the shard writer and read back by LogitsCache, class indices >= 32,768 (an int16 would make
+    32,768 into -32,768) and at the uint16 boundary come back as written; above 65,536 classes, int32."""
+    from g2sd_cache.cache.logits import LOGITS_FORMAT, LOGITS_FORMAT_VERSION, LogitsCache, LogitsManifest, LogitsShardRecord
+    from g2sd_cache.cache.writer import ShardData, write_shard
+    assert (index_dtype(65536), index_dtype(65537)) == ("uint16", "int32")
+    specs = logits_specs(1, classes)
+    arrays = {"values": np.full((1, 4, 1), 3.5, np.float16),
+              "indices": np.asarray(labels, np.int64).reshape(1, 4, 1).astype(specs["indices"].dtype),
+              "argmax": np.asarray(labels[::-1], np.int64).reshape(1, 4).astype(specs["argmax"].dtype)}
+    record = LogitsShardRecord(index=0, first_group=0, groups=1, group_size=4, epochs=1)
+    write_shard(tmp_path, ShardData(record, arrays), chunk_views=4)
+    (tmp_path / "manifest.json").write_text(LogitsManifest(
+        format=LOGITS_FORMAT, format_version=LOGITS_FORMAT_VERSION, teacher={}, teacher_precision="fp32", plan={},
+        epochs=1, groups_per_epoch=1, group_size=4, topk=1, num_classes=classes, shard_groups=1,
+        shards=[{"name": "shard-00000", "first_group": 0, "groups": 1, "files": record.files}], samples=4, bytes=0,
+        created="").to_json())
+    got = LogitsCache(tmp_path).read(0, 0)
+    assert got.indices[:, 0].tolist() == labels and got.argmax.tolist() == labels[::-1]
 
 
 def test_verify_checks_a_logits_cache(image_folder, tmp_path, capsys):
