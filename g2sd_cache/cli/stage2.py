@@ -56,8 +56,9 @@ def _add_finetune(sub) -> None:
         description="G2SD specific distillation (stage 2) with its official recipe as defaults (SD.sh: ViT-S, AdamW "
                     "blr 1e-3 x batch/256, layer decay 0.75, 200 epochs, RandAugment, mixup 0.8 / cutmix 1.0, random "
                     "erasing 0.25, hard distillation on the teacher's argmax). Modes: --logits (the teacher's stored "
-                    "predictions: no teacher forward), --teacher (the teacher in the loop, as the paper), both (replay: "
-                    "logs the agreement of stored and live teacher argmax), neither (plain fine-tuning, MAE's "
+                    "predictions: no teacher forward, even if a teacher is named), --teacher alone (the teacher in the loop, "
+                    "as the paper), --logits --replay --teacher (replay: logs the agreement of stored and live teacher "
+                    "argmax), neither (plain fine-tuning, MAE's "
                     "global-pool classifier, no dist token). Run under `torchrun --nproc_per_node N` for DDP. "
                     f"Example: {FINETUNE_EXAMPLE}")
     data = p.add_argument_group("data")
@@ -67,6 +68,9 @@ def _add_finetune(sub) -> None:
                       "(default: no validation)")
     data.add_argument("--logits", help="a logits cache from `g2sd-cache extract-logits` of this plan: epoch e trains "
                       "on the plan's epoch e mod K with the stored teacher argmax; a cache of another plan is refused")
+    data.add_argument("--replay", action="store_true", help="with --logits and --teacher: also run the teacher every "
+                      "step and log how often its argmax agrees with the stored one (costs a teacher forward); "
+                      "without it, --logits never runs a teacher")
     model = p.add_argument_group("model")
     model.add_argument("--init", help="the stage-1 student: a `g2sd-cache train` run folder or its `g2sd-cache export` "
                        "file (an MAE encoder checkpoint also works); required unless --resume")

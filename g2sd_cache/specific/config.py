@@ -124,6 +124,7 @@ class FinetuneConfig(PlanOptions):
     teacher: str | None = None
     teacher_arch: str = "vit_base_patch16"
     logits: str | None = None
+    replay: bool = False               # with --logits and --teacher: also run the teacher, log the agreement
     arch: str = "vit_small_patch16"
     drop_path: float = 0.0
     epochs: int = 200
@@ -157,10 +158,21 @@ class FinetuneConfig(PlanOptions):
 
     @property
     def mode(self) -> str:
-        """cached (logits, no teacher), online (teacher in the loop), replay (both: logs agreement), plain."""
+        """cached (--logits: no teacher forward, even when a teacher is named, e.g. by a recipe config), replay
+        (--logits --replay --teacher: logs agreement), online (teacher in the loop), plain (neither)."""
         if self.logits:
-            return "replay" if self.teacher else "cached"
+            return "replay" if self.replay else "cached"
         return "online" if self.teacher else "plain"
+
+    def mode_line(self) -> str:
+        """The run's first line: what it will do each step, so a costly mode is never a surprise."""
+        return {"cached": f"mode: cached - the teacher's stored predictions from {self.logits}; no teacher forward"
+                          + (f" ({self.teacher} is not run: add --replay to also run it and log the agreement)"
+                             if self.teacher else ""),
+                "replay": f"mode: replay - stored predictions from {self.logits} AND the live teacher {self.teacher} "
+                          f"every step (measures their agreement; costs a teacher forward per sample)",
+                "online": f"mode: online - the teacher {self.teacher} runs on every mixed group (the paper's G2SD)",
+                "plain": "mode: plain fine-tuning (no teacher, no logits cache)"}[self.mode]
 
     @property
     def micro_batch(self) -> int:
@@ -176,6 +188,9 @@ class FinetuneConfig(PlanOptions):
         if self.arch not in CLASSIFIER_PRESETS:
             raise UserError(f"unknown --arch {self.arch}; choose one of: {', '.join(CLASSIFIER_PRESETS)}")
         self.check_teacher_arch(self.teacher_arch)
+        if self.replay and not (self.logits and self.teacher):
+            raise UserError("--replay runs the live teacher next to the logits cache: it needs both --logits and "
+                            "--teacher")
         if self.micro_batch < 1 or self.group_size % self.micro_batch:
             raise UserError(f"--batch-size {self.batch_size} must divide --group-size {self.group_size}: a mixing "
                             f"group is split into equal micro-batches")

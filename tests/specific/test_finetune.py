@@ -74,7 +74,7 @@ def test_cached_logits_train_exactly_as_the_live_teacher(image_folder, stage1_ex
     same losses at every step and the same weights, and replay finds the stored argmax equal to the live one."""
     kw = dict(logits=str(logits_cache))
     cached = run_finetune(tmp_path / "cached", image_folder, stage1_export, **kw)
-    replay = run_finetune(tmp_path / "replay", image_folder, stage1_export, teacher=TEACHER, **kw)
+    replay = run_finetune(tmp_path / "replay", image_folder, stage1_export, teacher=TEACHER, replay=True, **kw)
     # online sees the plan's own epochs; with 2 epochs and K = 2 those are the cached ones
     online = run_finetune(tmp_path / "online", image_folder, stage1_export, teacher=TEACHER)
     assert [m["step"] for m in cached] == list(range(1, 7)) and all(math.isfinite(m["loss"]) for m in cached)
@@ -306,7 +306,9 @@ def test_bad_input_is_one_line(image_folder, stage1_export, logits_cache, tmp_pa
         ["finetune", "--data", str(image_folder), "--init", str(tmp_path), "--out", str(tmp_path / "f"), *common], capsys)
     # a teacher replaying a cache it did not make
     assert "not the teacher that made" in _one_line_error(
-        [*ft, "--out", str(tmp_path / "g"), "--logits", str(logits_cache), "--teacher", "random:7"], capsys)
+        [*ft, "--out", str(tmp_path / "g"), "--logits", str(logits_cache), "--teacher", "random:7", "--replay"], capsys)
+    assert "--replay runs the live teacher" in _one_line_error(
+        [*ft, "--out", str(tmp_path / "g"), "--logits", str(logits_cache), "--replay"], capsys)
     # a validation folder with a class the training data lacks
     val = tmp_path / "val"
     (val / "zebra").mkdir(parents=True)
@@ -322,6 +324,24 @@ def test_bad_input_is_one_line(image_folder, stage1_export, logits_cache, tmp_pa
     assert "optimizer 'sgd' is not supported" in _one_line_error([*ft, "--out", str(tmp_path / "j"), "--config", str(cfg)],
                                                                  capsys)
     assert not any((tmp_path / name / "checkpoint.pt").exists() for name in "abcdefghij")
+
+
+def test_logits_with_a_teacher_named_by_the_config_trains_from_the_cache_and_says_so(image_folder, stage1_export,
+                                                                                        logits_cache, tmp_path, capsys):
+    """The README's command: the recipe config names a teacher file and the flags add --logits. That is cached
+    mode (the teacher is neither loaded nor run, so the file need not exist), printed as the run's first line;
+    replay needs --replay."""
+    values = load_config_values(str(ROOT / "configs" / "finetune_vit_small.yaml"),
+                                {"data": "d", "init": "i", "out": "o", "logits": "L"})
+    cfg = FinetuneConfig(**from_values(FinetuneConfig, values, "x", distilled=True))
+    assert cfg.teacher == "mae_finetuned_vit_base.pth" and cfg.mode == "cached"
+    assert dataclasses.replace(cfg, replay=True).mode == "replay"
+    capsys.readouterr()
+    got = run_finetune(tmp_path / "r", image_folder, stage1_export, logits=str(logits_cache),
+                       teacher=str(tmp_path / "no-such-teacher.pth"), epochs=1)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("mode: cached") and "no teacher forward" in out[0] and "--replay" in out[0]
+    assert got and all("replay_argmax_agreement" not in m for m in got)
 
 
 def test_the_recipe_config_is_accepted_and_gives_the_defaults():
