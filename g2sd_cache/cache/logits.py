@@ -80,7 +80,7 @@ class LogitsManifest:
     format: str
     format_version: int
     teacher: dict            # classifier.ClassifierInfo as a dict
-    teacher_precision: str   # "fp32" (G2SD runs its teacher outside autocast)
+    teacher_precision: str   # "fp32" (G2SD: outside autocast), "fp16-autocast" or "bf16-autocast"
     plan: dict               # SDPlan.describe(): seed, recipe, images, classes, listing, library versions
     epochs: int              # K: training epoch e reads cached epoch e mod K
     groups_per_epoch: int

@@ -52,6 +52,10 @@ def _add_extract(sub) -> None:
                        "index)) and of the images' order in the shards")
     model.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches hidden (MAE: 0.75)")
     model.add_argument("--img-size", type=int, default=224, help="crop size in pixels")
+    model.add_argument("--teacher-precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                       help="the teacher's arithmetic (auto: fp16 autocast on CUDA, as G2SD's teacher runs; fp32 on "
+                       "CPU, where fp16 is unsupported). Recorded in the manifest and shown by inspect; its error "
+                       "lands in every stored target")
     store = p.add_argument_group("storage")
     store.add_argument("--codec", default="fp16", choices=list(CODECS), help="how targets are stored: fp16/bf16 "
                        "(2 B/value), int8/fp8 with a per-token scale (1 B/value) or int4 (0.5 B/value, a float16 "
@@ -144,8 +148,10 @@ def _add_train(sub) -> None:
                       "image path; default 2)")
     perf.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     perf.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], help="autocast dtype (auto: bf16 on "
-                      "CUDA, fp32 on CPU). fp16 is G2SD's (with a loss scaler); bf16 needs none. With fp16 the teacher "
-                      "(online, replay) runs in bf16 where the GPU has it, else in fp32")
+                      "CUDA, fp32 on CPU). fp16 is G2SD's (with a loss scaler); bf16 needs none")
+    perf.add_argument("--teacher-precision", choices=["auto", "fp32", "fp16", "bf16"], help="the online / replay "
+                      "teacher's arithmetic, apart from the student's (auto: fp16 autocast on CUDA as G2SD, fp32 on "
+                      "CPU)")
 
 
 def _add_verify(sub) -> None:
@@ -174,7 +180,10 @@ def _add_verify(sub) -> None:
                    "the cache was made with, or random[:SEED]; default: the one the manifest records. Its weights "
                    "must have the manifest's sha256")
     p.add_argument("--device", default="auto", help="device for --deep: auto (CUDA if available), cpu, cuda or "
-                   "cuda:N; CUDA replays under bf16 autocast as extract does")
+                   "cuda:N")
+    p.add_argument("--teacher-precision", default=None, choices=["auto", "fp32", "fp16", "bf16"], help="the "
+                   "replaying teacher's arithmetic for --deep (default: what the manifest records extract used, where "
+                   "the device supports it; auto: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="which views --deep and --pixel-views pick "
                    "(default 0)")
     p.add_argument("--json", action="store_true", help="print the report (problems and figures) as JSON")
@@ -260,11 +269,11 @@ def _run_verify(args) -> int:
     if is_logits_cache(args.cache):    # stage 2's cache of teacher predictions (verify/logits.py)
         from g2sd_cache.verify.logits import format_logits_summary as format_summary, verify_logits
         report = verify_logits(args.cache, deep=args.deep, teacher=args.teacher, data=args.data, device=args.device,
-                               seed=args.seed)
+                               seed=args.seed, teacher_precision=args.teacher_precision)
     else:
         from g2sd_cache.verify.cache import format_summary, verify_cache
         report = verify_cache(args.cache, deep=args.deep, teacher=args.teacher, data=args.data, device=args.device,
-                              seed=args.seed, pixel_views=args.pixel_views)
+                              seed=args.seed, pixel_views=args.pixel_views, teacher_precision=args.teacher_precision)
     if args.json:
         print(json.dumps({"ok": report.ok, "problems": report.problems, "summary": report.summary}, indent=1,
                          default=str))

@@ -113,7 +113,10 @@ def _add_finetune(sub) -> None:
     perf.add_argument("--prefetch", type=int, help=f"groups each worker prepares ahead (default {d('prefetch')})")
     perf.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto: this rank's GPU if any)")
     perf.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], help="student autocast dtype (auto: "
-                      "bf16 on CUDA, fp32 on CPU; G2SD used fp16 with a loss scaler); the teacher always runs in fp32")
+                      "bf16 on CUDA, fp32 on CPU; G2SD used fp16 with a loss scaler)")
+    perf.add_argument("--teacher-precision", choices=["auto", "fp32", "fp16", "bf16"], help="the online / replay "
+                      f"teacher's arithmetic (default {d('teacher_precision')}: G2SD's stage-2 teacher runs outside "
+                      "autocast; auto: the same)")
     perf.add_argument("--eval-batch-size", type=int, help=f"validation batch (default {d('eval_batch_size')})")
 
 
@@ -149,6 +152,9 @@ def _add_extract_logits(sub) -> None:
     cache.add_argument("--shard-groups", type=int, help=f"groups per shard, each with all K epochs (default "
                        f"{d('shard_groups')})")
     cache.add_argument("--overwrite", action="store_true", help="replace an existing logits cache at --out")
+    cache.add_argument("--teacher-precision", choices=["auto", "fp32", "fp16", "bf16"], help="the teacher's "
+                       f"arithmetic (default {d('teacher_precision')}, G2SD's stage-2 teacher; fp16 / bf16 autocast "
+                       "need CUDA for fp16); recorded in the manifest")
     cache.add_argument("--config", help="YAML file of these options, e.g. the finetune config (its training options "
                        "are ignored); flags override it")
     perf = p.add_argument_group("performance")

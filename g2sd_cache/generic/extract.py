@@ -18,7 +18,6 @@ import dataclasses
 import resource
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,6 +43,7 @@ from g2sd_cache.data.sources import FolderSource, Source, TarMemberError, TarSou
 from g2sd_cache.data.views import (ViewGeometry, decode_image, normalize_patches, render_view, replay_versions, sample_view,
                     visible_patches)
 from g2sd_cache.common.workers import keep_as_is, mp_context
+from g2sd_cache.training.precision import TEACHER_PRECISIONS, recorded_precision, resolve_teacher_precision, teacher_autocast
 from g2sd_cache.cache.writer import ShardData, ShardWriter
 
 
@@ -67,6 +67,7 @@ class ExtractConfig:
     on_error: str = "skip"
     overwrite: bool = False
     pixels: str = "visible"
+    teacher_precision: str = "auto"   # auto: fp16 autocast on CUDA (G2SD's), fp32 on CPU
 
     # Fields that decide the cache's content; a rerun with any of them changed is refused.
     # The teacher is compared by the sha256 of its weights (fingerprints), not by how its path was typed.
@@ -98,6 +99,9 @@ class ExtractConfig:
             raise UserError("--workers must be 0 or more")
         if self.on_error not in ("skip", "fail"):
             raise UserError(f"--on-error {self.on_error}: choose skip or fail")
+        if self.teacher_precision not in TEACHER_PRECISIONS:
+            raise UserError(f"--teacher-precision {self.teacher_precision}: choose one of "
+                            f"{', '.join(TEACHER_PRECISIONS)}")
         if self.pixels not in ("visible", "none"):
             raise UserError(f"--pixels {self.pixels}: choose visible or none")
 
@@ -262,8 +266,9 @@ class _ShardAssembler:
             self.pending.append((row, v, item["patches"][v]))
         self.images += 1
 
-    def run_teacher(self, teacher, device: torch.device, flush: bool = False) -> int:
-        """Run the teacher on full batches of pending views (and the remainder if `flush`). Returns views done."""
+    def run_teacher(self, teacher, device: torch.device, flush: bool = False, precision: str = "fp32") -> int:
+        """Run the teacher (in resolved `precision`) on full batches of pending views (and the remainder if
+        `flush`). Returns views done."""
         done = 0
         bs = self.cfg.batch_size
         while len(self.pending) >= bs or (flush and self.pending):
@@ -272,9 +277,7 @@ class _ShardAssembler:
             vis = np.array([v for _, v, _ in batch])
             patches = torch.stack([p for _, _, p in batch]).to(device, non_blocking=True)
             mask = torch.from_numpy(self.buffers["mask"][vis, rows]).to(device)
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if teacher_precision(device) != "fp32" \
-                else nullcontext()
-            with autocast:
+            with teacher_autocast(precision, device)():
                 target = teacher.targets_visible(normalize_patches(patches), mask, self.cfg.target_layer)
             bad = ~torch.isfinite(target).flatten(1).all(dim=1)
             if bool(bad.any()):
@@ -345,13 +348,8 @@ def _remove_stale_temporaries(out: Path, shards: list[ShardPlan]) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def teacher_precision(device: torch.device) -> str:
-    """How extract ran the teacher: bf16 autocast on CUDA (LayerNorm of the target in fp32), else fp32."""
-    return "bf16-autocast" if device.type == "cuda" else "fp32"
-
-
 def write_manifest(out: Path, cfg: ExtractConfig, source: Source, plans: list[ShardPlan], teacher_info,
-                   tokens: int, width: int, device: torch.device) -> Manifest:
+                   tokens: int, width: int, precision: str) -> Manifest:
     """Rank 0, after every shard is complete: gather the shards' records into manifest.json."""
     records, digests = [], []
     for p in plans:
@@ -380,7 +378,7 @@ def write_manifest(out: Path, cfg: ExtractConfig, source: Source, plans: list[Sh
         target_layer=cfg.target_layer, geometry=cfg.geometry,
         views_per_image=cfg.views, seed=cfg.seed, codec=cfg.codec, pixels=cfg.pixels, tokens=tokens, target_dim=width,
         chunk_views=cfg.chunk_views, source=source_info,
-        versions=replay_versions(), teacher_precision=teacher_precision(device),
+        versions=replay_versions(), teacher_precision=recorded_precision(precision),
         shards=tuple(ShardEntry(name=shard_name(r.index), images=r.images, views=r.views, files=r.files, record=d,
                                 start=r.start, stop=r.stop, tar=r.tar) for r, d in zip(records, digests)),
         skipped=skipped, codec_error=codec_error,
@@ -414,8 +412,11 @@ def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
         print("note: --shard-size is ignored for tar sources: the cache keeps one shard per tar")
     teacher, info = build_teacher(cfg.teacher, cfg.arch, cfg.img_size)
     teacher.to(env.device)
+    precision = resolve_teacher_precision(cfg.teacher_precision, env.device)
     tokens, width = teacher.num_tokens, teacher.shape.decoder_embed_dim
-    fingerprints = {"teacher_sha256": info.sha256, "source_fingerprint": source.fingerprint}
+    # the teacher's arithmetic is part of every target: shards of one cache share it
+    fingerprints = {"teacher_sha256": info.sha256, "source_fingerprint": source.fingerprint,
+                    "teacher_precision": recorded_precision(precision)}
     if isinstance(source, FolderSource):  # caches begun before the shuffle dealt images in listing order
         fingerprints["folder_order"] = "seeded shuffle"
     if env.is_main:
@@ -464,7 +465,7 @@ def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
             else:
                 asm.add(item)
             t0 = time.perf_counter()
-            done = asm.run_teacher(teacher, env.device, flush=asm.complete)
+            done = asm.run_teacher(teacher, env.device, flush=asm.complete, precision=precision)
             teacher_s += time.perf_counter() - t0
             views_done += done
             bar.update(done)
@@ -482,14 +483,14 @@ def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
     elapsed = time.perf_counter() - start
     env.barrier()
 
-    summary = {"views": views_done, "skipped_images": skipped, "bytes": writer.bytes_written,
+    summary = {"views": views_done, "teacher_precision": precision, "skipped_images": skipped, "bytes": writer.bytes_written,
                "seconds": elapsed, "views_per_s": views_done / elapsed if elapsed > 0 else 0.0,
                "teacher_s": teacher_s, "data_wait_s": waited, "write_wait_s": write_wait,
                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     if env.device.type == "cuda":
         summary["peak_gpu_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
     if env.is_main:
-        manifest = write_manifest(out, cfg, source, plans, info, tokens, width, env.device)
+        manifest = write_manifest(out, cfg, source, plans, info, tokens, width, precision)
         on_disk = sum(sum(s.files.values()) for s in manifest.shards)
         summary.update(cache_views=manifest.views, cache_images=manifest.images, cache_skipped=len(manifest.skipped),
                        cache_bytes=on_disk, bytes_per_view=on_disk / max(1, manifest.views))

@@ -136,6 +136,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
         derived = {"mode": cfg.mode, "world_size": env.world, "global_batch": sched.global_batch,
                    "steps_per_epoch": sched.steps_per_epoch, "total_steps": sched.total_steps,
                    "warmup_steps": sched.warmup_steps, "lr": sched.base_lr, "precision": distiller.precision,
+                   "teacher_precision": distiller.teacher_precision,
                    "target_layer": setup.target_layer, "target_dim": setup.target_dim,
                    "reads": "cached pixels" if setup.cache and setup.cache.has_pixels else "images",
                    "resumed_with_changes": notes}

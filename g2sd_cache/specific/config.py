@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from g2sd_cache.models.classifier import CLASSIFIER_PRESETS
 from g2sd_cache.common.config import read_yaml
 from g2sd_cache.common.errors import UserError
+from g2sd_cache.training.precision import TEACHER_PRECISIONS
 from g2sd_cache.specific.augment import AugmentRecipe
 from g2sd_cache.specific.mix import MixRecipe
 from g2sd_cache.specific.plan import SDRecipe
 
 # Recipe keys of configs/finetune_vit_*.yaml with the only value supported here.
-FIXED = {"optimizer": "adamw", "adam_betas": [0.9, 0.999], "head_init_std": 2e-5, "teacher_precision": "fp32",
+FIXED = {"optimizer": "adamw", "adam_betas": [0.9, 0.999], "head_init_std": 2e-5,
          "color_jitter": None, "cutmix_minmax": None, "mixup_mode": "batch"}
 
 
@@ -92,12 +93,13 @@ class LogitsConfig(PlanOptions):
     cached_epochs: int = 1
     topk: int = 5
     shard_groups: int = 256
+    teacher_precision: str = "fp32"   # G2SD's stage-2 teacher runs outside autocast (engine_finetune_dis.py:51)
     workers: int = 4
     device: str = "auto"
     overwrite: bool = False
 
     # Fields that decide the cache's content besides the plan; a rerun with any of them changed is refused.
-    CONTENT = (*PlanOptions.PLAN, "teacher_arch", "cached_epochs", "topk", "shard_groups")
+    CONTENT = (*PlanOptions.PLAN, "teacher_arch", "cached_epochs", "topk", "shard_groups", "teacher_precision")
 
     def validate(self) -> None:
         self.validate_plan()
@@ -111,6 +113,7 @@ class LogitsConfig(PlanOptions):
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         if self.workers < 0:
             raise UserError("--workers must be 0 or more")
+        check_teacher_precision(self.teacher_precision)
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,7 @@ class FinetuneConfig(PlanOptions):
     val: str | None = None
     teacher: str | None = None
     teacher_arch: str = "vit_base_patch16"
+    teacher_precision: str = "fp32"    # online / replay teacher (G2SD's: fp32, outside autocast)
     logits: str | None = None
     replay: bool = False               # with --logits and --teacher: also run the teacher, log the agreement
     arch: str = "vit_small_patch16"
@@ -188,6 +192,7 @@ class FinetuneConfig(PlanOptions):
         if self.arch not in CLASSIFIER_PRESETS:
             raise UserError(f"unknown --arch {self.arch}; choose one of: {', '.join(CLASSIFIER_PRESETS)}")
         self.check_teacher_arch(self.teacher_arch)
+        check_teacher_precision(self.teacher_precision)
         if self.replay and not (self.logits and self.teacher):
             raise UserError("--replay runs the live teacher next to the logits cache: it needs both --logits and "
                             "--teacher")
@@ -215,6 +220,11 @@ class FinetuneConfig(PlanOptions):
             raise UserError(f"--clip-grad {self.clip_grad}: must be a positive finite number")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise UserError(f"--precision {self.precision}: choose auto, bf16, fp16 or fp32")
+
+
+def check_teacher_precision(value: str) -> None:
+    if value not in TEACHER_PRECISIONS:
+        raise UserError(f"--teacher-precision {value}: choose one of {', '.join(TEACHER_PRECISIONS)}")
 
 
 def from_values(cls: type, values: dict, path: str | None, distilled: bool | None = None) -> dict:

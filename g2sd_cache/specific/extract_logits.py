@@ -36,6 +36,7 @@ from g2sd_cache.specific.config import LogitsConfig
 from g2sd_cache.specific.plan import MixedGroup, SDPlan, SDRecipe
 from g2sd_cache.data.sources import FolderSource, open_source
 from g2sd_cache.common.workers import keep_as_is, mp_context
+from g2sd_cache.training.precision import recorded_precision, resolve_teacher_precision, teacher_autocast
 from g2sd_cache.cache.writer import ShardData, ShardWriter
 
 
@@ -75,10 +76,13 @@ class _Groups(Dataset):
 
 
 @torch.no_grad()
-def teacher_predictions(teacher: torch.nn.Module, images: torch.Tensor, topk: int) -> tuple[torch.Tensor, ...]:
+def teacher_predictions(teacher: torch.nn.Module, images: torch.Tensor, topk: int,
+                        precision: str = "fp32") -> tuple[torch.Tensor, ...]:
     """images: [G, 3, S, S] -> (fp32 logits [G, C], top-k values [G, k] fp16, indices [G, k], argmax [G]).
-    The teacher runs in fp32, outside autocast (G2SD's engine_finetune_dis.py); argmax is of the fp32 logits."""
-    logits = teacher(images).float()
+    The teacher runs in `precision` (resolved; G2SD's is fp32, outside autocast: engine_finetune_dis.py:51);
+    argmax is of the logits in float32."""
+    with teacher_autocast(precision, images.device)():
+        logits = teacher(images).float()
     values, indices = logits.topk(topk, dim=1)
     return logits, values.half(), indices, logits.argmax(dim=1)
 
@@ -103,7 +107,8 @@ def _prepare_output(out: Path, cfg: LogitsConfig, fingerprints: dict) -> FolderL
     return lock
 
 
-def write_manifest(out: Path, cfg: LogitsConfig, plan: SDPlan, shards: list[ShardSpan], info: ClassifierInfo) -> LogitsManifest:
+def write_manifest(out: Path, cfg: LogitsConfig, plan: SDPlan, shards: list[ShardSpan], info: ClassifierInfo,
+                   precision: str = "fp32") -> LogitsManifest:
     records = []
     for s in shards:
         path = out / shard_name(s.index) / SHARD_RECORD
@@ -112,7 +117,7 @@ def write_manifest(out: Path, cfg: LogitsConfig, plan: SDPlan, shards: list[Shar
         records.append(LogitsShardRecord.from_json(path.read_text()))
     manifest = LogitsManifest(
         format=LOGITS_FORMAT, format_version=LOGITS_FORMAT_VERSION, teacher=dataclasses.asdict(info),
-        teacher_precision="fp32", plan=plan.describe(), epochs=cfg.cached_epochs, groups_per_epoch=plan.num_groups,
+        teacher_precision=recorded_precision(precision), plan=plan.describe(), epochs=cfg.cached_epochs, groups_per_epoch=plan.num_groups,
         group_size=cfg.group_size, topk=cfg.topk, num_classes=plan.data.num_classes, shard_groups=cfg.shard_groups,
         shards=[{"name": shard_name(r.index), "first_group": r.first_group, "groups": r.groups, "files": r.files}
                 for r in records],
@@ -141,6 +146,7 @@ def _extract(cfg: LogitsConfig, env: DistEnv) -> dict:
         raise UserError(f"--topk {cfg.topk} is more than the {num_classes} classes of {cfg.data}")
     teacher, info = build_teacher(cfg.teacher, cfg.teacher_arch, num_classes, cfg.img_size)
     teacher.to(env.device)
+    resolve_teacher_precision(cfg.teacher_precision, env.device, auto="fp32")     # refuse fp16 on CPU before any work
     fingerprints = {"format": LOGITS_FORMAT, "teacher_sha256": info.sha256, "plan": plan.describe()}
     lock = _prepare_output(out, cfg, fingerprints) if env.is_main else None
     try:
@@ -154,6 +160,7 @@ def _extract(cfg: LogitsConfig, env: DistEnv) -> dict:
 def _extract_shards(cfg: LogitsConfig, env: DistEnv, out: Path, plan: SDPlan, teacher, info: ClassifierInfo) -> dict:
     """Every pending shard of this rank, then (rank 0) the manifest."""
     num_classes = plan.data.num_classes
+    precision = resolve_teacher_precision(cfg.teacher_precision, env.device, auto="fp32")
     shards = plan_shards(plan.num_groups, cfg.shard_groups)
     mine = [s for s in shards if s.index % env.world == env.rank]
     pending = [s for s in mine if not (out / shard_name(s.index) / SHARD_RECORD).is_file()]
@@ -182,7 +189,8 @@ def _extract_shards(cfg: LogitsConfig, env: DistEnv, out: Path, plan: SDPlan, te
                                   for name, spec in specs.items()}
                 filled[shard] = 0
             t0 = time.perf_counter()
-            logits, values, indices, argmax = teacher_predictions(teacher, batch.images.to(env.device), cfg.topk)
+            logits, values, indices, argmax = teacher_predictions(teacher, batch.images.to(env.device), cfg.topk,
+                                                                  precision)
             if not bool(torch.isfinite(logits).all()):
                 raise UserError(f"the teacher's logits are not finite (NaN or Inf) on group {group} of epoch {epoch}; "
                                 f"nothing of shard {shard_name(shard)} was written. Check the teacher checkpoint")
@@ -207,9 +215,9 @@ def _extract_shards(cfg: LogitsConfig, env: DistEnv, out: Path, plan: SDPlan, te
     env.barrier()
     summary = {"samples": samples, "seconds": elapsed, "samples_per_s": samples / elapsed if elapsed > 0 else 0.0,
                "teacher_s": teacher_s, "teacher_samples_per_s": samples / teacher_s if teacher_s > 0 else 0.0,
-               "index_dtype": index_dtype(num_classes)}
+               "index_dtype": index_dtype(num_classes), "teacher_precision": precision}
     if env.is_main:
-        manifest = write_manifest(out, cfg, plan, shards, info)
+        manifest = write_manifest(out, cfg, plan, shards, info, precision)
         summary.update(cache_samples=manifest.samples, cache_bytes=manifest.bytes,
                        bytes_per_sample=manifest.bytes_per_sample, epochs=manifest.epochs,
                        groups_per_epoch=manifest.groups_per_epoch)

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from g2sd_cache.models.classifier import build_student, init_from_stage1, layer_decay_groups
 from g2sd_cache.common.dist import DistEnv
-from g2sd_cache.training.precision import resolve_precision
+from g2sd_cache.training.precision import resolve_precision, resolve_teacher_precision, teacher_autocast
 from g2sd_cache.cache.logits import TeacherPredictions
 from g2sd_cache.training.run_folder import optimizer_step, weights_finite
 from g2sd_cache.specific.config import FinetuneConfig
@@ -58,6 +58,8 @@ class FineTuner:
         self.precision = resolve_precision(cfg.precision, device)
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         self.autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
+        self.teacher_autocast = teacher_autocast(resolve_teacher_precision(cfg.teacher_precision, device, auto="fp32"),
+                                                 device)
         self.student = build_student(cfg.arch, num_classes, cfg.img_size, distilled=cfg.distilled,
                                      drop_path_rate=cfg.drop_path, seed=cfg.seed)
         if load_init:
@@ -77,7 +79,8 @@ class FineTuner:
         zero = torch.zeros((), device=device)
         if self.teacher is None:
             return (None if stored is None else stored.argmax.to(device, non_blocking=True)), zero, 0, zero
-        logits = self.teacher(images).float()       # fp32, outside autocast, on the whole group
+        with self.teacher_autocast():               # G2SD: fp32, outside autocast, on the whole group
+            logits = self.teacher(images).float()
         live = logits.argmax(dim=1)
         if stored is None:
             return live, zero, 0, zero

@@ -32,6 +32,7 @@ from g2sd_cache.cache.schema import CONFIG, SHARD_RECORD, TMP_MARK, shard_name
 from g2sd_cache.specific.augment import AugmentRecipe
 from g2sd_cache.specific.mix import MixRecipe
 from g2sd_cache.specific.plan import SDPlan, SDRecipe, check_same_plan
+from g2sd_cache.training.precision import replay_precision
 from g2sd_cache.verify.files import VerifyReport
 from g2sd_cache.cache.zarr_layout import parse_layout
 
@@ -45,7 +46,7 @@ def recipe_from_description(recipe: dict) -> SDRecipe:
 
 
 def verify_logits(path: str, deep: int = 0, teacher: str | None = None, data: str | None = None,
-                  device: str = "auto", seed: int = 0) -> VerifyReport:
+                  device: str = "auto", seed: int = 0, teacher_precision: str | None = None) -> VerifyReport:
     """Check the logits cache at `path`; see the module docstring. Raises UserError when it cannot be read
     at all (no manifest); everything else becomes a problem line of the report."""
     t0 = time.perf_counter()
@@ -57,9 +58,10 @@ def verify_logits(path: str, deep: int = 0, teacher: str | None = None, data: st
     checked = _check_shards(report, cache)
     report.summary.update(checked, epochs=m.epochs, groups=m.groups_per_epoch, group_size=m.group_size, topk=m.topk,
                           num_classes=m.num_classes, samples=m.samples, bytes=m.bytes,
-                          bytes_per_sample=m.bytes_per_sample, teacher=m.teacher.get("source"))
+                          bytes_per_sample=m.bytes_per_sample, teacher=m.teacher.get("source"),
+                          teacher_precision=m.teacher_precision)
     if data is not None:
-        _check_plan(report, cache, data, deep, teacher, device, seed)
+        _check_plan(report, cache, data, deep, teacher, device, seed, teacher_precision)
     elif deep:
         raise UserError("--deep needs --data: the training image folder the logits cache was extracted from")
     report.summary["seconds"] = time.perf_counter() - t0
@@ -156,7 +158,7 @@ def _check_values(report: VerifyReport, shard: str, array: str, epoch: int, rows
 
 
 def _check_plan(report: VerifyReport, cache: LogitsCache, data: str, deep: int, teacher_spec: str | None,
-                device: str, seed: int) -> None:
+                device: str, seed: int, teacher_precision: str | None = None) -> None:
     from g2sd_cache.specific.extract_logits import open_plan, teacher_predictions
     m = cache.manifest
     plan: SDPlan = open_plan(data, recipe_from_description(m.plan["recipe"]), m.plan["seed"])
@@ -174,6 +176,7 @@ def _check_plan(report: VerifyReport, cache: LogitsCache, data: str, deep: int, 
         raise UserError(f"--teacher {spec} is not the teacher that made the cache (sha256 {m.teacher['sha256'][:12]}...)")
     dev = resolve_device(device)
     teacher.to(dev)
+    precision = replay_precision(teacher_precision, m.teacher_precision, dev, auto="fp32")
     rng = np.random.default_rng(seed)
     picks = rng.choice(m.epochs * m.groups_per_epoch, size=min(deep, m.epochs * m.groups_per_epoch), replace=False)
     disagree = compared = 0
@@ -181,7 +184,7 @@ def _check_plan(report: VerifyReport, cache: LogitsCache, data: str, deep: int, 
     for pick in sorted(int(p) for p in picks):
         epoch, group = divmod(pick, m.groups_per_epoch)
         batch = plan.batch(epoch, group)
-        logits, _, _, argmax = teacher_predictions(teacher, batch.images.to(dev), m.topk)
+        logits, _, _, argmax = teacher_predictions(teacher, batch.images.to(dev), m.topk, precision)
         stored = cache.read(epoch, group)
         live = logits.cpu().gather(1, stored.indices)
         bad = (argmax.cpu() != stored.argmax).sum().item()
@@ -196,7 +199,8 @@ def _check_plan(report: VerifyReport, cache: LogitsCache, data: str, deep: int, 
             report.add("deep", f"epoch {epoch} group {group}: stored top-k logits differ from the live teacher by a "
                                f"relative {err:.2e} (> {FP16_REL:.1e}, fp16 rounding)")
     report.summary["deep"] = {"groups": len(picks), "samples": compared, "agreement": 1 - disagree / max(1, compared),
-                              "worst_rel_err": worst, "device": str(dev)}
+                              "worst_rel_err": worst, "device": str(dev), "precision": precision,
+                              "extract_precision": m.teacher_precision}
 
 
 def format_logits_summary(report: VerifyReport) -> str:
@@ -204,7 +208,7 @@ def format_logits_summary(report: VerifyReport) -> str:
     lines = [f"logits cache {report.path}",
              f"content  {s['samples']} samples = {s['epochs']} epoch(s) x {s['groups']} groups x {s['group_size']}, "
              f"top-{s['topk']} of {s['num_classes']} classes, {s['bytes_per_sample']:.1f} B/sample on disk",
-             f"teacher  {s['teacher']}",
+             f"teacher  {s['teacher']} (ran in {s['teacher_precision']})",
              f"checked  {s['files']} shard files, {s['chunks']} inner chunks: crc32c of every chunk and index; "
              f"values finite and descending, classes in range"]
     if s.get("plan"):

@@ -256,6 +256,24 @@ def test_class_indices_of_large_label_spaces_round_trip_through_the_cache(tmp_pa
     assert got.indices[:, 0].tolist() == labels and got.argmax.tolist() == labels[::-1]
 
 
+def test_extract_logits_runs_the_teacher_in_its_own_precision_and_records_it(image_folder, logits_cache, tmp_path):
+    """Default fp32 (G2SD's stage-2 teacher runs outside autocast); --teacher-precision bf16 really runs it under
+    bf16 autocast (stored logits move by more than fp16 rounding), the manifest records it, verify shows it."""
+    assert open_logits(logits_cache).manifest.teacher_precision == "fp32"
+    out = tmp_path / "bf16"
+    run_extract_logits(logits_config(image_folder, out, teacher_precision="bf16"))
+    a, b = open_logits(logits_cache), open_logits(out)
+    assert b.manifest.teacher_precision == "bf16-autocast"
+    va = torch.cat([a.read(e, g).values for e in range(2) for g in range(3)])
+    vb = torch.cat([b.read(e, g).values for e in range(2) for g in range(3)])
+    assert float((va - vb).abs().max()) > 4 * float(va.abs().max()) * 2 ** -11   # 8x fp16 rounding
+    report = verify_logits(str(out), deep=2, data=str(image_folder), device="cpu")
+    assert report.ok, report.problems
+    assert report.summary["teacher_precision"] == "bf16-autocast" and report.summary["deep"]["precision"] == "bf16"
+    with pytest.raises(UserError, match="fp16 needs CUDA"):
+        run_extract_logits(logits_config(image_folder, tmp_path / "h", teacher_precision="fp16"))
+
+
 def test_verify_checks_a_logits_cache(image_folder, tmp_path, capsys):
     out = tmp_path / "lc"
     run_extract_logits(logits_config(image_folder, out))
@@ -386,7 +404,7 @@ def test_finetune_benchmark_quick_writes_every_figure(tmp_path):
     """benchmarks/finetune.py (throughput's finetune section, alone) stays runnable: --quick end to end, every
     headline figure positive and finite, and a bad flag is one line."""
     out = tmp_path / "finetune.json"
-    script = str(ROOT / "benchmarks" / "specific/finetune.py")
+    script = str(ROOT / "benchmarks" / "finetune.py")
     proc = subprocess.run([sys.executable, script, "--quick", "--device", "cpu", "--threads", "1", "--reps", "1",
                            "--json", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
