@@ -31,6 +31,7 @@ from g2sd_cache.common.fsutil import write_text_atomic
 from g2sd_cache.cache.logits import (LOGITS_FORMAT, LOGITS_FORMAT_VERSION, LogitsManifest, LogitsShardRecord, index_dtype,
                            logits_specs)
 from g2sd_cache.cache.ownership import FolderLock, claim_cache_folder
+from g2sd_cache.cache.digests import record_digest
 from g2sd_cache.cache.schema import CONFIG, MANIFEST, SHARD_RECORD, shard_name
 from g2sd_cache.specific.config import LogitsConfig
 from g2sd_cache.specific.plan import MixedGroup, SDPlan, SDRecipe
@@ -109,18 +110,20 @@ def _prepare_output(out: Path, cfg: LogitsConfig, fingerprints: dict) -> FolderL
 
 def write_manifest(out: Path, cfg: LogitsConfig, plan: SDPlan, shards: list[ShardSpan], info: ClassifierInfo,
                    precision: str = "fp32") -> LogitsManifest:
-    records = []
+    records, digests = [], []
     for s in shards:
         path = out / shard_name(s.index) / SHARD_RECORD
         if not path.is_file():
             raise UserError(f"shard {shard_name(s.index)} is missing after extraction; rerun the same command")
-        records.append(LogitsShardRecord.from_json(path.read_text()))
+        raw = path.read_bytes()
+        records.append(LogitsShardRecord.from_json(raw.decode()))
+        digests.append(record_digest(raw))     # binds each shard.json (and every file it lists) to this cache
     manifest = LogitsManifest(
         format=LOGITS_FORMAT, format_version=LOGITS_FORMAT_VERSION, teacher=dataclasses.asdict(info),
         teacher_precision=recorded_precision(precision), plan=plan.describe(), epochs=cfg.cached_epochs, groups_per_epoch=plan.num_groups,
         group_size=cfg.group_size, topk=cfg.topk, num_classes=plan.data.num_classes, shard_groups=cfg.shard_groups,
-        shards=[{"name": shard_name(r.index), "first_group": r.first_group, "groups": r.groups, "files": r.files}
-                for r in records],
+        shards=[{"name": shard_name(r.index), "first_group": r.first_group, "groups": r.groups, "files": r.files,
+                 "record": d} for r, d in zip(records, digests)],
         samples=cfg.cached_epochs * plan.num_groups * cfg.group_size,
         bytes=sum(sum(r.files.values()) for r in records),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -176,6 +179,7 @@ def _extract_shards(cfg: LogitsConfig, env: DistEnv, out: Path, plan: SDPlan, te
     writer = ShardWriter(out, chunk_views=g, what="logits cache")
     buffers: dict[int, dict[str, np.ndarray]] = {}
     filled: dict[int, int] = {}
+    crcs: dict[int, dict[str, int]] = {}    # per shard: image index -> crc32c of the bytes its groups read
     bar = tqdm(total=len(items) * g, unit="sample", desc="extract-logits", disable=not env.is_main, dynamic_ncols=True)
     samples = 0
     teacher_s = 0.0
@@ -188,6 +192,7 @@ def _extract_shards(cfg: LogitsConfig, env: DistEnv, out: Path, plan: SDPlan, te
                 buffers[shard] = {name: np.zeros((cfg.cached_epochs, n, *spec.per_view_shape), dtype=spec.dtype)
                                   for name, spec in specs.items()}
                 filled[shard] = 0
+                crcs[shard] = {}
             t0 = time.perf_counter()
             logits, values, indices, argmax = teacher_predictions(teacher, batch.images.to(env.device), cfg.topk,
                                                                   precision)
@@ -199,13 +204,15 @@ def _extract_shards(cfg: LogitsConfig, env: DistEnv, out: Path, plan: SDPlan, te
             b["values"][epoch, rows] = values.cpu().numpy()
             b["indices"][epoch, rows] = indices.cpu().numpy().astype(b["indices"].dtype)
             b["argmax"][epoch, rows] = argmax.cpu().numpy().astype(b["argmax"].dtype)
+            crcs[shard].update(zip(map(str, batch.indices.tolist()), batch.crc32c.tolist()))
             teacher_s += time.perf_counter() - t0
             samples += g
             bar.update(g)
             filled[shard] += 1
             if filled[shard] == span.groups * cfg.cached_epochs:
                 record = LogitsShardRecord(index=shard, first_group=span.first_group, groups=span.groups,
-                                           group_size=g, epochs=cfg.cached_epochs)
+                                           group_size=g, epochs=cfg.cached_epochs,
+                                           image_crc32c=dict(sorted(crcs.pop(shard).items(), key=lambda kv: int(kv[0]))))
                 writer.submit(ShardData(record, buffers.pop(shard)))
         writer.close()
     finally:

@@ -145,6 +145,8 @@ def _inputs(cfg: FinetuneConfig, env: DistEnv) -> tuple[SDPlan, LogitsCache | No
     if cfg.logits:
         logits = open_logits(cfg.logits)
         check_same_plan(logits.manifest.plan, plan.describe(), f"logits cache {cfg.logits}")
+        # the listing ties images by name and size only: each image read must be the bytes the teacher saw
+        plan.data = dataclasses.replace(plan.data, crc32c=logits.image_crc32c(len(plan.data)))
         notes.append(f"teacher predictions from {cfg.logits} ({logits.epochs} cached epoch(s): epoch e trains on the "
                      f"plan's epoch e mod {logits.epochs}); no teacher forward")
     teacher = sha = None

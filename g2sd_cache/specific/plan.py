@@ -46,7 +46,8 @@ class MixedGroup:
     """One mixing group as the student (and the teacher) sees it.
 
     images: [G, 3, S, S] float32, normalised, augmented, erased, mixed; targets: [G, C] float32 soft labels
-    (mixed and smoothed); labels: [G] int64 the images' own classes; indices: [G] int64 image indices."""
+    (mixed and smoothed); labels: [G] int64 the images' own classes; indices: [G] int64 image indices;
+    crc32c: [G] int64 the crc32c of each image's bytes as read (a logits cache records them)."""
 
     epoch: int
     group: int
@@ -55,6 +56,7 @@ class MixedGroup:
     labels: torch.Tensor
     indices: torch.Tensor
     mix: MixParams
+    crc32c: torch.Tensor | None = None
 
 
 class SDPlan:
@@ -97,11 +99,13 @@ class SDPlan:
         if not 0 <= group < self.num_groups:
             raise IndexError(f"group {group} of an epoch of {self.num_groups} groups")
         indices = self.order(epoch)[group]
-        images = torch.stack([self.sample(epoch, int(i)) for i in indices])
+        read = [self.data.image_and_crc(int(i)) for i in indices]
+        images = torch.stack([self.augmenter(img, epoch, int(i)) for (img, _), i in zip(read, indices)])
         labels = torch.tensor([self.data.labels[i] for i in indices], dtype=torch.int64)
         params = self.mix_params(epoch, group)
         mixed, targets = apply_mix(images, labels, params, self.data.num_classes, self.recipe.mix.label_smoothing)
-        return MixedGroup(epoch, group, mixed, targets, labels, torch.from_numpy(indices.astype(np.int64)), params)
+        return MixedGroup(epoch, group, mixed, targets, labels, torch.from_numpy(indices.astype(np.int64)), params,
+                          torch.tensor([crc for _, crc in read], dtype=torch.int64))
 
     def describe(self) -> dict:
         """What a logits cache must record to be replayed by this plan (see `check_same_plan`); JSON-normal

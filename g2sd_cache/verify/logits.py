@@ -122,6 +122,11 @@ def _check_shards(report: VerifyReport, cache: LogitsCache) -> dict:
         for rel in sorted(set(disk) & set(entry["files"])):
             if disk[rel] != entry["files"][rel]:
                 report.add(name, f"file {rel} has {disk[rel]} bytes, the manifest says {entry['files'][rel]}")
+        try:
+            cache.check_shard(s)     # the record's digest in the manifest, every file's digest in the record
+        except CacheCorruptError as e:
+            report.add(name, str(e).split(" is corrupt: ")[-1].split(";")[0])
+            continue
         n = entry["groups"] * m.group_size
         for array, spec in specs.items():
             try:
@@ -157,6 +162,25 @@ def _check_values(report: VerifyReport, shard: str, array: str, epoch: int, rows
         report.add(shard, f"{where}: a class index outside 0..{classes - 1}")
 
 
+def _check_images(report: VerifyReport, cache: LogitsCache, plan: SDPlan) -> None:
+    """Every image the cache's groups read is still the same bytes (crc32c in the shard records)."""
+    from g2sd_cache.cache.digests import image_crc32c
+    source = plan.data.source
+    try:
+        recorded = cache.image_crc32c(len(plan.data))
+    except CacheCorruptError as e:
+        report.add("data", str(e))
+        return
+    changed = [source.keys[i] for i in np.flatnonzero(recorded >= 0)
+               if image_crc32c(source.read(source.keys[i])) != recorded[i]]
+    for key in changed[:5]:
+        report.add("data", f"image {key} changed since extract-logits read it (crc32c differs): its cached "
+                           f"predictions no longer describe it")
+    if len(changed) > 5:
+        report.add("data", f"... and {len(changed) - 5} more changed images")
+    report.summary["images_checked"] = int((recorded >= 0).sum())
+
+
 def _check_plan(report: VerifyReport, cache: LogitsCache, data: str, deep: int, teacher_spec: str | None,
                 device: str, seed: int, teacher_precision: str | None = None) -> None:
     from g2sd_cache.specific.extract_logits import open_plan, teacher_predictions
@@ -168,6 +192,7 @@ def _check_plan(report: VerifyReport, cache: LogitsCache, data: str, deep: int, 
         report.add("plan", str(e))
         return
     report.summary["plan"] = True
+    _check_images(report, cache, plan)
     if not deep:
         return
     spec = teacher_spec or m.teacher["source"]

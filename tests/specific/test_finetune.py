@@ -15,7 +15,7 @@ import torch
 
 from g2sd_cache.models.classifier import build_student, build_teacher, timm_distilled_model
 from g2sd_cache.cli.main import main as cli_main
-from g2sd_cache.common.errors import UserError
+from g2sd_cache.common.errors import CacheCorruptError, UserError
 from g2sd_cache.specific.evaluate import evaluate
 from g2sd_cache.cli.export import export_run
 from g2sd_cache.specific.extract_logits import run_extract_logits
@@ -239,6 +239,7 @@ def test_class_indices_of_large_label_spaces_round_trip_through_the_cache(tmp_pa
     """Written by the shard writer and read back by LogitsCache, class indices >= 32,768 (an int16 would make
     32,768 into -32,768) and at the uint16 boundary come back as written; above 65,536 classes, int32."""
     from g2sd_cache.cache.logits import LOGITS_FORMAT, LOGITS_FORMAT_VERSION, LogitsCache, LogitsManifest, LogitsShardRecord
+    from g2sd_cache.cache.digests import record_digest
     from g2sd_cache.cache.writer import ShardData, write_shard
     assert (index_dtype(65536), index_dtype(65537)) == ("uint16", "int32")
     specs = logits_specs(1, classes)
@@ -250,7 +251,8 @@ def test_class_indices_of_large_label_spaces_round_trip_through_the_cache(tmp_pa
     (tmp_path / "manifest.json").write_text(LogitsManifest(
         format=LOGITS_FORMAT, format_version=LOGITS_FORMAT_VERSION, teacher={}, teacher_precision="fp32", plan={},
         epochs=1, groups_per_epoch=1, group_size=4, topk=1, num_classes=classes, shard_groups=1,
-        shards=[{"name": "shard-00000", "first_group": 0, "groups": 1, "files": record.files}], samples=4, bytes=0,
+        shards=[{"name": "shard-00000", "first_group": 0, "groups": 1, "files": record.files,
+                 "record": record_digest((tmp_path / "shard-00000" / "shard.json").read_bytes())}], samples=4, bytes=0,
         created="").to_json())
     got = LogitsCache(tmp_path).read(0, 0)
     assert got.indices[:, 0].tolist() == labels and got.argmax.tolist() == labels[::-1]
@@ -272,6 +274,49 @@ def test_extract_logits_runs_the_teacher_in_its_own_precision_and_records_it(ima
     assert report.summary["teacher_precision"] == "bf16-autocast" and report.summary["deep"]["precision"] == "bf16"
     with pytest.raises(UserError, match="fp16 needs CUDA"):
         run_extract_logits(logits_config(image_folder, tmp_path / "h", teacher_precision="fp16"))
+
+
+def test_logits_cache_files_are_bound_to_their_place(image_folder, logits_cache, tmp_path):
+    """Two same-size files of one shard swapped (epoch 0's and epoch 1's values: every crc32c still holds) are
+    refused when read and named by verify: shard.json records each file's digest, the manifest each record's."""
+    import shutil
+    c = tmp_path / "lc"
+    shutil.copytree(logits_cache, c)
+    a, b = c / "shard-00000" / "values" / "c" / "0" / "0" / "0", c / "shard-00000" / "values" / "c" / "1" / "0" / "0"
+    assert a.stat().st_size == b.stat().st_size
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+    with pytest.raises(CacheCorruptError, match="shard-00000.*values/c/0/0/0 is not the one its record describes"):
+        open_logits(c).read(0, 0)
+    open_logits(c).read(0, 2)       # shard-00001 is intact
+    problems = verify_logits(str(c)).problems
+    assert any("shard-00000" in p and "values/c/0/0/0" in p for p in problems), problems
+    # a shard.json from another shard no longer matches the manifest's digest of it
+    rec = c / "shard-00001" / "shard.json"
+    rec.write_text(rec.read_text().replace('"groups": 1', '"groups":  1'))
+    with pytest.raises(CacheCorruptError, match="shard-00001.*shard.json is not the one the manifest records"):
+        open_logits(c).read(0, 2)
+
+
+def test_an_image_replaced_by_same_size_bytes_is_refused_by_cached_finetune_and_verify(
+        image_folder, stage1_export, logits_cache, tmp_path):
+    """The listing ties images by name and size only: an image whose bytes changed (same size) would train on
+    the stored predictions of another picture. The logits cache records each image's crc32c: finetune stops
+    in one line naming it, verify --data names it."""
+    import shutil
+    from g2sd_cache.cache.digests import SourceChangedError
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    victim = sorted(data.rglob("*.jpg"))[5]
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    victim.write_bytes(bytes(raw))
+    with pytest.raises(SourceChangedError, match=victim.name):
+        run_finetune(tmp_path / "r", data, stage1_export, logits=str(logits_cache), epochs=1)
+    problems = verify_logits(str(logits_cache), data=str(data)).problems
+    assert any(victim.name in p and "changed" in p for p in problems), problems
+    assert verify_logits(str(logits_cache), data=str(image_folder)).ok
 
 
 def test_verify_checks_a_logits_cache(image_folder, tmp_path, capsys):
