@@ -57,7 +57,7 @@ class Profile:
 def profile_for(device: torch.device, quick: bool) -> Profile:
     if quick:  # micro presets: exercises every code path in well under a minute
         return Profile("quick", ("test_mae_micro_patch16",), ("test_vit_micro_patch16_dec32d1b",), batch=4,
-                       images=16, small_images=8, store_images=8, rounds=3, steps=3, max_steps=10, stable_rel=0.05, data_repeats=2,
+                       images=16, small_images=8, store_images=8, rounds=2, steps=3, max_steps=8, stable_rel=0.05, data_repeats=2,
                        image_views=32, cached_views=1024, ring_bytes=32 << 20, breakdown_repeats=1)
     teachers = ("mae_vit_base_patch16", "mae_vit_large_patch16")
     students = ("mae_vit_small_patch16_dec256d4b", "mae_vit_tiny_patch16_dec128d4b")

@@ -53,7 +53,7 @@ def test_throughput_quick_writes_every_figure(tmp_path):
     out, png = tmp_path / "throughput.json", tmp_path / "throughput.png"
     plot = ["--plot", str(png)] if importlib.util.find_spec("matplotlib") else []
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--json", str(out), *plot],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"benchmarks/throughput.py --quick failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     report = json.loads(out.read_text())
 
