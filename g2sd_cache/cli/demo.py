@@ -22,6 +22,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from g2sd_cache.cli.command import Command
+from g2sd_cache.common.config import config_from_args, set_dataclass_defaults
 from g2sd_cache.generic.extract import ExtractConfig, run_extract
 from g2sd_cache.cache.inspect import inspect_report
 from g2sd_cache.cache.ownership import claim_demo_folder
@@ -180,3 +182,34 @@ def _stage2(cfg: DemoConfig, preset: Preset, out: Path, images: Path) -> dict:
             "cached_samples_per_s": speed["sd-cached"], "online_samples_per_s": speed["sd-online"],
             "speedup": speed["sd-cached"] / speed["sd-online"], "final_loss": cached["final_loss"],
             "online_steps": online["steps"], "online_losses_equal": same}
+
+
+def add(sub):
+    p = sub.add_parser("demo", help="run both stages on generated images (no downloads, a few minutes on CPU)",
+                       description="Stage 1: generate JPEGs in class folders, extract a cache with a seeded random "
+                                   "ViT-B teacher (2 views per image), train the small student from it, run the same "
+                                   "steps online, and print views cached, bytes per view, the loss and cached vs "
+                                   "online samples/s. Stage 2: extract a random fine-tuned teacher's predictions on 2 "
+                                   "epochs of mixed batches, fine-tune the stage-1 student from them (validating each "
+                                   "epoch) and online, export the result to timm and evaluate it.")
+    p.add_argument("--out", help="folder for the demo's images, caches and runs (replaced; default %(default)s)")
+    p.add_argument("--images", type=int, help="synthetic training images (default %(default)s)")
+    p.add_argument("--steps", type=int, help="stage-1 training steps in each mode (default %(default)s)")
+    p.add_argument("--batch-size", type=int, help="stage-1 views per step (default %(default)s)")
+    p.add_argument("--stage2-epochs", type=int, help="stage-2 epochs in each mode, and epochs of teacher "
+                   "predictions cached (default %(default)s)")
+    p.add_argument("--preset", choices=list(PRESETS), help="small: ViT-B teachers, ViT-S "
+                   "students at 224 px (default %(default)s); micro: tiny models at 64 px, the same steps in seconds")
+    p.add_argument("--workers", type=int, help="DataLoader processes (default %(default)s)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default %(default)s)")
+    p.add_argument("--config", help="YAML file of these options (names with underscores); flags override it")
+    set_dataclass_defaults(p, DemoConfig)
+    return p
+
+
+def run(args) -> int:
+    run_demo(config_from_args(DemoConfig, args))
+    return 0
+
+
+COMMAND = Command("demo", add, run, config=DemoConfig)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from g2sd_cache.cli.command import Command
 from g2sd_cache.common.checkpoint import CHECKPOINT, load_checkpoint
 from g2sd_cache.models.classifier import CLASSIFIER_PRESETS, DistilledViT, to_timm_distilled
 from g2sd_cache.common.errors import UserError
@@ -118,3 +119,36 @@ def export_summary(r: dict) -> str:
         how = f"student {r['timm_model'] or 'preset'} has no timm counterpart (a test preset)"
     return (f"wrote {r['path']}: {r['tensors']} tensors, {r['params'] / 1e6:.1f} M parameters from step {r['step']}; "
             f"{how}")
+
+
+def add(sub):
+    p = sub.add_parser("export", help="write a trained student: the stage-1 encoder or the stage-2 classifier (timm or "
+                                      "MAE checkpoint layout)",
+                       description="Stage 1 (a `train` run): the student's encoder. --format timm: a state dict that "
+                                   "timm.create_model('vit_small_patch16_224', num_classes=0) (or vit_tiny_patch16_224) "
+                                   "loads strictly. --format mae: {'model': state dict}, what MAE's main_finetune.py "
+                                   "--finetune and G2SD's specific distillation (main_finetune_dis.py) read. "
+                                   "Stage 2 (a `finetune` run: its best.pt, else its checkpoint.pt; or either file): "
+                                   "the whole classifier. --format timm: the distilled student as timm's "
+                                   "deit_small_distilled_patch16_224 (deit_tiny_/deit_base_ by size; "
+                                   "timm.create_model(name, num_classes=C)), strict keys, identical logits: the dist "
+                                   "token's position row is zero; a plain fine-tuned student (no teacher) as "
+                                   "vit_small_patch16_224 with global_pool='avg'. --format mae: {'model': state dict} "
+                                   "in G2SD's / MAE's models_vit layout.")
+    p.add_argument("run", help="run directory of `g2sd-cache train` or `g2sd-cache finetune`, or a finetune "
+                   "checkpoint file (RUN/best.pt)")
+    p.add_argument("--out", required=True, help="file to write (.pth)")
+    p.add_argument("--format", default="timm", choices=["timm", "mae"], help="timm: bare state dict, strict into "
+                   "timm (default %(default)s); mae: the same tensors under 'model', as MAE/G2SD scripts expect")
+    return p
+
+
+def run(args) -> int:
+    r = export_run(args.run, args.out, args.format)
+    for note in r.get("notes", ()):
+        print(f"note: {note}")
+    print(export_summary(r))
+    return 0
+
+
+COMMAND = Command("export", add, run)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import os
 import resource
 import shutil
 import time
@@ -62,7 +63,7 @@ class ExtractConfig:
     shard_size: int = 2048
     chunk_views: int = 64
     batch_size: int = 64
-    workers: int = 4
+    workers: int = dataclasses.field(default_factory=lambda: min(8, os.cpu_count() or 1))
     device: str = "auto"
     on_error: str = "skip"
     overwrite: bool = False

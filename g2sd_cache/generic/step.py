@@ -3,9 +3,9 @@
 - `TrainConfig`: the frozen configuration of a training run (built in cli/main.py, saved as config.yaml).
 - `prepare(cfg, env) -> Setup`: what the configuration implies before the first step — the cache, the
   source images (when they are needed), the teacher (online and replay), the view geometry, the epoch size.
-- `Distiller`: owns the student, the optimizer, the loss scaler, DDP and autocast. `step(batches, lr)` is
-  one optimizer step over a step's micro-batches: `begin_step` -> `micro_step` per micro-batch ->
-  `optimizer_step`.
+- `Distiller`: stage 1's `Trainer` (training/trainer.py: student, optimizer, loss scaler, DDP, autocast).
+  `step(batches, lr)` is one optimizer step over a step's micro-batches: `begin_step` -> `micro_step` per
+  micro-batch -> `optimizer_step`.
 
 Where a micro-batch's target comes from decides the mode: the stored codes (cached: no teacher at all),
 the live teacher on a fresh view (online, the paper), or the live teacher on the cached view (replay, which
@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from timm.optim import param_groups_weight_decay
-from torch.nn.parallel import DistributedDataParallel
 
 from g2sd_cache.cache import codecs
 from g2sd_cache.cache.reader import Cache, open_cache
@@ -39,8 +38,8 @@ from g2sd_cache.kernels import masked_smooth_l1
 from g2sd_cache.cache.manifest_checks import source_problem
 from g2sd_cache.models.mae import (DEFAULT_STUDENT, STUDENT_PRESETS, TEACHER_PRESETS, G2SDStudent, MAETeacher, build_student,
                      build_teacher, load_student_state)
-from g2sd_cache.training.precision import TEACHER_PRECISIONS, resolve_precision, resolve_teacher_precision, teacher_autocast
-from g2sd_cache.training.run_folder import optimizer_step, weights_finite
+from g2sd_cache.training.precision import TEACHER_PRECISIONS, resolve_teacher_precision, teacher_autocast
+from g2sd_cache.training.trainer import Trainer
 from g2sd_cache.data.sources import FolderSource, Source, TarSource, open_source
 from g2sd_cache.generic.stream import Batch
 from g2sd_cache.data.views import ViewGeometry, normalize_patches, replay_versions
@@ -83,8 +82,17 @@ class TrainConfig:
     on_error: str = "fail"
     log_samples: bool = False
 
+    # The run's length when neither --epochs nor --steps is given (G2SD's); not a field, so that giving both
+    # stays a mistake the config can see.
+    DEFAULT_EPOCHS = 300
+
     # What the epoch order depends on (with the global batch, checked separately): a resume must keep them.
     ORDER = ("seed", "cache", "shuffle_window")
+
+    @property
+    def run_epochs(self) -> int | None:
+        """Epochs to train: --epochs, else DEFAULT_EPOCHS unless --steps sets the length."""
+        return None if self.steps is not None else self.epochs or self.DEFAULT_EPOCHS
 
     @property
     def mode(self) -> str:
@@ -237,28 +245,23 @@ class StepResult:
     skipped: int                     # samples of this rank's micro-batches that could not be read
 
 
-class Distiller:
-    """Student, optimizer, loss scaler, DDP and autocast of a G2SD run; see the module docstring."""
+class Distiller(Trainer):
+    """Stage 1's trainer (training/trainer.py): the G2SD student, AdamW with MAE's betas, and the step; see the
+    module docstring."""
 
     def __init__(self, cfg: TrainConfig, setup: Setup, env: DistEnv):
-        self.cfg, self.setup, self.env = cfg, setup, env
+        self.cfg, self.setup = cfg, setup
         device = env.device
-        self.precision = resolve_precision(cfg.precision, device)
-        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        self.autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
+        student: G2SDStudent = build_student(cfg.student, setup.target_dim, setup.geometry.img_size,
+                                             seed=cfg.seed).to(device)
+        # The official recipe (timm's add_weight_decay, no skip list): decay every parameter with >= 2 dims,
+        # the cls and mask tokens included; biases and norms are not decayed.
+        groups = param_groups_weight_decay(student, cfg.weight_decay, no_weight_decay_list=())
+        super().__init__(student, groups, env, cfg.precision, cfg.clip_grad, betas=(0.9, 0.95))
         # the teacher's arithmetic is its own choice (its targets are LayerNorm-ed in fp32 either way)
         self.teacher_precision = resolve_teacher_precision(cfg.teacher_precision, device) if setup.teacher is not None \
             else None
         self.teacher_autocast = teacher_autocast(self.teacher_precision or "fp32", device)
-        self.student: G2SDStudent = build_student(cfg.student, setup.target_dim, setup.geometry.img_size,
-                                                  seed=cfg.seed).to(device)
-        # The official recipe (timm's add_weight_decay, no skip list): decay every parameter with >= 2 dims,
-        # the cls and mask tokens included; biases and norms are not decayed.
-        groups = param_groups_weight_decay(self.student, cfg.weight_decay, no_weight_decay_list=())
-        self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.95))
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
-        self.model = DistributedDataParallel(self.student, device_ids=[device.index] if device.type == "cuda" else None) \
-            if env.world > 1 else self.student
         self._weights: list[torch.Tensor] = []
 
     # -- one optimizer step ------------------------------------------------------------------------
@@ -323,23 +326,9 @@ class Distiller:
             self.scaler.scale(weighted * self.env.world).backward()
         return weighted.detach(), rel, max_abs
 
-    def optimizer_step(self, lr: float) -> None:
-        optimizer_step(self.optimizer, self.scaler, self.student, lr, self.cfg.clip_grad)
-
-    def weights_finite(self) -> bool:
-        """Whether every parameter is finite (waits for the device: call it at log and save time)."""
-        return weights_finite(self.student)
-
-    # -- state -------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        # A run from before the head fix has decoder_norm.* (and optimizer state for it): refused in one line.
-        load_student_state(self.student, state["model"], refuse_old_head=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+    def load_student(self, weights: dict) -> None:
+        # A checkpoint whose student has decoder_norm.* (a student head of another layout) is refused in one line.
+        load_student_state(self.student, weights, refuse_old_head=True)
 
 
 def token_mask(loss_tokens: str, mask: torch.Tensor, valid: torch.Tensor, all_valid: bool) -> torch.Tensor | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from g2sd_cache.common.checkpoint import CHECKPOINT, RESUME_KEYS, load_checkpoint, rng_state, set_rng_state
+from g2sd_cache.common.checkpoint import RESUME_KEYS, load_checkpoint, rng_state, set_rng_state
 from g2sd_cache.common.config import to_yaml
 from g2sd_cache.common.dist import DistEnv, init_distributed, shutdown_distributed
 from g2sd_cache.generic.step import Distiller, Setup, TrainConfig, prepare
@@ -25,7 +25,7 @@ from g2sd_cache.common.errors import UserError
 from g2sd_cache.common.fsutil import write_text_atomic
 from g2sd_cache.generic.plan import epoch_order, rank_positions, steps_in_epoch
 from g2sd_cache.generic.runlog import RunLog
-from g2sd_cache.training.run_folder import StopRun, StopSignals, any_rank, prepare_run_folder, save_run_checkpoint
+from g2sd_cache.training.run_folder import StopRun, StopSignals, prepare_run_folder, save_run_checkpoint
 from g2sd_cache.training.schedule import get_lr, scaled_lr
 from g2sd_cache.generic.stream import StepLoader, StreamSpec
 
@@ -66,7 +66,7 @@ def make_schedule(cfg: TrainConfig, epoch_size: int, world: int, at: tuple[int, 
     if steps_per_epoch == 0:
         raise UserError("the dataset has no samples to train on")
     step, epoch, position = at
-    epochs = cfg.epochs or 300
+    epochs = cfg.run_epochs
     if cfg.steps:
         total = cfg.steps
     elif epoch >= epochs:
@@ -89,7 +89,7 @@ def make_schedule(cfg: TrainConfig, epoch_size: int, world: int, at: tuple[int, 
 
 def epochs_total(cfg: TrainConfig, sched: Schedule) -> int:
     """The cosine's end under --epochs, in steps of the current global batch."""
-    return (cfg.epochs or 300) * sched.steps_per_epoch
+    return cfg.run_epochs * sched.steps_per_epoch
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -191,12 +191,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
                     last_loss = log.write(step, epoch, lr)
                 if step % cfg.save_every == 0 or step == sched.total_steps:
                     checkpoint(step, at_epoch, at_position)
-                # --stop-after is the same step on every rank; a signal may reach ranks at different steps, so
-                # ranks agree on it at log steps (every step when alone).
-                stop_now = cfg.stop_after is not None and step >= cfg.stop_after
-                if env.world == 1 or step % cfg.log_every == 0:
-                    stop_now = stop_now or any_rank(signals.requested.is_set(), env)
-                if stop_now:
+                if distiller.stop_requested(step, cfg.stop_after, cfg.log_every, signals):
                     if step % cfg.save_every != 0 and step != sched.total_steps:
                         checkpoint(step, at_epoch, at_position)
                     raise StopRun
@@ -207,15 +202,10 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
         bar.close()
         log.close()
         signals.restore()
-    elapsed = time.perf_counter() - t_start
-    done = step - start_step
-    summary = {"mode": cfg.mode, "steps": step, "steps_this_run": done, "stopped_early": ended_early,
-               "seconds": elapsed, "final_loss": last_loss,
-               "samples_per_s": done * sched.global_batch / elapsed if elapsed > 0 else 0.0,
-               "checkpoint": str(run / CHECKPOINT)}
+    summary = distiller.summary(cfg.mode, step, start_step, ended_early, time.perf_counter() - t_start, last_loss,
+                                sched.global_batch, run)
     if env.is_main:
-        tqdm.write(f"{'stopped' if ended_early else 'finished'} at step {step}/{sched.total_steps}: loss "
-                   f"{last_loss:.4f}, {summary['samples_per_s']:.1f} samples/s; checkpoint {run / CHECKPOINT}")
+        tqdm.write(distiller.summary_line(summary, sched.total_steps))
     return summary
 
 

@@ -1,4 +1,4 @@
-"""Frozen configurations of the specific stage: `finetune` and `extract-logits`, built in cli/main.py only.
+"""Frozen configurations of the specific stage: `finetune` and `extract-logits` (their flags: cli/finetune.py).
 
 Both commands share the data plan's options (`PlanOptions`): a logits cache is only valid for the plan that
 made it, so the options that decide the plan have one definition, one set of flags and one set of defaults.
@@ -7,7 +7,7 @@ defaults are the same values, so `--config` and no `--config` give the official 
 
 A few recipe keys in those files name choices this implementation does not let you change (the optimizer,
 timm's batch-mode mixing, ...): `from_values` accepts them when they hold the supported value and refuses
-anything else in one line (`FIXED`).
+anything else in one line (`FIXED`, `file_values`).
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import math
 from dataclasses import dataclass
 
 from g2sd_cache.models.classifier import CLASSIFIER_PRESETS
-from g2sd_cache.common.config import read_yaml
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.training.precision import TEACHER_PRECISIONS
 from g2sd_cache.specific.augment import AugmentRecipe
@@ -227,31 +226,40 @@ def check_teacher_precision(value: str) -> None:
         raise UserError(f"--teacher-precision {value}: choose one of {', '.join(TEACHER_PRECISIONS)}")
 
 
-def from_values(cls: type, values: dict, path: str | None, distilled: bool | None = None) -> dict:
-    """The keyword arguments of `cls` from `values` (a --config file's mapping merged with the flags given).
+def file_values(cls: type, values: dict, path: str) -> dict:
+    """A --config file's mapping screened for `cls` (FinetuneConfig or LogitsConfig).
 
-    FIXED recipe keys must hold their supported value and are then dropped; `distilled` / `global_pool` must
-    agree with the mode (`distilled`: whether a teacher or a logits cache is given; None: not checked). Keys
-    of FinetuneConfig that `cls` lacks (training options in a finetune config given to extract-logits) are
-    dropped; anything else is refused with the list of valid keys."""
+    FIXED recipe keys must hold their supported value and are then dropped. Keys of FinetuneConfig that `cls`
+    lacks (training options in a finetune config given to extract-logits) are dropped; anything else unknown is
+    refused with the list of valid keys. For FinetuneConfig the mode claims `distilled` / `global_pool` stay in
+    the mapping: whether they hold depends on the flags too (--teacher, --logits), so `check_mode` judges them
+    once the command line is parsed."""
     values = dict(values)
-    where = f"config {path}" if path else "options"
+    where = f"config {path}"
     for key, want in FIXED.items():
         if key in values:
             got = values.pop(key)
             if not _same(got, want):
                 raise UserError(f"{where}: {key} {got!r} is not supported; this implementation uses G2SD's {want!r}")
-    for key, want in (("distilled", distilled), ("global_pool", None if distilled is None else not distilled)):
-        if key in values:
-            got = values.pop(key)
-            if want is not None and bool(got) != want:
-                raise UserError(_mode_mismatch(key, bool(got), distilled, where))
+    claims = {key: values.pop(key) for key in MODE_CLAIMS if key in values}
     known = {f.name for f in dataclasses.fields(cls)}
     training_only = {f.name for f in dataclasses.fields(FinetuneConfig)} - known
     unknown = sorted(set(values) - known - training_only)
     if unknown:
         raise UserError(f"{where}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
-    return {k: v for k, v in values.items() if k in known}
+    return {k: v for k, v in values.items() if k in known} | (claims if cls is FinetuneConfig else {})
+
+
+# Recipe keys that state the mode of a finetune config: they must agree with --teacher / --logits.
+MODE_CLAIMS = ("distilled", "global_pool")
+
+
+def check_mode(claims: dict, distilled: bool, path: str | None) -> None:
+    """Refuse a config whose `distilled` / `global_pool` contradict the mode (`distilled`: a teacher or a logits
+    cache is given)."""
+    for key, want in (("distilled", distilled), ("global_pool", not distilled)):
+        if key in claims and bool(claims[key]) != want:
+            raise UserError(_mode_mismatch(key, bool(claims[key]), distilled, f"config {path}"))
 
 
 def _same(got, want) -> bool:
@@ -270,10 +278,3 @@ def _mode_mismatch(key: str, got: bool, distilled: bool, where: str) -> str:
     student = ("the distilled student classifies from its cls and dist tokens" if distilled
                else "plain fine-tuning uses MAE's global-pool classifier")
     return f"{where} sets global_pool: {str(got).lower()}, but {student}: drop global_pool"
-
-
-def load_config_values(path: str | None, given: dict) -> dict:
-    """A --config file's mapping (if any) with the flags given on top."""
-    values = read_yaml(path) if path else {}
-    values.update(given)
-    return values

@@ -43,7 +43,7 @@ from g2sd_cache.specific.log import FinetuneLog
 from g2sd_cache.specific.finetuned import BEST, STAGE
 from g2sd_cache.data.labelled import open_labelled
 from g2sd_cache.cache.logits import LogitsCache, open_logits
-from g2sd_cache.training.run_folder import StopRun, StopSignals, any_rank, prepare_run_folder, save_run_checkpoint
+from g2sd_cache.training.run_folder import StopRun, StopSignals, prepare_run_folder, save_run_checkpoint
 from g2sd_cache.training.schedule import get_lr, scaled_lr
 from g2sd_cache.specific.config import FinetuneConfig
 from g2sd_cache.specific.plan import SDPlan, check_same_plan
@@ -292,12 +292,7 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv) -> dict:
             elif step % cfg.save_every == 0:
                 checkpoint(epoch, position)
                 saved = True
-            # --stop-after is the same step on every rank; a signal may reach ranks at different steps, so ranks
-            # agree on it at log steps (every step when alone).
-            stop_now = cfg.stop_after is not None and step >= cfg.stop_after and epoch < cfg.epochs
-            if env.world == 1 or step % cfg.log_every == 0:
-                stop_now = stop_now or (epoch < cfg.epochs and any_rank(signals.requested.is_set(), env))
-            if stop_now:
+            if tuner.stop_requested(step, cfg.stop_after, cfg.log_every, signals, work_left=epoch < cfg.epochs):
                 if not saved:
                     checkpoint(epoch, position)
                 raise StopRun
@@ -307,16 +302,12 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv) -> dict:
         bar.close()
         log.close()
         signals.restore()
-    elapsed = time.perf_counter() - t_start
-    done = step - start_step
-    summary = {"mode": cfg.mode, "steps": step, "steps_this_run": done, "stopped_early": ended_early,
-               "seconds": elapsed, "final_loss": last_loss, "best_top1": best if best >= 0 else None,
-               "best_epoch": best_epoch if best_epoch >= 0 else None,
-               "samples_per_s": done * layout.global_batch / elapsed if elapsed > 0 else 0.0,
-               "checkpoint": str(run / CHECKPOINT), "best": str(run / BEST) if (run / BEST).exists() else None}
+    summary = tuner.summary(cfg.mode, step, start_step, ended_early, time.perf_counter() - t_start, last_loss,
+                            layout.global_batch, run, best_top1=best if best >= 0 else None,
+                            best_epoch=best_epoch if best_epoch >= 0 else None)
+    summary["best"] = str(run / BEST) if (run / BEST).exists() else None
     if env.is_main:
-        tqdm.write(f"{'stopped' if ended_early else 'finished'} at step {step}/{total}: loss {last_loss:.4f}, "
-                   f"{summary['samples_per_s']:.1f} samples/s; checkpoint {run / CHECKPOINT}" +
+        tqdm.write(tuner.summary_line(summary, total) +
                    (f"; best top-1 {best:.2f}% (epoch {best_epoch}) in {run / BEST}" if best >= 0 else ""))
     return summary
 

@@ -1,6 +1,7 @@
 """The specific-distillation step, defined once: used by `g2sd-cache finetune` and by the benchmark.
 
-`FineTuner` owns the student, AdamW with layer-wise lr decay, the loss scaler, DDP and autocast.
+`FineTuner`, stage 2's `Trainer` (training/trainer.py), owns the student, AdamW with layer-wise lr decay, the
+loss scaler, DDP and autocast.
 `step(groups, stored, lr)` is one optimizer step over this rank's mixing groups of the step:
 
     per group: the teacher's labels for the dist head — the argmax of the live fp32 teacher on the mixed
@@ -21,13 +22,12 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from g2sd_cache.models.classifier import build_student, init_from_stage1, layer_decay_groups
 from g2sd_cache.common.dist import DistEnv
-from g2sd_cache.training.precision import resolve_precision, resolve_teacher_precision, teacher_autocast
+from g2sd_cache.training.precision import resolve_teacher_precision, teacher_autocast
 from g2sd_cache.cache.logits import TeacherPredictions
-from g2sd_cache.training.run_folder import optimizer_step, weights_finite
+from g2sd_cache.training.trainer import Trainer
 from g2sd_cache.specific.config import FinetuneConfig
 from g2sd_cache.specific.loss import sd_loss
 from g2sd_cache.specific.plan import MixedGroup
@@ -48,28 +48,23 @@ class SDStepResult:
     max_logit_err: torch.Tensor
 
 
-class FineTuner:
-    """Student, optimizer, scaler, DDP and autocast of a stage-2 run; see the module docstring."""
+class FineTuner(Trainer):
+    """Stage 2's trainer (training/trainer.py): the classifier student, AdamW with layer-wise lr decay, the
+    teacher's labels and the step; see the module docstring."""
 
     def __init__(self, cfg: FinetuneConfig, num_classes: int, teacher: torch.nn.Module | None, env: DistEnv,
                  load_init: bool = True):
-        self.cfg, self.env, self.teacher = cfg, env, teacher
-        device = env.device
-        self.precision = resolve_precision(cfg.precision, device)
-        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        self.autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
-        self.teacher_autocast = teacher_autocast(resolve_teacher_precision(cfg.teacher_precision, device, auto="fp32"),
-                                                 device)
-        self.student = build_student(cfg.arch, num_classes, cfg.img_size, distilled=cfg.distilled,
-                                     drop_path_rate=cfg.drop_path, seed=cfg.seed)
+        self.cfg, self.teacher = cfg, teacher
+        student = build_student(cfg.arch, num_classes, cfg.img_size, distilled=cfg.distilled,
+                                drop_path_rate=cfg.drop_path, seed=cfg.seed)
+        self.teacher_autocast = teacher_autocast(resolve_teacher_precision(cfg.teacher_precision, env.device,
+                                                                           auto="fp32"), env.device)
         if load_init:
-            init_from_stage1(self.student, cfg.init, "--init")
-        self.student.to(device)
+            init_from_stage1(student, cfg.init, "--init")
+        student.to(env.device)
         # G2SD: AdamW(param_groups_lrd(...)) with torch's default betas; no decay on 1-D tensors and tokens.
-        self.optimizer = torch.optim.AdamW(layer_decay_groups(self.student, cfg.weight_decay, cfg.layer_decay), lr=0.0)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
-        self.model = DistributedDataParallel(self.student, device_ids=[device.index] if device.type == "cuda" else None) \
-            if env.world > 1 else self.student
+        super().__init__(student, layer_decay_groups(student, cfg.weight_decay, cfg.layer_decay), env,
+                         cfg.precision, cfg.clip_grad)
 
     # -- teacher labels ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -121,23 +116,9 @@ class FineTuner:
         return SDStepResult(torch.stack(losses).sum(), torch.stack(gts).sum(), torch.stack(dists).sum(), agree,
                             compared, max_err)
 
-    def optimizer_step(self, lr: float) -> None:
-        optimizer_step(self.optimizer, self.scaler, self.student, lr, self.cfg.clip_grad)
-
-    def weights_finite(self) -> bool:
-        """Whether every parameter is finite (waits for the device: call it at log and save time)."""
-        return weights_finite(self.student)
-
-    # -- state ---------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.student.load_state_dict(state["model"])
+    def load_optimizer(self, state: dict) -> None:
         # The optimizer's saved groups carry the old weight decay and lr scales; a resume may change them.
         fresh = [(g["weight_decay"], g["lr_scale"]) for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(state)
         for group, (decay, scale) in zip(self.optimizer.param_groups, fresh):
             group["weight_decay"], group["lr_scale"] = decay, scale
-        self.scaler.load_state_dict(state["scaler"])

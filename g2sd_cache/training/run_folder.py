@@ -82,26 +82,6 @@ def any_rank(flag: bool, env: DistEnv) -> bool:
     return bool(t)
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, module: torch.nn.Module,
-                   lr: float, clip_grad: float | None) -> None:
-    """One optimizer step after the step's backward passes: the lr of every parameter group (times its
-    `lr_scale`, the layer-wise decay of stage 2; 1 when absent), optional gradient clipping on the unscaled
-    gradients, the (possibly scaled) step, and the gradients cleared."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-    if clip_grad:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(module.parameters(), clip_grad)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def weights_finite(module: torch.nn.Module) -> bool:
-    """Whether every parameter of `module` is finite (waits for the device: call it at save time)."""
-    return bool(torch.stack([p.detach().isfinite().all() for p in module.parameters()]).all())
-
-
 def save_run_checkpoint(run: Path, env: DistEnv, step: int, finite: bool, state: Callable[[], dict]) -> None:
     """Write `state()` to RUN/checkpoint.pt on rank 0 if the weights are `finite`, then wait for all ranks.
     Non-finite weights stop the run with the last good checkpoint left in place."""

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 import g2sd_cache.generic.train
-from g2sd_cache.cli.main import _run_train, build_parser
+from g2sd_cache.cli import train as train_command
+from g2sd_cache.cli.main import parse
 from g2sd_cache.common.config import check_keys, read_yaml
 from g2sd_cache.generic.train import TrainConfig
 
@@ -20,8 +21,7 @@ def _parsed(path: Path, monkeypatch, *flags: str) -> TrainConfig:
     """The TrainConfig that `g2sd-cache train --config path --data d --out o [flags]` hands to train()."""
     got = []
     monkeypatch.setattr(g2sd_cache.generic.train, "train", lambda cfg: got.append(cfg) or {"steps": 0})
-    args = build_parser().parse_args(["train", "--config", str(path), "--data", "d", "--out", "o", *flags])
-    assert _run_train(args) == 0
+    assert train_command.run(parse(["train", "--config", str(path), "--data", "d", "--out", "o", *flags])) == 0
     return got[0]
 
 

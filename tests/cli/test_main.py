@@ -6,6 +6,8 @@ import dataclasses
 import pytest
 
 from g2sd_cache.cli import main as cli
+from g2sd_cache.cli import train as train_command
+from g2sd_cache.common.config import config_from_args
 from g2sd_cache.generic.extract import ExtractConfig
 from g2sd_cache.generic.train import TrainConfig
 
@@ -33,16 +35,15 @@ def test_train_and_extract_flags_come_in_groups():
 
 
 def test_configs_are_built_from_the_arguments_with_a_file_below_the_flags(tmp_path, monkeypatch):
-    args = cli.build_parser().parse_args(["extract", "--data", "d", "--out", "o", "--teacher", "random", "--views", "3",
-                                          "--pixels", "none"])
-    cfg = cli._config_from_args(ExtractConfig, args)
+    args = cli.parse(["extract", "--data", "d", "--out", "o", "--teacher", "random", "--views", "3", "--pixels", "none"])
+    cfg = config_from_args(ExtractConfig, args)
     assert (cfg.views, cfg.pixels, cfg.codec) == (3, "none", "fp16")
     assert {f.name for f in dataclasses.fields(ExtractConfig)} <= set(vars(args))   # every field is a flag
     got = []
     monkeypatch.setattr("g2sd_cache.generic.train.train", lambda c: got.append(c) or {"steps": 0})
     (tmp_path / "c.yaml").write_text("cache: /c\nepochs: 5\nbatch_size: 8\n")
-    args = cli.build_parser().parse_args(["train", "--config", str(tmp_path / "c.yaml"), "--out", "r", "--epochs", "2"])
-    assert cli._run_train(args) == 0
+    args = cli.parse(["train", "--config", str(tmp_path / "c.yaml"), "--out", "r", "--epochs", "2"])
+    assert train_command.run(args) == 0
     assert (got[0].cache, got[0].epochs, got[0].batch_size, got[0].out) == ("/c", 2, 8, "r")
     assert got[0].blr == TrainConfig(out="x").blr                                  # untouched: the default
 

@@ -298,15 +298,17 @@ def test_the_optimizer_step_uses_each_groups_layer_decay_scale():
     """After one step of the trainer's optimizer_step, every group's lr is lr x 0.75 ** (depth + 1 - layer)
     (from the official rules above), and the weights moved by it: AdamW's first step moves a parameter
     without weight decay by lr x scale per element (m / sqrt(v) = sign of the gradient)."""
-    from g2sd_cache.training.run_folder import optimizer_step
+    from g2sd_cache.common.dist import DistEnv
+    from g2sd_cache.training.trainer import Trainer
     student = build_student(MICRO, num_classes=5, img_size=32, distilled=True)
     _randomise(student)
-    optimizer = torch.optim.AdamW(layer_decay_groups(student, weight_decay=0.05, layer_decay=0.75), lr=0.0)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    trainer = Trainer(student, layer_decay_groups(student, weight_decay=0.05, layer_decay=0.75),
+                      DistEnv(0, 1, 0, torch.device("cpu")), "fp32", None)
+    optimizer = trainer.optimizer
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     cls, dist = student(torch.randn(2, 3, 32, 32))
     (cls.square().mean() + dist.square().mean()).backward()
-    optimizer_step(optimizer, scaler, student, lr=1e-3, clip_grad=None)
+    trainer.optimizer_step(1e-3)
     want = official_layer_decay(student, 0.05, 0.75, {"cls_token", "pos_embed", "dist_token"})
     names = {id(p): n for n, p in student.named_parameters()}
     depth = len(student.blocks)

@@ -14,7 +14,9 @@ import timm
 import torch
 
 from g2sd_cache.models.classifier import build_student, build_teacher, timm_distilled_model
-from g2sd_cache.cli.main import main as cli_main
+from g2sd_cache.cli.finetune import finetune_config
+from g2sd_cache.cli.main import main as cli_main, parse
+from g2sd_cache.common.config import config_from_args
 from g2sd_cache.common.errors import CacheCorruptError, UserError
 from g2sd_cache.specific.evaluate import evaluate
 from g2sd_cache.cli.export import export_run
@@ -23,7 +25,7 @@ from g2sd_cache.specific.finetune import finetune
 from g2sd_cache.specific.finetuned import read_finetuned
 from g2sd_cache.cache.logits import index_dtype, logits_specs, open_logits
 from g2sd_cache.models.mae import build_student as build_stage1_student
-from g2sd_cache.specific.config import FinetuneConfig, LogitsConfig, from_values, load_config_values
+from g2sd_cache.specific.config import FinetuneConfig, LogitsConfig
 from g2sd_cache.verify.logits import verify_logits
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -394,10 +396,10 @@ def test_logits_with_a_teacher_named_by_the_config_trains_from_the_cache_and_say
     """The README's command: the recipe config names a teacher file and the flags add --logits. That is cached
     mode (the teacher is neither loaded nor run, so the file need not exist), printed as the run's first line;
     replay needs --replay."""
-    values = load_config_values(str(ROOT / "configs" / "finetune_vit_small.yaml"),
-                                {"data": "d", "init": "i", "out": "o", "logits": "L"})
-    cfg = FinetuneConfig(**from_values(FinetuneConfig, values, "x", distilled=True))
+    given = ["--config", str(ROOT / "configs" / "finetune_vit_small.yaml"), "--data", "d", "--out", "o", "--init", "i"]
+    cfg = finetune_config(parse(["finetune", *given, "--logits", "L"]))
     assert cfg.teacher == "mae_finetuned_vit_base.pth" and cfg.mode == "cached"
+    assert finetune_config(parse(["finetune", *given, "--logits", "L", "--replay"])).mode == "replay"
     assert dataclasses.replace(cfg, replay=True).mode == "replay"
     capsys.readouterr()
     got = run_finetune(tmp_path / "r", image_folder, stage1_export, logits=str(logits_cache),
@@ -409,15 +411,16 @@ def test_logits_with_a_teacher_named_by_the_config_trains_from_the_cache_and_say
 
 def test_the_recipe_config_is_accepted_and_gives_the_defaults():
     path = ROOT / "configs" / "finetune_vit_small.yaml"
-    values = load_config_values(str(path), {"data": "d", "out": "o", "init": "i"})
-    cfg = FinetuneConfig(**from_values(FinetuneConfig, values, str(path), distilled=True))
+    given = ["--config", str(path), "--data", "d", "--out", "o"]
+    cfg = finetune_config(parse(["finetune", *given, "--init", "i"]))
     defaults = FinetuneConfig(data="d", out="o", init="i", teacher=cfg.teacher)
+    assert cfg.teacher == "mae_finetuned_vit_base.pth"
     assert cfg.recipe() == defaults.recipe()
     assert cfg == dataclasses.replace(defaults, precision="fp16", batch_size=128)   # G2SD's fp16; its per-GPU batch
-    logits = LogitsConfig(**from_values(LogitsConfig, values | {"teacher": "t"}, str(path)))
-    assert logits.recipe() == cfg.recipe()
+    logits = config_from_args(LogitsConfig, parse(["extract-logits", *given, "--teacher", "t"]))
+    assert logits.recipe() == cfg.recipe() and logits.teacher == "t"
     with pytest.raises(UserError, match="distilled: true but neither --teacher nor --logits"):
-        from_values(FinetuneConfig, values, str(path), distilled=False)
+        finetune_config(parse(["finetune", *given, "--init", "i", "--teacher", ""]))
 
 
 def _torchrun(nproc: int, port: int, *args) -> subprocess.CompletedProcess:
