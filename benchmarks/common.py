@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import os
 import platform
@@ -198,3 +199,13 @@ def subset_folder(source, dst: Path, n: int) -> Path:
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(Path(source.root) / key)
     return dst
+
+
+def write_outputs(report: dict, json_path: str | None, plot_path: str | None, plot) -> None:
+    """A benchmark's files: the report as JSON at `json_path`, `plot(report, plot_path)` drawn (each if given)."""
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=1, default=str))
+        log(f"wrote {json_path}")
+    if plot_path:
+        plot(report, plot_path)
+        log(f"wrote {plot_path}")

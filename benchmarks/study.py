@@ -47,9 +47,10 @@ from pathlib import Path
 from g2sd_cache.cache import codecs
 from g2sd_cache.common.errors import UserError
 
+from g2sd_cache.benchmarks.common import write_outputs
 from g2sd_cache.benchmarks.fidelity.arms import run_study
 from g2sd_cache.benchmarks.fidelity.report import plot, table
-from g2sd_cache.benchmarks.fidelity.setup import DEFAULT_CODEC, PROFILES, StudyConfig, choose_profile, log  # noqa: F401 (DEFAULT_CODEC: for the tests)
+from g2sd_cache.benchmarks.fidelity.setup import DEFAULT_CODEC, PROFILES, StudyConfig, choose_profile  # noqa: F401 (DEFAULT_CODEC: for the tests)
 
 
 def _profiles(field: str) -> str:
@@ -149,12 +150,7 @@ def main(argv=None) -> int:
         print("error: interrupted; nothing was reported", file=sys.stderr)
         return 130
     print(table(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
-        log(f"wrote {args.json}")
-    if args.plot:
-        plot(report, args.plot)
-        log(f"wrote {args.plot}")
+    write_outputs(report, args.json, args.plot, plot)
     return 0
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import json
 import sys
 import tempfile
 import time
@@ -40,7 +39,8 @@ from pathlib import Path
 
 import torch
 
-from g2sd_cache.benchmarks.common import Profile, loadavg, log, machine_info, make_images, profile_for, subset_folder
+from g2sd_cache.benchmarks.common import (Profile, loadavg, log, machine_info, make_images, profile_for, subset_folder,
+                                          write_outputs)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -81,12 +81,7 @@ def make_profile(args: argparse.Namespace, device: torch.device) -> Profile:
 def run(prof: Profile, device: torch.device, quick: bool) -> dict:
     from g2sd_cache.data.sources import open_source
 
-    from g2sd_cache.benchmarks.sections.data import data_section
-    from g2sd_cache.benchmarks.sections.extract import extract_section
-    from g2sd_cache.benchmarks.sections.finetune import finetune_profile, finetune_section
-    from g2sd_cache.benchmarks.sections.loss import loss_section
-    from g2sd_cache.benchmarks.sections.step import step_section
-    from g2sd_cache.benchmarks.sections.storage import storage_section
+    from g2sd_cache.benchmarks.sections import Bench, run_sections
     from g2sd_cache.benchmarks.targets import targets_rows
 
     t_start = time.perf_counter()
@@ -100,12 +95,7 @@ def run(prof: Profile, device: torch.device, quick: bool) -> dict:
         source = open_source(str(images))
         ws = {"tmp": tmp, "images": images, "small": subset_folder(source, tmp / "small", prof.small_images),
               "store": subset_folder(source, tmp / "store", prof.store_images)}
-        rep["extract"] = extract_section(ws, prof, device)
-        rep["step"] = step_section(ws, prof, device)
-        rep["data"] = data_section(ws, prof, device, rep["step"])
-        rep["loss"] = loss_section(device, quick)
-        rep["storage"] = storage_section(ws, prof, device, rep["data"])
-        rep["finetune"] = finetune_section(tmp, finetune_profile(device, quick), device)
+        run_sections(Bench(ws, prof, device, quick, rep))   # the sections, in order (benchmarks/sections/)
     rep["machine"]["loadavg_end"] = loadavg()
     rep["runtime_s"] = time.perf_counter() - t_start
     rep["targets"] = targets_rows(rep)
@@ -125,12 +115,7 @@ def main(argv=None) -> int:
 
     from g2sd_cache.benchmarks.report import markdown, plot
     print(markdown(rep))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rep, indent=1, default=str))
-        log(f"wrote {args.json}")
-    if args.plot:
-        plot(rep, args.plot)
-        log(f"wrote {args.plot}")
+    write_outputs(rep, args.json, args.plot, plot)
     return 0
 
 

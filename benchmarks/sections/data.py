@@ -33,6 +33,7 @@ import math
 import numpy as np
 import torch
 
+from g2sd_cache.benchmarks.sections import Bench, section
 from g2sd_cache.benchmarks.common import Profile, cpu_clock, log, median, torch_threads
 from g2sd_cache.benchmarks.sections.extract import extract_config, timed_extract
 from g2sd_cache.benchmarks.sections.step import Run
@@ -162,3 +163,8 @@ def data_section(ws: dict, prof: Profile, device: torch.device, step: dict) -> d
         "batch_size": prof.batch, "codec": runs["cached"].setup.cache.manifest.codec, "passes": passes,
         "per": "CPU-second of this process (all threads), torch at 1 thread, workers=0",
     }
+
+
+@section("data")
+def run_section(bench: Bench) -> dict:
+    return data_section(bench.ws, bench.prof, bench.device, bench.report["step"])

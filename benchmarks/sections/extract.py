@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from g2sd_cache.benchmarks.sections import Bench, section
 from g2sd_cache.benchmarks.common import SEED, Profile, log, median, quiet, sync
 
 
@@ -50,7 +51,7 @@ def extract_batches(cfg, source, max_views: int) -> list[tuple[torch.Tensor, tor
     """The batches extract feeds its teacher, from extract's own renderer in this process: views of each
     shard's images in order, cut into `batch_size` chunks that never cross a shard.
     [(visible patches uint8 [B, n_keep, p, p, 3], mask [B, L])]"""
-    from g2sd_cache.generic.extract import _RenderedImages, plan_shards
+    from g2sd_cache.generic.extract import RenderedImages, plan_shards
 
     batches, pending, shard, taken = [], [], None, 0
 
@@ -60,7 +61,7 @@ def extract_batches(cfg, source, max_views: int) -> list[tuple[torch.Tensor, tor
             batches.append((torch.stack([p for p, _ in chunk]), torch.stack([m for _, m in chunk])))
         pending.clear()
 
-    for item in _RenderedImages(source, plan_shards(source, cfg), cfg):
+    for item in RenderedImages(source, plan_shards(source, cfg), cfg):
         if "patches" not in item:
             continue
         if item["shard"] != shard:
@@ -143,3 +144,8 @@ def extract_section(ws: dict, prof: Profile, device: torch.device) -> dict:
         "steady_ratio": median([r["steady_views_per_s"] / r["teacher_views_per_s"] for r in rounds]),
         "rounds": rounds,
     }
+
+
+@section("extract")
+def run_section(bench: Bench) -> dict:
+    return extract_section(bench.ws, bench.prof, bench.device)

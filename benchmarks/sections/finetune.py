@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from g2sd_cache.benchmarks.sections import Bench, section
 from g2sd_cache.benchmarks.common import IMAGENET_IMAGES, generate_images, log, make_images, quiet, sync, usable_cores
 
 TOPK = 5
@@ -65,7 +66,8 @@ def step_times(teacher_arch: str, student_arch: str, prof: FinetuneProfile, devi
     """Seconds per sample of the teacher forward, an online step and a cached step (see the module docstring)."""
     from g2sd_cache.models.classifier import build_teacher
     from g2sd_cache.common.dist import DistEnv
-    from g2sd_cache.specific.extract_logits import open_plan, teacher_predictions
+    from g2sd_cache.specific.extract_logits import teacher_predictions
+    from g2sd_cache.specific.plan import open_plan
     from g2sd_cache.cache.logits import TeacherPredictions
     from g2sd_cache.specific.config import FinetuneConfig
     from g2sd_cache.specific.step import FineTuner
@@ -140,7 +142,8 @@ def storage(tmp: Path, images: int) -> dict:
 def extract_rate(tmp: Path, data: Path, prof: FinetuneProfile, device: torch.device) -> dict:
     """extract-logits end to end against the bare teacher forward on the same mixed groups."""
     from g2sd_cache.models.classifier import build_teacher
-    from g2sd_cache.specific.extract_logits import open_plan, run_extract_logits, teacher_predictions
+    from g2sd_cache.specific.extract_logits import run_extract_logits, teacher_predictions
+    from g2sd_cache.specific.plan import open_plan
     from g2sd_cache.specific.config import LogitsConfig
 
     teacher_arch, batch = prof.pairs[0][0], prof.batch
@@ -186,3 +189,8 @@ def finetune_section(tmp: Path, prof: FinetuneProfile, device: torch.device,
         log(f"finetune: extract-logits of {prof.extract_images} images against the bare teacher")
         out["extract"] = extract_rate(tmp, data, prof, device)
     return out
+
+
+@section("finetune")
+def run_section(bench: Bench) -> dict:
+    return finetune_section(bench.ws["tmp"], finetune_profile(bench.device, bench.quick), bench.device)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from g2sd_cache.benchmarks.sections import Bench, section
 from g2sd_cache.benchmarks.common import log
 
 
@@ -34,3 +35,8 @@ def loss_targets(report: dict) -> dict:
         if eager:
             speed.append(eager["time_ms"] / r["time_ms"])
     return {"min_frac_of_copy": min(frac) if frac else None, "min_speedup_vs_eager": min(speed) if speed else None}
+
+
+@section("loss")
+def run_section(bench: Bench) -> dict:
+    return loss_section(bench.device, bench.quick)

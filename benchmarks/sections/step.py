@@ -39,6 +39,7 @@ import time
 
 import torch
 
+from g2sd_cache.benchmarks.sections import Bench, section
 from g2sd_cache.benchmarks.common import SEED, Profile, log, median, sync
 from g2sd_cache.benchmarks.sections.flops import default_student_gflop, student_gflop, teacher_gflop
 
@@ -62,10 +63,10 @@ class Run:
 
     def loader(self, epoch: int, **overrides):
         """Train's loader of `epoch` from its first sample (overrides: TrainConfig fields, e.g. workers)."""
-        from g2sd_cache.generic.train import _epoch_loader
+        from g2sd_cache.generic.train import epoch_loader
 
         cfg = dataclasses.replace(self.cfg, **overrides)
-        return _epoch_loader(cfg, self.setup, self.env, self.sched, epoch, 0)
+        return epoch_loader(cfg, self.setup, self.env, self.sched, epoch, 0)
 
 
 class Feed:
@@ -308,3 +309,8 @@ def _pair(results: list[dict], t: str, s: str, batch: int, stable_rel: float) ->
         "unstable_cells": sum(1 for row in rows for r in row["rel_sem"].values() if r > stable_rel),
         "rounds": rows,
     }
+
+
+@section("step")
+def run_section(bench: Bench) -> dict:
+    return step_section(bench.ws, bench.prof, bench.device)

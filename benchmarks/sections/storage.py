@@ -23,6 +23,7 @@ import math
 import numpy as np
 import torch
 
+from g2sd_cache.benchmarks.sections import Bench, section
 from g2sd_cache.benchmarks.common import IMAGENET_IMAGES, Profile, dir_bytes, log
 from g2sd_cache.benchmarks.sections.extract import extract_config, timed_extract
 
@@ -63,3 +64,8 @@ def storage_section(ws: dict, prof: Profile, device: torch.device, feed: dict) -
     return {**out, "codecs": list(out), "tokens": m.tokens, "target_dim": m.target_dim, "teacher": arch,
             "error_views": int(targets.shape[0]) if targets is not None else 0, "imagenet_images": IMAGENET_IMAGES,
             "feed_rate_samples_per_s": rate, "feed_rate_is_estimate": feed["feed_rate_is_estimate"]}
+
+
+@section("storage")
+def run_section(bench: Bench) -> dict:
+    return storage_section(bench.ws, bench.prof, bench.device, bench.report["data"])

@@ -29,8 +29,6 @@ Bytes per sample per cached epoch: k x (2 + 2) + 2 = 22 B at k = 5 (ImageNet-1k:
 from __future__ import annotations
 
 import json
-import os
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,7 +39,7 @@ from g2sd_cache.common.errors import CacheCorruptError, UserError
 from g2sd_cache.cache.digests import digest_mismatch, file_digest, record_digest
 from g2sd_cache.cache.schema import CONFIG, MANIFEST, SHARD_RECORD, ArraySpec
 from g2sd_cache.cache.shard_files import MappedShardFile, can_map
-from g2sd_cache.cache.zarr_layout import parse_layout
+from g2sd_cache.cache.shard_reader import ShardReader
 
 LOGITS_FORMAT = "g2sd-logits"
 LOGITS_FORMAT_VERSION = 2   # 2: per-file digests, record digests, the source images' crc32c
@@ -151,11 +149,11 @@ class TeacherPredictions:
     argmax: torch.Tensor
 
 
-class LogitsCache:
+class LogitsCache(ShardReader):
     """A finished logits cache on a local disk. `read(epoch, group)` -> `TeacherPredictions` of cached epoch
     `epoch` (0 <= epoch < K). Shard files are memory-mapped; each inner chunk's crc32c is checked on first use
     and every file's size against the manifest when its shard is first touched (CacheCorruptError otherwise).
-    Safe to pickle and fork: maps are reopened per process."""
+    Safe to pickle and fork: maps are reopened per process (ShardReader, cache/shard_reader.py)."""
 
     OPEN_FILES = 96
 
@@ -172,25 +170,17 @@ class LogitsCache:
         self.manifest = LogitsManifest.from_json((self.root / MANIFEST).read_text(), str(root))
         self._reset()
 
-    def _reset(self) -> None:
-        self._files: OrderedDict[tuple[int, int, str], MappedShardFile] = OrderedDict()
-        self._sized: set[int] = set()
-        self._verified: dict[tuple[int, int, str], set[int]] = {}
-        self._pid = os.getpid()
-
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_files", "_sized", "_verified", "_pid")}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._reset()
-
     @property
     def epochs(self) -> int:
         return self.manifest.epochs
 
     def check_shard(self, shard: int) -> None:
-        """A shard's files, record and digests against the manifest, once per process (a few KB read)."""
+        """A shard's files, record and digests against the manifest (verify calls it directly)."""
+        self._check_sizes(shard)
+
+    def _check_sizes(self, shard: int) -> None:
+        """A shard's files, record and digests against the manifest, once per process on first touch (a few KB
+        read: each file's index and chunk crc32c, ShardReader._touch)."""
         entry = self.manifest.shards[shard]
         name = entry["name"]
         for rel, size in entry["files"].items():
@@ -209,7 +199,6 @@ class LogitsCache:
             problem = digest_mismatch(rel, digest, record.digests)
             if problem:
                 raise CacheCorruptError.in_shard(name, problem)
-        self._sized.add(shard)
 
     def _record(self, shard: int) -> "LogitsShardRecord":
         """shard.json of `shard`, checked against the digest the manifest records for it."""
@@ -237,28 +226,16 @@ class LogitsCache:
 
     def shard_file(self, shard: int, epoch: int, name: str) -> MappedShardFile:
         """The mapped rows of array `name`, cached epoch `epoch`, of `shard` (kept in a small LRU)."""
-        if self._pid != os.getpid():
-            self._reset()
-        key = (shard, epoch, name)
-        if key in self._files:
-            self._files.move_to_end(key)
-            return self._files[key]
-        if shard not in self._sized:
-            self.check_shard(shard)
+        return self._file(shard, epoch, name)
+
+    def _open_file(self, shard: int, epoch: int, name: str, verified: set[int]) -> MappedShardFile:
         entry = self.manifest.shards[shard]
         base = self.root / entry["name"]
-        try:
-            layout = parse_layout(json.loads((base / name / "zarr.json").read_text()))
-        except (OSError, ValueError, KeyError) as e:
-            raise CacheCorruptError.in_shard(entry["name"], f"{name}/zarr.json: {type(e).__name__}: {e}") from e
+        layout = self._layout(entry["name"], name, lambda: (base / name / "zarr.json").read_text())
         if not can_map(layout, local=True):
             raise CacheCorruptError.in_shard(entry["name"], f"{name} is not stored as plain bytes + crc32c")
         rel = f"{name}/" + next(r for coord, r in layout.shard_files() if coord[0] == epoch)
-        reader = MappedShardFile(str(base / rel), layout, entry["name"], rel, self._verified.setdefault(key, set()))
-        self._files[key] = reader
-        if len(self._files) > self.OPEN_FILES:
-            self._files.popitem(last=False)
-        return reader
+        return MappedShardFile(str(base / rel), layout, entry["name"], rel, verified)
 
     def read(self, epoch: int, group: int) -> TeacherPredictions:
         m = self.manifest

@@ -17,10 +17,7 @@ opened lazily per process and never pickled.
 from __future__ import annotations
 
 import bisect
-import json
 import math
-import os
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -30,12 +27,13 @@ import torch
 import zarr
 
 from g2sd_cache.cache import codecs
-from g2sd_cache.common.errors import CacheCorruptError, UserError
+from g2sd_cache.common.errors import CacheCorruptError
 from g2sd_cache.cache.digests import chunk_file_digest, digest_mismatch, fsspec_reader, is_metadata, local_reader, record_digest
 from g2sd_cache.cache.manifest_checks import array_problems, manifest_problems, record_problems, typed_manifest, unlisted_shards
 from g2sd_cache.cache.schema import SHARD_RECORD, decode_keys, parse_manifest, read_manifest_text
 from g2sd_cache.cache.shard_files import MappedShardFile, ZarrShardFile, can_map, strict_store
-from g2sd_cache.cache.zarr_layout import ArrayLayout, parse_layout
+from g2sd_cache.cache.shard_reader import ShardReader
+from g2sd_cache.cache.zarr_layout import ArrayLayout
 
 
 @dataclass(frozen=True)
@@ -77,11 +75,11 @@ class Block:
         return self.stop - self.start
 
 
-class Cache:
-    """A finished cache. `len(cache)` is the number of views; `cache[i]` a `ViewRecord`."""
+class Cache(ShardReader):
+    """A finished cache. `len(cache)` is the number of views; `cache[i]` a `ViewRecord`. Its shard files are
+    read through `ShardReader` (cache/shard_reader.py): per process, in an LRU, each shard checked at first touch."""
 
-    # Shard files kept open per process (memory maps or zarr handles); the oldest are dropped first.
-    OPEN_FILES = 64
+    PER_PROCESS = (*ShardReader.PER_PROCESS, "_groups", "_digests", "_image_crc32c")
 
     def __init__(self, root: str):
         self.root = str(root).rstrip("/")
@@ -108,25 +106,11 @@ class Cache:
             self._check_sizes(0, arrays_only=True)
 
     def _reset(self) -> None:
-        """Per-process state: open shard files, zarr groups, shards whose file sizes were checked."""
-        self._files: OrderedDict[tuple[int, int, str], MappedShardFile | ZarrShardFile] = OrderedDict()
+        """Per-process state (ShardReader's, and: zarr groups, each shard's file digests and image crc32c)."""
+        super()._reset()
         self._groups: dict[int, zarr.Group] = {}
-        self._sized: set[int] = set()
-        # Inner chunks whose crc32c passed, per (shard, view, array): kept when a file leaves the LRU of open
-        # files, so each chunk is checked once per process, not once per reopening (every epoch at scale).
-        self._verified: dict[tuple[int, int, str], set[int]] = {}
         self._digests: dict[int, dict[str, str]] = {}     # shard -> its record's file digests
         self._image_crc32c: dict[int, list[int]] = {}   # shard -> crc32c of each row's source image
-        self._pid = os.getpid()
-
-    # -- pickling / fork safety ------------------------------------------------------------
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_files", "_groups", "_sized", "_verified", "_digests",
-                                                                 "_image_crc32c", "_pid")}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._reset()
 
     def _check_sizes(self, shard: int, arrays_only: bool = False) -> None:
         """Once per shard and process, before its data is read: shard.json is the record the manifest holds a
@@ -171,7 +155,6 @@ class Cache:
                 raise CacheCorruptError.in_shard(name, problem)
         self._digests[shard] = digests
         self._image_crc32c[shard] = list(record.get("image_crc32c") or [])
-        self._sized.add(shard)
 
     def _check_digest(self, shard: int, rel: str, layout: ArrayLayout) -> None:
         """Once per file and process, before it is read: a zarr shard file's digest (its index and every inner
@@ -193,45 +176,26 @@ class Cache:
     def image_crc32c(self, shard: int, row: int) -> int | None:
         """crc32c of the source image bytes extract read for image `row` of `shard` (None if not recorded):
         the image path of training checks what it reads against it (digests.check_image)."""
-        if self._pid != os.getpid():
-            self._reset()
-        if shard not in self._sized:
-            self._check_sizes(shard)
+        self._touch(shard)
         crcs = self._image_crc32c[shard]
         return crcs[row] if row < len(crcs) else None
 
-    def _file(self, shard: int, view: int, name: str) -> MappedShardFile | ZarrShardFile:
-        """The reader of array `name`, view `view` of `shard`: opened once per process, kept in an LRU."""
-        if self._pid != os.getpid():  # forked: maps and zarr's event loop thread belong to the parent
-            self._reset()
-        key = (shard, view, name)
-        if key in self._files:
-            self._files.move_to_end(key)
-            return self._files[key]
-        if shard not in self._sized:
-            self._check_sizes(shard)
+    def _open_file(self, shard: int, view: int, name: str, verified: set[int]) -> MappedShardFile | ZarrShardFile:
+        """The reader of array `name`, view `view` of `shard` (ShardReader._file keeps it per process)."""
         entry = self.manifest.shards[shard]
         base = f"{self._path}/{entry.name}"
-        try:
-            layout = parse_layout(json.loads(self._fs.cat_file(f"{base}/{name}/zarr.json")))
-        except (OSError, ValueError, KeyError) as e:
-            raise CacheCorruptError.in_shard(entry.name, f"{name}/zarr.json: {type(e).__name__}: {e}") from e
+        layout = self._layout(entry.name, name, lambda: self._fs.cat_file(f"{base}/{name}/zarr.json"))
         rel = f"{name}/" + next(r for coord, r in layout.shard_files() if coord[0] == view)
         self._check_digest(shard, rel, layout)
         if can_map(layout, self._local):
-            reader = MappedShardFile(f"{base}/{rel}", layout, entry.name, rel, self._verified.setdefault(key, set()))
-        else:
-            size = entry.files.get(rel, 0)
-            index_bytes = 16 * math.prod(layout.chunks_per_shard) + 4
-            try:
-                tail = self._fs.cat_file(f"{base}/{rel}", start=max(0, size - index_bytes), end=size)
-            except FileNotFoundError:
-                raise CacheCorruptError.in_shard(entry.name, f"file {rel} is missing") from None
-            reader = ZarrShardFile(self._group(shard)[name], view, tail, layout, entry.name, rel)
-        self._files[key] = reader
-        if len(self._files) > self.OPEN_FILES:
-            self._files.popitem(last=False)   # rows handed out keep their map alive until they are dropped
-        return reader
+            return MappedShardFile(f"{base}/{rel}", layout, entry.name, rel, verified)
+        size = entry.files.get(rel, 0)
+        index_bytes = 16 * math.prod(layout.chunks_per_shard) + 4
+        try:
+            tail = self._fs.cat_file(f"{base}/{rel}", start=max(0, size - index_bytes), end=size)
+        except FileNotFoundError:
+            raise CacheCorruptError.in_shard(entry.name, f"file {rel} is missing") from None
+        return ZarrShardFile(self._group(shard)[name], view, tail, layout, entry.name, rel)
 
     def _group(self, shard: int) -> zarr.Group:
         if shard not in self._groups:

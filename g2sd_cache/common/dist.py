@@ -1,6 +1,8 @@
 """torch.distributed set-up shared by extract and train (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)."""
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -58,3 +60,16 @@ def init_distributed(device_name: str, timeout_hours: float = 72.0) -> DistEnv:
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_on_ranks(cfg, body: Callable[[Any, DistEnv], dict], release: Callable[[], None] | None = None) -> dict:
+    """What every command of a torchrun job does around its work: `cfg.validate()`, join the process group,
+    `body(cfg, env)`, and always leave the group again (after `release()`, e.g. an output folder's lock)."""
+    cfg.validate()
+    env = init_distributed(cfg.device)
+    try:
+        return body(cfg, env)
+    finally:
+        if release is not None:
+            release()
+        shutdown_distributed()

@@ -2,7 +2,7 @@
 
     listing -> shards (runs of the seeded listing order, or one per tar) -> this rank's unfinished shards
       -> DataLoader workers: decode image, sample K views, crop + flip,
-         cut each view's visible patches (all the teacher sees)          (_RenderedImages)
+         cut each view's visible patches (all the teacher sees)          (RenderedImages)
       -> main: batches of views of one shard -> teacher -> LN(z_t) -> codec, + the patches (_ShardAssembler)
       -> background thread: write the shard atomically                   (writer.ShardWriter)
     rank 0, after every rank is done: manifest.json from the shards' records.
@@ -32,7 +32,7 @@ from tqdm import tqdm
 from g2sd_cache.cache import codecs
 from g2sd_cache.common.config import read_yaml, to_yaml
 from g2sd_cache.cache.digests import image_crc32c, record_digest
-from g2sd_cache.common.dist import DistEnv, init_distributed, shutdown_distributed
+from g2sd_cache.common.dist import DistEnv, run_on_ranks
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.common.fsutil import write_text_atomic
 from g2sd_cache.models.mae import TEACHER_PRESETS, build_teacher
@@ -138,7 +138,7 @@ def plan_shards(source: Source, cfg: ExtractConfig) -> list[ShardPlan]:
 # ----------------------------------------------------------------------------------------------
 # DataLoader side: decode and render every view of an image (runs in worker processes).
 
-class _RenderedImages(IterableDataset):
+class RenderedImages(IterableDataset):
     """Yields, per image of the pending shards, in order: {"shard", "pos", "key", "index", "patches"
     [K, n_keep, p, p, 3] uint8 (the visible patches of each view, as rendered), "crop" [K,4], "flip" [K],
     "mask" [K,L]} or {..., "error"}; for tars also {"shard", "end": count}.
@@ -394,13 +394,7 @@ def write_manifest(out: Path, cfg: ExtractConfig, source: Source, plans: list[Sh
 
 def run_extract(cfg: ExtractConfig) -> dict:
     """Extract the cache described by `cfg`; returns the summary that the CLI prints."""
-    cfg.validate()
-    env = init_distributed(cfg.device)
-    try:
-        return _extract(cfg, env)
-    finally:
-        _release_output(cfg.out)
-        shutdown_distributed()
+    return run_on_ranks(cfg, _extract, release=lambda: _release_output(cfg.out))
 
 
 def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
@@ -418,7 +412,7 @@ def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
     # the teacher's arithmetic is part of every target: shards of one cache share it
     fingerprints = {"teacher_sha256": info.sha256, "source_fingerprint": source.fingerprint,
                     "teacher_precision": recorded_precision(precision)}
-    if isinstance(source, FolderSource):  # caches begun before the shuffle dealt images in listing order
+    if isinstance(source, FolderSource):  # the images' order in the shards is part of the cache's content
         fingerprints["folder_order"] = "seeded shuffle"
     if env.is_main:
         _prepare_output(out, cfg, fingerprints)
@@ -431,7 +425,7 @@ def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
     if env.is_main and len(pending) < len(mine):
         print(f"resuming: {len(mine) - len(pending)} of {len(mine)} shards of this rank are already complete")
 
-    dataset = _RenderedImages(source, pending, cfg)
+    dataset = RenderedImages(source, pending, cfg)
     loader = DataLoader(dataset, batch_size=None, num_workers=cfg.workers, collate_fn=keep_as_is,
                         multiprocessing_context=mp_context(cfg.workers, __name__),
                         pin_memory=env.device.type == "cuda", prefetch_factor=4 if cfg.workers else None)

@@ -327,7 +327,7 @@ class Distiller(Trainer):
         return weighted.detach(), rel, max_abs
 
     def load_student(self, weights: dict) -> None:
-        # A checkpoint whose student has decoder_norm.* (a student head of another layout) is refused in one line.
+        # A student whose head read decoder_norm's output (mae.OLD_HEAD_PREFIX) cannot resume: one line.
         load_student_state(self.student, weights, refuse_old_head=True)
 
 

@@ -19,13 +19,13 @@ from tqdm import tqdm
 
 from g2sd_cache.common.checkpoint import RESUME_KEYS, load_checkpoint, rng_state, set_rng_state
 from g2sd_cache.common.config import to_yaml
-from g2sd_cache.common.dist import DistEnv, init_distributed, shutdown_distributed
+from g2sd_cache.common.dist import DistEnv, run_on_ranks
 from g2sd_cache.generic.step import Distiller, Setup, TrainConfig, prepare
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.common.fsutil import write_text_atomic
 from g2sd_cache.generic.plan import epoch_order, rank_positions, steps_in_epoch
 from g2sd_cache.generic.runlog import RunLog
-from g2sd_cache.training.run_folder import StopRun, StopSignals, prepare_run_folder, save_run_checkpoint
+from g2sd_cache.training.run_folder import StopRun, prepare_run_folder, save_run_checkpoint
 from g2sd_cache.training.schedule import get_lr, scaled_lr
 from g2sd_cache.generic.stream import StepLoader, StreamSpec
 
@@ -93,12 +93,7 @@ def epochs_total(cfg: TrainConfig, sched: Schedule) -> int:
 
 
 def train(cfg: TrainConfig) -> dict:
-    cfg.validate()
-    env = init_distributed(cfg.device)
-    try:
-        return _train(cfg, env)
-    finally:
-        shutdown_distributed()
+    return run_on_ranks(cfg, _train)
 
 
 def _resume(cfg: TrainConfig, run: Path, distiller: Distiller, sched: Schedule, env: DistEnv) -> tuple[int, int, int, list[str]]:
@@ -151,9 +146,6 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
 
     log = RunLog(run, env, mode=cfg.mode, global_batch=sched.global_batch, start_step=step,
                  log_samples=cfg.log_samples)
-    bar = tqdm(total=sched.total_steps, initial=step, unit="step", desc=f"train[{cfg.mode}]", disable=not env.is_main,
-               dynamic_ncols=True)
-    signals = StopSignals().install()
 
     def checkpoint(at_step: int, at_epoch: int, at_position: int) -> None:
         log.raise_if_nonfinite()
@@ -162,11 +154,11 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
             "rng": rng_state(), "config": dataclasses.asdict(cfg), "world": env.world, "student": cfg.student,
             "target_dim": setup.target_dim, "img_size": setup.geometry.img_size})
 
-    last_loss, ended_early, start_step = float("nan"), False, step
+    last_loss, start_step = float("nan"), step
     t_start = time.perf_counter()
-    try:
+    with distiller.run_loop(sched.total_steps, step, f"train[{cfg.mode}]", log) as loop:
         while step < sched.total_steps:
-            loader = _epoch_loader(cfg, setup, env, sched, epoch, position)
+            loader = epoch_loader(cfg, setup, env, sched, epoch, position)
             steps = iter(loader)
             while step < sched.total_steps:
                 t_wait = time.perf_counter()
@@ -185,32 +177,27 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
                 log.add(step, distiller.step(batches, lr), wait)
                 step += 1
                 position = min(setup.epoch_size, position + sched.global_batch)
-                bar.update(1)
+                loop.bar.update(1)
                 at_epoch, at_position = (epoch, position) if position < setup.epoch_size else (epoch + 1, 0)
                 if step % cfg.log_every == 0 or step == sched.total_steps:
                     last_loss = log.write(step, epoch, lr)
                 if step % cfg.save_every == 0 or step == sched.total_steps:
                     checkpoint(step, at_epoch, at_position)
-                if distiller.stop_requested(step, cfg.stop_after, cfg.log_every, signals):
+                if distiller.stop_requested(step, cfg.stop_after, cfg.log_every, loop.signals):
                     if step % cfg.save_every != 0 and step != sched.total_steps:
                         checkpoint(step, at_epoch, at_position)
                     raise StopRun
             epoch, position = epoch + 1, 0
-    except StopRun:
-        ended_early = True
-    finally:
-        bar.close()
-        log.close()
-        signals.restore()
-    summary = distiller.summary(cfg.mode, step, start_step, ended_early, time.perf_counter() - t_start, last_loss,
+    summary = distiller.summary(cfg.mode, step, start_step, loop.stopped_early, time.perf_counter() - t_start, last_loss,
                                 sched.global_batch, run)
     if env.is_main:
         tqdm.write(distiller.summary_line(summary, sched.total_steps))
     return summary
 
 
-def _epoch_loader(cfg: TrainConfig, setup: Setup, env: DistEnv, sched: Schedule, epoch: int, position: int) -> StepLoader:
-    """This rank's remaining steps of `epoch`, from global sample `position` on."""
+def epoch_loader(cfg: TrainConfig, setup: Setup, env: DistEnv, sched: Schedule, epoch: int, position: int) -> StepLoader:
+    """This rank's remaining steps of `epoch`, from global sample `position` on: train's input, and the
+    benchmark's (benchmarks/sections/step.py), so both time the same loader."""
     order = epoch_order(setup.unit_sizes, seed=cfg.seed, epoch=epoch, block=setup.block, window=cfg.shuffle_window,
                         whole_units=setup.whole_units)
     view = epoch % setup.views_per_image if setup.views_per_image else epoch

@@ -32,7 +32,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 
 from g2sd_cache.common.errors import UserError
-from g2sd_cache.models.mae import random_teacher_seed, weights_sha256
+from g2sd_cache.models.mae import random_teacher_seed, seeded, weights_sha256
 from g2sd_cache.models.weights import encoder_of, read_state_dict
 
 HEAD_INIT_STD = 2e-5  # main_finetune_dis.py: trunc_normal_(model.head.weight, std=2e-5)
@@ -112,13 +112,14 @@ def build_student(arch: str, num_classes: int, img_size: int = 224, distilled: b
     """The stage-2 student before initialisation from stage 1: `DistilledViT` (with a teacher), or MAE's
     global-pool classifier (plain fine-tuning). The random initialisation is a function of `seed` alone."""
     shape = _shape(arch)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+
+    def build() -> VisionTransformer:
         if distilled:
             return DistilledViT(shape, num_classes, img_size, drop_path_rate)
         model = VisionTransformer(**_vit_args(shape, num_classes, img_size, drop_path_rate), global_pool="avg")
         trunc_normal_(model.head.weight, std=HEAD_INIT_STD)
         return model
+    return seeded(seed, build)
 
 
 def init_from_stage1(model: VisionTransformer, path: str | Path, flag: str = "--init") -> None:
@@ -263,9 +264,7 @@ def build_teacher(spec: str, arch: str, num_classes: int, img_size: int = 224) -
     MAE-layout classifier for trials and tests. Eval mode, gradients off; run it in fp32 (G2SD does)."""
     seed = random_teacher_seed(spec)
     if seed is not None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = _build(arch, "avg", num_classes, img_size)
+        model = seeded(seed, lambda: _build(arch, "avg", num_classes, img_size))
         model.eval().requires_grad_(False)
         return model, ClassifierInfo(arch, "avg", num_classes, img_size, f"random:{seed}",
                                      weights_sha256(model.state_dict()))

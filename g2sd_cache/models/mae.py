@@ -239,7 +239,8 @@ class G2SDStudent(MaskedAutoencoder):
         return {k: v.detach().clone() for k, v in self.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
 
 
-# Keys that only students written before the head fix have (they applied decoder_norm before the head).
+# Keys of a student whose head reads decoder_norm's output: not G2SD's head, which reads the last decoder block
+# directly (models_mae.py); this student has no decoder_norm.
 OLD_HEAD_PREFIX = "decoder_norm."
 
 
@@ -247,10 +248,10 @@ def load_student_state(student: G2SDStudent, state_dict: Mapping[str, torch.Tens
                        refuse_old_head: bool = False) -> list[str]:
     """Load a student's state dict (a run checkpoint's "model") with strict keys; returns notes for the user.
 
-    A checkpoint from before the head fix carries `decoder_norm.*`, which the student no longer has: by
-    default those keys are dropped with a note (fine for exporting the encoder, which is unchanged);
-    with `refuse_old_head` (resuming training) it is refused, since the head was trained on normalised
-    inputs and the optimizer state holds the dropped parameters. Any other mismatch is a UserError."""
+    A checkpoint with `decoder_norm.*` (a head that read normalised decoder output, OLD_HEAD_PREFIX) does not fit
+    this student: by default those keys are dropped with a note (fine for exporting the encoder, which they do
+    not touch); with `refuse_old_head` (resuming training) it is refused, since the head was trained on
+    normalised inputs and the optimizer state holds the dropped parameters. Any other mismatch is a UserError."""
     state = dict(state_dict)
     notes = []
     old = sorted(k for k in state if k.startswith(OLD_HEAD_PREFIX))
@@ -262,16 +263,7 @@ def load_student_state(student: G2SDStudent, state_dict: Mapping[str, torch.Tens
             del state[k]
         notes.append(f"dropped {', '.join(old)}: the checkpoint predates the official G2SD head (no decoder_norm); "
                      f"the encoder is unaffected, its trained head was fed normalised decoder output")
-    expected = student.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        raise UserError(f"the checkpoint does not match this student: missing keys {_few(missing) or 'none'}, "
-                        f"unexpected keys {_few(unexpected) or 'none'}")
-    for k, v in expected.items():
-        if state[k].shape != v.shape:
-            raise UserError(f"the checkpoint does not match this student: {k} has shape {tuple(state[k].shape)}, "
-                            f"expected {tuple(v.shape)}")
+    check_same_tensors(state, student.state_dict(), "the checkpoint does not match this student")
     student.load_state_dict(state)
     return notes
 
@@ -279,9 +271,7 @@ def load_student_state(student: G2SDStudent, state_dict: Mapping[str, torch.Tens
 def build_student(name: str, target_dim: int, img_size: int = 224, seed: int = 0) -> G2SDStudent:
     """The one factory for students; the initialisation is a function of `seed` alone."""
     shape = _preset(STUDENT_PRESETS, name, "student")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return G2SDStudent(shape, target_dim, img_size)
+    return seeded(seed, lambda: G2SDStudent(shape, target_dim, img_size))
 
 
 def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
@@ -320,9 +310,7 @@ def build_teacher(spec: str, arch: str, img_size: int = 224) -> tuple[MAETeacher
     shape = _preset(TEACHER_PRESETS, arch, "teacher arch")
     seed = random_teacher_seed(spec)
     if seed is not None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            teacher = MAETeacher(shape, img_size)
+        teacher = seeded(seed, lambda: MAETeacher(shape, img_size))
         source = f"random:{seed}"
     else:
         teacher = MAETeacher(shape, img_size)
@@ -350,14 +338,29 @@ def load_mae_checkpoint(path: str, model: nn.Module, arch: str) -> dict[str, tor
         raise UserError(
             f"{p.name} is an encoder-only MAE checkpoint (missing decoder keys: {_few(missing)}); G2SD needs the "
             f"decoder: use the official mae_pretrain_vit_*_full.pth or mae_visualize_vit_*.pth files, which carry it")
+    check_same_tensors(state, expected, f"{p.name} does not match {arch}", shape_hint="; check --arch")
+    return {k: state[k].float() for k in expected}
+
+
+def check_same_tensors(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], what: str,
+                       shape_hint: str = "") -> None:
+    """Strict: `state` has exactly the keys of `expected`, each with its shape; otherwise one UserError
+    beginning with `what` (the missing and unexpected keys, or the first tensor of another shape)."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
-        raise UserError(f"{p.name} does not match {arch}: missing keys {_few(missing) or 'none'}, "
-                        f"unexpected keys {_few(unexpected) or 'none'}")
+        raise UserError(f"{what}: missing keys {_few(missing) or 'none'}, unexpected keys {_few(unexpected) or 'none'}")
     for k, v in expected.items():
         if state[k].shape != v.shape:
-            raise UserError(f"{p.name} does not match {arch}: {k} has shape {tuple(state[k].shape)}, "
-                            f"expected {tuple(v.shape)}; check --arch")
-    return {k: state[k].float() for k in expected}
+            raise UserError(f"{what}: {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}{shape_hint}")
+
+
+def seeded(seed: int, build):
+    """`build()` under torch's global RNG seeded with `seed`, the caller's RNG state left as it was: a model's
+    initialisation as a function of `seed` alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
 
 
 def _few(keys: list[str], n: int = 4) -> str:

@@ -24,9 +24,8 @@ from tqdm import tqdm
 
 from g2sd_cache.models.classifier import ClassifierInfo, build_teacher
 from g2sd_cache.common.config import read_yaml, to_yaml
-from g2sd_cache.common.dist import DistEnv, init_distributed, shutdown_distributed
+from g2sd_cache.common.dist import DistEnv, run_on_ranks
 from g2sd_cache.common.errors import UserError
-from g2sd_cache.data.labelled import LabelledFolder
 from g2sd_cache.common.fsutil import write_text_atomic
 from g2sd_cache.cache.logits import (LOGITS_FORMAT, LOGITS_FORMAT_VERSION, LogitsManifest, LogitsShardRecord, index_dtype,
                            logits_specs)
@@ -34,20 +33,10 @@ from g2sd_cache.cache.ownership import FolderLock, claim_cache_folder
 from g2sd_cache.cache.digests import record_digest
 from g2sd_cache.cache.schema import CONFIG, MANIFEST, SHARD_RECORD, shard_name
 from g2sd_cache.specific.config import LogitsConfig
-from g2sd_cache.specific.plan import MixedGroup, SDPlan, SDRecipe
-from g2sd_cache.data.sources import FolderSource, open_source
+from g2sd_cache.specific.plan import MixedGroup, SDPlan, open_plan
 from g2sd_cache.common.workers import keep_as_is, mp_context
 from g2sd_cache.training.precision import recorded_precision, resolve_teacher_precision, teacher_autocast
 from g2sd_cache.cache.writer import ShardData, ShardWriter
-
-
-def open_plan(data: str, recipe: SDRecipe, seed: int) -> SDPlan:
-    """The stage-2 plan over `data`, which must be a class-folder tree (the plan needs random access)."""
-    source = open_source(data)
-    if not isinstance(source, FolderSource):
-        raise UserError(f"--data {data}: stage-2 training needs an image folder with one sub-folder per class "
-                        f"(the plan draws any image of any epoch at random); webdataset tars are accepted for --val")
-    return SDPlan(LabelledFolder.of(source), recipe, seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,12 +122,7 @@ def write_manifest(out: Path, cfg: LogitsConfig, plan: SDPlan, shards: list[Shar
 
 def run_extract_logits(cfg: LogitsConfig) -> dict:
     """Extract the logits cache described by `cfg`; returns the summary the CLI prints."""
-    cfg.validate()
-    env = init_distributed(cfg.device)
-    try:
-        return _extract(cfg, env)
-    finally:
-        shutdown_distributed()
+    return run_on_ranks(cfg, _extract)
 
 
 def _extract(cfg: LogitsConfig, env: DistEnv) -> dict:

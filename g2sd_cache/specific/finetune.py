@@ -34,19 +34,18 @@ from tqdm import tqdm
 from g2sd_cache.common.checkpoint import CHECKPOINT, load_checkpoint, rng_state, set_rng_state
 from g2sd_cache.models.classifier import build_teacher
 from g2sd_cache.common.config import to_yaml
-from g2sd_cache.common.dist import DistEnv, init_distributed, shutdown_distributed
+from g2sd_cache.common.dist import DistEnv, run_on_ranks
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.common.fsutil import write_text_atomic
 from g2sd_cache.specific.evaluate import evaluate
-from g2sd_cache.specific.extract_logits import open_plan
 from g2sd_cache.specific.log import FinetuneLog
 from g2sd_cache.specific.finetuned import BEST, STAGE
 from g2sd_cache.data.labelled import open_labelled
 from g2sd_cache.cache.logits import LogitsCache, open_logits
-from g2sd_cache.training.run_folder import StopRun, StopSignals, prepare_run_folder, save_run_checkpoint
+from g2sd_cache.training.run_folder import StopRun, prepare_run_folder, save_run_checkpoint
 from g2sd_cache.training.schedule import get_lr, scaled_lr
 from g2sd_cache.specific.config import FinetuneConfig
-from g2sd_cache.specific.plan import SDPlan, check_same_plan
+from g2sd_cache.specific.plan import SDPlan, check_same_plan, open_plan
 from g2sd_cache.specific.step import FineTuner
 from g2sd_cache.common.workers import keep_as_is, mp_context
 
@@ -125,12 +124,7 @@ class _RunGroups(Dataset):
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
-    cfg.validate()
-    env = init_distributed(cfg.device)
-    try:
-        return _finetune(cfg, env)
-    finally:
-        shutdown_distributed()
+    return run_on_ranks(cfg, _finetune)
 
 
 def _inputs(cfg: FinetuneConfig, env: DistEnv) -> tuple[SDPlan, LogitsCache | None, torch.nn.Module | None, str | None,
@@ -227,9 +221,6 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv) -> dict:
                    f"{layout.steps_left(0)} steps/epoch, {cfg.epochs} epochs" + (f", resuming at step {step}" if step else ""))
 
     log = FinetuneLog(run, env, mode=cfg.mode, global_batch=layout.global_batch, start_step=step)
-    bar = tqdm(total=total, initial=step, unit="step", desc=f"finetune[{cfg.mode}]", disable=not env.is_main,
-               dynamic_ncols=True)
-    signals = StopSignals().install()
 
     def state(at_epoch: int, at_position: int) -> dict:
         return tuner.state_dict() | {
@@ -258,10 +249,10 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv) -> dict:
             env.barrier()   # only rank 0 knows the best so far: it alone writes checkpoints
         checkpoint(done_epoch + 1, 0)
 
-    last_loss, ended_early, start_step = float("nan"), False, step
+    last_loss, start_step = float("nan"), step
     t_start = time.perf_counter()
     cached_epochs = logits.epochs if logits else None
-    try:
+    with tuner.run_loop(total, step, f"finetune[{cfg.mode}]", log) as loop:
         if position and layout.steps_left(position) == 0 and epoch < cfg.epochs:
             end_of_epoch(epoch)       # resumed with a larger step at an epoch's very end
             epoch, position = epoch + 1, 0
@@ -280,7 +271,7 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv) -> dict:
             log.add(step, tuner.step(groups, stored, lr), wait)
             step += 1
             position += layout.groups_per_step
-            bar.update(1)
+            loop.bar.update(1)
             epoch_done = layout.steps_left(position) == 0
             if step % cfg.log_every == 0 or epoch_done:
                 last_loss = log.write(step, epoch, lr)
@@ -292,17 +283,11 @@ def _finetune(cfg: FinetuneConfig, env: DistEnv) -> dict:
             elif step % cfg.save_every == 0:
                 checkpoint(epoch, position)
                 saved = True
-            if tuner.stop_requested(step, cfg.stop_after, cfg.log_every, signals, work_left=epoch < cfg.epochs):
+            if tuner.stop_requested(step, cfg.stop_after, cfg.log_every, loop.signals, work_left=epoch < cfg.epochs):
                 if not saved:
                     checkpoint(epoch, position)
                 raise StopRun
-    except StopRun:
-        ended_early = True
-    finally:
-        bar.close()
-        log.close()
-        signals.restore()
-    summary = tuner.summary(cfg.mode, step, start_step, ended_early, time.perf_counter() - t_start, last_loss,
+    summary = tuner.summary(cfg.mode, step, start_step, loop.stopped_early, time.perf_counter() - t_start, last_loss,
                             layout.global_batch, run, best_top1=best if best >= 0 else None,
                             best_epoch=best_epoch if best_epoch >= 0 else None)
     summary["best"] = str(run / BEST) if (run / BEST).exists() else None

@@ -26,6 +26,7 @@ import torchvision
 
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.data.labelled import LabelledFolder
+from g2sd_cache.data.sources import FolderSource, open_source
 from g2sd_cache.specific.augment import AugmentRecipe, SampleAugmenter
 from g2sd_cache.specific.mix import MixParams, MixRecipe, apply_mix, draw_mix
 
@@ -142,3 +143,12 @@ def check_same_plan(stored: dict, current: dict, what: str) -> None:
     if differ:
         raise UserError(f"{what} was extracted for another stage-2 plan ({', '.join(differ)} differ); rerun "
                         f"extract-logits with this data and these settings, or train without it")
+
+
+def open_plan(data: str, recipe: SDRecipe, seed: int) -> SDPlan:
+    """The stage-2 plan over `data`, which must be a class-folder tree (the plan needs random access)."""
+    source = open_source(data)
+    if not isinstance(source, FolderSource):
+        raise UserError(f"--data {data}: stage-2 training needs an image folder with one sub-folder per class "
+                        f"(the plan draws any image of any epoch at random); webdataset tars are accepted for --val")
+    return SDPlan(LabelledFolder.of(source), recipe, seed)

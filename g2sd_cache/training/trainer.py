@@ -12,13 +12,15 @@ from __future__ import annotations
 from contextlib import nullcontext
 from pathlib import Path
 
+from tqdm import tqdm
+
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from g2sd_cache.common.checkpoint import CHECKPOINT
 from g2sd_cache.common.dist import DistEnv
 from g2sd_cache.training.precision import resolve_precision
-from g2sd_cache.training.run_folder import StopSignals, any_rank
+from g2sd_cache.training.run_folder import StopRun, StopSignals, any_rank
 
 
 class Trainer:
@@ -71,7 +73,10 @@ class Trainer:
     def load_optimizer(self, state: dict) -> None:
         self.optimizer.load_state_dict(state)
 
-    # -- the end of the run loop -------------------------------------------------------------------
+    # -- the run loop's frame and end --------------------------------------------------------------
+    def run_loop(self, total_steps: int, start_step: int, desc: str, log) -> "RunLoop":
+        return RunLoop(total_steps, start_step, desc, log, self.env.is_main)
+
     def stop_requested(self, step: int, stop_after: int | None, log_every: int, signals: StopSignals,
                        work_left: bool = True) -> bool:
         """Whether to end the run after `step` as if preempted: --stop-after reached, or a signal on any rank.
@@ -97,3 +102,27 @@ class Trainer:
         return (f"{'stopped' if summary['stopped_early'] else 'finished'} at step {summary['steps']}/{total_steps}: "
                 f"loss {summary['final_loss']:.4f}, {summary['samples_per_s']:.1f} samples/s; checkpoint "
                 f"{summary['checkpoint']}")
+
+
+class RunLoop:
+    """`with trainer.run_loop(total, start, desc, log) as loop:` frames the step loop of `train` / `finetune`: a
+    progress bar on rank 0 (`loop.bar`), SIGTERM / Ctrl-C caught (`loop.signals`, see `Trainer.stop_requested`);
+    however the loop ends, the bar and `log` are closed and the signal handlers restored. `raise StopRun` inside
+    ends the run early after its checkpoint: `loop.stopped_early`."""
+
+    def __init__(self, total_steps: int, start_step: int, desc: str, log, show: bool):
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", desc=desc, disable=not show,
+                        dynamic_ncols=True)
+        self.log, self.stopped_early = log, False
+        self.signals = StopSignals()
+
+    def __enter__(self) -> "RunLoop":
+        self.signals.install()
+        return self
+
+    def __exit__(self, kind, error, trace) -> bool:
+        self.bar.close()
+        self.log.close()
+        self.signals.restore()
+        self.stopped_early = kind is StopRun
+        return self.stopped_early

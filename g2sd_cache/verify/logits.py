@@ -183,7 +183,8 @@ def _check_images(report: VerifyReport, cache: LogitsCache, plan: SDPlan) -> Non
 
 def _check_plan(report: VerifyReport, cache: LogitsCache, data: str, deep: int, teacher_spec: str | None,
                 device: str, seed: int, teacher_precision: str | None = None) -> None:
-    from g2sd_cache.specific.extract_logits import open_plan, teacher_predictions
+    from g2sd_cache.specific.extract_logits import teacher_predictions
+    from g2sd_cache.specific.plan import open_plan
     m = cache.manifest
     plan: SDPlan = open_plan(data, recipe_from_description(m.plan["recipe"]), m.plan["seed"])
     try:

@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from tests.common.helpers import MICRO_STUDENT, MICRO_TEACHER, micro_extract_config
+from tests.common.helpers import MICRO_STUDENT, MICRO_TEACHER, micro_extract_config, sigterm_after_first_record
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.cli.export import export_encoder
 from g2sd_cache.generic.extract import run_extract
@@ -246,20 +246,12 @@ def test_training_on_masked_or_visible_tokens_only(micro_cache, image_folder, tm
 
 def test_sigterm_saves_a_checkpoint_and_stops(micro_cache, image_folder, tmp_path):
     """A preemption notice (SIGTERM) ends the run at the next step with a checkpoint to resume from."""
-    import signal
-    import time
     run = tmp_path / "term"
-    proc = subprocess.Popen([sys.executable, "-m", "g2sd_cache.cli.main", "train", "--data", str(image_folder), "--cache",
-                             str(micro_cache), "--out", str(run), "--student", MICRO_STUDENT, "--steps", "100000",
-                             "--batch-size", "2", "--workers", "0", "--device", "cpu", "--log-every", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip():
-        assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() is not None else ""
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-2000:]
+    code, out, err = sigterm_after_first_record(
+        ["train", "--data", str(image_folder), "--cache", str(micro_cache), "--out", str(run), "--student",
+         MICRO_STUDENT, "--steps", "100000", "--batch-size", "2", "--workers", "0", "--device", "cpu", "--log-every",
+         "1"], run)
+    assert code == 0, err[-2000:]
     ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
     assert 1 <= ckpt["step"] < 100000 and "stopped at step" in out
 

@@ -27,6 +27,7 @@ from g2sd_cache.cache.logits import index_dtype, logits_specs, open_logits
 from g2sd_cache.models.mae import build_student as build_stage1_student
 from g2sd_cache.specific.config import FinetuneConfig, LogitsConfig
 from g2sd_cache.verify.logits import verify_logits
+from tests.common.helpers import sigterm_after_first_record
 
 ROOT = Path(__file__).resolve().parents[2]
 MICRO = "test_vit_micro_patch16"
@@ -474,22 +475,12 @@ def test_finetune_benchmark_quick_writes_every_figure(tmp_path):
 
 def test_sigterm_saves_a_checkpoint_and_stops(image_folder, stage1_export, logits_cache, tmp_path):
     """A preemption notice ends the run after the current step with a checkpoint that --resume continues."""
-    import signal
-    import time
     run = tmp_path / "term"
-    proc = subprocess.Popen([sys.executable, "-m", "g2sd_cache.cli.main", "finetune", "--data", str(image_folder), "--init",
-                             str(stage1_export), "--logits", str(logits_cache), "--out", str(run), "--arch", MICRO,
-                             "--img-size", "32", "--group-size", "4", "--epochs", "100000", "--workers", "0",
-                             "--device", "cpu", "--log-every", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    deadline = time.time() + 120
-    while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip():
-        assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() is not None else ""
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-2000:]
+    code, out, err = sigterm_after_first_record(
+        ["finetune", "--data", str(image_folder), "--init", str(stage1_export), "--logits", str(logits_cache), "--out",
+         str(run), "--arch", MICRO, "--img-size", "32", "--group-size", "4", "--epochs", "100000", "--workers", "0",
+         "--device", "cpu", "--log-every", "1"], run, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert code == 0, err[-2000:]
     ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
     assert ckpt["stage"] == "finetune" and ckpt["step"] >= 1 and "stopped at step" in out
     assert [m["step"] for m in metrics(run)] == list(range(1, ckpt["step"] + 1))
