@@ -8,7 +8,12 @@
    (`g2sd_cache.cache.codecs.codec_error`), plus int4 with one float32 scale per token instead of one float16
    scale per 32 channels (same 16 levels, same dither): the alternative the int4 codec was chosen against.
 3. Bytes per view: `g2sd-cache extract --views 1` of the same images in every codec, on disk (all arrays)
-   and of the targets alone (target + scale arrays).
+   and of the targets alone (target + scale arrays). Low-rank codecs (pcaR) are measured with the basis their
+   cache fitted on its calibration views (the same images: in-sample, as `g2sd-cache inspect` would report);
+   their basis.npy (stored once per cache) is left out of the bytes per view and listed apart.
+4. Low rank per rank R (16 ... 256): a PCA basis fitted on the first half of the views, the relative error
+   on the second half (held out) and on the first (in-sample), with int8 coefficients + a float16 scale per
+   token, and without rounding (the truncation alone).
 
 About 1 minute on 2 CPU cores for 32 ViT-B views.
 """
@@ -63,6 +68,25 @@ def int4_per_token_error(x: torch.Tensor) -> dict:
     return {"rel_rmse": rel, "cosine": cos, "target_bytes_per_view": T * D // 2 + 4 * T}
 
 
+def lowrank_by_rank(x: torch.Tensor, ranks=(16, 32, 64, 128, 256)) -> list[dict]:
+    """Per rank R <= D: the pcaR codec's relative RMS error on held-out views (basis fitted on the first half of
+    x [N, T, D]), the truncation alone (exact coefficients), and in-sample."""
+    from g2sd_cache.cache import lowrank
+    half = max(1, len(x) // 2)
+    fit, test = x[:half], x[half:] if len(x) > half else x[:half]
+    out = []
+    for r in (r for r in ranks if r <= x.shape[-1]):
+        codec, basis = codecs.get_codec(f"pca{r}"), lowrank.fit_basis(fit, r)
+        b = basis.double()
+        centred = test.double() - b[0]
+        truncated = (centred @ b[1:].T) @ b[1:] + b[0]
+        out.append({"rank": r, "target_bytes_per_view": codec.bytes_per_view(*x.shape[1:]),
+                    "heldout": codecs.codec_error(codec, test, basis)["rel_rmse"],
+                    "heldout_truncation": float((truncated - test.double()).norm() / test.double().norm()),
+                    "in_sample": codecs.codec_error(codec, fit, basis)["rel_rmse"]})
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=32, help="views (one per image) to measure on (default 32)")
@@ -81,12 +105,16 @@ def main(argv=None) -> int:
             run_extract(ExtractConfig(data=str(data), out=str(root), teacher="random:0", arch=args.arch, views=1,
                                       seed=0, codec=name, batch_size=16, workers=0, device="cpu",
                                       chunk_views=args.images, shard_size=max(args.images, 8)))
-            m = open_cache(str(root)).manifest
-            rows[name] = {**codecs.codec_error(codec, x), "bytes_per_view": dir_bytes(root) / m.views,
+            cache = open_cache(str(root))
+            m = cache.manifest
+            basis_bytes = dir_bytes(root, ("basis.npy",)) if cache.basis is not None else 0   # once per cache
+            rows[name] = {**codecs.codec_error(codec, x, cache.basis), "basis_bytes": basis_bytes,
+                          "bytes_per_view": (dir_bytes(root) - basis_bytes) / m.views,
                           "target_bytes_per_view": sum(dir_bytes(root / s.name, ("target", "scale"))
                                                        for s in m.shards) / m.views,
                           "formula_bytes_per_view": codec.bytes_per_view(m.tokens, m.target_dim)}
         rows["int4 (fp32 scale per token)"] = int4_per_token_error(x)
+        ranks = lowrank_by_rank(x)
     fp16 = rows["fp16"]["bytes_per_view"]
     print(f"{args.images} views of random:0 {args.arch}, targets {list(x.shape[1:])}\n")
     print("| codec | bytes/view on disk | vs fp16 | target bytes/view (formula) | rel. RMS error | cosine |")
@@ -97,8 +125,16 @@ def main(argv=None) -> int:
         tb = f"{r['target_bytes_per_view']:,.0f}" + (f" ({r['formula_bytes_per_view']:,})" if "formula_bytes_per_view"
                                                      in r else " (formula)")
         print(f"| {name} | {disk} | {ratio} | {tb} | {100 * r['rel_rmse']:.3f} % | {r['cosine']:.6f} |")
+    print(f"\nLow rank: basis fitted on views 0..{len(x) // 2 - 1}, error on views {len(x) // 2}..{len(x) - 1} "
+          "(held out) and on the fitting views (in-sample)\n")
+    print("| rank R | target bytes/view | held-out rel. RMS (int8 codes) | truncation alone | in-sample (int8) |")
+    print("|---:|---:|---:|---:|---:|")
+    for r in ranks:
+        print(f"| {r['rank']} | {r['target_bytes_per_view']:,} | {100 * r['heldout']:.2f} % | "
+              f"{100 * r['heldout_truncation']:.2f} % | {100 * r['in_sample']:.2f} % |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"views": args.images, "arch": args.arch, "codecs": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"views": args.images, "arch": args.arch, "codecs": rows,
+                                               "lowrank": ranks}, indent=1))
     return 0 if all(math.isfinite(r["rel_rmse"]) for r in rows.values()) else 1
 
 

@@ -82,6 +82,15 @@ def _data(d: dict) -> list[str]:
     out.append(table(["input path", "cores per GPU" + (" (estimate)" if est else "")],
                      [["image path", fmt(d["feed_cores_per_gpu"]["image"], ".1f")],
                       ["cached pixel path", fmt(d["feed_cores_per_gpu"]["cached"], ".2f")]]))
+    if "feed_cores_per_gpu_by_student" in d:
+        codecs_ = list(d["cached_samples_per_s_by_codec"])
+        out += ["", "The cached pixel path per target codec (views/s per core; the low-rank decode runs on the device, "
+                f"{d['lowrank_decode_ms_per_batch']:.2f} ms per batch of {d['batch_size']} here), and cores per GPU at "
+                "each student's rate" + (" (ESTIMATE)" if est else "") + ":", ""]
+        out.append(table(["", *codecs_], [["views/s per core", *(fmt(d["cached_samples_per_s_by_codec"][c], ",.0f")
+                                                                  for c in codecs_)]] +
+                         [[f"cores per GPU, {short(s)}", *(fmt(v[c], ".2f") for c in codecs_)]
+                          for s, v in d["feed_cores_per_gpu_by_student"].items()]))
     return out
 
 
@@ -99,6 +108,10 @@ def _storage(s: dict) -> list[str]:
                        f"{c['target_vs_fp16']:.3f}x", fmt(None if c["rel_rmse"] is None else 100 * c["rel_rmse"], ".3f"),
                        *(fmt(c["imagenet_gb"][k], ",.0f") for k in ("1", "4", "10")),
                        fmt(c["read_gb_per_s_per_gpu"], ".2f")] for n, c in ((n, s[n]) for n in s["codecs"])]))
+    out += ["", "pcaR: low-rank codes in a basis each cache fits on its own first views (its error above is on other "
+            "views' targets); the basis (" + ", ".join(f"{n} {s[n]['basis_bytes']:,} B" for n in s["codecs"]
+                                                      if s[n].get("basis_bytes")) + ") is stored once per cache, "
+            "left out of bytes/view."]
     return out
 
 

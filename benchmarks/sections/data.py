@@ -24,6 +24,12 @@ the page cache: this is decoding and copying, not disk.
 - `feed_cores_per_gpu` {image, cached}: cores needed to feed one GPU training the default student at R
   samples/s, R / per-core rate. With --device cuda, R is that student's measured step rate (step section,
   the student alone); otherwise R is an ESTIMATE: `assumed_gpu_tflops` / the student's FLOPs per sample.
+- `cached_samples_per_s_by_codec` {default codec, pca64}: the cached pixel path on a cache of each codec (pca64:
+  a low-rank cache of the storage images, 13 KB of targets per ViT-B view instead of 202 KB). Its host-side work
+  is the whole loader (read codes + scales + pixels); the decode (codes x scale @ basis + centre) runs on the
+  device: `lowrank_decode_ms_per_batch`, timed on --device (on a CPU run it is CPU work, on CUDA GPU work).
+- `feed_cores_per_gpu_by_student` {student: {codec: cores}}: cores per GPU at each student's rate (measured on
+  CUDA, else the same TFLOPS estimate over its FLOPs): the default ViT-S and ViT-T (3.3 GFLOP, ~3.5x the rate).
 """
 from __future__ import annotations
 
@@ -37,6 +43,9 @@ from g2sd_cache.benchmarks.sections import Bench, section
 from g2sd_cache.benchmarks.common import Profile, cpu_clock, log, median, torch_threads
 from g2sd_cache.benchmarks.sections.extract import extract_config, timed_extract
 from g2sd_cache.benchmarks.sections.step import Run
+
+#: the low-rank codec whose cached path the data section times (and feeds at ViT-S and ViT-T rates)
+LOWRANK_CODEC = "pca64"
 
 # The estimate's sustained rate: about 25 % of an H100/H200's dense bf16 peak (989 TFLOPS). The student's
 # step is small matrix multiplies (width 384, 50 visible tokens in the encoder), where 20-35 % of peak is
@@ -110,6 +119,36 @@ def feed_rate(step: dict, device: torch.device) -> dict:
                                f"dense peak) / {gflop:.1f} GFLOP per sample ({DEFAULT_STUDENT}, forward + backward)"}
 
 
+def student_rates(step: dict, device: torch.device) -> dict[str, float]:
+    """samples/s one GPU trains each timed student at: measured on CUDA, else ASSUMED_GPU_TFLOPS / its FLOPs."""
+    measured = step["student_alone_samples_per_s"] if device.type == "cuda" else {}
+    return {s: measured.get(s) or ASSUMED_GPU_TFLOPS * 1e3 / step["gflop_per_sample"][s]
+            for s in step["student_alone_samples_per_s"]}
+
+
+def _decode_ms(run: Run, batch: int, device: torch.device, repeats: int = 20) -> float:
+    """ms per batch of the low-rank decode on `device` (what training does before the loss), median of repeats."""
+    import time
+
+    from g2sd_cache.cache import codecs
+    cache = run.setup.cache
+    b = cache.read_block(0, 0, 0, min(batch, cache.shard_images[0]))
+    reps = -(-batch // len(b))
+    codes = codecs.from_storage(cache.codec, np.array(b.codes)).repeat(reps, 1, 1)[:batch].to(device)
+    scale = torch.from_numpy(np.array(b.scale)).repeat(reps, 1)[:batch].to(device)
+    basis = cache.basis.to(device)
+    times = []
+    for _ in range(repeats + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        codecs.decode(cache.codec, codes, scale, basis=basis)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * median(times[2:])
+
+
 def data_section(ws: dict, prof: Profile, device: torch.device, step: dict) -> dict:
     from g2sd_cache.cache.reader import open_cache
 
@@ -120,8 +159,14 @@ def data_section(ws: dict, prof: Profile, device: torch.device, step: dict) -> d
                                  workers=0))
     runs["no_pixels"] = Run.build(dataclasses.replace(runs["cached"].cfg, cache=str(nopix), data=str(ws["store"])),
                                   ws["runs"]["cached"].env)
+    log(f"data: a {LOWRANK_CODEC} cache of {prof.store_images} images for the low-rank cached path")
+    lowrank = ws["tmp"] / "data-lowrank"
+    timed_extract(extract_config(ws["store"], lowrank, prof.teachers[0], prof, device, views=1, codec=LOWRANK_CODEC,
+                                 workers=0))
+    runs["lowrank"] = Run.build(dataclasses.replace(runs["cached"].cfg, cache=str(lowrank), data=None),
+                                ws["runs"]["cached"].env)
     kinds = {"image_only": ("online", prof.image_views), "cached": ("cached", prof.cached_views),
-             "no_pixels": ("no_pixels", prof.image_views)}
+             "no_pixels": ("no_pixels", prof.image_views), "lowrank": ("lowrank", prof.cached_views)}
 
     def one(kind: str, epoch: int) -> dict:
         run, views = kinds[kind]
@@ -151,7 +196,12 @@ def data_section(ws: dict, prof: Profile, device: torch.device, step: dict) -> d
     by_array["rest of the pixel path"] = batch_ms - sum(by_array.values())
     feed = feed_rate(step, device)
     r = feed["feed_rate_samples_per_s"]
+    by_codec = {runs["cached"].setup.cache.manifest.codec: cached, LOWRANK_CODEC: rate("lowrank")}
     return {
+        "cached_samples_per_s_by_codec": by_codec,
+        "lowrank_decode_ms_per_batch": _decode_ms(runs["lowrank"], prof.batch, device),
+        "feed_cores_per_gpu_by_student": {s: {c: rate_s / v for c, v in by_codec.items()}
+                                          for s, rate_s in student_rates(step, device).items()},
         "image_only_samples_per_s": img, "cached_samples_per_s": cached, "pixel_cache_speedup": cached / img,
         "cached_first_read_samples_per_s": rate("cached_first_read"),
         "no_pixels_samples_per_s": rate("no_pixels"),

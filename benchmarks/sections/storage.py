@@ -9,9 +9,12 @@ Figures per codec (`storage.<codec>.*`):
   0.75; the same in every codec);
 - `formula_*`: the same from the manifest's array shapes, without shard indexes and checksums;
 - `vs_fp16` / `target_vs_fp16`: the ratios to fp16 (target: int8 targets <= 0.51x fp16);
-- `rel_rmse`, `cosine`: the codec's round trip on float32 targets of the extract section's bare-teacher pass
+- `rel_rmse`, `cosine`: the codec's round trip (low-rank codecs, pcaR: with the basis their cache fitted on
+  its own first views, so these are held-out errors) on float32 targets of the extract section's bare-teacher pass
   (a random-weight teacher on synthetic images: real MAE features have outlier channels, so re-check on
   your teacher; `g2sd-cache inspect` prints the same for a real cache);
+- `basis_bytes`, `calibration_rel_rmse`: pcaR only: the stored basis (once per cache, left out of
+  `bytes_per_view`: ImageNet amortises it to < 1 B per view) and the error extract's calibration measured on its held-out views;
 - `imagenet_gb`: ImageNet-1k (1,281,167 images) at K = 1, 4, 10 views per image;
 - `read_gb_per_s_per_gpu`: the read bandwidth one GPU needs at the data section's feed rate R (an estimate
   where R is): a cache larger than the page cache must come off disk at this rate.
@@ -43,11 +46,17 @@ def storage_section(ws: dict, prof: Profile, device: torch.device, feed: dict) -
         root = ws["tmp"] / f"store-{name}"
         timed_extract(extract_config(ws["store"], root, arch, prof, device, views=1, codec=name, workers=0,
                                      chunk_views=prof.store_images))
-        m = open_cache(str(root)).manifest
+        cache = open_cache(str(root))
+        m = cache.manifest
         specs = m.specs()
         shards = [root / s.name for s in m.shards]
-        on_disk = dir_bytes(root)
-        err = codecs.codec_error(codec, targets) if targets is not None else {"rel_rmse": None, "cosine": None}
+        # a low-rank cache's basis (pca128 of ViT-B: 264 KB, once per cache) is reported apart: per view it is
+        # 8 KB in this 32-view cache and 0.2 B in ImageNet's
+        basis_bytes = dir_bytes(root, ("basis.npy",)) if cache.basis is not None else 0
+        on_disk = dir_bytes(root) - basis_bytes
+        # low-rank codecs: the basis this cache fitted on its own calibration views, applied to other targets
+        err = codecs.codec_error(codec, targets, cache.basis) if targets is not None else {"rel_rmse": None,
+                                                                                            "cosine": None}
         out[name] = {
             "bytes_per_view": on_disk / m.views,
             "target_bytes_per_view": sum(dir_bytes(s, ("target", "scale")) for s in shards) / m.views,
@@ -57,6 +66,8 @@ def storage_section(ws: dict, prof: Profile, device: torch.device, feed: dict) -
             "rel_rmse": err["rel_rmse"], "cosine": err["cosine"], "views": m.views,
             "imagenet_gb": {str(k): on_disk / m.views * IMAGENET_IMAGES * k / 1e9 for k in (1, 4, 10)},
             "read_gb_per_s_per_gpu": on_disk / m.views * rate / 1e9,
+            "basis_bytes": basis_bytes,
+            "calibration_rel_rmse": ((m.calibration or {}).get("errors") or {}).get(name, {}).get("rel_rmse"),
         }
     for name, c in out.items():
         c["vs_fp16"] = c["bytes_per_view"] / out["fp16"]["bytes_per_view"]

@@ -21,6 +21,10 @@
   float16 scales keep the view within 57,000 B; LayerNorm-ed values (|x| <= sqrt(D)) sit far inside
   float16's range, and values beyond +-491,000 are refused.
 
+- pcaR (pca32, pca64, pca128 registered; any `pcaR` by name): R int8 coefficients per token in a PCA basis
+  fitted on the teacher's targets at extract start and stored with the cache, plus one float16 scale per token
+  (cache/lowrank.py). Encoding and decoding need that basis (`basis=`); R is capped at the target width D.
+
 Bytes per view are decided here, not by lossless compression (zstd saves ~8 % on LayerNorm-ed
 features and doubles decode time; docs/design.md §5), so the cache stores the codes uncompressed.
 zarr has no bfloat16 or float8 dtypes, so those are stored as their raw bits (uint16 / uint8) and
@@ -34,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from g2sd_cache.cache import lowrank
 from g2sd_cache.common.errors import UserError
 
 #: channels sharing one int4 scale (the fused loss kernel decodes the same layout)
@@ -53,6 +58,7 @@ class Codec:
     group: int | None = None     # channels per scale; None: one scale per token
     scale_dtype: str = "float32"
     dithered: bool = False       # stochastic rounding: `encode` needs one seed per view
+    rank: int | None = None      # low-rank codes (pcaR): coefficients per token, needs the cache's basis
 
     @property
     def scaled(self) -> bool:
@@ -60,6 +66,8 @@ class Codec:
 
     def code_width(self, width: int) -> int:
         """Codes per token for `width` channels (the last dim of the stored target)."""
+        if self.rank is not None:
+            return min(self.rank, width)
         return -(-width // self.values_per_code)
 
     def scale_shape(self, tokens: int, width: int) -> tuple[int, ...]:
@@ -87,19 +95,36 @@ CODECS: dict[str, Codec] = {
 }
 
 
+def lowrank_codec(rank: int) -> Codec:
+    """pcaR: R int8 coefficients and a float16 scale per token (cache/lowrank.py)."""
+    return Codec(f"pca{rank}", torch.int8, "int8", 127.0, scale_dtype="float16", rank=rank)
+
+
+CODECS.update({f"pca{r}": lowrank_codec(r) for r in (32, 64, 128)})
+
+
 def get_codec(name: str) -> Codec:
-    if name not in CODECS:
-        raise UserError(f"unknown codec '{name}'; choose one of: {', '.join(CODECS)}")
-    return CODECS[name]
+    if name in CODECS:
+        return CODECS[name]
+    rank = lowrank.parse_rank(name)
+    if rank is None:
+        raise UserError(f"unknown codec '{name}'; choose one of: {', '.join(CODECS)} (or pcaR for any rank R)")
+    return lowrank_codec(rank)
 
 
-def encode(codec: Codec, x: torch.Tensor, seeds: torch.Tensor | None = None
+def encode(codec: Codec, x: torch.Tensor, seeds: torch.Tensor | None = None, basis: torch.Tensor | None = None
            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x: [..., T, D] float32 -> (codes, scale) in the codec's layout:
     codes [..., T, D] (int4: [..., T, ceil(D/2)] uint8) in codec.torch_dtype; scale [..., T] float32,
     int4: [..., T, ceil(D/32)] float16; None for plain casts.
     seeds: int64 of shape x.shape[:-2], one per view; required by dithered codecs (int4), whose codes are
-    a pure function of (x, seeds); ignored by the others."""
+    a pure function of (x, seeds); ignored by the others.
+    basis: float32 [>= R + 1, D], required by low-rank codecs (pcaR: codes [..., T, R] int8, scale [..., T]
+    float16); ignored by the others."""
+    if codec.rank is not None:
+        if basis is None:
+            raise ValueError(f"{codec.name} encodes against a basis (lowrank.fit_basis): pass basis=")
+        return lowrank.encode(x, basis, codec.code_width(x.shape[-1]))
     if not codec.scaled:
         return x.to(codec.torch_dtype), None
     if codec.dithered:
@@ -114,9 +139,15 @@ def encode(codec: Codec, x: torch.Tensor, seeds: torch.Tensor | None = None
     return codes, scale
 
 
-def decode(codec: Codec, codes: torch.Tensor, scale: torch.Tensor | None, width: int | None = None) -> torch.Tensor:
+def decode(codec: Codec, codes: torch.Tensor, scale: torch.Tensor | None, width: int | None = None,
+           basis: torch.Tensor | None = None) -> torch.Tensor:
     """codes, scale as `encode` returns them -> float32 [..., T, D].
-    width: D, needed only to decode int4 codes of an odd D (default: two values per byte)."""
+    width: D, needed only to decode int4 codes of an odd D (default: two values per byte).
+    basis: the cache's basis [R + 1, D], needed only by low-rank codecs."""
+    if codec.rank is not None:
+        if basis is None:
+            raise ValueError(f"{codec.name} decodes with the cache's basis: pass basis=")
+        return lowrank.decode(codes, scale, basis)
     if not codec.scaled:
         return codes.float()
     if codec.values_per_code == 1:
@@ -203,12 +234,15 @@ def from_storage(codec: Codec, stored: np.ndarray) -> torch.Tensor:
     return t.view(codec.torch_dtype) if t.dtype != codec.torch_dtype else t
 
 
-def codec_error(codec: Codec, x: torch.Tensor) -> dict[str, float]:
+def codec_error(codec: Codec, x: torch.Tensor, basis: torch.Tensor | None = None) -> dict[str, float]:
     """Round-trip error of `codec` on float32 targets x [..., D]: relative RMS error
     ||dec(enc(x)) - x|| / ||x|| and the mean per-token cosine similarity. Dithered codecs use seeds 0, 1, ...
-    (one per view, x [..., T, D])."""
+    (one per view, x [..., T, D]). Low-rank codecs use `basis` (its first R + 1 rows), or one fitted on x
+    itself when None (in-sample: optimistic)."""
     seeds = torch.arange(math.prod(x.shape[:-2]), dtype=torch.int64).reshape(x.shape[:-2]) if codec.dithered else None
-    y = decode(codec, *encode(codec, x, seeds), width=x.shape[-1]).float()
+    if codec.rank is not None and basis is None:
+        basis = lowrank.fit_basis(x, codec.rank)
+    y = decode(codec, *encode(codec, x, seeds, basis), width=x.shape[-1], basis=basis).float()
     x = x.float()
     rel_rmse = float((y - x).pow(2).sum().sqrt() / x.pow(2).sum().sqrt().clamp_min(1e-30))
     cosine = float(torch.nn.functional.cosine_similarity(y.flatten(0, -2), x.flatten(0, -2), dim=-1).mean())

@@ -25,8 +25,10 @@ def inspect_report(path: str, sample_views: int = 64) -> dict:
     rng = np.random.default_rng(0)
     picks = sorted(rng.choice(len(cache), size=min(sample_views, len(cache)), replace=False).tolist()) if len(cache) else []
     targets = torch.stack([cache[i].target for i in picks]) if picks else None
-    stored_error = ({name: codecs.codec_error(c, targets) for name, c in codecs.CODECS.items()}
-                    if targets is not None else {})
+    shown = {**codecs.CODECS, m.codec: cache.codec}
+    # low-rank codecs: the cache's own basis for its codec, a basis fitted on the sample for the others
+    stored_error = ({name: codecs.codec_error(c, targets, cache.basis if name == m.codec else None)
+                     for name, c in shown.items()} if targets is not None else {})
     return {
         "teacher": dataclasses.asdict(m.teacher), "teacher_precision": m.teacher_precision,
         "target_layer": m.target_layer,
@@ -38,6 +40,7 @@ def inspect_report(path: str, sample_views: int = 64) -> dict:
         "stored_target_bytes_per_view": stored("target", "scale"), "stored_pixel_bytes_per_view": stored("pixels"),
         "target_bytes_per_view": cache.codec.bytes_per_view(m.tokens, m.target_dim),
         "extract_error": m.codec_error, "stored_error": stored_error, "sampled_views": len(picks),
+        "calibration": m.calibration, "basis": m.basis,
     }
 
 
@@ -58,9 +61,28 @@ def format_report(r: dict) -> str:
         "",
         "codec   rel RMSE vs fp32 (extract)   cosine     rel RMSE vs stored ({} views)".format(r["sampled_views"]),
     ]
-    for name in codecs.CODECS:
+    for name in dict.fromkeys([*codecs.CODECS, r["codec"]]):
         e, s = r["extract_error"].get(name), r["stored_error"].get(name)
         lines.append(f"{name:6s}  {_pct(e, 'rel_rmse'):>26s}   {_f(e, 'cosine'):>8s}   {_pct(s, 'rel_rmse'):>12s}")
+    if r["basis"]:
+        lines += ["", f"basis          {r['basis']['file']} float32 {r['basis']['shape']}, sha256 "
+                      f"{r['basis']['sha256'][:16]}... (low-rank codes decode with it)"]
+    if r["calibration"]:
+        lines += ["", format_calibration(r["calibration"])]
+    return "\n".join(lines)
+
+
+def format_calibration(record: dict) -> str:
+    """The table extract prints: each candidate's bytes and held-out error, the chosen one marked."""
+    held = record["heldout_views"]
+    lines = [f"calibration: {record['views']} views of the teacher's targets ({record['fit_views']} fit the basis, "
+             f"errors on {held if held else 'the same'} {'held-out ' if held else ''}views)"
+             + (f", --max-error {record['max_error']:g}" if record["max_error"] is not None else ""),
+             "  codec     target B/view   rel RMSE   worst view"]
+    for name, e in sorted(record["errors"].items(), key=lambda kv: kv[1]["target_bytes_per_view"]):
+        mark = "  <- chosen" if name == record["chosen"] else ""
+        lines.append(f"  {name:8s} {e['target_bytes_per_view']:>14,d}   {100 * e['rel_rmse']:6.2f} %   "
+                     f"{100 * e['max_view_rel_rmse']:6.2f} %{mark}")
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ type) before the typed `schema.Manifest` is built from it:
 - `unlisted_shards`: shard folders on disk that the manifest does not list.
 - `record_problems`: a shard.json against its manifest entry (the digest the manifest holds, counts, files).
 - `array_problems`: an array's zarr.json against the shape and dtype the manifest implies.
+- `basis_problem`: a low-rank cache's basis.npy against the manifest's record of it (digest, shape, dtype).
 - `source_problem`: the one refusal of a `--data` that is not the dataset the cache was made from.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import posixpath
 import re
 
+from g2sd_cache.cache import lowrank
 from g2sd_cache.cache.codecs import get_codec
 from g2sd_cache.cache.digests import record_digest
 from g2sd_cache.common.errors import UserError
@@ -235,6 +237,19 @@ def array_problems(shard: str, name: str, spec: ArraySpec, kn: tuple[int, int],
     if layout.dtype != spec.dtype:
         return layout, [(shard, f"array {name} has dtype {layout.dtype}, expected {spec.dtype}")]
     return layout, []
+
+
+def basis_problem(data: dict, read) -> Problem | None:
+    """For a `usable` manifest of a low-rank codec: why its basis file (`read(BASIS_FILE)` -> bytes, or None when
+    missing) is not the one the manifest binds; None when it is, or when the codec needs no basis."""
+    codec = get_codec(data["codec"])
+    if codec.rank is None:
+        return None
+    rank = codec.code_width(data["target_dim"])
+    record = data.get("basis")
+    raw = read(lowrank.BASIS_FILE) if isinstance(record, dict) else None
+    problem = lowrank.basis_problem(record, raw, rank, data["target_dim"])
+    return (lowrank.BASIS_FILE, problem) if problem else None
 
 
 def source_problem(m: Manifest, source, given: str) -> str | None:

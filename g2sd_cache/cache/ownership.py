@@ -23,7 +23,7 @@ from pathlib import Path
 
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.common.fsutil import TMP_MARK, write_text_atomic
-from g2sd_cache.cache.schema import CACHE_MARKER, CONFIG, FORMAT_VERSION, LOCK_FILE, MANIFEST, SHARD_PREFIX, SHARD_RECORD
+from g2sd_cache.cache.schema import BASIS_FILE, CACHE_MARKER, CALIBRATION_FILE, CONFIG, FORMAT_VERSION, LOCK_FILE, MANIFEST, SHARD_PREFIX, SHARD_RECORD
 from g2sd_cache.data.sources import IMAGE_SUFFIXES
 
 RUN_MARKER = ".g2sd-run"
@@ -165,7 +165,7 @@ def _read_holder(fd: int) -> dict:
 def _cache_entry_is_ours(folder: Path, name: str) -> bool:
     """Whether a top-level entry of a cache is something extract writes."""
     path = folder / name
-    if name in (CACHE_MARKER, LOCK_FILE, CONFIG, MANIFEST) or TMP_MARK in name:
+    if name in (CACHE_MARKER, LOCK_FILE, CONFIG, MANIFEST, BASIS_FILE, CALIBRATION_FILE) or TMP_MARK in name:
         return True
     if not (name.startswith(SHARD_PREFIX) and path.is_dir() and not path.is_symlink()):
         return False

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 import zarr
 
-from g2sd_cache.cache import codecs
+from g2sd_cache.cache import codecs, lowrank
 from g2sd_cache.common.errors import CacheCorruptError
 from g2sd_cache.cache.digests import chunk_file_digest, digest_mismatch, fsspec_reader, is_metadata, local_reader, record_digest
-from g2sd_cache.cache.manifest_checks import array_problems, manifest_problems, record_problems, typed_manifest, unlisted_shards
+from g2sd_cache.cache.manifest_checks import array_problems, basis_problem, manifest_problems, record_problems, typed_manifest, unlisted_shards
 from g2sd_cache.cache.schema import SHARD_RECORD, decode_keys, parse_manifest, read_manifest_text
 from g2sd_cache.cache.shard_files import MappedShardFile, ZarrShardFile, can_map, strict_store
 from g2sd_cache.cache.shard_reader import ShardReader
@@ -96,6 +96,7 @@ class Cache(ShardReader):
                                     f"`g2sd-cache verify {root}` for the full report, then re-extract the cache")
         self.manifest = typed_manifest(data)
         self.codec = codecs.get_codec(self.manifest.codec)
+        self.basis = self._load_basis(data, root)
         self.shard_images = [s.images for s in self.manifest.shards]
         views_per_shard = [s.views for s in self.manifest.shards]
         self._offsets = np.cumsum([0] + views_per_shard).tolist()
@@ -104,6 +105,23 @@ class Cache(ShardReader):
         self._reset()
         if m.shards:   # the manifest's codec, target_dim, img_size against the arrays' shapes and dtypes, now
             self._check_sizes(0, arrays_only=True)
+
+    def _load_basis(self, data: dict, shown: str) -> torch.Tensor | None:
+        """A low-rank cache's basis [R + 1, D] float32, checked against the manifest's digest; None for the
+        other codecs. A missing or altered basis refuses the cache: its codes mean nothing without it."""
+        raw: dict[str, bytes | None] = {}
+
+        def read(rel: str) -> bytes | None:
+            try:
+                raw[rel] = self._fs.cat_file(f"{self._path}/{rel}")
+            except FileNotFoundError:
+                raw[rel] = None
+            return raw[rel]
+
+        problem = basis_problem(data, read)
+        if problem:
+            raise CacheCorruptError(f"cache {shown}: {problem[1]}; re-extract the cache")
+        return lowrank.load_basis(raw[lowrank.BASIS_FILE]) if raw else None
 
     def _reset(self) -> None:
         """Per-process state (ShardReader's, and: zarr groups, each shard's file digests and image crc32c)."""
@@ -279,7 +297,7 @@ class Cache(ShardReader):
     def decode(self, codes: np.ndarray, scale: np.ndarray | None) -> torch.Tensor:
         """Stored codes (+ scale) -> float32 targets."""
         return codecs.decode(self.codec, codecs.from_storage(self.codec, np.array(codes)),
-                             None if scale is None else torch.from_numpy(np.array(scale)))
+                             None if scale is None else torch.from_numpy(np.array(scale)), basis=self.basis)
 
     def __getitem__(self, i: int) -> ViewRecord:
         s, view, row = self.locate(i)

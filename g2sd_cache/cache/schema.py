@@ -5,6 +5,9 @@
       .g2sd-cache.lock   the advisory lock a running extract holds (with its pid and host)
       config.yaml        the extract configuration that produced it (rerun checks it)
       manifest.json      written last, by rank 0, once every shard is complete; a digest of every shard.json
+      basis.npy          low-rank codecs (pcaR) only: the PCA basis the codes decode with, float32 [R + 1, D]
+                         (cache/lowrank.py), bound by its sha256 in the manifest
+      calibration.json   codec auto and pcaR: the calibration extract ran first (its record is in the manifest)
       shard-00000/       a zarr v3 group, renamed into place only when complete
         shard.json       the shard's record: counts, skipped inputs, file sizes and digests, source image crc32c
         target/ scale/ mask/ crop/ flip/ source_index/ key/ pixels/   zarr v3 arrays
@@ -34,12 +37,14 @@ copied in from another cache therefore fails its digest, although its own crc32c
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from g2sd_cache.cache import lowrank
 from g2sd_cache.cache.codecs import Codec, get_codec
 from g2sd_cache.common.fsutil import TMP_MARK  # noqa: F401  (re-exported: the cache's temporaries carry it)
 from g2sd_cache.data.views import ViewGeometry
@@ -51,6 +56,8 @@ CONFIG = "config.yaml"
 SHARD_RECORD = "shard.json"
 SHARD_PREFIX = "shard-"
 CACHE_MARKER = ".g2sd-cache"
+CALIBRATION_FILE = "calibration.json"
+BASIS_FILE = lowrank.BASIS_FILE
 LOCK_FILE = ".g2sd-cache.lock"
 
 
@@ -229,6 +236,10 @@ class Manifest:
     views: int
     images: int
     created: str
+    # Optional (caches of the same format made before them lack them):
+    basis: dict | None = None        # low-rank codecs: {file, sha256, shape} of basis.npy (lowrank.basis_record)
+    calibration: dict | None = None  # codec auto / pcaR: {views, fit_views, heldout_views, max_error, chosen,
+                                     #   errors: {codec: {rel_rmse, cosine, max_view_rel_rmse, target_bytes_per_view}}}
 
     @property
     def stores_pixels(self) -> bool:
@@ -247,7 +258,7 @@ class Manifest:
     def from_dict(cls, data: dict) -> "Manifest":
         """A manifest's JSON object -> the typed manifest. Check it first (`manifest_checks.manifest_problems`):
         this trusts the types."""
-        fields = {k: data[k] for k in cls.__dataclass_fields__}
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         fields["teacher"] = TeacherRecord(**data["teacher"])
         fields["geometry"] = geometry_from_dict(data["geometry"])
         src = dict(data["source"])
@@ -275,7 +286,8 @@ def parse_manifest(text: str) -> dict:
         raise UserError(f"cache manifest {MANIFEST} is not a JSON object; rerun `g2sd-cache extract` to rewrite it")
     if data.get("format_version") != FORMAT_VERSION:
         raise UserError(unsupported_format(data.get("format_version")))
-    missing = [k for k in Manifest.__dataclass_fields__ if k not in data]
+    missing = [k for k, f in Manifest.__dataclass_fields__.items()
+               if k not in data and f.default is dataclasses.MISSING]
     if missing:
         raise UserError(f"cache manifest {MANIFEST} lacks {', '.join(missing)}; rerun `g2sd-cache extract` to rewrite it")
     return data

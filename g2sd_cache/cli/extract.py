@@ -49,10 +49,17 @@ def add(sub):
                        "where fp16 is unsupported). Recorded in the manifest and shown by inspect; its error lands in "
                        "every stored target")
     store = p.add_argument_group("storage")
-    store.add_argument("--codec", choices=list(CODECS), help="how targets are stored: fp16/bf16 (2 B/value), int8/fp8 "
-                       "with a per-token scale (1 B/value) or int4 (0.5 B/value, a float16 scale per 32 channels, "
-                       "unbiased stochastic rounding); see `g2sd-cache inspect` for each codec's error on your teacher "
+    store.add_argument("--codec", metavar="{" + ",".join(CODECS) + ",pcaR,auto}",
+                       help="how targets are stored: fp16/bf16 (2 B/value), int8/fp8 with a per-token scale "
+                       "(1 B/value), int4 (0.5 B/value, a float16 scale per 32 channels, unbiased stochastic "
+                       "rounding), pcaR (R int8 coefficients per token in a PCA basis fitted on the teacher's "
+                       "targets, stored with the cache: pca64 is 66 B/token), or auto: the fewest bytes within "
+                       "--max-error; see `g2sd-cache inspect` for each codec's error on your teacher "
                        "(default %(default)s)")
+    store.add_argument("--max-error", type=float, help="with --codec auto: the largest relative RMS error of decoded "
+                       "targets, measured on held-out calibration views (e.g. 0.05)")
+    store.add_argument("--calibration-views", type=int, help="views of the teacher's targets that --codec auto/pcaR "
+                       "measure codecs and fit the basis on: the cache's first views (default %(default)s)")
     store.add_argument("--shard-size", type=int, help="views per cache shard for image folders (memory: about 2 "
                        "shards of targets); tar sources keep one shard per tar (default %(default)s)")
     store.add_argument("--chunk-views", type=int, help="images per inner zarr chunk (the unit of a read and of a "

@@ -24,7 +24,8 @@ def add(sub):
     p.add_argument("--deep", type=int, default=0, metavar="N", help="replay N random views through the live teacher "
                    "(from the stored pixels; a --pixels none cache needs --data) and fail any whose stored target "
                    "differs by more than the codec's tolerance (relative RMS: "
-                   f"{', '.join(f'{k} {v:g}' for k, v in CODEC_TOLERANCE.items())}; combined with "
+                   f"{', '.join(f'{k} {v:g}' for k, v in CODEC_TOLERANCE.items())}, pcaR twice its worst held-out "
+                   "calibration view (0.05 to 0.5); combined with "
                    f"{BF16_COMPUTE_TOLERANCE:g} when bf16 autocast may be involved); default 0")
     p.add_argument("--teacher", default=None, metavar="CKPT|random", help="teacher for --deep: the MAE checkpoint "
                    "the cache was made with, or random[:SEED]; default: the one the manifest records. Its weights "

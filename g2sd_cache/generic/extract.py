@@ -20,7 +20,6 @@ import resource
 import shutil
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
@@ -31,21 +30,23 @@ from tqdm import tqdm
 
 from g2sd_cache.cache import codecs
 from g2sd_cache.common.config import read_yaml, to_yaml
-from g2sd_cache.cache.digests import image_crc32c, record_digest
+from g2sd_cache.cache.digests import image_crc32c
 from g2sd_cache.common.dist import DistEnv, run_on_ranks
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.common.fsutil import write_text_atomic
 from g2sd_cache.models.mae import TEACHER_PRESETS, build_teacher
 from g2sd_cache.cache.ownership import FolderLock, claim_cache_folder
-from g2sd_cache.cache.schema import (CONFIG, FORMAT_VERSION, MANIFEST, SHARD_RECORD, TMP_MARK, Manifest, ShardEntry, ShardRecord,
-                     SourceRecord, TeacherRecord, array_specs, encode_keys, folder_order, shard_name,
-                     source_index_for_tar)
+from g2sd_cache.cache.schema import (CONFIG, SHARD_RECORD, TMP_MARK, ShardRecord, array_specs, encode_keys,
+                                     folder_order, shard_name, source_index_for_tar)
 from g2sd_cache.data.sources import FolderSource, Source, TarMemberError, TarSource, open_source
-from g2sd_cache.data.views import (ViewGeometry, decode_image, normalize_patches, render_view, replay_versions, sample_view,
+from g2sd_cache.data.views import (ViewGeometry, decode_image, normalize_patches, render_view, sample_view,
                     visible_patches)
 from g2sd_cache.common.workers import keep_as_is, mp_context
 from g2sd_cache.training.precision import TEACHER_PRECISIONS, recorded_precision, resolve_teacher_precision, teacher_autocast
 from g2sd_cache.cache.writer import ShardData, ShardWriter
+from g2sd_cache.generic.calibrate import (AUTO, Calibration, calibrate, format_calibration, needs_calibration,
+                                          read_calibration, teacher_targets, write_calibration)
+from g2sd_cache.generic.manifest import write_manifest
 
 
 @dataclass(frozen=True)
@@ -69,11 +70,13 @@ class ExtractConfig:
     overwrite: bool = False
     pixels: str = "visible"
     teacher_precision: str = "auto"   # auto: fp16 autocast on CUDA (G2SD's), fp32 on CPU
+    max_error: float | None = None     # --codec auto: the largest relative RMS error of decoded targets allowed
+    calibration_views: int = 256       # views the codecs are measured (and a low-rank basis fitted) on
 
     # Fields that decide the cache's content; a rerun with any of them changed is refused.
     # The teacher is compared by the sha256 of its weights (fingerprints), not by how its path was typed.
     CONTENT = ("arch", "views", "seed", "target_layer", "mask_ratio", "img_size", "codec",
-               "shard_size", "chunk_views", "pixels")
+               "shard_size", "chunk_views", "pixels", "max_error", "calibration_views")
 
     @property
     def geometry(self) -> ViewGeometry:
@@ -83,7 +86,14 @@ class ExtractConfig:
     def validate(self) -> None:
         if self.arch not in TEACHER_PRESETS:
             raise UserError(f"unknown --arch {self.arch}; choose one of: {', '.join(TEACHER_PRESETS)}")
-        codecs.get_codec(self.codec)
+        if self.codec != AUTO:
+            codecs.get_codec(self.codec)
+        if (self.codec == AUTO) != (self.max_error is not None):
+            raise UserError("--codec auto chooses by --max-error E: give both (or neither)")
+        if self.max_error is not None and not 0 < self.max_error < 1:
+            raise UserError(f"--max-error {self.max_error}: a relative RMS error in (0, 1), e.g. 0.05")
+        if self.calibration_views < 2:
+            raise UserError("--calibration-views must be at least 2")
         depth = TEACHER_PRESETS[self.arch].decoder_depth
         if not 1 <= self.target_layer <= depth:
             raise UserError(f"--target-layer {self.target_layer}: must be between 1 and {depth} "
@@ -220,8 +230,9 @@ class _ShardAssembler:
     """Collects one shard's images (in order), runs the teacher on full batches of their views and
     keeps the encoded targets in [K, capacity, ...] buffers that grow as needed."""
 
-    def __init__(self, plan: ShardPlan, source: Source, cfg: ExtractConfig, tokens: int, width: int):
-        self.plan, self.cfg = plan, cfg
+    def __init__(self, plan: ShardPlan, source: Source, cfg: ExtractConfig, tokens: int, width: int,
+                 basis: torch.Tensor | None = None):
+        self.plan, self.cfg, self.basis = plan, cfg, basis    # cfg.codec resolved; basis: a low-rank codec's
         self.codec = codecs.get_codec(cfg.codec)
         self.specs = array_specs(self.codec, tokens, width, cfg.geometry.num_patches, cfg.visible_pixels)
         self.expected = plan.stop - plan.start if isinstance(source, FolderSource) else None
@@ -288,10 +299,12 @@ class _ShardAssembler:
                                 f"Check the teacher checkpoint")
             if not self.codec_error:
                 sample = target[:64].float()
-                self.codec_error = {name: codecs.codec_error(c, sample) for name, c in codecs.CODECS.items()}
+                # low-rank codecs only against this cache's basis, and only the ranks it holds
+                self.codec_error = {name: codecs.codec_error(c, sample, self.basis)
+                                    for name, c in {**codecs.CODECS, self.codec.name: self.codec}.items() if c.rank is None or (self.basis is not None and c.code_width(sample.shape[-1]) < len(self.basis))}
             seeds = (codecs.dither_seeds(self.cfg.seed, self.buffers["source_index"][vis, rows], vis)
                      if self.codec.dithered else None)    # int4: a pure function of (seed, image, view)
-            codes, scale = codecs.encode(self.codec, target, seeds)
+            codes, scale = codecs.encode(self.codec, target, seeds, self.basis)
             self.buffers["target"][vis, rows] = codecs.to_storage(self.codec, codes)
             if scale is not None:
                 self.buffers["scale"][vis, rows] = scale.cpu().numpy()
@@ -324,6 +337,8 @@ def _prepare_output(out: Path, cfg: ExtractConfig, fingerprints: dict) -> None:
     if config_path.exists():
         old = read_yaml(config_path)
         new = dataclasses.asdict(cfg) | fingerprints
+        # a key the old config lacks (a flag added since) had its default then
+        old = {k: getattr(ExtractConfig, k) for k in ("max_error", "calibration_views")} | old
         diff = [k for k in (*ExtractConfig.CONTENT, *fingerprints) if old.get(k) != new.get(k)]
         if diff:
             changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
@@ -349,52 +364,20 @@ def _remove_stale_temporaries(out: Path, shards: list[ShardPlan]) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def write_manifest(out: Path, cfg: ExtractConfig, source: Source, plans: list[ShardPlan], teacher_info,
-                   tokens: int, width: int, precision: str) -> Manifest:
-    """Rank 0, after every shard is complete: gather the shards' records into manifest.json."""
-    records, digests = [], []
-    for p in plans:
-        path = out / shard_name(p.index) / SHARD_RECORD
-        if not path.is_file():
-            raise UserError(f"shard {shard_name(p.index)} is missing after extraction; rerun the same command")
-        raw = path.read_bytes()
-        records.append(ShardRecord.from_json(raw.decode()))
-        digests.append(record_digest(raw))      # binds each shard.json (and so every file it lists) to this cache
-    codec_error = {}
-    measured = [r.codec_error for r in records if r.codec_error]
-    for name in codecs.CODECS:
-        vals = [m[name] for m in measured if name in m]
-        if vals:
-            codec_error[name] = {k: float(np.mean([v[k] for v in vals])) for k in vals[0]}
-    images = sum(r.images for r in records)
-    left_out = list(getattr(source, "skipped", ()))   # entries the folder scan left out (never in the listing)
-    skipped = [*left_out, *(s for r in records for s in r.skipped)]
-    source_info = SourceRecord(
-        kind=source.kind, root=source.root, fingerprint=source.fingerprint, scan_skipped=len(left_out),
-        count=len(source) if isinstance(source, FolderSource) else images + len(skipped),
-        shards=tuple(source.urls) if isinstance(source, TarSource) else ())
-    manifest = Manifest(
-        format_version=FORMAT_VERSION,
-        teacher=TeacherRecord(**dataclasses.asdict(teacher_info)),
-        target_layer=cfg.target_layer, geometry=cfg.geometry,
-        views_per_image=cfg.views, seed=cfg.seed, codec=cfg.codec, pixels=cfg.pixels, tokens=tokens, target_dim=width,
-        chunk_views=cfg.chunk_views, source=source_info,
-        versions=replay_versions(), teacher_precision=recorded_precision(precision),
-        shards=tuple(ShardEntry(name=shard_name(r.index), images=r.images, views=r.views, files=r.files, record=d,
-                                start=r.start, stop=r.stop, tar=r.tar) for r, d in zip(records, digests)),
-        skipped=skipped, codec_error=codec_error,
-        views=sum(r.views for r in records), images=images,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    )
-    write_text_atomic(out / MANIFEST, manifest.to_json())
-    if source.scan_note():
-        print(source.scan_note())
-    return manifest
 
 
 def run_extract(cfg: ExtractConfig) -> dict:
     """Extract the cache described by `cfg`; returns the summary that the CLI prints."""
     return run_on_ranks(cfg, _extract, release=lambda: _release_output(cfg.out))
+
+
+def _calibrate(cfg: ExtractConfig, source: Source, plans: list[ShardPlan], teacher, device,
+               precision: str) -> Calibration:
+    """Rank 0: the teacher's targets of the cache's first views (as extract renders them) -> the codec and basis."""
+    items = RenderedImages(source, plans, cfg)
+    x = teacher_targets(iter(items), teacher, device, cfg.calibration_views, cfg.batch_size, cfg.target_layer,
+                        autocast=teacher_autocast(precision, device))
+    return calibrate(x, cfg.codec, cfg.max_error)
 
 
 def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
@@ -414,11 +397,16 @@ def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
                     "teacher_precision": recorded_precision(precision)}
     if isinstance(source, FolderSource):  # the images' order in the shards is part of the cache's content
         fingerprints["folder_order"] = "seeded shuffle"
+    plans = plan_shards(source, cfg)
     if env.is_main:
         _prepare_output(out, cfg, fingerprints)
+        if needs_calibration(cfg.codec) and read_calibration(out) is None:
+            write_calibration(out, _calibrate(cfg, source, plans, teacher, env.device, precision))
     env.barrier()
-
-    plans = plan_shards(source, cfg)
+    cal = read_calibration(out) or Calibration(cfg.codec)
+    if env.is_main and cal.record is not None:
+        print(format_calibration(cal.record))
+    written = dataclasses.replace(cfg, codec=cal.codec)     # --codec auto resolved
     mine = [p for p in plans if p.index % env.world == env.rank]
     pending = [p for p in mine if not _is_complete(out, p.index)]
     _remove_stale_temporaries(out, pending)
@@ -448,7 +436,7 @@ def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
                 break
             s = item["shard"]
             asm = assemblers.get(s) or assemblers.setdefault(
-                s, _ShardAssembler(plan_by_index[s], source, cfg, tokens, width))
+                s, _ShardAssembler(plan_by_index[s], source, written, tokens, width, cal.basis))
             if "end" in item:
                 asm.expected = asm.received
             elif "error" in item:
@@ -485,7 +473,7 @@ def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
     if env.device.type == "cuda":
         summary["peak_gpu_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
     if env.is_main:
-        manifest = write_manifest(out, cfg, source, plans, info, tokens, width, precision)
+        manifest = write_manifest(out, written, source, plans, info, tokens, width, recorded_precision(precision), cal)
         on_disk = sum(sum(s.files.values()) for s in manifest.shards)
         summary.update(cache_views=manifest.views, cache_images=manifest.images, cache_skipped=len(manifest.skipped),
                        cache_bytes=on_disk, bytes_per_view=on_disk / max(1, manifest.views))

@@ -9,7 +9,8 @@
 
 Where a micro-batch's target comes from decides the mode: the stored codes (cached: no teacher at all),
 the live teacher on a fresh view (online, the paper), or the live teacher on the cached view (replay, which
-also measures how far the stored targets are from the live ones).
+also measures how far the stored targets are from the live ones). Stored codes go into the fused loss as they
+are, except a low-rank cache's (pcaR), which are decoded on the device first (a [T, R] x [R, D] matmul).
 
 **One normalisation per optimizer step.** The loss of a step is the sum of smooth-L1 over the selected
 elements of all its micro-batches on all ranks, divided by the selected count of the whole step (all
@@ -263,6 +264,8 @@ class Distiller(Trainer):
             else None
         self.teacher_autocast = teacher_autocast(self.teacher_precision or "fp32", device)
         self._weights: list[torch.Tensor] = []
+        # A low-rank cache's basis [R + 1, D], on the device once: its codes are decoded right before the loss.
+        self.basis = setup.cache.basis.to(device) if setup.cache is not None and setup.cache.basis is not None else None
 
     # -- one optimizer step ------------------------------------------------------------------------
     def step(self, batches: list[Batch], lr: float) -> StepResult:
@@ -307,7 +310,7 @@ class Distiller(Trainer):
                 target = s.teacher.targets_visible(patches, mask, s.target_layer)
             if batch.codes is not None and bool(batch.valid.any()):   # replay: cached vs live targets
                 cached = codecs.decode(s.cache.codec, batch.codes.to(device), None if batch.scale is None
-                                       else batch.scale.to(device))
+                                       else batch.scale.to(device), basis=self.basis)
                 ok = valid[:, None, None]
                 err = (cached - target) * ok
                 rel = err.pow(2).sum().sqrt() / (target * ok).pow(2).sum().sqrt().clamp_min(1e-12)
@@ -315,6 +318,8 @@ class Distiller(Trainer):
         else:
             target = batch.codes.to(device, non_blocking=True)
             scale = batch.scale.to(device, non_blocking=True) if batch.scale is not None else None
+            if self.basis is not None:   # low rank: codes x scale @ basis + centre ([T, R] x [R, D]), float32
+                target, scale = codecs.decode(s.cache.codec, target, scale, basis=self.basis), None
         sync_ctx = nullcontext() if (self.env.world == 1 or sync) else self.model.no_sync()
         with sync_ctx:
             with self.autocast():

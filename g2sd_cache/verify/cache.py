@@ -26,8 +26,8 @@ import time
 import yaml
 
 from g2sd_cache.common.errors import UserError
-from g2sd_cache.cache.manifest_checks import SHARD_DIR, manifest_problems, short_repr, typed_manifest, unlisted_shards, usable
-from g2sd_cache.cache.schema import CACHE_MARKER, CONFIG, LOCK_FILE, MANIFEST, Manifest
+from g2sd_cache.cache.manifest_checks import SHARD_DIR, basis_problem, manifest_problems, short_repr, typed_manifest, unlisted_shards, usable
+from g2sd_cache.cache.schema import BASIS_FILE, CACHE_MARKER, CALIBRATION_FILE, CONFIG, LOCK_FILE, MANIFEST, Manifest
 from g2sd_cache.verify.content import check_data, check_rows
 from g2sd_cache.verify.deep import BF16_COMPUTE_TOLERANCE, CODEC_TOLERANCE, deep_check
 from g2sd_cache.verify.files import FileChecker, VerifyReport
@@ -62,8 +62,12 @@ def verify_cache(path: str, deep: int = 0, teacher: str | None = None, data: str
     for where, what in unlisted_shards(data_obj, list(files.top_dirs)):
         report.add(where, what)
     for rel in sorted(on_disk):
-        if "/" not in rel and rel not in (MANIFEST, CONFIG, CACHE_MARKER, LOCK_FILE):
+        if "/" not in rel and rel not in (MANIFEST, CONFIG, CACHE_MARKER, LOCK_FILE, CALIBRATION_FILE) \
+                and not (rel == BASIS_FILE and m.basis is not None):
             report.add(rel, "unexpected file in the cache folder")
+    problem = basis_problem(data_obj, lambda rel: files.cat(rel) if rel in on_disk else None)
+    if problem:
+        report.add(*problem)
     if CACHE_MARKER not in on_disk:
         report.add(CACHE_MARKER, "is missing: extract writes it first, and refuses to resume or overwrite a folder "
                                  "without it")
@@ -122,6 +126,8 @@ def _check_config(files: FileChecker, m: Manifest) -> None:
              "chunk_views": m.chunk_views, "img_size": m.geometry.img_size, "mask_ratio": m.geometry.mask_ratio,
              "arch": m.teacher.arch, "teacher_sha256": m.teacher.sha256, "source_fingerprint": m.source.fingerprint,
              "pixels": m.pixels}
+    if cfg.get("codec") == "auto" and (m.calibration or {}).get("chosen") == m.codec:
+        pairs.pop("codec")           # auto: the calibration's choice is the manifest's codec
     for key, want in pairs.items():
         if key in cfg and cfg[key] != want:
             files.report.add(CONFIG, f"{key} = {short_repr(cfg[key])} but the manifest says {short_repr(want)}")

@@ -10,6 +10,8 @@ is a missing chunk, which zarr would silently read back as fill values: a proble
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 from dataclasses import dataclass, field
@@ -94,7 +96,8 @@ class FileChecker:
             return None
         if data.get("format_version") != FORMAT_VERSION:
             parse_manifest(text)          # an unsupported format version is the user's problem: UserError
-        missing = [k for k in Manifest.__dataclass_fields__ if k not in data]
+        missing = [k for k, f in Manifest.__dataclass_fields__.items()
+                   if k not in data and f.default is dataclasses.MISSING]
         if missing:
             self.report.add(MANIFEST, f"lacks {', '.join(missing)}; the cache cannot be checked further")
             return None

@@ -137,3 +137,44 @@ def test_a_duplicated_key_in_a_tar_is_skipped_and_listed(tmp_path):
     assert verify_cache(str(out), data=str(path)).ok
     with pytest.raises(UserError, match="appears twice"):
         run_extract(micro_extract_config(str(path), tmp_path / "c2", on_error="fail"))
+
+
+@pytest.fixture(scope="module")
+def pca_cache(image_folder, tmp_path_factory) -> Path:
+    """A low-rank (pca8) cache of the session images: its codes decode only with its basis.npy."""
+    out = tmp_path_factory.mktemp("pca") / "c"
+    run_extract(micro_extract_config(image_folder, out, codec="pca8"))
+    return out
+
+
+def _flip_a_basis_bit(c: Path) -> None:
+    raw = bytearray((c / "basis.npy").read_bytes())
+    raw[-5] ^= 0x01          # the last float's mantissa: same size, still a valid .npy
+    (c / "basis.npy").write_bytes(bytes(raw))
+
+
+def _basis_of_another_cache(c: Path) -> None:
+    import numpy as np
+    basis = np.load(c / "basis.npy")
+    np.save(c / "basis.npy", basis[:, ::-1].copy())   # a sound basis of the same shape, not this cache's
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (lambda c: (c / "basis.npy").unlink(), "basis.npy is missing"),
+    (_flip_a_basis_bit, "basis.npy is not the basis the manifest holds"),
+    (_basis_of_another_cache, "basis.npy is not the basis the manifest holds"),
+    (lambda c: _edit_manifest(c, lambda m: m.pop("basis")), "the manifest records no basis"),
+])
+def test_a_missing_or_altered_basis_is_refused_by_open_cache_and_flagged_by_verify(pca_cache, image_folder, tmp_path,
+                                                                                damage, needle):
+    assert verify_cache(str(pca_cache)).problems == []
+    c = copy_cache(pca_cache, tmp_path / "c")
+    damage(c)
+    with pytest.raises(CacheCorruptError) as e:
+        open_cache(str(c))
+    msg = one_line(e.value)
+    assert needle in msg and "re-extract" in msg, msg
+    problems = verify_cache(str(c)).problems
+    assert any(p.startswith("basis.npy: ") and needle in p for p in problems), problems
+    with pytest.raises(UserError, match="basis"):
+        train(micro_train_config(image_folder, c, tmp_path / "run"))

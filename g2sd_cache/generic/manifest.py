@@ -1,0 +1,65 @@
+"""Extract's last act: rank 0 gathers every shard's record into manifest.json (schema.Manifest), the file that
+makes a cache a cache. Per-codec errors are the mean over the shards' first batches; a low-rank cache's basis
+is bound by the sha256 its calibration recorded."""
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from g2sd_cache.cache import codecs
+from g2sd_cache.cache.digests import record_digest
+from g2sd_cache.cache.schema import (FORMAT_VERSION, MANIFEST, SHARD_RECORD, Manifest, ShardEntry, ShardRecord,
+                                     SourceRecord, TeacherRecord, shard_name)
+from g2sd_cache.common.errors import UserError
+from g2sd_cache.common.fsutil import write_text_atomic
+from g2sd_cache.data.sources import FolderSource, Source, TarSource
+from g2sd_cache.data.views import replay_versions
+from g2sd_cache.generic.calibrate import Calibration
+
+
+def write_manifest(out: Path, cfg, source: Source, plans: list, teacher_info, tokens: int, width: int,
+                   precision: str, calibration: Calibration) -> Manifest:
+    """Rank 0, after every shard is complete: gather the shards' records (plans: extract's ShardPlans, cfg: its
+    ExtractConfig with the codec resolved) into manifest.json, with the calibration and the basis' digest."""
+    records, digests = [], []
+    for p in plans:
+        path = out / shard_name(p.index) / SHARD_RECORD
+        if not path.is_file():
+            raise UserError(f"shard {shard_name(p.index)} is missing after extraction; rerun the same command")
+        raw = path.read_bytes()
+        records.append(ShardRecord.from_json(raw.decode()))
+        digests.append(record_digest(raw))      # binds each shard.json (and so every file it lists) to this cache
+    codec_error = {}
+    measured = [r.codec_error for r in records if r.codec_error]
+    for name in dict.fromkeys([*codecs.CODECS, *(k for m in measured for k in m)]):
+        vals = [m[name] for m in measured if name in m]
+        if vals:
+            codec_error[name] = {k: float(np.mean([v[k] for v in vals])) for k in vals[0]}
+    images = sum(r.images for r in records)
+    left_out = list(getattr(source, "skipped", ()))   # entries the folder scan left out (never in the listing)
+    skipped = [*left_out, *(s for r in records for s in r.skipped)]
+    source_info = SourceRecord(
+        kind=source.kind, root=source.root, fingerprint=source.fingerprint, scan_skipped=len(left_out),
+        count=len(source) if isinstance(source, FolderSource) else images + len(skipped),
+        shards=tuple(source.urls) if isinstance(source, TarSource) else ())
+    manifest = Manifest(
+        format_version=FORMAT_VERSION,
+        teacher=TeacherRecord(**dataclasses.asdict(teacher_info)),
+        target_layer=cfg.target_layer, geometry=cfg.geometry,
+        views_per_image=cfg.views, seed=cfg.seed, codec=cfg.codec, pixels=cfg.pixels, tokens=tokens, target_dim=width,
+        chunk_views=cfg.chunk_views, source=source_info,
+        versions=replay_versions(), teacher_precision=precision,
+        shards=tuple(ShardEntry(name=shard_name(r.index), images=r.images, views=r.views, files=r.files, record=d,
+                                start=r.start, stop=r.stop, tar=r.tar) for r, d in zip(records, digests)),
+        skipped=skipped, codec_error=codec_error,
+        views=sum(r.views for r in records), images=images,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        basis=(calibration.record or {}).get("basis"), calibration=calibration.record,
+    )
+    write_text_atomic(out / MANIFEST, manifest.to_json())
+    if source.scan_note():
+        print(source.scan_note())
+    return manifest
