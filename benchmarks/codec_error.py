@@ -38,10 +38,11 @@ from g2sd_cache.data.views import ViewGeometry, decode_image, normalize, render_
 from g2sd_cache.benchmarks.common import dir_bytes
 
 
-def teacher_targets(data: Path, arch: str, n: int, target_layer: int = 4) -> torch.Tensor:
+def teacher_targets(data: Path, arch: str, n: int, target_layer: int = 4, teacher_spec: str = "random:0",
+                    img_size: int = 224) -> torch.Tensor:
     """float32 targets [n, T, D] of view 0 (seed 0) of the first n images under `data`."""
-    teacher, _ = build_teacher("random:0", arch, 224)
-    geometry = ViewGeometry()
+    teacher, _ = build_teacher(teacher_spec, arch, img_size)
+    geometry = ViewGeometry(img_size=img_size, patch_size=teacher.shape.patch_size)
     files = sorted(p for p in data.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:n]
     out = []
     for start in range(0, len(files), 16):
@@ -92,17 +93,21 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=32, help="views (one per image) to measure on (default 32)")
     ap.add_argument("--arch", default="mae_vit_base_patch16", help="teacher preset, random weights (random:0)")
     ap.add_argument("--data", default=None, help="an image folder (default: generated photos)")
+    ap.add_argument("--teacher", default="random:0", help="random:SEED (default random:0), pretrained-micro[:SEED] "
+                    "(with --arch test_mae_micro_patch16) or an MAE checkpoint")
+    ap.add_argument("--img-size", type=int, default=224, help="crop size in pixels (default 224)")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="g2sd-codec-error-") as tmp:
         tmp = Path(tmp)
         data = Path(args.data) if args.data else make_image_folder(tmp / "images", args.images, seed=0, classes=4)
-        x = teacher_targets(data, args.arch, args.images)
+        x = teacher_targets(data, args.arch, args.images, teacher_spec=args.teacher, img_size=args.img_size)
         rows = {}
         for name, codec in codecs.CODECS.items():
             root = tmp / f"cache-{name}"
-            run_extract(ExtractConfig(data=str(data), out=str(root), teacher="random:0", arch=args.arch, views=1,
+            run_extract(ExtractConfig(data=str(data), out=str(root), teacher=args.teacher, arch=args.arch, views=1,
+                                      img_size=args.img_size,
                                       seed=0, codec=name, batch_size=16, workers=0, device="cpu",
                                       chunk_views=args.images, shard_size=max(args.images, 8)))
             cache = open_cache(str(root))
@@ -116,7 +121,7 @@ def main(argv=None) -> int:
         rows["int4 (fp32 scale per token)"] = int4_per_token_error(x)
         ranks = lowrank_by_rank(x)
     fp16 = rows["fp16"]["bytes_per_view"]
-    print(f"{args.images} views of random:0 {args.arch}, targets {list(x.shape[1:])}\n")
+    print(f"{args.images} views of {args.teacher} {args.arch}, targets {list(x.shape[1:])}\n")
     print("| codec | bytes/view on disk | vs fp16 | target bytes/view (formula) | rel. RMS error | cosine |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
@@ -133,8 +138,8 @@ def main(argv=None) -> int:
         print(f"| {r['rank']} | {r['target_bytes_per_view']:,} | {100 * r['heldout']:.2f} % | "
               f"{100 * r['heldout_truncation']:.2f} % | {100 * r['in_sample']:.2f} % |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"views": args.images, "arch": args.arch, "codecs": rows,
-                                               "lowrank": ranks}, indent=1))
+        Path(args.json).write_text(json.dumps({"views": args.images, "arch": args.arch, "teacher": args.teacher,
+                                                "img_size": args.img_size, "codecs": rows, "lowrank": ranks}, indent=1))
     return 0 if all(math.isfinite(r["rel_rmse"]) for r in rows.values()) else 1
 
 

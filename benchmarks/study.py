@@ -69,14 +69,17 @@ def parser() -> argparse.ArgumentParser:
                     "non-test --arch: a real teacher, for a GPU) or quick (--quick: a smoke run).")
     ap.add_argument("--data", help="image folder to split into training and held-out images, the same split every "
                     "time (default: generate synthetic images)")
-    ap.add_argument("--teacher", default="random", help="MAE checkpoint with its decoder, or random / random:SEED "
-                    "(default: random)")
+    ap.add_argument("--teacher", default="random", help="MAE checkpoint with its decoder, random / random:SEED, or "
+                    "pretrained-micro[:SEED] (the micro teacher pretrained with MAE's loss on photographs; default: random)")
     ap.add_argument("--arch", help=f"teacher preset; a non-test one selects the full profile ({_profiles('arch')})")
     ap.add_argument("--student", help=f"student preset ({_profiles('student')})")
     ap.add_argument("--views", type=int, nargs="+", metavar="K", help=f"the K of the cached arms ({_profiles('views')})")
     ap.add_argument("--codec-views", type=int, default=2, metavar="K", help="the K at which every codec is compared "
                     "(default: 2)")
     ap.add_argument("--codecs", nargs="+", choices=list(codecs.CODECS), help="codecs to compare (default: all)")
+    ap.add_argument("--arms", nargs="+", default=[], metavar="CODEC:PIXELS:K", help="extra cached arms, e.g. "
+                    "int8:jpeg:4 int8:jpeg:8 (PIXELS: visible or jpeg; named CODEC-PIXELS-kK)")
+    ap.add_argument("--pixel-quality", type=int, default=90, help="JPEG quality of the jpeg arms (default: 90)")
     ap.add_argument("--seeds", type=int, default=2, help="repeats of every arm, seeds 0..N-1 (student "
                     "initialisation, data order and training views); the spread is over these (default: 2)")
     ap.add_argument("--train-images", type=int, help=f"images to train on ({_profiles('train_images')})")
@@ -119,7 +122,8 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
         batch_size=pick(args.batch_size, "batch_size"), blr=pick(args.blr, "blr"),
         warmup_epochs=pick(args.warmup_epochs, "warmup_epochs"), img_size=pick(args.img_size, "img_size"),
         target_layer=args.target_layer, workers=pick(args.workers, "workers"), threads=pick(args.threads, "threads"),
-        device=args.device, workdir=args.workdir, keep=args.keep)
+        device=args.device, workdir=args.workdir, keep=args.keep, arms=tuple(args.arms),
+        pixel_quality=args.pixel_quality)
 
 
 def read_report(path: str) -> dict:

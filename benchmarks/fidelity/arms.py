@@ -23,7 +23,7 @@ from g2sd_cache.generic.train import TrainConfig, train
 
 from g2sd_cache.benchmarks.common import quiet, torch_threads
 from g2sd_cache.benchmarks.fidelity.data import HeldOut, evaluate, prepare_data, render_heldout, trained_student
-from g2sd_cache.benchmarks.fidelity.setup import BETA, DEFAULT_CODEC, Plan, StudyConfig, log
+from g2sd_cache.benchmarks.fidelity.setup import BETA, DEFAULT_CODEC, Plan, StudyConfig, log, parse_arm
 
 
 @dataclass(frozen=True)
@@ -31,34 +31,48 @@ class Arm:
     name: str           # "online", "cached-k4", "int8-k2"
     views: int | None   # K; None online
     codec: str | None   # None online
+    pixels: str = "visible"   # how the cache stores the views' pixels (visible, jpeg)
 
     @property
     def online(self) -> bool:
         return self.views is None
 
 
-def make_arms(ks: list[int], codec_k: int, codec_names: list[str]) -> list[Arm]:
-    """online, cached-kK (default codec) for every K, then every codec at `codec_k`. The default codec at
-    `codec_k` is cached-k{codec_k} itself when that K is in `ks`, so it is not trained twice."""
+def make_arms(ks: list[int], codec_k: int, codec_names: list[str], extra: tuple[str, ...] = ()) -> list[Arm]:
+    """online, cached-kK (default codec) for every K, then every codec at `codec_k`, then the `extra` arms
+    (CODEC:PIXELS:K, named CODEC-PIXELS-kK). The default codec at `codec_k` is cached-k{codec_k} itself when
+    that K is in `ks`, so it is not trained twice."""
     arms = [Arm("online", None, None)] + [Arm(f"cached-k{k}", k, DEFAULT_CODEC) for k in ks]
     for name in codec_names:
         if name == DEFAULT_CODEC and codec_k in ks:
             continue
         arms.append(Arm(f"{name}-k{codec_k}", codec_k, name))
+    for spec in extra:
+        codec, pixels, k = parse_arm(spec)
+        arms.append(Arm(f"{codec}-{pixels}-k{k}", k, codec, pixels))
     return arms
 
 
 # The arrays that describe a view (the same bytes whatever the codec); every other array holds the codec's codes
 # and scales, whatever a codec calls them.
-VIEW_ARRAYS = ("pixels", "mask", "crop", "flip", "source_index", "key")
+VIEW_ARRAYS = ("pixels", "jpeg", "mask", "crop", "flip", "source_index", "key")
+PIXEL_ARRAYS = ("pixels", "jpeg")
 
 
-def target_bytes_per_view(cache: Path) -> float:
-    """Bytes per view of the stored targets (the codec's codes and scales, zarr metadata left out) on disk."""
+def target_bytes_per_view(cache: Path, pixels: bool = False) -> float:
+    """Bytes per view of the stored targets (the codec's codes and scales, zarr metadata left out) on disk, or
+    with `pixels` of the stored pixels (exact patches or JPEGs)."""
     manifest = json.loads((cache / "manifest.json").read_text())
     total = sum(size for shard in manifest["shards"] for rel, size in shard["files"].items()
-                if "/" in rel and rel.split("/")[0] not in VIEW_ARRAYS and not rel.endswith("zarr.json"))
+                if "/" in rel and not rel.endswith("zarr.json") and (
+                    rel.split("/")[0] in PIXEL_ARRAYS if pixels else rel.split("/")[0] not in VIEW_ARRAYS))
     return total / manifest["views"]
+
+
+def total_bytes_per_view(cache: Path) -> float:
+    """Bytes per view of every file of the cache (targets, pixels, masks, crops, keys, metadata)."""
+    manifest = json.loads((cache / "manifest.json").read_text())
+    return sum(sum(shard["files"].values()) for shard in manifest["shards"]) / manifest["views"]
 
 
 def run_arm(arm: Arm, seed: int, cfg: StudyConfig, plan: Plan, teacher: MAETeacher, heldout: HeldOut,
@@ -82,11 +96,14 @@ def run_arm(arm: Arm, seed: int, cfg: StudyConfig, plan: Plan, teacher: MAETeach
                 ex = run_extract(ExtractConfig(
                     data=str(plan.train_dir), out=str(cache), teacher=cfg.teacher, arch=cfg.arch, views=arm.views,
                     seed=seed, target_layer=cfg.target_layer, mask_ratio=g.mask_ratio, img_size=g.img_size,
-                    codec=arm.codec, chunk_views=cfg.profile.chunk_views, batch_size=cfg.batch_size,
+                    codec=arm.codec, pixels=arm.pixels, pixel_quality=cfg.pixel_quality,
+                    chunk_views=cfg.profile.chunk_views, batch_size=cfg.batch_size,
                     workers=cfg.workers, device=cfg.device, on_error="fail"))
             if ex["cache_images"] != plan.train_images:
                 raise UserError(f"the cache holds {ex['cache_images']} of {plan.train_images} training images")
-            result.update(bytes_per_view=target_bytes_per_view(cache), extract_s=ex["seconds"])
+            result.update(bytes_per_view=target_bytes_per_view(cache), extract_s=ex["seconds"],
+                          pixel_bytes_per_view=target_bytes_per_view(cache, pixels=True),
+                          total_bytes_per_view=total_bytes_per_view(cache))
             train_cfg = TrainConfig(cache=str(cache), **common)
         with quiet(log_file):
             summary = train(train_cfg)
@@ -110,19 +127,25 @@ def mean_std(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None}
 
 
-def summarise(arms: list[Arm], per_seed: dict[str, list[dict]]) -> list[dict]:
+def summarise(arms: list[Arm], per_seed: dict[str, list[dict]], teacher: str = "") -> list[dict]:
     """The JSON's "arms": each arm's metrics over seeds and its gap to online, paired seed by seed."""
     online = per_seed["online"]
     rows = []
     for arm in arms:
         res = per_seed[arm.name]
         rows.append({
-            "name": arm.name, "views": arm.views, "codec": arm.codec,
-            "bytes_per_view": res[0]["bytes_per_view"],
+            "name": arm.name, "views": arm.views, "codec": arm.codec, "pixels": None if arm.online else arm.pixels,
+            "teacher": teacher, "bytes_per_view": res[0]["bytes_per_view"],
+            "pixel_bytes_per_view": res[0].get("pixel_bytes_per_view"),
+            "total_bytes_per_view": res[0].get("total_bytes_per_view"),
             "heldout_loss": mean_std([r["heldout_loss"] for r in res]),
+            "heldout_loss_per_seed": [r["heldout_loss"] for r in res],   # arms pair with each other seed by seed too
             "heldout_cosine": mean_std([r["heldout_cosine"] for r in res]),
             "train_loss": mean_std([r["train_loss"] for r in res]),
             "gap_to_online": mean_std([r["heldout_loss"] - o["heldout_loss"] for r, o in zip(res, online)]),
+            # the standard error of the mean gap: how well the seeds pin it down (std / sqrt(seeds))
+            "gap_sem": (statistics.stdev([r["heldout_loss"] - o["heldout_loss"] for r, o in zip(res, online)])
+                        / len(res) ** 0.5) if len(res) > 1 else None,
         })
     return rows
 
@@ -137,7 +160,7 @@ def run_study(cfg: StudyConfig) -> dict:
 
 
 def _run_study(cfg: StudyConfig, device: torch.device, t_start: float) -> dict:
-    arms = make_arms(list(cfg.views), cfg.codec_views, list(cfg.codecs))
+    arms = make_arms(list(cfg.views), cfg.codec_views, list(cfg.codecs), cfg.arms)
     seeds = list(range(cfg.seeds))
     if max(cfg.views + (cfg.codec_views,)) > cfg.epochs:
         log(f"note: K = {max(cfg.views + (cfg.codec_views,))} is more than the {cfg.epochs} epochs: some cached views "
@@ -163,13 +186,14 @@ def _run_study(cfg: StudyConfig, device: torch.device, t_start: float) -> dict:
                 log(f"seed {seed} {arm.name:>10}: held-out loss {r['heldout_loss']:.5f}, cosine "
                     f"{r['heldout_cosine']:.4f}, train loss {r['train_loss']:.5f} ({time.perf_counter() - t0:.0f} s)")
 
-    return {"arms": summarise(arms, per_seed), "config": {
+    return {"arms": summarise(arms, per_seed, cfg.teacher), "config": {
         "profile": cfg.profile.name, "teacher": info.source, "arch": cfg.arch, "student": cfg.student,
         "data": cfg.data or "synthetic", "train_images": plan.train_images, "heldout_images": len(heldout) // cfg.eval_views,
         "eval_views_per_image": cfg.eval_views, "img_size": cfg.img_size, "mask_ratio": cfg.geometry.mask_ratio,
         "target_layer": cfg.target_layer, "beta": BETA, "epochs": cfg.epochs, "steps": plan.steps,
         "batch_size": cfg.batch_size, "blr": cfg.blr, "warmup_steps": plan.warmup_steps, "seeds": seeds,
         "views": list(cfg.views), "codec_views": cfg.codec_views, "codecs": list(cfg.codecs),
+        "extra_arms": list(cfg.arms), "pixel_quality": cfg.pixel_quality,
         "default_codec": DEFAULT_CODEC, "device": str(device), "threads": torch.get_num_threads(),
         "untrained_student": {"heldout_loss": mean_std([u[0] for u in untrained]),
                               "heldout_cosine": mean_std([u[1] for u in untrained])},

@@ -21,13 +21,15 @@ def table(report: dict) -> str:
              f"{cfg['student']}, {cfg['train_images']} training / {cfg['heldout_images']} held-out images, "
              f"{cfg['steps']} steps of {cfg['batch_size']} = {cfg['epochs']} epochs, seeds {cfg['seeds']})",
              ""]
-    rows = [[a["name"], str(a["views"] or "fresh"), a["codec"] or "—",
-             f"{a['bytes_per_view']:,.0f}" if a["bytes_per_view"] is not None else "—",
+    num = lambda v: f"{v:,.0f}" if v is not None else "—"   # noqa: E731
+    rows = [[a["name"], str(a["views"] or "fresh"), a["codec"] or "—", a.get("pixels") or "—",
+             num(a["bytes_per_view"]), num(a.get("pixel_bytes_per_view")), num(a.get("total_bytes_per_view")),
              _pm(a["heldout_loss"], ".5f"), _pm(a["heldout_cosine"], ".4f"), _pm(a["train_loss"], ".5f"),
              _pm(a["gap_to_online"], "+.5f"),
              _pm({k: None if v is None else 100 * v / online for k, v in a["gap_to_online"].items()}, "+.2f") + " %"]
             for a in report["arms"]]
-    lines.append(markdown_table(["arm", "K", "codec", "target bytes/view", "held-out loss", "held-out cosine",
+    lines.append(markdown_table(["arm", "K", "codec", "pixels", "target B/view", "pixel B/view", "total B/view",
+                                 "held-out loss", "held-out cosine",
                                  "train loss", "gap to online", "gap / online"], rows))
     lines += ["", f"untrained student (same initialisation): held-out loss "
                   f"{_pm(cfg['untrained_student']['heldout_loss'], '.5f')}, cosine "
@@ -51,8 +53,8 @@ def plot(report: dict, path: str) -> None:
     online = next(a for a in arms if a["name"] == "online")["heldout_loss"]["mean"]
     rel = lambda a: 100 * a["gap_to_online"]["mean"] / online            # noqa: E731
     rel_std = lambda a: 100 * (a["gap_to_online"]["std"] or 0) / online  # noqa: E731
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax in (a1, a2):
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 4.4))
+    for ax in (a1, a2, a3):
         ax.axhline(0, color="C3", label=f"online (fresh views), loss {online:.4g}")
         ax.set_ylabel("held-out loss − online's (% of online)")
     cached = sorted((a for a in arms if a["name"].startswith("cached-k")), key=lambda a: a["views"])
@@ -72,11 +74,34 @@ def plot(report: dict, path: str) -> None:
                     xytext=(6, 6), fontsize=8)
     a2.set_xlabel("stored target bytes per view")
     a2.set_title("Held-out loss vs bytes per view")
-    for ax in (a1, a2):
+    _pareto(a3, [a for a in arms if a.get("total_bytes_per_view")], rel, rel_std)
+    for ax in (a1, a2, a3):
         ax.legend(fontsize=8)
-    fig.suptitle(f"{cfg['arch']} -> {cfg['student']}: {cfg['steps']} steps ({cfg['epochs']} epochs of "
+    fig.suptitle(f"teacher {cfg['teacher']} {cfg['arch']} -> {cfg['student']}: {cfg['steps']} steps ({cfg['epochs']} epochs of "
                  f"{cfg['train_images']} images), held-out {cfg['heldout_images']} images; ± std of the paired gap "
                  f"over {len(cfg['seeds'])} seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
+
+
+def _pareto(ax, cached: list, rel, rel_std) -> None:
+    """Every cached arm at its total bytes per view (targets + pixels + the rest), the Pareto front (no other
+    arm is both smaller and closer to online) joined by a line."""
+    if not cached:
+        return
+    for a in cached:
+        ax.errorbar([a["total_bytes_per_view"]], [rel(a)], yerr=[rel_std(a)], marker="o" if a.get("pixels") != "jpeg"
+                    else "s", capsize=3, color="C0" if a.get("pixels") != "jpeg" else "C2", linestyle="none")
+        ax.annotate(a["name"], (a["total_bytes_per_view"], rel(a)), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    front, best = [], float("inf")
+    for a in sorted(cached, key=lambda a: (a["total_bytes_per_view"], rel(a))):
+        if rel(a) < best:
+            front.append(a)
+            best = rel(a)
+    ax.plot([a["total_bytes_per_view"] for a in front], [rel(a) for a in front], color="C1", label="Pareto front")
+    ax.plot([], [], "o", color="C0", label="exact pixels")
+    ax.plot([], [], "s", color="C2", label="jpeg pixels")
+    ax.set_xscale("log")
+    ax.set_xlabel("total bytes per view on disk (targets + pixels + metadata)")
+    ax.set_title("Pareto: held-out gap vs bytes per view")

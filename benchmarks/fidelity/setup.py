@@ -100,6 +100,8 @@ class StudyConfig:
     device: str
     workdir: str | None
     keep: bool
+    arms: tuple[str, ...] = ()      # extra arms "CODEC:PIXELS:K" (e.g. int8:jpeg:8)
+    pixel_quality: int = 90         # the JPEG quality of jpeg arms
 
     @property
     def geometry(self) -> ViewGeometry:
@@ -133,6 +135,18 @@ class StudyConfig:
             raise UserError(f"--warmup-epochs {self.warmup_epochs}: must be between 0 and --epochs {self.epochs}")
         if self.workers < 0:
             raise UserError("--workers must be 0 or more")
+        for spec in self.arms:
+            parse_arm(spec)
+
+
+def parse_arm(spec: str) -> tuple[str, str, int]:
+    """--arms CODEC:PIXELS:K -> (codec, pixels, K), or a one-line UserError."""
+    from g2sd_cache.cache.pixel_codecs import PIXEL_MODES
+    parts = spec.split(":")
+    if len(parts) != 3 or parts[1] not in PIXEL_MODES or parts[1] == "none" or not parts[2].isdigit() or int(parts[2]) < 1:
+        raise UserError(f"--arms {spec}: expected CODEC:PIXELS:K with PIXELS visible or jpeg and K >= 1 (e.g. int8:jpeg:8)")
+    codecs.get_codec(parts[0])
+    return parts[0], parts[1], int(parts[2])
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import posixpath
 import re
 
 from g2sd_cache.cache import lowrank
+from g2sd_cache.cache.pixel_codecs import JPEG_DECODERS, PIXEL_MODES
 from g2sd_cache.cache.codecs import get_codec
 from g2sd_cache.cache.digests import record_digest
 from g2sd_cache.common.errors import UserError
@@ -58,7 +59,7 @@ def usable(data: dict) -> bool:
         dict(data["teacher"]), dict(data["source"])
     except (UserError, *_STRUCTURE):
         return False
-    return isinstance(data["shards"], list) and data["pixels"] in ("visible", "none") and \
+    return isinstance(data["shards"], list) and data["pixels"] in PIXEL_MODES and \
         all(_count(data[k]) and data[k] >= 1 for k in ("tokens", "target_dim", "views_per_image", "chunk_views"))
 
 
@@ -93,8 +94,13 @@ def manifest_problems(data: dict) -> list[Problem]:
         get_codec(data["codec"])
     except (UserError, TypeError):
         add(MANIFEST, f"unknown codec {data['codec']!r}")
-    if data["pixels"] not in ("visible", "none"):
-        add(MANIFEST, f"pixels = {data['pixels']!r}: expected 'visible' or 'none'")
+    if data["pixels"] not in PIXEL_MODES:
+        add(MANIFEST, f"pixels = {data['pixels']!r}: expected one of {', '.join(map(repr, PIXEL_MODES))}")
+    elif data["pixels"] == "jpeg":
+        enc = data.get("pixel_encoding")
+        if not isinstance(enc, dict) or enc.get("decoder") not in JPEG_DECODERS or not _count(enc.get("quality")):
+            add(MANIFEST, f"pixel_encoding = {enc!r}: a jpeg cache records its quality and its decoder "
+                          f"({' or '.join(JPEG_DECODERS)})")
     for name in ("tokens", "target_dim", "views_per_image", "chunk_views", "images", "views"):
         value = data[name]
         if not _count(value) or (value < 1 and name not in ("images", "views")):

@@ -31,7 +31,9 @@ from g2sd_cache.common.errors import CacheCorruptError
 from g2sd_cache.cache.digests import chunk_file_digest, digest_mismatch, fsspec_reader, is_metadata, local_reader, record_digest
 from g2sd_cache.cache.manifest_checks import array_problems, basis_problem, manifest_problems, record_problems, typed_manifest, unlisted_shards
 from g2sd_cache.cache.schema import SHARD_RECORD, decode_keys, parse_manifest, read_manifest_text
-from g2sd_cache.cache.shard_files import MappedShardFile, ZarrShardFile, can_map, strict_store
+from g2sd_cache.cache.pixel_codecs import JPEG_ARRAY, decode_jpegs
+from g2sd_cache.cache.shard_files import (MappedBytesShardFile, MappedShardFile, ZarrShardFile, can_map, can_map_bytes,
+                                          strict_store)
 from g2sd_cache.cache.shard_reader import ShardReader
 from g2sd_cache.cache.zarr_layout import ArrayLayout
 
@@ -207,6 +209,8 @@ class Cache(ShardReader):
         self._check_digest(shard, rel, layout)
         if can_map(layout, self._local):
             return MappedShardFile(f"{base}/{rel}", layout, entry.name, rel, verified)
+        if can_map_bytes(layout, self._local):
+            return MappedBytesShardFile(f"{base}/{rel}", layout, entry.name, rel, verified)
         size = entry.files.get(rel, 0)
         index_bytes = 16 * math.prod(layout.chunks_per_shard) + 4
         try:
@@ -240,7 +244,30 @@ class Cache(ShardReader):
     @property
     def has_pixels(self) -> bool:
         """Whether every view's visible patches are stored (then training needs no images)."""
-        return "pixels" in self._specs
+        return "pixels" in self._specs or JPEG_ARRAY in self._specs
+
+    @property
+    def pixel_shape(self) -> tuple[int, int, int, int]:
+        """(n_keep, p, p, 3): one view's visible patches as read (decoded, for a jpeg cache)."""
+        g = self.manifest.geometry
+        return g.num_visible, g.patch_size, g.patch_size, 3
+
+    @property
+    def jpeg_decoder(self) -> str | None:
+        """The decoder that gave the teacher its pixels ("cpu" or "cuda"), None unless the cache stores JPEGs."""
+        return self.manifest.pixel_encoding.get("decoder") if JPEG_ARRAY in self._specs else None
+
+    @property
+    def jpeg_device(self) -> str:
+        """Where this process decodes the cache's JPEGs: on the GPU if the teacher's pixels came from nvjpeg
+        and there is one here, else with libjpeg-turbo (for a "cuda" cache without a GPU that may differ from
+        the teacher's pixels by the two IDCTs' rounding: train.py says so)."""
+        return "cuda" if self.jpeg_decoder == "cuda" and torch.cuda.is_available() else "cpu"
+
+    def decode_pixels(self, blobs, device: str | None = None) -> torch.Tensor:
+        """JPEG bytes of B views -> uint8 [B, n_keep, p, p, 3] on `device` (default: `jpeg_device`)."""
+        n_keep, p = self.pixel_shape[:2]
+        return decode_jpegs(list(blobs), n_keep, p, device or self.jpeg_device)
 
     def shard_name(self, shard: int) -> str:
         return self.manifest.shards[shard].name
@@ -262,6 +289,8 @@ class Cache(ShardReader):
                              f"{shard} has {self.shard_images[shard]} images x {self.views_per_image} views")
         got = {name: self._file(shard, view, name).rows(start, stop) if stop > start else self._empty(name)
                for name in self._specs}
+        if JPEG_ARRAY in got:
+            got["pixels"] = self.decode_pixels(got.pop(JPEG_ARRAY)).cpu().numpy()
         return Block(shard, view, start, stop, codes=got["target"], scale=got.get("scale"), mask=got["mask"],
                      crop=got["crop"], flip=got["flip"], source_index=got["source_index"],
                      key=decode_keys(got["key"]), pixels=got.get("pixels"))
@@ -275,7 +304,12 @@ class Cache(ShardReader):
             raise IndexError(f"take({shard}, {view}, ...) is out of range: shard {shard} has {n} images x "
                              f"{self.views_per_image} views")
         for name, dest in out.items():
-            self._file(shard, view, name).take(rows, dest, at)
+            if name == "pixels" and JPEG_ARRAY in self._specs:   # decoded into place: one JPEG per view
+                blobs = np.empty(len(rows), dtype=object)
+                self._file(shard, view, JPEG_ARRAY).take(rows, blobs, np.arange(len(rows)))
+                dest[at] = self.decode_pixels(blobs).cpu().numpy()
+            else:
+                self._file(shard, view, name).take(rows, dest, at)
 
     def keys(self, shard: int, view: int, rows: np.ndarray) -> list[str]:
         """The source keys of rows `rows` of view `view` of `shard` (keys are zero-padded per shard)."""
@@ -285,12 +319,14 @@ class Cache(ShardReader):
         return decode_keys(codes).tolist()
 
     def _empty(self, name: str, rows: int = 0) -> np.ndarray:
+        if name == JPEG_ARRAY:
+            return np.zeros((rows, *self.pixel_shape), dtype=np.uint8)
         spec = self._specs[name]
         return np.zeros((rows, *(d or 1 for d in spec.per_view_shape)), dtype=spec.dtype)
 
     def blank_block(self, rows: int) -> Block:
         """A block of `rows` zero views (empty keys): the stand-in for rows that could not be read."""
-        z = {name: self._empty(name, rows) for name in self._specs}
+        z = {"pixels" if name == JPEG_ARRAY else name: self._empty(name, rows) for name in self._specs}
         return Block(-1, -1, 0, rows, codes=z["target"], scale=z.get("scale"), mask=z["mask"], crop=z["crop"],
                      flip=z["flip"], source_index=z["source_index"], key=decode_keys(z["key"]), pixels=z.get("pixels"))
 

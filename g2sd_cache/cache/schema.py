@@ -10,11 +10,14 @@
       calibration.json   codec auto and pcaR: the calibration extract ran first (its record is in the manifest)
       shard-00000/       a zarr v3 group, renamed into place only when complete
         shard.json       the shard's record: counts, skipped inputs, file sizes and digests, source image crc32c
-        target/ scale/ mask/ crop/ flip/ source_index/ key/ pixels/   zarr v3 arrays
+        target/ scale/ mask/ crop/ flip/ source_index/ key/ pixels/ (or jpeg/)   zarr v3 arrays
 
 `pixels` (unless extracted with `--pixels none`) holds each view's visible patches exactly as the teacher
 saw them: uint8 [n_keep, p, p, 3], ascending patch order, HWC inside a patch, crop and flip applied. With
 them a training step needs no image file and no decoder: its input is a block read (views.visible_patches).
+With `--pixels jpeg` the array `jpeg` holds instead one JPEG per view (variable-length bytes, zarr's vlen-bytes
+codec under the same sharding, crc32c and digests), whose decoding is exactly what the teacher was given
+(cache/pixel_codecs.py); the reader decodes it into the same [n_keep, p, p, 3] patches.
 
 
 Every array has shape [K, n, ...]: K views per image, n images in the shard, view-major, so the
@@ -37,7 +40,6 @@ copied in from another cache therefore fails its digest, although its own crc32c
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -46,6 +48,7 @@ import numpy as np
 
 from g2sd_cache.cache import lowrank
 from g2sd_cache.cache.codecs import Codec, get_codec
+from g2sd_cache.cache.pixel_codecs import JPEG_ARRAY
 from g2sd_cache.common.fsutil import TMP_MARK  # noqa: F401  (re-exported: the cache's temporaries carry it)
 from g2sd_cache.data.views import ViewGeometry
 
@@ -76,11 +79,14 @@ class ArraySpec:
     dtype: str
 
 
+VLEN_BYTES = "variable_length_bytes"    # zarr's data type of one bytes object per element
+
+
 def array_specs(codec: Codec, tokens: int, width: int, patches: int,
-                visible_pixels: tuple[int, int] | None = None) -> dict[str, ArraySpec]:
+                visible_pixels: tuple[int, int] | None = None, pixels: str = "visible") -> dict[str, ArraySpec]:
     """Per-view arrays of a shard. `target` holds codes ([T, D], int4: [T, D/2] packed); `scale` exists for
     scaled codecs only ([T] float32, int4: [T, D/32] float16); `pixels` only when `visible_pixels` =
-    (n_keep, patch_size) says the cache stores them."""
+    (n_keep, patch_size) says the cache stores them, or `jpeg` (one JPEG per view) with `pixels` = "jpeg"."""
     if codec.values_per_code > 1 and width % codec.values_per_code:
         from g2sd_cache.common.errors import UserError
         raise UserError(f"codec {codec.name} packs {codec.values_per_code} values per byte and needs a target width "
@@ -96,7 +102,9 @@ def array_specs(codec: Codec, tokens: int, width: int, patches: int,
     }
     if codec.scaled:
         specs["scale"] = ArraySpec(codec.scale_shape(tokens, width), codec.scale_dtype)
-    if visible_pixels is not None:
+    if visible_pixels is not None and pixels == "jpeg":
+        specs[JPEG_ARRAY] = ArraySpec((), VLEN_BYTES)
+    elif visible_pixels is not None:
         n_keep, p = visible_pixels
         specs["pixels"] = ArraySpec((n_keep, p, p, 3), "uint8")
     return specs
@@ -223,7 +231,8 @@ class Manifest:
     views_per_image: int
     seed: int
     codec: str
-    pixels: str            # "visible": every view's visible patches are stored (uint8); "none": images needed
+    pixels: str            # "visible": every view's visible patches are stored (uint8); "jpeg": as one JPEG per
+                           # view (decoded, exactly what the teacher saw); "none": images needed
     tokens: int            # T, cls first
     target_dim: int        # D, the teacher's decoder width
     chunk_views: int
@@ -240,16 +249,19 @@ class Manifest:
     basis: dict | None = None        # low-rank codecs: {file, sha256, shape} of basis.npy (lowrank.basis_record)
     calibration: dict | None = None  # codec auto / pcaR: {views, fit_views, heldout_views, max_error, chosen,
                                      #   errors: {codec: {rel_rmse, cosine, max_view_rel_rmse, target_bytes_per_view}}}
+    # jpeg caches: {"quality", "subsampling", "decoder"}: how the stored JPEGs were made and which decoder gave
+    # the teacher its pixels (the reader decodes with the same one). Empty otherwise; optional in the JSON.
+    pixel_encoding: dict = field(default_factory=dict)
 
     @property
     def stores_pixels(self) -> bool:
-        return self.pixels == "visible"
+        return self.pixels in ("visible", "jpeg")
 
     def specs(self) -> dict[str, ArraySpec]:
         """The per-view arrays every shard of this cache holds."""
         g = self.geometry
         return array_specs(get_codec(self.codec), self.tokens, self.target_dim, g.num_patches,
-                           (g.num_visible, g.patch_size) if self.stores_pixels else None)
+                           (g.num_visible, g.patch_size) if self.stores_pixels else None, self.pixels)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -266,6 +278,12 @@ class Manifest:
         known = ShardEntry.__dataclass_fields__
         fields["shards"] = tuple(ShardEntry(**{k: v for k, v in e.items() if k in known}) for e in data["shards"])
         return cls(**fields)
+
+
+def required_fields() -> list[str]:
+    """The manifest fields every cache of this format has (later, optional ones have defaults)."""
+    from dataclasses import MISSING
+    return [k for k, f in Manifest.__dataclass_fields__.items() if f.default is MISSING and f.default_factory is MISSING]
 
 
 def geometry_from_dict(data: dict) -> ViewGeometry:
@@ -286,8 +304,7 @@ def parse_manifest(text: str) -> dict:
         raise UserError(f"cache manifest {MANIFEST} is not a JSON object; rerun `g2sd-cache extract` to rewrite it")
     if data.get("format_version") != FORMAT_VERSION:
         raise UserError(unsupported_format(data.get("format_version")))
-    missing = [k for k, f in Manifest.__dataclass_fields__.items()
-               if k not in data and f.default is dataclasses.MISSING]
+    missing = [k for k in required_fields() if k not in data]
     if missing:
         raise UserError(f"cache manifest {MANIFEST} lacks {', '.join(missing)}; rerun `g2sd-cache extract` to rewrite it")
     return data

@@ -18,8 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import warnings
+
 import zarr
 from zarr.codecs import Crc32cCodec
+from zarr.dtype import VariableLengthBytes
 
 from g2sd_cache.cache.digests import local_reader, shard_digests
 from g2sd_cache.common.errors import UserError
@@ -50,10 +53,13 @@ def write_shard(root: Path, data: ShardData, chunk_views: int) -> int:
         k, n = values.shape[:2]
         rest = values.shape[2:]
         inner = max(1, min(chunk_views, n))
-        arr = group.create_array(
-            name, shape=values.shape, dtype=values.dtype,
-            chunks=(1, inner, *rest), shards=(1, inner * max(1, math.ceil(n / inner)), *rest),
-            compressors=[Crc32cCodec()], config=_ARRAY_CONFIG, fill_value=0)
+        vlen = values.dtype == object     # one bytes object per element (jpeg pixels)
+        with warnings.catch_warnings():   # vlen bytes has no zarr v3 spec yet; shard_files.py reads its layout itself
+            warnings.simplefilter("ignore")
+            arr = group.create_array(
+                name, shape=values.shape, dtype=VariableLengthBytes() if vlen else values.dtype,
+                chunks=(1, inner, *rest), shards=(1, inner * max(1, math.ceil(n / inner)), *rest),
+                compressors=[Crc32cCodec()], config=_ARRAY_CONFIG, fill_value=b"" if vlen else 0)
         if values.size:
             arr[...] = values
     files = {}

@@ -23,9 +23,14 @@ def add(sub):
     data.add_argument("--data", help="image folder (class sub-folders or flat; jpg/jpeg/png/webp) or webdataset tars: "
                       "paths, brace patterns like 'train-{000000..000099}.tar', URLs, comma-separated (required)")
     data.add_argument("--out", help="cache directory to create (or resume) (required)")
-    data.add_argument("--pixels", choices=["visible", "none"], help="visible (default %(default)s): also store each "
-                      "view's visible patches as uint8 (+37,632 B/view at 224 px, mask 0.75), so train needs no "
-                      "images and no JPEG decoding; none: a smaller cache, train then needs --data")
+    data.add_argument("--pixels", choices=["visible", "jpeg", "none"], help="visible (default %(default)s): also "
+                      "store each view's visible patches as uint8 (+37,632 B/view at 224 px, mask 0.75), so train needs "
+                      "no images and no decoder; jpeg: as one JPEG per view (~4.3 KB at quality 90 on photographs), and "
+                      "the teacher is given the decoded JPEG, so teacher and student still see the same pixels (train "
+                      "decodes it: ~0.13 ms of CPU per view, or the GPU's decoder when extracted on a GPU); none: the "
+                      "smallest cache, train then needs --data")
+    data.add_argument("--pixel-quality", type=int, metavar="Q", help="--pixels jpeg: JPEG quality 1..100, chroma "
+                      "not subsampled (default %(default)s)")
     data.add_argument("--on-error", choices=["skip", "fail"], help="unreadable images: skip and list them in the "
                       "manifest, or stop with the path (default %(default)s)")
     data.add_argument("--overwrite", action="store_true", help="replace the cache at --out: only a folder marked as a "
@@ -34,7 +39,8 @@ def add(sub):
     model = p.add_argument_group("teacher and views")
     model.add_argument("--teacher", help="official MAE checkpoint with its decoder "
                        "(mae_pretrain_vit_*_full.pth, G2SD's teacher, or mae_visualize_vit_*.pth), or 'random' / "
-                       "'random:SEED' for a seeded random teacher (required)")
+                       "'random:SEED' for a seeded random teacher, or 'pretrained-micro[:SEED]' (with --arch test_mae_micro_patch16: "
+                       "pretrained with MAE's loss on scikit-image's photographs, once per machine) (required)")
     model.add_argument("--arch", choices=list(TEACHER_PRESETS), help="teacher architecture (default %(default)s)")
     model.add_argument("--target-layer", type=int, help="teacher decoder block whose LN-ed output is the target "
                        "(default %(default)s, G2SD's)")

@@ -2,7 +2,7 @@
 
     listing -> shards (runs of the seeded listing order, or one per tar) -> this rank's unfinished shards
       -> DataLoader workers: decode image, sample K views, crop + flip,
-         cut each view's visible patches (all the teacher sees)          (RenderedImages)
+         cut each view's visible patches (all the teacher sees)          (extract_views.RenderedImages)
       -> main: batches of views of one shard -> teacher -> LN(z_t) -> codec, + the patches (_ShardAssembler)
       -> background thread: write the shard atomically                   (writer.ShardWriter)
     rank 0, after every rank is done: manifest.json from the shards' records.
@@ -13,7 +13,6 @@ Memory is bounded by the shard size (one shard filling, one being written), neve
 """
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import os
 import resource
@@ -21,29 +20,28 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from g2sd_cache.cache import codecs
+from g2sd_cache.cache.pixel_codecs import DEFAULT_QUALITY, JPEG_ARRAY, PIXEL_MODES, decode_jpegs
 from g2sd_cache.common.config import read_yaml, to_yaml
-from g2sd_cache.cache.digests import image_crc32c
 from g2sd_cache.common.dist import DistEnv, run_on_ranks
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.common.fsutil import write_text_atomic
 from g2sd_cache.models.mae import TEACHER_PRESETS, build_teacher
 from g2sd_cache.cache.ownership import FolderLock, claim_cache_folder
-from g2sd_cache.cache.schema import (CONFIG, SHARD_RECORD, TMP_MARK, ShardRecord, array_specs, encode_keys,
-                                     folder_order, shard_name, source_index_for_tar)
-from g2sd_cache.data.sources import FolderSource, Source, TarMemberError, TarSource, open_source
-from g2sd_cache.data.views import (ViewGeometry, decode_image, normalize_patches, render_view, sample_view,
-                    visible_patches)
+from g2sd_cache.cache.schema import (CONFIG, SHARD_RECORD, TMP_MARK, VLEN_BYTES, ShardRecord, array_specs, encode_keys,
+                                     shard_name)
+from g2sd_cache.data.sources import FolderSource, Source, TarSource, open_source
+from g2sd_cache.data.views import ViewGeometry, normalize_patches
 from g2sd_cache.common.workers import keep_as_is, mp_context
 from g2sd_cache.training.precision import TEACHER_PRECISIONS, recorded_precision, resolve_teacher_precision, teacher_autocast
 from g2sd_cache.cache.writer import ShardData, ShardWriter
+from g2sd_cache.generic.extract_views import RenderedImages, ShardPlan
 from g2sd_cache.generic.calibrate import (AUTO, Calibration, calibrate, format_calibration, needs_calibration,
                                           read_calibration, teacher_targets, write_calibration)
 from g2sd_cache.generic.manifest import write_manifest
@@ -70,13 +68,14 @@ class ExtractConfig:
     overwrite: bool = False
     pixels: str = "visible"
     teacher_precision: str = "auto"   # auto: fp16 autocast on CUDA (G2SD's), fp32 on CPU
+    pixel_quality: int = DEFAULT_QUALITY     # --pixels jpeg: the JPEG quality (1..100)
     max_error: float | None = None     # --codec auto: the largest relative RMS error of decoded targets allowed
     calibration_views: int = 256       # views the codecs are measured (and a low-rank basis fitted) on
 
     # Fields that decide the cache's content; a rerun with any of them changed is refused.
     # The teacher is compared by the sha256 of its weights (fingerprints), not by how its path was typed.
     CONTENT = ("arch", "views", "seed", "target_layer", "mask_ratio", "img_size", "codec",
-               "shard_size", "chunk_views", "pixels", "max_error", "calibration_views")
+               "shard_size", "chunk_views", "pixels", "pixel_quality", "max_error", "calibration_views")
 
     @property
     def geometry(self) -> ViewGeometry:
@@ -113,24 +112,16 @@ class ExtractConfig:
         if self.teacher_precision not in TEACHER_PRECISIONS:
             raise UserError(f"--teacher-precision {self.teacher_precision}: choose one of "
                             f"{', '.join(TEACHER_PRECISIONS)}")
-        if self.pixels not in ("visible", "none"):
-            raise UserError(f"--pixels {self.pixels}: choose visible or none")
+        if self.pixels not in PIXEL_MODES:
+            raise UserError(f"--pixels {self.pixels}: choose {', '.join(PIXEL_MODES)}")
+        if not 1 <= self.pixel_quality <= 100:
+            raise UserError(f"--pixel-quality {self.pixel_quality}: must be between 1 and 100")
 
     @property
     def visible_pixels(self) -> tuple[int, int] | None:
         """(n_keep, patch size) when the cache stores the views' visible patches."""
         g = self.geometry
-        return (g.num_visible, g.patch_size) if self.pixels == "visible" else None
-
-
-@dataclass(frozen=True)
-class ShardPlan:
-    """Shard `index` holds the folder images at positions [start, stop) of `folder_order(seed, n)`,
-    or tar number `index` (start = stop = 0)."""
-
-    index: int
-    start: int = 0
-    stop: int = 0
+        return (g.num_visible, g.patch_size) if self.pixels != "none" else None
 
 
 def plan_shards(source: Source, cfg: ExtractConfig) -> list[ShardPlan]:
@@ -146,84 +137,6 @@ def plan_shards(source: Source, cfg: ExtractConfig) -> list[ShardPlan]:
 
 
 # ----------------------------------------------------------------------------------------------
-# DataLoader side: decode and render every view of an image (runs in worker processes).
-
-class RenderedImages(IterableDataset):
-    """Yields, per image of the pending shards, in order: {"shard", "pos", "key", "index", "patches"
-    [K, n_keep, p, p, 3] uint8 (the visible patches of each view, as rendered), "crop" [K,4], "flip" [K],
-    "mask" [K,L]} or {..., "error"}; for tars also {"shard", "end": count}.
-
-    Folder images are dealt to workers round-robin and tars whole, so the DataLoader (which takes
-    items from workers in turn) returns folder images in shard order: each shard's run of the seeded
-    listing order. "index" is the image's index in the sorted listing; its views depend on nothing else."""
-
-    def __init__(self, source: Source, shards: list[ShardPlan], cfg: ExtractConfig):
-        self.source, self.shards, self.cfg = source, shards, cfg
-        self.geometry = cfg.geometry
-        self.offsets = np.cumsum([0] + [p.stop - p.start for p in shards]).tolist()
-        self.order = folder_order(cfg.seed, len(source)) if isinstance(source, FolderSource) else None
-
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        if isinstance(self.source, TarSource):
-            for plan in self.shards[worker::workers]:
-                yield from self._tar_items(plan)
-            return
-        for j in range(worker, self.offsets[-1], workers):
-            s = bisect.bisect_right(self.offsets, j) - 1
-            plan, pos = self.shards[s], j - self.offsets[s]
-            index = int(self.order[plan.start + pos])
-            key = self.source.keys[index]
-            yield self._render(plan.index, pos, index, key, lambda: self.source.read(key))
-
-    def _tar_items(self, plan: ShardPlan) -> Iterator[dict]:
-        tar_errors: list[tuple[str, str]] = []   # (key, error): each problem the tar reader reports, once
-
-        def on_error(exc: Exception) -> bool:
-            key = exc.key if isinstance(exc, TarMemberError) else f"{self.source.urls[plan.index]} (tar)"
-            tar_errors.append((key, str(exc) if isinstance(exc, TarMemberError) else f"{type(exc).__name__}: {exc}"))
-            return self.cfg.on_error == "skip"
-
-        pos = 0
-        for key, data in self.source.samples(plan.index, on_error):
-            for bad, msg in tar_errors:
-                yield {"shard": plan.index, "key": bad, "error": msg}
-            tar_errors.clear()
-            item = self._render(plan.index, pos, source_index_for_tar(plan.index, pos), key,
-                                lambda: data if data is not None else _no_image(key))
-            if "error" not in item:
-                pos += 1
-            yield item
-        for bad, msg in tar_errors:
-            yield {"shard": plan.index, "key": bad, "error": msg}
-        yield {"shard": plan.index, "end": pos}
-
-    def _render(self, shard: int, pos: int, index: int, key: str, read) -> dict:
-        try:
-            data = read()
-            img = decode_image(data)
-        except Exception as e:  # unreadable, truncated or not an image
-            return {"shard": shard, "pos": pos, "key": key, "error": f"{type(e).__name__}: {e}"}
-        g, k = self.geometry, self.cfg.views
-        views = [sample_view(self.cfg.seed, index, v, img.size, g) for v in range(k)]
-        mask = np.stack([v.mask for v in views])
-        pixels = torch.stack([render_view(img, v.crop, v.flip, g.img_size) for v in views])
-        return {
-            "shard": shard, "pos": pos, "key": key, "index": index, "crc32c": image_crc32c(data),
-            # only the visible patches leave the worker: a quarter of the bytes, all the teacher sees
-            "patches": visible_patches(pixels, torch.from_numpy(mask), g.patch_size),
-            "crop": np.array([v.crop for v in views], dtype=np.int32),
-            "flip": np.array([v.flip for v in views], dtype=bool),
-            "mask": mask,
-        }
-
-
-def _no_image(key: str) -> bytes:
-    raise ValueError(f"sample {key} has no jpg/jpeg/png/webp member")
-
-
-# ----------------------------------------------------------------------------------------------
 # Main process: teacher batches and shard assembly.
 
 class _ShardAssembler:
@@ -231,10 +144,11 @@ class _ShardAssembler:
     keeps the encoded targets in [K, capacity, ...] buffers that grow as needed."""
 
     def __init__(self, plan: ShardPlan, source: Source, cfg: ExtractConfig, tokens: int, width: int,
-                 basis: torch.Tensor | None = None):
+                 basis: torch.Tensor | None = None, jpeg_decoder: str = "cpu"):
         self.plan, self.cfg, self.basis = plan, cfg, basis    # cfg.codec resolved; basis: a low-rank codec's
+        self.jpeg_decoder = jpeg_decoder
         self.codec = codecs.get_codec(cfg.codec)
-        self.specs = array_specs(self.codec, tokens, width, cfg.geometry.num_patches, cfg.visible_pixels)
+        self.specs = array_specs(self.codec, tokens, width, cfg.geometry.num_patches, cfg.visible_pixels, cfg.pixels)
         self.expected = plan.stop - plan.start if isinstance(source, FolderSource) else None
         self.received = 0
         self.images = 0
@@ -248,7 +162,8 @@ class _ShardAssembler:
     def _grow(self, capacity: int) -> None:
         k = self.cfg.views
         for name, spec in self.specs.items():
-            variable = None in spec.per_view_shape   # keys: kept as str objects until the shard is finished
+            # keys: kept as str objects until the shard is finished; jpeg: bytes objects
+            variable = None in spec.per_view_shape or spec.dtype == VLEN_BYTES
             new = np.empty((k, capacity) if variable else (k, capacity, *spec.per_view_shape),
                            dtype=object if variable else spec.dtype)
             if name in self.buffers:
@@ -271,6 +186,12 @@ class _ShardAssembler:
         b = self.buffers
         b["crop"][:, row], b["flip"][:, row], b["mask"][:, row] = item["crop"], item["flip"], item["mask"]
         b["source_index"][:, row], b["key"][:, row] = item["index"], item["key"]
+        if item.get("jpeg") is not None:
+            if item["patches"] is None:    # encoded by the worker, decoded here by the GPU decoder
+                g = self.cfg.geometry
+                item["patches"] = decode_jpegs(item["jpeg"], g.num_visible, g.patch_size, self.jpeg_decoder).cpu()
+            for v, blob in enumerate(item["jpeg"]):
+                b[JPEG_ARRAY][v, row] = blob
         if "pixels" in b:
             b["pixels"][:, row] = item["patches"].numpy()
         self.image_crc32c.append(item["crc32c"])
@@ -364,6 +285,10 @@ def _remove_stale_temporaries(out: Path, shards: list[ShardPlan]) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def jpeg_decoder(device: torch.device) -> str:
+    """The JPEG decoder whose output the teacher sees (--pixels jpeg): nvjpeg beside a GPU teacher, else libjpeg-turbo."""
+    return "cuda" if device.type == "cuda" else "cpu"
+
 
 
 def run_extract(cfg: ExtractConfig) -> dict:
@@ -397,6 +322,9 @@ def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
                     "teacher_precision": recorded_precision(precision)}
     if isinstance(source, FolderSource):  # the images' order in the shards is part of the cache's content
         fingerprints["folder_order"] = "seeded shuffle"
+    decoder = jpeg_decoder(env.device)
+    if cfg.pixels == "jpeg":   # the teacher's pixels depend on the decoder: a resume must use the same one
+        fingerprints["pixel_decoder"] = decoder
     plans = plan_shards(source, cfg)
     if env.is_main:
         _prepare_output(out, cfg, fingerprints)
@@ -413,7 +341,7 @@ def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
     if env.is_main and len(pending) < len(mine):
         print(f"resuming: {len(mine) - len(pending)} of {len(mine)} shards of this rank are already complete")
 
-    dataset = RenderedImages(source, pending, cfg)
+    dataset = RenderedImages(source, pending, cfg, decoder)
     loader = DataLoader(dataset, batch_size=None, num_workers=cfg.workers, collate_fn=keep_as_is,
                         multiprocessing_context=mp_context(cfg.workers, __name__),
                         pin_memory=env.device.type == "cuda", prefetch_factor=4 if cfg.workers else None)
@@ -436,7 +364,7 @@ def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
                 break
             s = item["shard"]
             asm = assemblers.get(s) or assemblers.setdefault(
-                s, _ShardAssembler(plan_by_index[s], source, written, tokens, width, cal.basis))
+                s, _ShardAssembler(plan_by_index[s], source, written, tokens, width, cal.basis, decoder))
             if "end" in item:
                 asm.expected = asm.received
             elif "error" in item:
@@ -473,7 +401,8 @@ def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
     if env.device.type == "cuda":
         summary["peak_gpu_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
     if env.is_main:
-        manifest = write_manifest(out, written, source, plans, info, tokens, width, recorded_precision(precision), cal)
+        manifest = write_manifest(out, written, source, plans, info, tokens, width, recorded_precision(precision), cal,
+                                  decoder)
         on_disk = sum(sum(s.files.values()) for s in manifest.shards)
         summary.update(cache_views=manifest.views, cache_images=manifest.images, cache_skipped=len(manifest.skipped),
                        cache_bytes=on_disk, bytes_per_view=on_disk / max(1, manifest.views))

@@ -21,9 +21,10 @@ from g2sd_cache.generic.calibrate import Calibration
 
 
 def write_manifest(out: Path, cfg, source: Source, plans: list, teacher_info, tokens: int, width: int,
-                   precision: str, calibration: Calibration) -> Manifest:
+                   precision: str, calibration: Calibration, pixel_decoder: str = "cpu") -> Manifest:
     """Rank 0, after every shard is complete: gather the shards' records (plans: extract's ShardPlans, cfg: its
-    ExtractConfig with the codec resolved) into manifest.json, with the calibration and the basis' digest."""
+    ExtractConfig with the codec resolved) into manifest.json, with the calibration and the basis' digest, and for
+    --pixels jpeg how the JPEGs were made and which decoder (`pixel_decoder`) gave the teacher its pixels."""
     records, digests = [], []
     for p in plans:
         path = out / shard_name(p.index) / SHARD_RECORD
@@ -58,6 +59,8 @@ def write_manifest(out: Path, cfg, source: Source, plans: list, teacher_info, to
         views=sum(r.views for r in records), images=images,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         basis=(calibration.record or {}).get("basis"), calibration=calibration.record,
+        pixel_encoding={"quality": cfg.pixel_quality, "subsampling": "4:4:4", "decoder": pixel_decoder}
+        if cfg.pixels == "jpeg" else {},
     )
     write_text_atomic(out / MANIFEST, manifest.to_json())
     if source.scan_note():

@@ -188,6 +188,9 @@ def prepare(cfg: TrainConfig, env: DistEnv) -> Setup:
         if cache.has_pixels:
             notes.append("reading the views' stored pixels: no image is opened" +
                          (" (--data is only checked against the cache's listing)" if source is not None else ""))
+            if cache.jpeg_decoder == "cuda" and cache.jpeg_device == "cpu":
+                notes.append("warning: the cache's JPEGs were decoded for the teacher by the GPU's decoder (nvjpeg); "
+                             "with no GPU here they are decoded by libjpeg-turbo, whose rounding may differ slightly")
         elif m.versions != replay_versions():
             notes.append(f"warning: the cache was made with {m.versions}; this machine has {replay_versions()}: "
                          f"replayed crops may differ slightly from what the teacher saw")

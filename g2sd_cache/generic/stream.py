@@ -136,7 +136,10 @@ def read_cached(spec: StreamSpec, pin: bool, keep: int = 8):
     cache, g = spec.cache, spec.geometry
     buffers = HostBuffers(pin, keep)
     specs = cache.specs
-    names = [n for n in ("pixels", "target", "scale", "mask") if n in specs]
+    # a jpeg cache's views are decoded into the same uint8 pixel buffers (Cache.take)
+    shapes = {"pixels": (cache.pixel_shape, "uint8")} | {
+        n: (specs[n].per_view_shape, specs[n].dtype) for n in ("target", "scale", "mask") if n in specs}
+    names = list(shapes)
     codec_dtype = cache.codec.torch_dtype
 
     def stage(src: Iterator[np.ndarray]):
@@ -144,7 +147,7 @@ def read_cached(spec: StreamSpec, pin: bool, keep: int = 8):
             b = len(pos)
             raw, out = {}, {}
             for name in names:
-                raw[name], out[name] = buffers.get((b, *specs[name].per_view_shape), specs[name].dtype)
+                raw[name], out[name] = buffers.get((b, *shapes[name][0]), shapes[name][1])
             index = np.full(b, -1, dtype=np.int64)
             valid = pos != PAD
             errors: list[str] = []
@@ -169,7 +172,7 @@ def read_cached(spec: StreamSpec, pin: bool, keep: int = 8):
             out["mask"][invalid] = stand_in_mask(g)
             keys = _keys(cache, spec, pos) if spec.keys else []
             codes = raw["target"].view(codec_dtype).view(b, *specs["target"].per_view_shape)
-            yield Batch(patches=raw["pixels"].view(b, *specs["pixels"].per_view_shape),
+            yield Batch(patches=raw["pixels"].view(b, *cache.pixel_shape),
                         mask=raw["mask"].view(torch.bool).view(b, g.num_patches),
                         valid=torch.from_numpy(valid), codes=codes,
                         scale=raw["scale"].view(getattr(torch, specs["scale"].dtype))

@@ -290,7 +290,7 @@ class TeacherInfo:
     """What the manifest records about a teacher."""
 
     arch: str
-    source: str          # "random:SEED" or the checkpoint path
+    source: str          # "random:SEED", "pretrained-micro:SEED" or the checkpoint path
     sha256: str
 
 
@@ -305,11 +305,18 @@ def random_teacher_seed(spec: str) -> int | None:
 
 
 def build_teacher(spec: str, arch: str, img_size: int = 224) -> tuple[MAETeacher, TeacherInfo]:
-    """`spec` is a checkpoint path in the official MAE layout, or `random` / `random:SEED`.
+    """`spec` is a checkpoint path in the official MAE layout, `random` / `random:SEED`, or `pretrained-micro[:SEED]`
+    (models/pretrain.py: the micro teacher pretrained with MAE's loss on photographs, made once per machine).
     Returns the teacher in eval mode with gradients off, and its fingerprint."""
+    from g2sd_cache.models.pretrain import parse_spec, pretrained_state
     shape = _preset(TEACHER_PRESETS, arch, "teacher arch")
     seed = random_teacher_seed(spec)
-    if seed is not None:
+    pretrained_seed = parse_spec(spec)
+    if pretrained_seed is not None:
+        teacher = MAETeacher(shape, img_size)
+        teacher.load_state_dict(pretrained_state(pretrained_seed, arch, img_size))
+        source = f"pretrained-micro:{pretrained_seed}"
+    elif seed is not None:
         teacher = seeded(seed, lambda: MAETeacher(shape, img_size))
         source = f"random:{seed}"
     else:

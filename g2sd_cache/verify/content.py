@@ -16,6 +16,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from g2sd_cache.cache.pixel_codecs import encode_jpeg
 from g2sd_cache.cache.digests import SourceChangedError, check_image, image_crc32c
 from g2sd_cache.cache.manifest_checks import source_problem
 from g2sd_cache.cache.schema import Manifest, folder_order, source_index_for_tar
@@ -198,6 +199,8 @@ def _check_views(report, m: Manifest, cache, s: int, name: str, r: int, key: str
         image = image if image is not None else decode_image(raw)
         rendered = render_view(image, want.crop, want.flip, m.geometry.img_size)
         expect = visible_patches(rendered[None], torch.from_numpy(want.mask)[None], m.geometry.patch_size)[0]
+        if m.pixels == "jpeg":   # the teacher was given the view's JPEG, decoded: encode it again, the same way
+            expect = cache.decode_pixels([encode_jpeg(expect.numpy(), m.pixel_encoding["quality"])]).cpu()[0]
         stored_pixels = cache.read_block(s, view, r, r + 1).pixels[0]
         stats["pixels"] += 1
         if not np.array_equal(stored_pixels, expect.numpy()):

@@ -63,7 +63,7 @@ def deep_check(report: VerifyReport, m: Manifest, cache_path: str, data: str | N
     if not m.stores_pixels and not data:
         raise UserError("--deep on a cache without pixels (--pixels none) replays views from their images: pass --data")
     spec = teacher_spec or m.teacher.source
-    if not (spec.startswith("random") or os.path.isfile(spec)):
+    if not (spec.startswith(("random", "pretrained-micro")) or os.path.isfile(spec)):
         raise UserError(f"--deep: the cache's teacher {spec} is not here; pass --teacher CKPT (the same weights)")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        "cpu" if device == "auto" else device)

@@ -10,7 +10,6 @@ is a missing chunk, which zarr would silently read back as fill values: a proble
 """
 from __future__ import annotations
 
-import dataclasses
 
 import json
 import math
@@ -23,14 +22,14 @@ from g2sd_cache.cache.digests import bytes_reader, chunk_file_digest, digest_mis
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.cache.manifest_checks import array_problems, record_problems
 from g2sd_cache.cache.schema import (FORMAT_VERSION, MANIFEST, SHARD_RECORD, TMP_MARK, Manifest, decode_keys, parse_manifest,
-                     read_manifest_text)
+                     read_manifest_text, required_fields)
 from g2sd_cache.cache.zarr_layout import MAX_UINT_64, ArrayLayout, chunk_crc_ok, read_shard_index
 
 # Bits that make a stored code NaN/Inf: (mask, value) with code & mask == value.
 _NONFINITE = {"fp16": (0x7C00, 0x7C00), "bf16": (0x7F80, 0x7F80), "fp8": (0x7F, 0x7F)}
 # Arrays too large to keep in memory for the content checks: their checksums are checked, their values are not
 # decoded here (targets: NaN/Inf bits only; pixels: compared with the images by verify_content, shard by shard).
-_NOT_KEPT = ("target", "pixels")
+_NOT_KEPT = ("target", "pixels", "jpeg")
 
 
 @dataclass
@@ -96,8 +95,7 @@ class FileChecker:
             return None
         if data.get("format_version") != FORMAT_VERSION:
             parse_manifest(text)          # an unsupported format version is the user's problem: UserError
-        missing = [k for k, f in Manifest.__dataclass_fields__.items()
-                   if k not in data and f.default is dataclasses.MISSING]
+        missing = [k for k in required_fields() if k not in data]
         if missing:
             self.report.add(MANIFEST, f"lacks {', '.join(missing)}; the cache cannot be checked further")
             return None

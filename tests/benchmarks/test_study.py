@@ -11,7 +11,7 @@ from g2sd_cache.cache.codecs import CODECS
 
 ROOT = Path(__file__).resolve().parents[2]
 ARM_KEYS = {"name", "views", "codec", "bytes_per_view", "heldout_loss", "heldout_cosine", "train_loss",
-            "gap_to_online"}
+            "gap_to_online", "gap_sem", "heldout_loss_per_seed", "pixels", "teacher", "pixel_bytes_per_view", "total_bytes_per_view"}
 
 
 def _study():
@@ -23,14 +23,15 @@ def _study():
 def test_quick_study_trains_every_arm_and_reports_the_issue_schema(tmp_path, capsys):
     study = _study()
     out = tmp_path / "study.json"
-    assert study.main(["--quick", "--device", "cpu", "--workdir", str(tmp_path / "work"), "--json", str(out)]) == 0
+    assert study.main(["--quick", "--device", "cpu", "--workdir", str(tmp_path / "work"), "--json", str(out),
+                       "--arms", "int8:jpeg:2"]) == 0
     report = json.loads(out.read_text())
     assert set(report) == {"arms", "config"}
     arms = {a["name"]: a for a in report["arms"]}
     k = report["config"]["codec_views"]
     # online, cached K for the profile's K, and every codec at K (the default codec at K is cached-kK itself)
     expected = {"online", *(f"cached-k{v}" for v in report["config"]["views"]),
-                *(f"{c}-k{k}" for c in CODECS if c != study.DEFAULT_CODEC)}
+                *(f"{c}-k{k}" for c in CODECS if c != study.DEFAULT_CODEC), "int8-jpeg-k2"}
     assert set(arms) == expected and len(arms) == len(report["arms"])
 
     seeds = report["config"]["seeds"]
@@ -47,6 +48,13 @@ def test_quick_study_trains_every_arm_and_reports_the_issue_schema(tmp_path, cap
         assert a["gap_to_online"]["mean"] == pytest.approx(gap, abs=1e-9)
     assert arms["online"]["views"] is None and arms["online"]["bytes_per_view"] is None
     assert arms["online"]["gap_to_online"] == {"mean": 0.0, "std": 0.0}
+    assert {a["teacher"] for a in report["arms"]} == {"random"}
+    # the extra jpeg arm: the same int8 targets as int8-k2, its pixels stored in far fewer bytes than exact ones
+    jpeg, exact = arms["int8-jpeg-k2"], arms["int8-k2"]
+    assert jpeg["pixels"] == "jpeg" and exact["pixels"] == "visible" and jpeg["codec"] == "int8"
+    assert jpeg["bytes_per_view"] == pytest.approx(exact["bytes_per_view"], rel=0.01)
+    assert exact["pixel_bytes_per_view"] >= 4 * 16 * 16 * 3 and jpeg["pixel_bytes_per_view"] < 0.8 * exact["pixel_bytes_per_view"]
+    assert jpeg["total_bytes_per_view"] > jpeg["bytes_per_view"] + jpeg["pixel_bytes_per_view"]
 
     # bytes per view: the stored codes (and scales) of [T, D] targets
     tokens = (report["config"]["img_size"] // 16) ** 2 + 1
