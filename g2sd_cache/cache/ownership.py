@@ -17,6 +17,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
@@ -132,7 +133,7 @@ class FolderLock:
                 raise
             who = (f"pid {holder.get('pid')} on host {holder.get('host')}, since {holder.get('since')}"
                    if holder else "pid and host unknown")
-            raise UserError(f"another {command} is writing into {folder} ({who}); wait for it to finish or stop "
+            raise UserError(f"another {holder.get('command') or command} is writing into {folder} ({who}); wait for it to finish or stop "
                             f"it, then rerun") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": _host(), "command": command, "since": _now()}).encode(), 0)
@@ -162,18 +163,49 @@ def _read_holder(fd: int) -> dict:
 # ----------------------------------------------------------------------------------------------
 # caches
 
+# A temporary this tool writes: `NAME.tmp-HOST-PID` (or `NAME.tmp-PID`) where NAME is a file or shard folder a cache
+# holds. A user's `results.tmp-final.csv` does not match and is never taken for one.
+_TEMP_NAME = re.compile(r"^(?P<base>\.shard-\d{5,}|" + "|".join(re.escape(n) for n in (CACHE_MARKER, CONFIG, MANIFEST, BASIS_FILE, CALIBRATION_FILE)) +
+                        r")" + re.escape(TMP_MARK) + r"(?:(?P<host>.+)-)?(?P<pid>\d+)$")
+_CHUNK_PATH = re.compile(r"^c(/\d+)+$")   # a zarr v3 chunk (or shard) file inside an array folder: c/0/0/...
+
+
+def is_our_temporary(name: str) -> bool:
+    """Whether a top-level name in a cache is the temporary of one of its own files or shards."""
+    return _TEMP_NAME.match(name) is not None
+
+
+def _shard_files_are_ours(path: Path) -> bool:
+    """Whether everything under a shard folder is what the writer made: the files its shard.json records (else, for
+    a shard whose record is unreadable, zarr's own layout: ARRAY/zarr.json and ARRAY/c/0/0...). A user's folder
+    inside a shard, even one holding a zarr.json, is not."""
+    try:
+        recorded = set(json.loads((path / SHARD_RECORD).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = None
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            rel = os.path.relpath(os.path.join(dirpath, name), path).replace(os.sep, "/")
+            if rel in (SHARD_RECORD, "zarr.json"):
+                continue
+            if recorded is not None:
+                if rel not in recorded:
+                    return False
+            else:
+                array, _, rest = rel.partition("/")
+                if not (rest == "zarr.json" or _CHUNK_PATH.match(rest)):
+                    return False
+    return True
+
+
 def _cache_entry_is_ours(folder: Path, name: str) -> bool:
     """Whether a top-level entry of a cache is something extract writes."""
     path = folder / name
-    if name in (CACHE_MARKER, LOCK_FILE, CONFIG, MANIFEST, BASIS_FILE, CALIBRATION_FILE) or TMP_MARK in name:
+    if name in (CACHE_MARKER, LOCK_FILE, CONFIG, MANIFEST, BASIS_FILE, CALIBRATION_FILE) or is_our_temporary(name):
         return True
     if not (name.startswith(SHARD_PREFIX) and path.is_dir() and not path.is_symlink()):
         return False
-    for inner in _entries(path):   # a shard: its record, the group's zarr.json and array folders
-        sub = path / inner
-        if inner not in (SHARD_RECORD, "zarr.json") and not (sub.is_dir() and (sub / "zarr.json").is_file()):
-            return False
-    return True
+    return _shard_files_are_ours(path)
 
 
 def foreign_entries(folder: Path) -> list[str]:
@@ -181,13 +213,31 @@ def foreign_entries(folder: Path) -> list[str]:
     return [name for name in _entries(folder) if not _cache_entry_is_ours(folder, name)]
 
 
-def claim_cache_folder(out: Path, overwrite: bool) -> FolderLock:
+# The two kinds of cache, by the command that writes them; a cache folder is resumed or replaced only by its own.
+CACHE_KINDS = {"targets": "extract", "logits": "extract-logits"}
+
+
+def cache_kind(folder: Path) -> str | None:
+    """Which kind of cache a marked folder holds: its marker says (caches marked before kinds were recorded: their
+    config or manifest); None for a folder with nothing written yet."""
+    from g2sd_cache.cache.logits import is_logits_cache
+    marker = read_marker(folder, CACHE_MARKER, "cache") or {}
+    if marker.get("kind") in CACHE_KINDS:
+        return marker["kind"]
+    if is_logits_cache(folder):
+        return "logits"
+    return "targets" if (folder / CONFIG).is_file() or (folder / MANIFEST).is_file() else None
+
+
+def claim_cache_folder(out: Path, overwrite: bool, kind: str = "targets") -> FolderLock:
     """Make `out` this extract's cache folder and lock it (rank 0, before anything is written).
 
     A new or empty folder gets the cache marker; an existing one must carry it (anything else, a cache of
     format 1 included, is refused naming what it is). `overwrite` empties a marked cache that holds only
-    what a cache writes (else refuses, naming the rest). Stale temporaries are removed. Returns the held
-    lock; a second extract into the same folder gets a one-line UserError naming the holder."""
+    what a cache writes (else refuses, naming the rest). A cache of the other `kind` (targets for `extract`, logits
+    for `extract-logits`) is refused with or without `overwrite`: each command replaces only its own kind. Stale
+    temporaries are removed. Returns the held lock; a second extract into the same folder gets a one-line UserError
+    naming the holder."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is an existing file, not a cache directory; choose another path")
@@ -203,8 +253,14 @@ def claim_cache_folder(out: Path, overwrite: bool) -> FolderLock:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--out {out}: cannot create it ({e.strerror})") from e
-    lock = FolderLock(out, LOCK_FILE, "extract")
+    command = CACHE_KINDS[kind]
+    lock = FolderLock(out, LOCK_FILE, command)
     try:
+        found = cache_kind(out) if entries else None
+        if found is not None and found != kind:
+            raise UserError(f"--out {out} is a {found} cache (written by `g2sd-cache {CACHE_KINDS[found]}`); {command} "
+                            f"writes a {kind} cache and replaces only its own kind{' (even with --overwrite)' if overwrite else ''}: "
+                            f"nothing was changed. Choose another --out")
         if entries and overwrite:
             foreign = foreign_entries(out)
             if foreign:
@@ -215,7 +271,7 @@ def claim_cache_folder(out: Path, overwrite: bool) -> FolderLock:
                     path = out / name
                     shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         if not is_cache(out):
-            _write_marker(out, CACHE_MARKER, "cache", {"format_version": FORMAT_VERSION})
+            _write_marker(out, CACHE_MARKER, "cache", {"format_version": FORMAT_VERSION, "kind": kind})
         remove_stale_temporaries(out)
     except BaseException:
         lock.release()
@@ -249,7 +305,7 @@ def remove_stale_temporaries(folder: Path) -> list[str]:
     holding the folder's lock. Returns the names deleted."""
     removed = []
     for name in _entries(folder):
-        if TMP_MARK not in name:
+        if not is_our_temporary(name):
             continue
         host, pid = _temp_writer(name)
         if _alive_elsewhere(host, pid):
@@ -293,17 +349,26 @@ def claim_run_folder(path: Path, resume: bool) -> None:
 DEMO_MARKER = ".g2sd-demo"
 
 
-def claim_demo_folder(path: Path) -> None:
-    """Make `path` a fresh demo folder: a new or empty folder, or an earlier demo's (marked), which is replaced.
-    Anything else is refused naming what it is: the demo deletes only what it wrote."""
+def claim_demo_folder(path: Path, outputs: tuple[str, ...]) -> list[str]:
+    """Make `path` a demo folder: a new or empty folder, or an earlier demo's (marked). Of an earlier demo's folder
+    only the entries the demo writes (`outputs`, top-level names) are deleted; whatever else is there (a user's
+    notes, a `train --out DEMO/my-run`) is kept, and its names returned. Anything else is refused naming what it
+    is: the demo deletes only what it wrote."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"--out {path} is an existing file; pass a folder for the demo")
     entries = _entries(path)
+    kept = []
     if entries:
         if read_marker(path, DEMO_MARKER, "demo") is None:
             raise UserError(f"--out {path} is {_what_it_is(path, entries)}; the demo replaces only a folder it made "
                             f"itself: choose a new or empty --out")
-        shutil.rmtree(path)
+        for name in entries:
+            entry = path / name
+            if name in outputs:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            elif name != DEMO_MARKER:
+                kept.append(name)
     path.mkdir(parents=True, exist_ok=True)
     _write_marker(path, DEMO_MARKER, "demo", {})
+    return kept

@@ -17,6 +17,8 @@ opened lazily per process and never pickled.
 from __future__ import annotations
 
 import bisect
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from typing import Iterator
@@ -97,6 +99,10 @@ class Cache(ShardReader):
                                     f"{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}; run "
                                     f"`g2sd-cache verify {root}` for the full report, then re-extract the cache")
         self.manifest = typed_manifest(data)
+        # The cache's identity, whatever path names it: its manifest (which binds every shard.json, and through them
+        # every file, by digest) but the date it was written, so a re-extraction with the same settings is the same.
+        self.fingerprint = hashlib.sha256(json.dumps({k: v for k, v in data.items() if k != "created"},
+                                                     sort_keys=True).encode()).hexdigest()
         self.codec = codecs.get_codec(self.manifest.codec)
         self.basis = self._load_basis(data, root)
         self.shard_images = [s.images for s in self.manifest.shards]

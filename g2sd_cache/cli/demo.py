@@ -51,6 +51,11 @@ PRESETS = {
 }
 
 
+# What the demo writes into --out (top-level names): a rerun replaces these and nothing else.
+DEMO_OUTPUTS = ("images", "cache", "run-cached", "run-online", "val", "logits", "sd-cached", "sd-online",
+                "student-timm.pth", ".student-timm.pth.g2sd-export")
+
+
 @dataclass(frozen=True)
 class DemoConfig:
     out: str = "g2sd-demo"
@@ -70,7 +75,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         raise UserError(f"--preset {cfg.preset}: choose one of {', '.join(PRESETS)}")
     preset = PRESETS[cfg.preset]
     out = Path(cfg.out)
-    claim_demo_folder(out)     # an earlier demo's folder is replaced; anything else is refused
+    kept = claim_demo_folder(out, DEMO_OUTPUTS)   # an earlier demo's outputs are replaced; anything else is refused
+    if kept:
+        print(f"note: {out} also holds {', '.join(kept)}, which the demo did not write: left as they are")
     images = out / "images"
     print(f"[1/8] writing {cfg.images} synthetic JPEGs (320-640 px) in {cfg.classes} class folders to {images}")
     make_image_folder(images, cfg.images, seed=0, classes=cfg.classes)

@@ -20,6 +20,8 @@ Stage 2 (a `finetune` run, or its best.pt): the whole classifier (`export_classi
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -29,24 +31,59 @@ from g2sd_cache.common.checkpoint import CHECKPOINT, load_checkpoint
 from g2sd_cache.models.classifier import CLASSIFIER_PRESETS, DistilledViT, to_timm_distilled
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.specific.finetuned import BEST, read_finetuned
-from g2sd_cache.common.fsutil import atomic_write
+from g2sd_cache.common.fsutil import atomic_write, write_text_atomic
+from g2sd_cache.cache.ownership import TOOL
 from g2sd_cache.models.mae import STUDENT_PRESETS, build_student, load_student_state
 
 FORMATS = ("timm", "mae")
+EXPORT_RECORD = ".g2sd-export"   # `.NAME.g2sd-export` beside an export: what was written, to know it is ours
+
+
+def _record_path(out_path: Path) -> Path:
+    """Where export records what it wrote to `out_path` (beside it, hidden): the file's size and sha256."""
+    return out_path.with_name(f".{out_path.name}{EXPORT_RECORD}")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_our_export(out_path: Path) -> bool:
+    """Whether `out_path` is, byte for byte, a file an earlier export wrote (its record beside it matches)."""
+    try:
+        record = json.loads(_record_path(out_path).read_text())
+        return (isinstance(record, dict) and record.get("tool") == TOOL and record.get("what") == "export"
+                and not out_path.is_symlink() and out_path.stat().st_size == record.get("size")
+                and _sha256(out_path) == record.get("sha256"))
+    except (OSError, ValueError):
+        return False
 
 
 def _check_out(out: str, fmt: str) -> Path:
+    """`out` as a path export may write: a new file, or one an earlier export wrote and nobody changed since. Any
+    other existing file (a run's checkpoint.pt, a cache's manifest.json, a teacher checkpoint, a file of the user's)
+    is refused: export replaces only its own output, so a typo in --out can lose nothing."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     out_path = Path(out)
     if out_path.is_dir():
         raise UserError(f"--out {out} is a folder; pass a file name such as {out_path / 'model.pth'}")
+    if (out_path.exists() or out_path.is_symlink()) and not is_our_export(out_path):
+        raise UserError(f"--out {out} already exists and is not a file an earlier `g2sd-cache export` wrote (a "
+                        f"checkpoint, a manifest or a file of yours); export never replaces it: choose a new file name, "
+                        f"or move that file away first")
     return out_path
 
 
 def _save(obj, out_path: Path) -> None:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out_path, lambda f: torch.save(obj, f))
+    record = {"what": "export", "tool": TOOL, "size": out_path.stat().st_size, "sha256": _sha256(out_path)}
+    write_text_atomic(_record_path(out_path), json.dumps(record) + "\n")
 
 
 def export_run(run: str, out: str, fmt: str = "timm") -> dict:

@@ -75,6 +75,8 @@ def add(sub):
     perf.add_argument("--workers", type=int, help="DataLoader processes decoding images (default min(8, CPUs): "
                       "%(default)s here)")
     perf.add_argument("--device", help="auto, cpu, cuda or cuda:N (auto: this rank's GPU if any)")
+    perf.add_argument("--dist-timeout", type=float, help="minutes a collective (barrier, all-reduce) waits for the "
+                      "other ranks before it fails instead of hanging (default %(default)s)")
     set_dataclass_defaults(p, ExtractConfig, required=REQUIRED)
     return p
 

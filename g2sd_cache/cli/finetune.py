@@ -105,6 +105,8 @@ def add_finetune(sub):
                       "(default %(default)s); the data does not depend on it")
     perf.add_argument("--prefetch", type=int, help="groups each worker prepares ahead (default %(default)s)")
     perf.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto: this rank's GPU if any)")
+    perf.add_argument("--dist-timeout", type=float, help="minutes a collective (barrier, all-reduce) waits for the "
+                      "other ranks before it fails instead of hanging (default %(default)s)")
     perf.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], help="student autocast dtype (auto: "
                       "bf16 on CUDA, fp32 on CPU; G2SD used fp16 with a loss scaler)")
     perf.add_argument("--teacher-precision", choices=["auto", "fp32", "fp16", "bf16"], help="the online / replay "
@@ -152,6 +154,8 @@ def add_extract_logits(sub):
     perf.add_argument("--workers", type=int, help="DataLoader processes decoding, augmenting and mixing "
                       "(default %(default)s)")
     perf.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto); torchrun splits shards over ranks")
+    perf.add_argument("--dist-timeout", type=float, help="minutes a collective (barrier, all-reduce) waits for the "
+                      "other ranks before it fails instead of hanging (default %(default)s)")
     set_dataclass_defaults(p, LogitsConfig)
     return p
 

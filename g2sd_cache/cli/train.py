@@ -77,6 +77,8 @@ def add(sub):
     perf.add_argument("--prefetch", type=int, help="steps read ahead of the optimizer (and samples per worker on the "
                       "image path; default %(default)s)")
     perf.add_argument("--device", help="auto, cpu, cuda or cuda:N (default %(default)s)")
+    perf.add_argument("--dist-timeout", type=float, help="minutes a collective (barrier, all-reduce) waits for the "
+                      "other ranks before it fails instead of hanging (default %(default)s)")
     perf.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], help="autocast dtype (auto: bf16 on "
                       "CUDA, fp32 on CPU). fp16 is G2SD's (with a loss scaler); bf16 needs none (default %(default)s)")
     perf.add_argument("--teacher-precision", choices=["auto", "fp32", "fp16", "bf16"], help="the online / replay "

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
+import typing
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -58,6 +60,58 @@ def check_keys(data: dict, cls: type, path: str | Path) -> None:
         raise UserError(f"config {path}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
 
 
+def _allowed(hint: Any) -> tuple[set[type], bool]:
+    """The plain types a field's annotation allows (bool, int, float, str) and whether None is allowed."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return {a for a in args if a in (bool, int, float, str)}, type(None) in args
+
+
+def _value_problem(value: Any, allowed: set[type], optional: bool) -> str | None:
+    """Why `value` (from YAML) does not fit a field of types `allowed`, or None when it does."""
+    if value is None:
+        return None if optional else "it may not be empty (null)"
+    if bool in allowed:   # strict: YAML true/false only; "false", "no" or 0 would read as a choice the user did not make
+        return None if isinstance(value, bool) else "write true or false (unquoted)"
+    if isinstance(value, bool):
+        return "true/false is not a number or a name"
+    if int in allowed and isinstance(value, int):
+        return None
+    if float in allowed:
+        if isinstance(value, (int, float)):
+            return None
+        if isinstance(value, str):   # PyYAML reads `1e-3` (no dot) as a string: accept what float() reads exactly
+            try:
+                float(value)
+                return None
+            except ValueError:
+                pass
+        return "it must be a number"
+    if int in allowed:
+        return "it must be a whole number" + (f" (not {value!r})" if isinstance(value, float) else "")
+    if str in allowed:
+        return None if isinstance(value, str) else "it must be a text value"
+    return None
+
+
+def check_values(data: dict, cls: type, path: str | Path | None) -> dict:
+    """Refuse a --config value whose type does not fit its option, in one line: `steps: 4.9` (a whole number is
+    meant), `log_samples: "false"` (a string, which would read as true), `seed: null`. Returns `data` with
+    numeric strings of float options (`blr: 1e-3`, which PyYAML reads as text) converted to floats."""
+    hints = typing.get_type_hints(cls)
+    where = f"config {path}" if path else "options"
+    out = dict(data)
+    for f in dataclasses.fields(cls):
+        if f.name not in data or f.name not in hints:
+            continue
+        allowed, optional = _allowed(hints[f.name])
+        value = data[f.name]
+        problem = _value_problem(value, allowed, optional)
+        if problem:
+            shown = "null" if value is None else repr(value)
+            raise UserError(f"{where}: {f.name}: {shown} is not valid: {problem}")
+        if isinstance(value, str) and float in allowed and str not in allowed:
+            out[f.name] = float(value)
+    return out
 def set_dataclass_defaults(parser: argparse.ArgumentParser, cls: type, required: tuple[str, ...] = ()) -> None:
     """Every flag of `parser` named after a field of `cls` defaults to the field's default; the `required` fields
     default to None (given neither as a flag nor in --config, `config_from_args` names them)."""
@@ -74,7 +128,7 @@ def set_file_defaults(parser: argparse.ArgumentParser, cls: type, path: str,
         check_keys(values, cls, path)
     else:
         values = keys(values, path)
-    parser.set_defaults(**values)
+    parser.set_defaults(**check_values(values, cls, path))
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace, required: tuple[str, ...] = ()) -> T:

@@ -1,16 +1,21 @@
 """torch.distributed set-up shared by extract and train (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)."""
 from __future__ import annotations
 
-from typing import Any, Callable
-
+import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
 from g2sd_cache.common.errors import UserError
+
+DIST_TIMEOUT_MIN = 30.0      # minutes a collective may wait for the other ranks (--dist-timeout)
+# Options a rank may set for itself: where it runs and how it loads data; nothing the run's result depends on.
+RANK_LOCAL = ("device", "workers", "prefetch")
 
 
 @dataclass(frozen=True)
@@ -42,9 +47,12 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device_name: str, timeout_hours: float = 72.0) -> DistEnv:
-    """Join the torchrun process group if there is one (nccl on CUDA, gloo on CPU).
-    The long timeout lets ranks with more shards finish before the final barrier."""
+def init_distributed(device_name: str, timeout_min: float = DIST_TIMEOUT_MIN) -> DistEnv:
+    """Join the torchrun process group if there is one (nccl on CUDA, gloo on CPU). A collective that waits longer
+    than `timeout_min` minutes for another rank fails instead of hanging (the longest legitimate wait: one rank's
+    extra shard, or rank 0's validation, while the others sit in a barrier)."""
+    if not (math.isfinite(timeout_min) and timeout_min > 0):
+        raise UserError(f"--dist-timeout {timeout_min}: must be a positive number of minutes")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -53,7 +61,7 @@ def init_distributed(device_name: str, timeout_hours: float = 72.0) -> DistEnv:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=timedelta(hours=timeout_hours))
+                                timeout=timedelta(minutes=timeout_min))
     return DistEnv(rank, world, local_rank, device)
 
 
@@ -62,12 +70,34 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def run_on_ranks(cfg, body: Callable[[Any, DistEnv], dict], release: Callable[[], None] | None = None) -> dict:
-    """What every command of a torchrun job does around its work: `cfg.validate()`, join the process group,
-    `body(cfg, env)`, and always leave the group again (after `release()`, e.g. an output folder's lock)."""
+def check_ranks_agree(cfg, env: DistEnv, command: str) -> None:
+    """Refuse, on every rank and in the same line, a run whose ranks were given different arguments (another --steps
+    would hang in a collective, another --teacher mix two teachers in one cache): one all-gather of every rank's
+    options (the frozen config `cfg` but RANK_LOCAL) at start, before anything is read or written."""
+    if env.world == 1:
+        return
+    mine = {k: repr(v) for k, v in dataclasses.asdict(cfg).items() if k not in RANK_LOCAL}
+    every: list[dict | None] = [None] * env.world
+    dist.all_gather_object(every, mine)
+    for rank, theirs in enumerate(every):
+        differ = [k for k in every[0] if theirs.get(k) != every[0][k]]
+        if differ:
+            shown = ", ".join(f"{k} {theirs.get(k)} (rank 0: {every[0][k]})" for k in differ[:3])
+            raise UserError(f"the ranks of this {command} were started with different arguments: rank {rank} has "
+                            f"{shown}{' and more' if len(differ) > 3 else ''}; start every rank with the same "
+                            f"options (torchrun passes one command line to all)")
+
+
+def run_on_ranks(cfg, body: Callable[[Any, DistEnv], dict], release: Callable[[], None] | None = None,
+                 command: str = "run") -> dict:
+    """What every command of a torchrun job does around its work: `cfg.validate()`, join the process group (its
+    collectives time out after `cfg.dist_timeout` minutes), check that every rank got the same options
+    (`check_ranks_agree`), `body(cfg, env)`, and always leave the group again (after `release()`, e.g. an output
+    folder's lock). `command` names the command in the ranks' refusal."""
     cfg.validate()
-    env = init_distributed(cfg.device)
+    env = init_distributed(cfg.device, cfg.dist_timeout)
     try:
+        check_ranks_agree(cfg, env, command)
         return body(cfg, env)
     finally:
         if release is not None:

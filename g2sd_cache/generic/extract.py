@@ -29,11 +29,11 @@ from tqdm import tqdm
 from g2sd_cache.cache import codecs
 from g2sd_cache.cache.pixel_codecs import DEFAULT_QUALITY, JPEG_ARRAY, PIXEL_MODES, decode_jpegs
 from g2sd_cache.common.config import read_yaml, to_yaml
-from g2sd_cache.common.dist import DistEnv, run_on_ranks
+from g2sd_cache.common.dist import DIST_TIMEOUT_MIN, DistEnv, run_on_ranks
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.common.fsutil import write_text_atomic
 from g2sd_cache.models.mae import TEACHER_PRESETS, build_teacher
-from g2sd_cache.cache.ownership import FolderLock, claim_cache_folder
+from g2sd_cache.cache.ownership import FolderLock, claim_cache_folder, is_our_temporary
 from g2sd_cache.cache.schema import (CONFIG, SHARD_RECORD, TMP_MARK, VLEN_BYTES, ShardRecord, array_specs, encode_keys,
                                      shard_name)
 from g2sd_cache.data.sources import FolderSource, Source, TarSource, open_source
@@ -68,6 +68,7 @@ class ExtractConfig:
     overwrite: bool = False
     pixels: str = "visible"
     teacher_precision: str = "auto"   # auto: fp16 autocast on CUDA (G2SD's), fp32 on CPU
+    dist_timeout: float = DIST_TIMEOUT_MIN   # minutes a collective waits for the other ranks
     pixel_quality: int = DEFAULT_QUALITY     # --pixels jpeg: the JPEG quality (1..100)
     max_error: float | None = None     # --codec auto: the largest relative RMS error of decoded targets allowed
     calibration_views: int = 256       # views the codecs are measured (and a low-rank basis fitted) on
@@ -281,7 +282,7 @@ def _is_complete(out: Path, index: int) -> bool:
 def _remove_stale_temporaries(out: Path, shards: list[ShardPlan]) -> None:
     mine = {shard_name(p.index) for p in shards}
     for path in out.glob(f".shard-*{TMP_MARK}*"):
-        if path.name[1:].split(TMP_MARK)[0] in mine:
+        if is_our_temporary(path.name) and path.name[1:].split(TMP_MARK)[0] in mine:
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -293,7 +294,7 @@ def jpeg_decoder(device: torch.device) -> str:
 
 def run_extract(cfg: ExtractConfig) -> dict:
     """Extract the cache described by `cfg`; returns the summary that the CLI prints."""
-    return run_on_ranks(cfg, _extract, release=lambda: _release_output(cfg.out))
+    return run_on_ranks(cfg, _extract, release=lambda: _release_output(cfg.out), command="extract")
 
 
 def _calibrate(cfg: ExtractConfig, source: Source, plans: list[ShardPlan], teacher, device,

@@ -33,7 +33,7 @@ from timm.optim import param_groups_weight_decay
 
 from g2sd_cache.cache import codecs
 from g2sd_cache.cache.reader import Cache, open_cache
-from g2sd_cache.common.dist import DistEnv
+from g2sd_cache.common.dist import DIST_TIMEOUT_MIN, DistEnv
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.kernels import masked_smooth_l1
 from g2sd_cache.cache.manifest_checks import source_problem
@@ -82,13 +82,15 @@ class TrainConfig:
     resume: bool = False
     on_error: str = "fail"
     log_samples: bool = False
+    dist_timeout: float = DIST_TIMEOUT_MIN   # minutes a collective waits for the other ranks
 
     # The run's length when neither --epochs nor --steps is given (G2SD's); not a field, so that giving both
     # stays a mistake the config can see.
     DEFAULT_EPOCHS = 300
 
-    # What the epoch order depends on (with the global batch, checked separately): a resume must keep them.
-    ORDER = ("seed", "cache", "shuffle_window")
+    # What the epoch order depends on (with the global batch, checked separately): a resume must keep them. The
+    # cache is compared by its content fingerprint (train.py), not by how its path is spelled.
+    ORDER = ("seed", "shuffle_window")
 
     @property
     def run_epochs(self) -> int | None:

@@ -25,7 +25,7 @@ from g2sd_cache.common.errors import UserError
 from g2sd_cache.common.fsutil import write_text_atomic
 from g2sd_cache.generic.plan import epoch_order, rank_positions, steps_in_epoch
 from g2sd_cache.generic.runlog import RunLog
-from g2sd_cache.training.run_folder import StopRun, prepare_run_folder, save_run_checkpoint
+from g2sd_cache.training.run_folder import StopRun, prepare_run_folder, release_run_folder, save_run_checkpoint
 from g2sd_cache.training.schedule import get_lr, scaled_lr
 from g2sd_cache.generic.stream import StepLoader, StreamSpec
 
@@ -93,20 +93,56 @@ def epochs_total(cfg: TrainConfig, sched: Schedule) -> int:
 
 
 def train(cfg: TrainConfig) -> dict:
-    return run_on_ranks(cfg, _train)
+    return run_on_ranks(cfg, _train, release=lambda: release_run_folder(cfg.out), command="train")
 
 
-def _resume(cfg: TrainConfig, run: Path, distiller: Distiller, sched: Schedule, env: DistEnv) -> tuple[int, int, int, list[str]]:
+def cache_identity(cache) -> dict | None:
+    """What a checkpoint records of its cache: the content fingerprint (reader.Cache.fingerprint) and, to name what
+    changed, the settings most likely to: teacher weights, codec, views, seed."""
+    if cache is None:
+        return None
+    m = cache.manifest
+    return {"fingerprint": cache.fingerprint, "teacher_sha256": m.teacher.sha256, "codec": m.codec,
+            "views_per_image": m.views_per_image, "seed": m.seed, "views": m.views}
+
+
+def _same_cache(cfg: TrainConfig, saved: dict, recorded: dict | None, cache) -> tuple[bool, list[str]]:
+    """Whether --cache is the cache the run was trained on: by content (the fingerprint), so the same cache named
+    by another path (absolute, relative, moved) resumes and a re-extraction with another teacher or codec under
+    the same path does not. Checkpoints without a fingerprint: by resolved path. Returns (same, notes)."""
+    if cache is None or saved.get("cache") is None:   # a change of mode: _resume names it
+        return True, []
+    if recorded is None:
+        return Path(saved["cache"]).resolve() == Path(cfg.cache).resolve(), []
+    if recorded.get("fingerprint") != cache.fingerprint:
+        return False, []
+    return True, ([f"cache: {saved['cache']!r} -> {cfg.cache!r} (the same content)"] if saved["cache"] != cfg.cache
+                  else [])
+
+
+def _resume(cfg: TrainConfig, run: Path, distiller: Distiller, sched: Schedule, env: DistEnv,
+            cache=None) -> tuple[int, int, int, list[str]]:
     """Load the checkpoint; returns (step, epoch, sample position in the epoch, notes on what changed)."""
     ckpt = load_checkpoint(run, "train without --resume to start a new run there", required=RESUME_KEYS)
     saved = ckpt["config"]
     fixed = [k for k in (*TrainConfig.ORDER, "student", "loss_tokens", "beta") if saved.get(k) != getattr(cfg, k)]
     if cfg.mode == "online" and saved.get("data") != cfg.data:
         fixed.append("data")
+    if (saved.get("cache") is None) != (cfg.cache is None):
+        fixed.append("cache")
+    same, cache_notes = _same_cache(cfg, saved, ckpt.get("cache_identity"), cache)
+    if not same:
+        was, now = ckpt.get("cache_identity") or {}, cache_identity(cache) or {}
+        what = [f"{k} {str(was.get(k))[:12]} -> {str(now.get(k))[:12]}" for k in now if k != "fingerprint"
+                and k in was and was[k] != now[k]]
+        raise UserError(f"--resume: --cache {cfg.cache} is not the cache the run was trained on ({saved.get('cache')}"
+                        + (f"; {', '.join(what)}" if what else ", another content") + "); pass that cache, or train "
+                        "without --resume into a new --out")
     if fixed:
         raise UserError(f"--resume: {', '.join(fixed)} differ from the run being resumed; the model and the data "
                         f"order depend on them, so pass the same values (see {run}/config.yaml)")
     notes = [f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in SCHEDULE if saved.get(k) != getattr(cfg, k)]
+    notes += cache_notes
     if ckpt["global_batch"] != sched.global_batch:
         notes.append(f"global batch {ckpt['global_batch']} -> {sched.global_batch}: continuing at the same sample "
                      f"with the new batch (steps per epoch and the lr scale change)")
@@ -122,7 +158,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
     setup = prepare(cfg, env)
     distiller = Distiller(cfg, setup, env)
     sched = make_schedule(cfg, setup.epoch_size, env.world)
-    step, epoch, position, notes = _resume(cfg, run, distiller, sched, env) if cfg.resume else (0, 0, 0, [])
+    step, epoch, position, notes = _resume(cfg, run, distiller, sched, env, setup.cache) if cfg.resume else (0, 0, 0, [])
     if step:
         sched = make_schedule(cfg, setup.epoch_size, env.world, at=(step, epoch, position))
     if env.is_main:
@@ -152,7 +188,8 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
         save_run_checkpoint(run, env, at_step, distiller.weights_finite(), lambda: distiller.state_dict() | {
             "step": at_step, "epoch": at_epoch, "position": at_position, "global_batch": sched.global_batch,
             "rng": rng_state(), "config": dataclasses.asdict(cfg), "world": env.world, "student": cfg.student,
-            "target_dim": setup.target_dim, "img_size": setup.geometry.img_size})
+            "target_dim": setup.target_dim, "img_size": setup.geometry.img_size,
+            "cache_identity": cache_identity(setup.cache)})
 
     last_loss, start_step = float("nan"), step
     t_start = time.perf_counter()

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 from g2sd_cache.models.classifier import CLASSIFIER_PRESETS
+from g2sd_cache.common.dist import DIST_TIMEOUT_MIN
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.training.precision import TEACHER_PRECISIONS
 from g2sd_cache.specific.augment import AugmentRecipe
@@ -96,6 +97,7 @@ class LogitsConfig(PlanOptions):
     workers: int = 4
     device: str = "auto"
     overwrite: bool = False
+    dist_timeout: float = DIST_TIMEOUT_MIN   # minutes a collective waits for the other ranks
 
     # Fields that decide the cache's content besides the plan; a rerun with any of them changed is refused.
     CONTENT = (*PlanOptions.PLAN, "teacher_arch", "cached_epochs", "topk", "shard_groups", "teacher_precision")
@@ -149,6 +151,7 @@ class FinetuneConfig(PlanOptions):
     save_every: int = 1000
     stop_after: int | None = None
     resume: bool = False
+    dist_timeout: float = DIST_TIMEOUT_MIN   # minutes a collective waits for the other ranks
 
     # What the model and the data order depend on: a resume must keep them (the schedule may change).
     # (The images are compared by their listing's fingerprint and the teacher by its weights' sha256, so a moved

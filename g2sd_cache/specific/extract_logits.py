@@ -81,7 +81,7 @@ def _prepare_output(out: Path, cfg: LogitsConfig, fingerprints: dict) -> FolderL
     """Rank 0: claim and lock the cache folder as extract does (ownership.claim_cache_folder: only a folder marked
     as a g2sd-cache cache is resumed or overwritten, a second writer is refused, dead writers' temporaries are
     removed), then check that an existing cache was made with the same settings. Returns the held lock."""
-    lock = claim_cache_folder(out, cfg.overwrite)
+    lock = claim_cache_folder(out, cfg.overwrite, kind="logits")
     try:
         if (out / CONFIG).is_file():
             old = read_yaml(out / CONFIG)
@@ -122,7 +122,7 @@ def write_manifest(out: Path, cfg: LogitsConfig, plan: SDPlan, shards: list[Shar
 
 def run_extract_logits(cfg: LogitsConfig) -> dict:
     """Extract the logits cache described by `cfg`; returns the summary the CLI prints."""
-    return run_on_ranks(cfg, _extract)
+    return run_on_ranks(cfg, _extract, command="extract-logits")
 
 
 def _extract(cfg: LogitsConfig, env: DistEnv) -> dict:

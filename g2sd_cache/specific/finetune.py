@@ -42,7 +42,8 @@ from g2sd_cache.specific.log import FinetuneLog
 from g2sd_cache.specific.finetuned import BEST, STAGE
 from g2sd_cache.data.labelled import open_labelled
 from g2sd_cache.cache.logits import LogitsCache, open_logits
-from g2sd_cache.training.run_folder import StopRun, prepare_run_folder, save_run_checkpoint
+from g2sd_cache.cache.logits_checks import manifest_problems as logits_manifest_problems
+from g2sd_cache.training.run_folder import StopRun, prepare_run_folder, release_run_folder, save_run_checkpoint
 from g2sd_cache.training.schedule import get_lr, scaled_lr
 from g2sd_cache.specific.config import FinetuneConfig
 from g2sd_cache.specific.plan import SDPlan, check_same_plan, open_plan
@@ -124,7 +125,7 @@ class _RunGroups(Dataset):
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
-    return run_on_ranks(cfg, _finetune)
+    return run_on_ranks(cfg, _finetune, release=lambda: release_run_folder(cfg.out), command="finetune")
 
 
 def _inputs(cfg: FinetuneConfig, env: DistEnv) -> tuple[SDPlan, LogitsCache | None, torch.nn.Module | None, str | None,
@@ -138,6 +139,11 @@ def _inputs(cfg: FinetuneConfig, env: DistEnv) -> tuple[SDPlan, LogitsCache | No
     logits = None
     if cfg.logits:
         logits = open_logits(cfg.logits)
+        problems = logits_manifest_problems(logits)
+        if problems:   # verify's checks of the manifest, as open_cache runs them for train: never an IndexError later
+            raise UserError(f"logits cache {cfg.logits} does not agree with its manifest: {problems[0]}"
+                            f"{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}; run `g2sd-cache verify "
+                            f"{cfg.logits}` for the full report, then rerun extract-logits into a new --out")
         check_same_plan(logits.manifest.plan, plan.describe(), f"logits cache {cfg.logits}")
         # the listing ties images by name and size only: each image read must be the bytes the teacher saw
         plan.data = dataclasses.replace(plan.data, crc32c=logits.image_crc32c(len(plan.data)))
@@ -176,7 +182,7 @@ def _check_resume(cfg: FinetuneConfig, run: Path) -> tuple[dict, list[str]]:
 def _finetune(cfg: FinetuneConfig, env: DistEnv) -> dict:
     if env.is_main:
         print(cfg.mode_line(), flush=True)
-    run = prepare_run_folder(cfg.out, cfg.resume, env)
+    run = prepare_run_folder(cfg.out, cfg.resume, env, "finetune")
     ckpt, changes = _check_resume(cfg, run) if cfg.resume else (None, [])
     plan, logits, teacher, teacher_sha, notes = _inputs(cfg, env)
     teacher_sha = teacher_sha or (logits.manifest.teacher["sha256"] if logits else None)

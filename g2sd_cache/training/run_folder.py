@@ -25,25 +25,44 @@ from tqdm import tqdm
 from g2sd_cache.common.checkpoint import CHECKPOINT, save_checkpoint
 from g2sd_cache.common.dist import DistEnv
 from g2sd_cache.common.errors import UserError
-from g2sd_cache.cache.ownership import claim_run_folder
+from g2sd_cache.cache.ownership import RUN_LOCK, FolderLock, claim_run_folder
 
 
 class StopRun(Exception):
     """Raised inside a training loop to end the run early (signal / --stop-after) after a checkpoint."""
 
 
-def prepare_run_folder(out: str | Path, resume: bool, env: DistEnv) -> Path:
+# Rank 0's lock on each run folder it trains into, from `prepare_run_folder` to `release_run_folder`.
+_RUN_LOCKS: dict[str, FolderLock] = {}
+
+
+def prepare_run_folder(out: str | Path, resume: bool, env: DistEnv, command: str = "train") -> Path:
     """Rank 0 claims the run folder `out` (ownership.claim_run_folder: a new or empty folder, or one of our
-    runs; never a cache, a dataset or a folder of someone else's files), then every rank waits.
-    A folder that already holds a run is refused unless `resume`."""
+    runs; never a cache, a dataset or a folder of someone else's files) and takes its lock (RUN_LOCK, an
+    exclusive flock held until `release_run_folder` or the process ends), then every rank waits. A second
+    `command` into the same folder is refused in one line naming the holder (pid, host); a folder that
+    already holds a run is refused unless `resume`."""
     run = Path(out)
     if env.is_main:
         claim_run_folder(run, resume)
-        if (run / CHECKPOINT).exists() and not resume:
-            raise UserError(f"{run} already holds a run ({CHECKPOINT}); pass --resume to continue it or choose "
-                            f"another --out")
+        lock = FolderLock(run, RUN_LOCK, command)
+        try:
+            if (run / CHECKPOINT).exists() and not resume:
+                raise UserError(f"{run} already holds a run ({CHECKPOINT}); pass --resume to continue it or choose "
+                                f"another --out")
+        except BaseException:
+            lock.release()
+            raise
+        _RUN_LOCKS[str(run)] = lock
     env.barrier()
     return run
+
+
+def release_run_folder(out: str | Path) -> None:
+    """Drop this process's lock on the run folder `out` (nothing if it holds none)."""
+    lock = _RUN_LOCKS.pop(str(Path(out)), None)
+    if lock is not None:
+        lock.release()
 
 
 class StopSignals:

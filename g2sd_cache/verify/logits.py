@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from g2sd_cache.models.classifier import build_teacher
 from g2sd_cache.common.dist import resolve_device
 from g2sd_cache.common.errors import CacheCorruptError, UserError
 from g2sd_cache.cache.logits import LogitsCache, LogitsShardRecord, logits_specs
-from g2sd_cache.cache.schema import CONFIG, SHARD_RECORD, TMP_MARK, shard_name
+from g2sd_cache.cache.logits_checks import layout_problems
+from g2sd_cache.cache.schema import SHARD_RECORD, TMP_MARK
 from g2sd_cache.specific.augment import AugmentRecipe
 from g2sd_cache.specific.mix import MixRecipe
 from g2sd_cache.specific.plan import SDPlan, SDRecipe, check_same_plan
@@ -69,33 +69,8 @@ def verify_logits(path: str, deep: int = 0, teacher: str | None = None, data: st
 
 
 def _check_layout(report: VerifyReport, root: Path, m) -> None:
-    for p in sorted(root.rglob(f"*{TMP_MARK}*")):
-        report.add(p.relative_to(root).parts[0], f"leftover temporary {p.relative_to(root)} (an interrupted write; "
-                                                  f"rerun extract-logits, or delete it)")
-    listed = [s["name"] for s in m.shards]
-    on_disk = sorted(p.name for p in root.iterdir() if p.is_dir() and TMP_MARK not in p.name)
-    for name in sorted(set(on_disk) - set(listed)):
-        report.add(name, "is on disk but not in the manifest")
-    for name in sorted(set(listed) - set(on_disk)):
-        report.add(name, "is in the manifest but missing on disk")
-    expected = [(a, min(m.shard_groups, m.groups_per_epoch - a)) for a in range(0, m.groups_per_epoch, m.shard_groups)]
-    got = [(s["first_group"], s["groups"]) for s in m.shards]
-    if got != expected or listed != [shard_name(i) for i in range(len(expected))]:
-        report.add("manifest.json", f"shards do not tile the {m.groups_per_epoch} groups of an epoch in runs of "
-                                    f"{m.shard_groups}")
-    if m.samples != m.epochs * m.groups_per_epoch * m.group_size:
-        report.add("manifest.json", f"samples {m.samples} != {m.epochs} epochs x {m.groups_per_epoch} groups x "
-                                    f"{m.group_size}")
-    if m.bytes != sum(sum(s["files"].values()) for s in m.shards):
-        report.add("manifest.json", "bytes is not the sum of the shards' file sizes")
-    try:
-        config = yaml.safe_load((root / CONFIG).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        report.add(CONFIG, f"cannot be read ({type(e).__name__})")
-        return
-    if not isinstance(config, dict) or config.get("teacher_sha256") != m.teacher.get("sha256") \
-            or json.loads(json.dumps(config.get("plan"))) != m.plan:
-        report.add(CONFIG, "names another teacher or plan than manifest.json")
+    for where, what in layout_problems(root, m):
+        report.add(where, what)
 
 
 def _check_shards(report: VerifyReport, cache: LogitsCache) -> dict:

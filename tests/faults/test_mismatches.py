@@ -61,3 +61,21 @@ def test_extract_refuses_rerun_with_another_configuration(micro_cache, image_fol
     assert key in one_line(e.value) and "--overwrite" in str(e.value)
     assert (c / MANIFEST).read_bytes() == before
     assert verify_cache(str(c)).ok
+
+
+def test_resume_knows_its_cache_by_content_not_by_how_its_path_is_written(micro_cache, image_folder, tmp_path,
+                                                                           monkeypatch, capsys):
+    """Mismatches are refused: `train --resume` accepts the same cache named by its absolute path after a run
+    started with a relative one (noting the change), and refuses the same path once it holds a cache re-extracted
+    with another codec, naming the codec."""
+    c = copy_cache(micro_cache, tmp_path / "c")
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    train(micro_train_config(image_folder, "c", run, steps=3, stop_after=1))
+    capsys.readouterr()
+    train(micro_train_config(image_folder, str(c.resolve()), run, steps=3, stop_after=2, resume=True))
+    assert "(the same content)" in capsys.readouterr().out
+    run_extract(micro_extract_config(image_folder, c, codec="int8", overwrite=True))
+    with pytest.raises(UserError) as e:
+        train(micro_train_config(image_folder, "c", run, steps=3, resume=True))
+    assert "not the cache the run was trained on" in one_line(e.value) and "codec fp16 -> int8" in str(e.value)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.common.helpers import MICRO_TEACHER, micro_extract_config
 from g2sd_cache import open_cache
@@ -65,6 +66,57 @@ def test_overwrite_deletes_a_cache_only_if_it_holds_nothing_else(micro_cache, im
     (c / "shard-00001" / "my-notes.txt").unlink()
     run_extract(micro_extract_config(image_folder, c, overwrite=True, seed=1))
     assert verify_cache(str(c)).ok and open_cache(str(c)).manifest.seed == 1
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    """Every file's bytes but the lock's (its content names the last process that took it)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".g2sd-cache.lock"}
+
+
+def test_overwrite_replaces_only_a_cache_of_its_own_kind(micro_cache, image_folder, tmp_path):
+    """Own only what is yours: `extract-logits --overwrite` into a target cache, and `extract --overwrite` into a
+    logits cache, refuse in one line naming the kind found; both caches stay byte for byte."""
+    from g2sd_cache.specific.config import LogitsConfig
+    from g2sd_cache.specific.extract_logits import run_extract_logits
+    targets = copy_cache(micro_cache, tmp_path / "targets")
+    logits = tmp_path / "logits"
+    logits_cfg = dict(data=str(image_folder), teacher="random:1", teacher_arch="test_vit_micro_patch16", topk=2,
+                      shard_groups=2, workers=0, device="cpu", img_size=32, group_size=4)
+    run_extract_logits(LogitsConfig(out=str(logits), **logits_cfg))
+    before_t, before_l = _tree(targets), _tree(logits)
+    for overwrite in (True, False):
+        with pytest.raises(UserError) as e:
+            run_extract_logits(LogitsConfig(out=str(targets), overwrite=overwrite, **logits_cfg))
+        assert "is a targets cache" in one_line(e.value) and "nothing was changed" in str(e.value)
+        with pytest.raises(UserError) as e:
+            run_extract(micro_extract_config(image_folder, logits, overwrite=overwrite))
+        assert "is a logits cache" in one_line(e.value) and "nothing was changed" in str(e.value)
+    assert _tree(targets) == before_t and _tree(logits) == before_l
+    assert verify_cache(str(targets)).ok
+
+
+def test_clean_up_removes_only_what_the_writer_made(micro_cache, image_folder, tmp_path):
+    """Own only what is yours: a rerun's clean-up deletes only temporaries of the cache's own files (exact name
+    pattern), never a user's file named like one; --overwrite refuses a shard holding a user's folder even when
+    that folder looks like a zarr array (it holds a zarr.json), and deletes nothing."""
+    c = copy_cache(micro_cache, tmp_path / "c")
+    (c / "results.tmp-final.csv").write_text("mine")
+    (c / ".shard-00001.tmp-notes").mkdir()
+    (c / ".shard-00001.tmp-notes" / "keep.txt").write_text("mine")
+    run_extract(micro_extract_config(image_folder, c))
+    assert (c / "results.tmp-final.csv").read_text() == "mine"
+    assert (c / ".shard-00001.tmp-notes" / "keep.txt").read_text() == "mine"
+    (c / "results.tmp-final.csv").unlink()
+    shutil.rmtree(c / ".shard-00001.tmp-notes")
+    user = c / "shard-00001" / "my-analysis"
+    user.mkdir()
+    (user / "zarr.json").write_text("{}")
+    (user / "results.csv").write_text("mine")
+    with pytest.raises(UserError) as e:
+        run_extract(micro_extract_config(image_folder, c, overwrite=True, seed=1))
+    assert "shard-00001" in one_line(e.value)
+    assert (user / "results.csv").read_text() == "mine" and (c / MANIFEST).is_file()
 
 
 def test_a_format_1_cache_is_refused_with_one_line_saying_to_re_extract(micro_cache, image_folder, tmp_path, capsys):
@@ -181,3 +233,52 @@ def test_the_same_extract_started_twice_one_runs_one_refuses(image_folder, tmp_p
     assert second.stderr.startswith("g2sd-cache extract: error: another extract is writing into") and \
         f"pid {first.pid}" in second.stderr and second.stderr.count("\n") == 1, second.stderr
     assert verify_cache(str(out)).ok
+
+
+def test_export_never_replaces_a_file_it_did_not_write(micro_cache, image_folder, tmp_path, capsys):
+    """Own only what is yours: `export RUN --out` over the run's checkpoint.pt, a cache's manifest.json or any file of
+    the user's exits 2 with one line and leaves the file byte for byte; an export it wrote itself (unchanged since)
+    is replaced by a rerun, and once the user edits it, it is theirs and refused."""
+    from g2sd_cache.cli.main import main as cli_main
+    from g2sd_cache.generic.train import train
+    from tests.common.faults import micro_train_config
+    run = tmp_path / "run"
+    train(micro_train_config(image_folder, micro_cache, run, steps=1))
+    cache = copy_cache(micro_cache, tmp_path / "c")
+    mine = tmp_path / "teacher.pth"
+    mine.write_bytes(b"my weights")
+    capsys.readouterr()
+    for target in (run / "checkpoint.pt", cache / MANIFEST, mine):
+        before = target.read_bytes()
+        assert cli_main(["export", str(run), "--out", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "already exists" in err and str(target) in err, err
+        assert target.read_bytes() == before
+    out = tmp_path / "encoder.pth"
+    assert cli_main(["export", str(run), "--out", str(out)]) == 0
+    assert cli_main(["export", str(run), "--out", str(out), "--format", "mae"]) == 0     # its own file: replaced
+    assert "model" in torch.load(out, weights_only=True)
+    with open(out, "ab") as f:
+        f.write(b"edited")
+    assert cli_main(["export", str(run), "--out", str(out)]) == 2
+    assert out.read_bytes().endswith(b"edited")
+
+
+def test_a_demo_rerun_replaces_its_own_outputs_and_keeps_what_the_user_added(micro_cache, image_folder, tmp_path):
+    """Own only what is yours: rerunning the demo into its folder deletes what the demo wrote there (images, caches,
+    its runs, its export) but keeps a user's notes and a `train --out DEMO/my-run` run, and names them."""
+    from g2sd_cache.cli.demo import DEMO_OUTPUTS
+    from g2sd_cache.cache.ownership import claim_demo_folder
+    from g2sd_cache.generic.train import train
+    from tests.common.faults import micro_train_config
+    demo = tmp_path / "demo"
+    assert claim_demo_folder(demo, DEMO_OUTPUTS) == []
+    shutil.copytree(image_folder, demo / "images")
+    shutil.copytree(micro_cache, demo / "cache")
+    (demo / "student-timm.pth").write_bytes(b"export")
+    (demo / "notes.txt").write_text("mine")
+    train(micro_train_config(image_folder, demo / "cache", demo / "my-run", steps=1))
+    kept = claim_demo_folder(demo, DEMO_OUTPUTS)
+    assert sorted(kept) == ["my-run", "notes.txt"]
+    assert sorted(p.name for p in demo.iterdir()) == [".g2sd-demo", "my-run", "notes.txt"]
+    assert (demo / "notes.txt").read_text() == "mine" and (demo / "my-run" / "checkpoint.pt").is_file()

@@ -120,3 +120,42 @@ def test_resume_drops_the_metrics_of_steps_it_redoes_and_records_what_changed(mi
     assert [r["step"] for r in records] == list(range(1, 8)) and all(r["loss"] != 99.0 for r in records)
     config = (run / "config.yaml").read_text()
     assert "steps: 6 -> 7" in config and "blr: 0.00015 -> 0.0002" in config
+
+
+def _hold_lock(path: Path) -> subprocess.Popen:
+    """Another process holding the flock on `path` (as a running train would), saying who it is."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, json, os, time\n"
+         f"fd = os.open({str(path)!r}, os.O_RDWR | os.O_CREAT)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\nos.ftruncate(fd, 0)\n"
+         "os.write(fd, json.dumps({'pid': os.getpid(), 'host': 'elsewhere', 'since': 'now'}).encode())\n"
+         "print('locked', flush=True)\ntime.sleep(120)\n"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_second_run_into_a_run_folder_in_use_is_refused_naming_the_holder(micro_cache, image_folder, tmp_path):
+    """One writer at a time: while a train (or finetune) holds a run folder's lock, another train --resume, train or
+    finetune into it is refused in one line naming that process (pid, host), and the run's files stay as they were;
+    the lock dies with its holder, and a finished run releases it (the resume then works)."""
+    from g2sd_cache.specific.config import FinetuneConfig
+    from g2sd_cache.specific.finetune import finetune
+    run = tmp_path / "run"
+    train(micro_train_config(image_folder, micro_cache, run, steps=2))
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".g2sd-run.lock"}
+    holder = _hold_lock(run / ".g2sd-run.lock")
+    try:
+        for attempt, command in ((lambda: train(micro_train_config(image_folder, micro_cache, run, steps=4, resume=True)),
+                                  "train"),
+                                 (lambda: finetune(FinetuneConfig(data=str(image_folder), out=str(run), init="x",
+                                                                  resume=True, workers=0, device="cpu")), "finetune")):
+            with pytest.raises(UserError) as e:
+                attempt()
+            assert f"another {command} is writing into {run} (pid {holder.pid} on host elsewhere" in one_line(e.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".g2sd-run.lock"} == before
+    train(micro_train_config(image_folder, micro_cache, run, steps=4, resume=True))
+    train(micro_train_config(image_folder, micro_cache, run, steps=5, resume=True))   # the previous run let go
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 5

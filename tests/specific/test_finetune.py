@@ -488,13 +488,15 @@ def test_sigterm_saves_a_checkpoint_and_stops(image_folder, stage1_export, logit
 
 @pytest.mark.slow
 def test_demo_micro_runs_both_stages(tmp_path):
-    from g2sd_cache.cli.demo import DemoConfig, run_demo
+    from g2sd_cache.cli.demo import DEMO_OUTPUTS, DemoConfig, run_demo
     summary = run_demo(DemoConfig(out=str(tmp_path / "demo"), preset="micro", images=32, steps=4, batch_size=8,
                                   workers=0, device="cpu"))
     s2 = summary["stage2"]
     assert s2["online_losses_equal"] and len(s2["val_top1"]) == 2 and s2["samples_cached"] == 2 * 32
     assert s2["export_top1"] == pytest.approx(max(s2["val_top1"]))   # best.pt, exported to timm, evaluated again
     assert (tmp_path / "demo" / "student-timm.pth").is_file()
+    # everything the demo wrote is among the outputs a rerun replaces (a rerun keeps anything else)
+    assert {p.name for p in (tmp_path / "demo").iterdir()} <= {*DEMO_OUTPUTS, ".g2sd-demo"}
     # a second demo replaces the first; a folder the demo did not make is refused untouched
     mine = tmp_path / "mine"
     mine.mkdir()
