@@ -91,6 +91,16 @@ def _data(d: dict) -> list[str]:
                                                                   for c in codecs_)]] +
                          [[f"cores per GPU, {short(s)}", *(fmt(v[c], ".2f") for c in codecs_)]
                           for s, v in d["feed_cores_per_gpu_by_student"].items()]))
+    r = d.get("remote") or {}
+    if "skipped" in r:
+        out += ["", f"From an object store: skipped ({r['skipped']})."]
+    elif r:
+        out += ["", f"From an object store ({r['endpoint']}, through the node-local copy, {r['download_threads']} "
+                f"download threads, {r['prefetch_files']} files ahead): cold local copy {r['cold_samples_per_s']:,.0f} "
+                f"views/s per core ({r['cold_wall_samples_per_s']:,.0f} by the clock), warm {r['warm_samples_per_s']:,.0f}; "
+                f"first batch {r['first_batch_s']['cold']:.2f} s cold, {r['first_batch_s']['warm']:.3f} s warm; fetched "
+                f"{r['fetched_per_epoch_share']:.2f}x the epoch's share of the cache; downloads cost "
+                f"{r['download_cpu_s_per_gb']:.1f} CPU-s per GB."]
     return out
 
 

@@ -1,6 +1,6 @@
 """Data section, per core: what each input path costs the CPU, as `g2sd-cache train` runs it.
 
-Every path is train's own loader (`StepLoader`, built by train's `_epoch_loader`) with workers=0 (so the
+Every path is train's own loader (`StepLoader`, built by train's `epoch_loader`) with workers=0 (so the
 image path renders in this process) and torch at one thread, its epoch's positions repeated until a pass
 holds `image_views` / `cached_views` views (a benchmark epoch of a hundred views would otherwise measure
 the per-epoch set-up that a real epoch of a million views amortises). Rates are per CPU-second of this
@@ -21,6 +21,8 @@ the page cache: this is decoding and copying, not disk.
 - `cached_gb_per_s`: the bytes a view brings (pixels + target codes + scales + mask) times the cached rate,
   against `memcpy_gb_per_s`: np.copyto of the same batch bytes from a ring larger than the last-level cache
   (DRAM-bound, as page-cache reads are).
+- `remote`: the cached path from a local S3 server through the node-local copy, cold and warm, time to
+  first batch, bytes fetched per epoch against its share of the cache (benchmarks/sections/remote.py).
 - `feed_cores_per_gpu` {image, cached}: cores needed to feed one GPU training the default student at R
   samples/s, R / per-core rate. With --device cuda, R is that student's measured step rate (step section,
   the student alone); otherwise R is an ESTIMATE: `assumed_gpu_tflops` / the student's FLOPs per sample.
@@ -191,6 +193,9 @@ def data_section(ws: dict, prof: Profile, device: torch.device, step: dict) -> d
     def rate(kind: str, per: str = "cpu_s") -> float:
         return median([p["samples"] / p[per] for p in passes[kind]])
 
+    from g2sd_cache.benchmarks.sections.remote import remote_part
+    remote = remote_part(ws["cache"], runs["cached"], ws["tmp"])   # the same cache, from a local S3 server
+
     img, cached = rate("image_only"), rate("cached")
     batch_ms = 1e3 * prof.batch / cached
     by_array["rest of the pixel path"] = batch_ms - sum(by_array.values())
@@ -203,6 +208,7 @@ def data_section(ws: dict, prof: Profile, device: torch.device, step: dict) -> d
         "feed_cores_per_gpu_by_student": {s: {c: rate_s / v for c, v in by_codec.items()}
                                           for s, rate_s in student_rates(step, device).items()},
         "image_only_samples_per_s": img, "cached_samples_per_s": cached, "pixel_cache_speedup": cached / img,
+        "remote": remote,
         "cached_first_read_samples_per_s": rate("cached_first_read"),
         "no_pixels_samples_per_s": rate("no_pixels"),
         "wall_samples_per_s": {k: rate(k, "wall_s") for k in passes},

@@ -20,6 +20,7 @@ import bisect
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -31,13 +32,14 @@ import zarr
 from g2sd_cache.cache import codecs, lowrank
 from g2sd_cache.common.errors import CacheCorruptError
 from g2sd_cache.cache.digests import chunk_file_digest, digest_mismatch, fsspec_reader, is_metadata, local_reader, record_digest
+from g2sd_cache.cache.local_mirror import FileSpec, LocalCacheConfig, LocalMirror
 from g2sd_cache.cache.manifest_checks import array_problems, basis_problem, manifest_problems, record_problems, typed_manifest, unlisted_shards
 from g2sd_cache.cache.schema import SHARD_RECORD, decode_keys, parse_manifest, read_manifest_text
 from g2sd_cache.cache.pixel_codecs import JPEG_ARRAY, decode_jpegs
 from g2sd_cache.cache.shard_files import (MappedBytesShardFile, MappedShardFile, ZarrShardFile, can_map, can_map_bytes,
                                           strict_store)
 from g2sd_cache.cache.shard_reader import ShardReader
-from g2sd_cache.cache.zarr_layout import ArrayLayout
+from g2sd_cache.cache.zarr_layout import MAX_UINT_64, ArrayLayout, chunk_crc_ok, read_shard_index
 
 
 @dataclass(frozen=True)
@@ -83,14 +85,20 @@ class Cache(ShardReader):
     """A finished cache. `len(cache)` is the number of views; `cache[i]` a `ViewRecord`. Its shard files are
     read through `ShardReader` (cache/shard_reader.py): per process, in an LRU, each shard checked at first touch."""
 
-    PER_PROCESS = (*ShardReader.PER_PROCESS, "_groups", "_digests", "_image_crc32c")
+    PER_PROCESS = (*ShardReader.PER_PROCESS, "_groups", "_digests", "_image_crc32c", "_layouts", "_mirror_obj")
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, local_cache: LocalCacheConfig | None = None):
         self.root = str(root).rstrip("/")
         self._fs, self._path = fsspec.core.url_to_fs(self.root)
         protocols = self._fs.protocol if isinstance(self._fs.protocol, tuple) else (self._fs.protocol,)
         self._local = "file" in protocols
-        data = parse_manifest(read_manifest_text(self._fs, self._path, root))
+        text = read_manifest_text(self._fs, self._path, root)
+        # A remote cache read through a node-local copy of its files (cache/local_mirror.py), one folder
+        # per cache content (the manifest's digest), so two caches never share a file name.
+        self._mirror_cfg = None if self._local or local_cache is None else local_cache
+        self._mirror_key = record_digest(text.encode())[:16]
+        self.fetched_mark = 0    # the local copy's fetched bytes at the start of the epoch (train reports the difference)
+        data = parse_manifest(text)
         # What verify checks about the manifest, with its words, before anything is read (cache/manifest_checks.py).
         folders = [p.rstrip("/").rsplit("/", 1)[-1] for p in self._fs.ls(self._path, detail=False)]
         problems = manifest_problems(data) + unlisted_shards(data, folders)
@@ -137,6 +145,8 @@ class Cache(ShardReader):
         self._groups: dict[int, zarr.Group] = {}
         self._digests: dict[int, dict[str, str]] = {}     # shard -> its record's file digests
         self._image_crc32c: dict[int, list[int]] = {}   # shard -> crc32c of each row's source image
+        self._layouts: dict[tuple[int, str], ArrayLayout] = {}
+        self._mirror_obj: LocalMirror | None = None
 
     def _check_sizes(self, shard: int, arrays_only: bool = False) -> None:
         """Once per shard and process, before its data is read: shard.json is the record the manifest holds a
@@ -210,8 +220,11 @@ class Cache(ShardReader):
         """The reader of array `name`, view `view` of `shard` (ShardReader._file keeps it per process)."""
         entry = self.manifest.shards[shard]
         base = f"{self._path}/{entry.name}"
-        layout = self._layout(entry.name, name, lambda: self._fs.cat_file(f"{base}/{name}/zarr.json"))
+        layout = self._array_layout(shard, name)
         rel = f"{name}/" + next(r for coord, r in layout.shard_files() if coord[0] == view)
+        if self._mirror_cfg is not None and can_map(layout, True):   # digest checked on arrival
+            local = self.mirror.path(FileSpec(shard, entry.name, rel, entry.files.get(rel, 0)))
+            return MappedShardFile(local, layout, entry.name, rel, verified)
         self._check_digest(shard, rel, layout)
         if can_map(layout, self._local):
             return MappedShardFile(f"{base}/{rel}", layout, entry.name, rel, verified)
@@ -224,6 +237,66 @@ class Cache(ShardReader):
         except FileNotFoundError:
             raise CacheCorruptError.in_shard(entry.name, f"file {rel} is missing") from None
         return ZarrShardFile(self._group(shard)[name], view, tail, layout, entry.name, rel)
+
+    def _array_layout(self, shard: int, name: str) -> ArrayLayout:
+        """Array `name`'s layout in `shard`, read once per process."""
+        key = (shard, name)
+        if key not in self._layouts:
+            entry = self.manifest.shards[shard]
+            self._layouts[key] = self._layout(entry.name, name,
+                                              lambda: self._fs.cat_file(f"{self._path}/{entry.name}/{name}/zarr.json"))
+        return self._layouts[key]
+
+    # -- the node-local copy of a remote cache (cache/local_mirror.py) --------------------------------
+    @property
+    def mirror(self) -> LocalMirror | None:
+        """This process's local mirror (None for a local cache or without a local cache configured)."""
+        if self._mirror_cfg is None:
+            return None
+        self._this_process()
+        if self._mirror_obj is None:
+            folder = os.path.join(self._mirror_cfg.folder, self._mirror_key)
+            self._mirror_obj = LocalMirror(self._fs, self._path, self.root, folder, self._mirror_cfg, self._mirrored_problem)
+        return self._mirror_obj
+
+    def _mirrored_problem(self, spec: FileSpec, path: str) -> str | None:
+        """What is wrong with a downloaded file, by the digest its shard.json records (None: nothing)."""
+        self._touch(spec.shard)
+        if is_metadata(spec.rel):
+            with open(path, "rb") as f:
+                return digest_mismatch(spec.rel, record_digest(f.read()), self._digests[spec.shard])
+        layout = self._array_layout(spec.shard, spec.rel.split("/")[0])
+        try:
+            digest = chunk_file_digest(local_reader(path), os.path.getsize(path), layout)
+        except ValueError as e:
+            return f"{spec.rel}: {e}"
+        problem = digest_mismatch(spec.rel, digest, self._digests[spec.shard])
+        if problem is None:   # the bytes too (crc32c runs at memory speed): a bad body never gets a final name
+            with open(path, "rb") as f:
+                data = f.read()
+            index = read_shard_index(data, math.prod(layout.chunks_per_shard), layout.index_at_end)
+            for j, (off, nbytes) in enumerate(index.tolist()):
+                if off != MAX_UINT_64 and not chunk_crc_ok(memoryview(data)[off:off + nbytes]):
+                    return f"{spec.rel}: inner chunk {j} fails its crc32c"
+        return problem
+
+    def close(self) -> None:
+        """Stop this process's downloads (a remote cache read through a local copy); reading reopens them."""
+        if self._mirror_obj is not None and self._pid == os.getpid():
+            self._mirror_obj.close()
+            self._mirror_obj = None
+
+    def view_files(self, shard: int, view: int) -> list[FileSpec]:
+        """The shard files a read of view `view` of `shard` opens (one per array), from the manifest."""
+        entry = self.manifest.shards[shard]
+        return [FileSpec(shard, entry.name, rel, size) for rel, size in sorted(entry.files.items())
+                if rel.split("/")[0] in self._specs and rel.split("/")[1:3] == ["c", str(view)]]
+
+    def plan_reads(self, shards: list[int], view: int) -> None:
+        """The shards this node reads next, in order (with repeats), for view `view`: the local mirror
+        prefetches their files and evicts by it. No effect on a local cache."""
+        if self.mirror is not None:
+            self.mirror.set_plan(shards, lambda s: self.view_files(s, view))
 
     def _group(self, shard: int) -> zarr.Group:
         if shard not in self._groups:
@@ -293,6 +366,8 @@ class Cache(ShardReader):
         if not (0 <= view < self.views_per_image and 0 <= start <= stop <= self.shard_images[shard]):
             raise IndexError(f"read_block({shard}, {view}, {start}, {stop}) is out of range: shard "
                              f"{shard} has {self.shard_images[shard]} images x {self.views_per_image} views")
+        if self._mirror_cfg is not None:
+            self.mirror.touch(shard)
         got = {name: self._file(shard, view, name).rows(start, stop) if stop > start else self._empty(name)
                for name in self._specs}
         if JPEG_ARRAY in got:
@@ -306,6 +381,8 @@ class Cache(ShardReader):
         (any of the cache's arrays but `key`): the trainer's read, straight from the memory-mapped shard
         files into its (pinned) batch buffers, one copy per byte. Rows may come in any order."""
         n = self.shard_images[shard]
+        if self._mirror_cfg is not None:
+            self.mirror.touch(shard)
         if not 0 <= view < self.views_per_image or (len(rows) and not (0 <= rows.min() and rows.max() < n)):
             raise IndexError(f"take({shard}, {view}, ...) is out of range: shard {shard} has {n} images x "
                              f"{self.views_per_image} views")
@@ -360,6 +437,7 @@ class Cache(ShardReader):
                     yield self.read_block(s, view, start, min(n, start + size))
 
 
-def open_cache(path: str) -> Cache:
-    """Open a finished cache (a directory or fsspec URL) for reading."""
-    return Cache(path)
+def open_cache(path: str, local_cache: LocalCacheConfig | None = None) -> Cache:
+    """Open a finished cache (a directory or fsspec URL) for reading; a URL's shard files are read through
+    `local_cache` (a node-local copy) when it is given, else straight from the store."""
+    return Cache(path, local_cache)

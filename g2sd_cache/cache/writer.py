@@ -6,7 +6,8 @@ and fsync-ed before the rename (fsutil.publish_dir). A `kill -9` or a power cut 
 a temporary folder, which the next run deletes and redoes.
 
 `ShardWriter` runs `write_shard` on a background thread behind a queue of one, so the teacher keeps
-computing while a shard is written, and at most one finished shard waits in memory.
+computing while a shard is written, and at most one finished shard waits in memory. With `publish`, each
+written shard is then handed on from the same thread (extract to a URL uploads it: cache/destination.py).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import warnings
@@ -77,8 +79,10 @@ def write_shard(root: Path, data: ShardData, chunk_views: int) -> int:
 class ShardWriter:
     """Writes shards on a background thread; `submit` blocks while one shard is already waiting."""
 
-    def __init__(self, root: Path, chunk_views: int, what: str = "cache"):
+    def __init__(self, root: Path, chunk_views: int, what: str = "cache",
+                 publish: Callable[[Path], None] | None = None):
         self.root, self.what = root, what
+        self.publish = publish     # called with each written shard folder, on the thread (e.g. an upload)
         self.chunk_views = chunk_views
         self.bytes_written = 0
         self._queue: queue.Queue[ShardData | None] = queue.Queue(maxsize=1)
@@ -91,6 +95,8 @@ class ShardWriter:
             if self._error is None:
                 try:
                     self.bytes_written += write_shard(self.root, item, self.chunk_views)
+                    if self.publish is not None:
+                        self.publish(self.root / shard_name(item.record.index))
                 except BaseException as e:  # surfaced to the caller on the next submit/close
                     self._error = e
 

@@ -22,7 +22,13 @@ def add(sub):
     data = p.add_argument_group("data")
     data.add_argument("--data", help="image folder (class sub-folders or flat; jpg/jpeg/png/webp) or webdataset tars: "
                       "paths, brace patterns like 'train-{000000..000099}.tar', URLs, comma-separated (required)")
-    data.add_argument("--out", help="cache directory to create (or resume) (required)")
+    data.add_argument("--out", help="cache directory or fsspec URL (s3://bucket/prefix, gs://...) to create (or "
+                      "resume); a URL gets each shard uploaded as it is finished, its shard.json last (required)")
+    data.add_argument("--staging", help="--out is a URL: local folder where shards are written before their upload "
+                      "(about two shards at a time; default: a folder in the system's temp directory)")
+    data.add_argument("--lease-s", type=float, help="--out is a URL: seconds of the lock's lease on the store, renewed "
+                      "while extract runs: how long a crashed extract on another host blocks the next (default "
+                      "%(default)s)")
     data.add_argument("--pixels", choices=["visible", "jpeg", "none"], help="visible (default %(default)s): also "
                       "store each view's visible patches as uint8 (+37,632 B/view at 224 px, mask 0.75), so train needs "
                       "no images and no decoder; jpeg: as one JPEG per view (~4.3 KB at quality 90 on photographs), and "

@@ -18,7 +18,17 @@ def add(sub):
                     "under `torchrun --nproc_per_node N` for DDP. Example: g2sd-cache train --cache /cache/in1k-b16 "
                     "--out runs/s16 --config configs/g2sd_vit_small_from_vit_base.yaml")
     data = p.add_argument_group("data")
-    data.add_argument("--cache", help="a cache written by `g2sd-cache extract`")
+    data.add_argument("--cache", help="a cache written by `g2sd-cache extract`: a folder, or a URL (s3://, gs://) "
+                      "read through a node-local copy (--local-cache)")
+    data.add_argument("--local-cache", help="--cache is a URL: node-local folder its shard files are downloaded to "
+                      "and read from, shared by the node's ranks (default: a per-user folder in the temp directory, "
+                      "printed)")
+    data.add_argument("--local-cache-limit", help="--cache is a URL: most bytes the local copy may hold, e.g. 200GB "
+                      "(default: no limit); files the rest of the epoch does not need are evicted first")
+    data.add_argument("--prefetch-files", type=int, help="--cache is a URL: shard files downloaded ahead of the "
+                      "reader (default %(default)s)")
+    data.add_argument("--download-threads", type=int, help="--cache is a URL: parallel downloads per rank (default "
+                      "%(default)s)")
     data.add_argument("--data", help="image folder or tar shards: required online, and for caches extracted with "
                       "--pixels none; optional with a pixel cache (then only checked against the cache's listing)")
     data.add_argument("--out", help="run directory: checkpoint.pt, metrics.jsonl, tb/, config.yaml (required); a new "

@@ -15,7 +15,9 @@ from g2sd_cache.common.errors import UserError
 
 DIST_TIMEOUT_MIN = 30.0      # minutes a collective may wait for the other ranks (--dist-timeout)
 # Options a rank may set for itself: where it runs and how it loads data; nothing the run's result depends on.
-RANK_LOCAL = ("device", "workers", "prefetch")
+RANK_LOCAL = ("device", "workers", "prefetch",
+              # where a node keeps its copy of a cache on an object store, and how it downloads: per node
+              "local_cache", "local_cache_limit", "prefetch_files", "download_threads", "staging")
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import resource
-import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,13 +26,12 @@ from tqdm import tqdm
 
 from g2sd_cache.cache import codecs
 from g2sd_cache.cache.pixel_codecs import DEFAULT_QUALITY, JPEG_ARRAY, PIXEL_MODES, decode_jpegs
-from g2sd_cache.common.config import read_yaml, to_yaml
+from g2sd_cache.common.config import to_yaml
 from g2sd_cache.common.dist import DIST_TIMEOUT_MIN, DistEnv, run_on_ranks
 from g2sd_cache.common.errors import UserError
-from g2sd_cache.common.fsutil import write_text_atomic
 from g2sd_cache.models.mae import TEACHER_PRESETS, build_teacher
-from g2sd_cache.cache.ownership import FolderLock, claim_cache_folder, is_our_temporary
-from g2sd_cache.cache.schema import (CONFIG, SHARD_RECORD, TMP_MARK, VLEN_BYTES, ShardRecord, array_specs, encode_keys,
+from g2sd_cache.cache.destination import LocalDestination, open_destination
+from g2sd_cache.cache.schema import (CONFIG, VLEN_BYTES, ShardRecord, array_specs, encode_keys,
                                      shard_name)
 from g2sd_cache.data.sources import FolderSource, Source, TarSource, open_source
 from g2sd_cache.data.views import ViewGeometry, normalize_patches
@@ -72,6 +69,8 @@ class ExtractConfig:
     pixel_quality: int = DEFAULT_QUALITY     # --pixels jpeg: the JPEG quality (1..100)
     max_error: float | None = None     # --codec auto: the largest relative RMS error of decoded targets allowed
     calibration_views: int = 256       # views the codecs are measured (and a low-rank basis fitted) on
+    staging: str | None = None         # --out is a URL: local folder where shards are written before upload
+    lease_s: float = 120.0             # --out is a URL: the lock's lease, renewed every third of it
 
     # Fields that decide the cache's content; a rerun with any of them changed is refused.
     # The teacher is compared by the sha256 of its weights (fingerprints), not by how its path was typed.
@@ -246,44 +245,22 @@ class _ShardAssembler:
 
 # ----------------------------------------------------------------------------------------------
 
-# Rank 0's lock on --out, per output folder, from `_prepare_output` until `run_extract` returns.
-_OUTPUT_LOCKS: dict[str, FolderLock] = {}
-
-
-def _prepare_output(out: Path, cfg: ExtractConfig, fingerprints: dict) -> None:
-    """Rank 0: claim and lock the cache folder (cache/ownership.py: only a folder marked as a cache is resumed or
+def _prepare_output(dest, cfg: ExtractConfig, fingerprints: dict) -> None:
+    """Rank 0: claim and lock the cache (cache/ownership.py, cache/destination.py: only a cache is resumed or
     overwritten; a second extract into it is refused), then check that an existing cache was made by the
     same configuration."""
-    _OUTPUT_LOCKS[str(out)] = claim_cache_folder(out, cfg.overwrite)
-    config_path = out / CONFIG
-    if config_path.exists():
-        old = read_yaml(config_path)
+    dest.claim(cfg.overwrite)
+    old = dest.read_config()
+    if old is not None:
         new = dataclasses.asdict(cfg) | fingerprints
         # a key the old config lacks (a flag added since) had its default then
         old = {k: getattr(ExtractConfig, k) for k in ("max_error", "calibration_views")} | old
         diff = [k for k in (*ExtractConfig.CONTENT, *fingerprints) if old.get(k) != new.get(k)]
         if diff:
             changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
-            raise UserError(f"--out {out} holds a cache made with another configuration ({changes}); "
+            raise UserError(f"--out {cfg.out} holds a cache made with another configuration ({changes}); "
                             f"pass --overwrite to replace it or choose another --out")
-    write_text_atomic(config_path, to_yaml(cfg, fingerprints))
-
-
-def _release_output(out: str) -> None:
-    lock = _OUTPUT_LOCKS.pop(str(Path(out)), None)
-    if lock is not None:
-        lock.release()
-
-
-def _is_complete(out: Path, index: int) -> bool:
-    return (out / shard_name(index) / SHARD_RECORD).is_file()
-
-
-def _remove_stale_temporaries(out: Path, shards: list[ShardPlan]) -> None:
-    mine = {shard_name(p.index) for p in shards}
-    for path in out.glob(f".shard-*{TMP_MARK}*"):
-        if is_our_temporary(path.name) and path.name[1:].split(TMP_MARK)[0] in mine:
-            shutil.rmtree(path, ignore_errors=True)
+    dest.write_text(CONFIG, to_yaml(cfg, fingerprints))
 
 
 def jpeg_decoder(device: torch.device) -> str:
@@ -294,7 +271,12 @@ def jpeg_decoder(device: torch.device) -> str:
 
 def run_extract(cfg: ExtractConfig) -> dict:
     """Extract the cache described by `cfg`; returns the summary that the CLI prints."""
-    return run_on_ranks(cfg, _extract, release=lambda: _release_output(cfg.out), command="extract")
+    dests = []       # the destination is opened after validation, on every rank; released whatever happens
+
+    def body(cfg: ExtractConfig, env: DistEnv) -> dict:
+        dests.append(open_destination(cfg.out, cfg.staging, cfg.lease_s))
+        return _extract(cfg, env, dests[0])
+    return run_on_ranks(cfg, body, release=lambda: [d.release() for d in dests], command="extract")
 
 
 def _calibrate(cfg: ExtractConfig, source: Source, plans: list[ShardPlan], teacher, device,
@@ -306,11 +288,12 @@ def _calibrate(cfg: ExtractConfig, source: Source, plans: list[ShardPlan], teach
     return calibrate(x, cfg.codec, cfg.max_error)
 
 
-def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
-    if "://" in cfg.out:
-        raise UserError(f"--out {cfg.out}: extract writes to a local or mounted path (shards are renamed into place "
-                        f"atomically, which object stores cannot do); copy the finished cache to {cfg.out} afterwards")
-    out = Path(cfg.out)
+def _extract(cfg: ExtractConfig, env: DistEnv, dest) -> dict:
+    local = isinstance(dest, LocalDestination)
+    if not local and needs_calibration(cfg.codec):
+        raise UserError(f"--codec {cfg.codec} with --out {cfg.out}: a calibrated codec is extracted to a local or "
+                        f"mounted folder for now (copy it to the store afterwards); or choose a fixed --codec")
+    out = dest.out if local else None
     source = open_source(cfg.data)
     if isinstance(source, TarSource) and cfg.shard_size != ExtractConfig.shard_size:
         print("note: --shard-size is ignored for tar sources: the cache keeps one shard per tar")
@@ -328,17 +311,17 @@ def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
         fingerprints["pixel_decoder"] = decoder
     plans = plan_shards(source, cfg)
     if env.is_main:
-        _prepare_output(out, cfg, fingerprints)
+        _prepare_output(dest, cfg, fingerprints)
         if needs_calibration(cfg.codec) and read_calibration(out) is None:
             write_calibration(out, _calibrate(cfg, source, plans, teacher, env.device, precision))
     env.barrier()
-    cal = read_calibration(out) or Calibration(cfg.codec)
+    cal = (read_calibration(out) if local else None) or Calibration(cfg.codec)
     if env.is_main and cal.record is not None:
         print(format_calibration(cal.record))
     written = dataclasses.replace(cfg, codec=cal.codec)     # --codec auto resolved
     mine = [p for p in plans if p.index % env.world == env.rank]
-    pending = [p for p in mine if not _is_complete(out, p.index)]
-    _remove_stale_temporaries(out, pending)
+    pending = [p for p in mine if not dest.is_complete(p.index)]
+    dest.clear_unfinished([p.index for p in pending])
     if env.is_main and len(pending) < len(mine):
         print(f"resuming: {len(mine) - len(pending)} of {len(mine)} shards of this rank are already complete")
 
@@ -349,7 +332,7 @@ def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
     total = sum(p.stop - p.start for p in pending) * cfg.views if isinstance(source, FolderSource) else None
     bar = tqdm(total=total, unit="view", desc=f"extract[{env.rank}]" if env.world > 1 else "extract",
                disable=not env.is_main, dynamic_ncols=True, smoothing=0.05)
-    writer = ShardWriter(out, cfg.chunk_views)
+    writer = ShardWriter(dest.staging, cfg.chunk_views, publish=dest.publish)
     assemblers: dict[int, _ShardAssembler] = {}
     plan_by_index = {p.index: p for p in pending}
     views_done, skipped = 0, 0
@@ -402,7 +385,8 @@ def _extract(cfg: ExtractConfig, env: DistEnv) -> dict:
     if env.device.type == "cuda":
         summary["peak_gpu_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
     if env.is_main:
-        manifest = write_manifest(out, written, source, plans, info, tokens, width, recorded_precision(precision), cal,
+        dest.check()
+        manifest = write_manifest(dest, written, source, plans, info, tokens, width, recorded_precision(precision), cal,
                                   decoder)
         on_disk = sum(sum(s.files.values()) for s in manifest.shards)
         summary.update(cache_views=manifest.views, cache_images=manifest.images, cache_skipped=len(manifest.skipped),

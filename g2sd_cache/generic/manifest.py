@@ -5,32 +5,30 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 
 from g2sd_cache.cache import codecs
 from g2sd_cache.cache.digests import record_digest
-from g2sd_cache.cache.schema import (FORMAT_VERSION, MANIFEST, SHARD_RECORD, Manifest, ShardEntry, ShardRecord,
+from g2sd_cache.cache.schema import (FORMAT_VERSION, MANIFEST, Manifest, ShardEntry, ShardRecord,
                                      SourceRecord, TeacherRecord, shard_name)
 from g2sd_cache.common.errors import UserError
-from g2sd_cache.common.fsutil import write_text_atomic
 from g2sd_cache.data.sources import FolderSource, Source, TarSource
 from g2sd_cache.data.views import replay_versions
 from g2sd_cache.generic.calibrate import Calibration
 
 
-def write_manifest(out: Path, cfg, source: Source, plans: list, teacher_info, tokens: int, width: int,
+def write_manifest(out, cfg, source: Source, plans: list, teacher_info, tokens: int, width: int,
                    precision: str, calibration: Calibration, pixel_decoder: str = "cpu") -> Manifest:
     """Rank 0, after every shard is complete: gather the shards' records (plans: extract's ShardPlans, cfg: its
     ExtractConfig with the codec resolved) into manifest.json, with the calibration and the basis' digest, and for
-    --pixels jpeg how the JPEGs were made and which decoder (`pixel_decoder`) gave the teacher its pixels."""
+    --pixels jpeg how the JPEGs were made and which decoder (`pixel_decoder`) gave the teacher its pixels. `out`: the cache's destination
+    (cache/destination.py: a folder or a URL)."""
     records, digests = [], []
     for p in plans:
-        path = out / shard_name(p.index) / SHARD_RECORD
-        if not path.is_file():
+        raw = out.read_record(p.index)
+        if raw is None:
             raise UserError(f"shard {shard_name(p.index)} is missing after extraction; rerun the same command")
-        raw = path.read_bytes()
         records.append(ShardRecord.from_json(raw.decode()))
         digests.append(record_digest(raw))      # binds each shard.json (and so every file it lists) to this cache
     codec_error = {}
@@ -62,7 +60,7 @@ def write_manifest(out: Path, cfg, source: Source, plans: list, teacher_info, to
         pixel_encoding={"quality": cfg.pixel_quality, "subsampling": "4:4:4", "decoder": pixel_decoder}
         if cfg.pixels == "jpeg" else {},
     )
-    write_text_atomic(out / MANIFEST, manifest.to_json())
+    out.write_text(MANIFEST, manifest.to_json())
     if source.scan_note():
         print(source.scan_note())
     return manifest

@@ -32,7 +32,9 @@ import torch.distributed as dist
 from timm.optim import param_groups_weight_decay
 
 from g2sd_cache.cache import codecs
+from g2sd_cache.cache.local_mirror import LocalCacheConfig, default_folder, parse_size
 from g2sd_cache.cache.reader import Cache, open_cache
+from g2sd_cache.cache.remote import is_remote
 from g2sd_cache.common.dist import DIST_TIMEOUT_MIN, DistEnv
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.kernels import masked_smooth_l1
@@ -82,6 +84,10 @@ class TrainConfig:
     resume: bool = False
     on_error: str = "fail"
     log_samples: bool = False
+    local_cache: str | None = None          # --cache is a URL: node-local folder of its shard files (None: a per-user temp folder)
+    local_cache_limit: str | None = None    # bytes that folder may hold, e.g. "200GB" (None: no limit)
+    prefetch_files: int = 16                # shard files downloaded ahead of the reader
+    download_threads: int = 8               # parallel GETs per process
     dist_timeout: float = DIST_TIMEOUT_MIN   # minutes a collective waits for the other ranks
 
     # The run's length when neither --epochs nor --steps is given (G2SD's); not a field, so that giving both
@@ -143,6 +149,9 @@ class TrainConfig:
                             f"{', '.join(TEACHER_PRECISIONS)}")
         if self.on_error not in ("skip", "fail"):
             raise UserError(f"--on-error {self.on_error}: choose skip or fail")
+        if self.prefetch_files < 0 or self.download_threads < 1:
+            raise UserError("--prefetch-files must be 0 or more and --download-threads at least 1")
+        parse_size(self.local_cache_limit)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,7 +183,14 @@ def prepare(cfg: TrainConfig, env: DistEnv) -> Setup:
     cache = teacher = None
     source = open_source(cfg.data) if cfg.data else None
     if cfg.cache:
-        cache = open_cache(cfg.cache)
+        local = None
+        if is_remote(cfg.cache):
+            local = LocalCacheConfig(cfg.local_cache or default_folder(), parse_size(cfg.local_cache_limit),
+                                     cfg.prefetch_files, cfg.download_threads)
+        cache = open_cache(cfg.cache, local)
+        if local is not None:
+            notes.append(f"reading {cfg.cache} through the node-local copy in {local.folder}" +
+                         (f" (at most {cfg.local_cache_limit})" if local.limit else " (no size limit)"))
         m = cache.manifest
         if source is None and not cache.has_pixels:
             raise UserError(f"cache {cfg.cache} was extracted with --pixels none, so training reads the images: "

@@ -12,9 +12,11 @@ same global batch), with the same samples in the same order.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from g2sd_cache.common.checkpoint import RESUME_KEYS, load_checkpoint, rng_state, set_rng_state
@@ -192,44 +194,79 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
             "cache_identity": cache_identity(setup.cache)})
 
     last_loss, start_step = float("nan"), step
+    if setup.cache is not None and setup.cache.mirror is not None:
+        setup.cache.fetched_mark = setup.cache.mirror.fetched_bytes
     t_start = time.perf_counter()
-    with distiller.run_loop(sched.total_steps, step, f"train[{cfg.mode}]", log) as loop:
-        while step < sched.total_steps:
-            loader = epoch_loader(cfg, setup, env, sched, epoch, position)
-            steps = iter(loader)
+    try:
+        with distiller.run_loop(sched.total_steps, step, f"train[{cfg.mode}]", log) as loop:
             while step < sched.total_steps:
-                t_wait = time.perf_counter()
-                batches = next(steps, None)
-                if batches is None:
-                    break
-                wait = time.perf_counter() - t_wait
-                errors = [e for b in batches for e in b.errors]
-                if errors and cfg.on_error == "fail":
-                    raise UserError(f"cannot read a training sample ({errors[0]}); fix the input, or pass "
-                                    f"--on-error skip to leave such samples out (they are counted)")
-                log.log_batches(step, epoch, batches)
-                lr = get_lr(sched.lr_step(step, epoch, position), base_lr=sched.base_lr, min_lr=cfg.min_lr,
-                            warmup_steps=sched.warmup_steps,
-                            total_steps=sched.total_steps if not sched.by_epochs else epochs_total(cfg, sched))
-                log.add(step, distiller.step(batches, lr), wait)
-                step += 1
-                position = min(setup.epoch_size, position + sched.global_batch)
-                loop.bar.update(1)
-                at_epoch, at_position = (epoch, position) if position < setup.epoch_size else (epoch + 1, 0)
-                if step % cfg.log_every == 0 or step == sched.total_steps:
-                    last_loss = log.write(step, epoch, lr)
-                if step % cfg.save_every == 0 or step == sched.total_steps:
-                    checkpoint(step, at_epoch, at_position)
-                if distiller.stop_requested(step, cfg.stop_after, cfg.log_every, loop.signals):
-                    if step % cfg.save_every != 0 and step != sched.total_steps:
+                loader = epoch_loader(cfg, setup, env, sched, epoch, position)
+                steps = iter(loader)
+                while step < sched.total_steps:
+                    t_wait = time.perf_counter()
+                    batches = next(steps, None)
+                    if batches is None:
+                        break
+                    wait = time.perf_counter() - t_wait
+                    errors = [e for b in batches for e in b.errors]
+                    if errors and cfg.on_error == "fail":
+                        raise UserError(f"cannot read a training sample ({errors[0]}); fix the input, or pass "
+                                        f"--on-error skip to leave such samples out (they are counted)")
+                    log.log_batches(step, epoch, batches)
+                    lr = get_lr(sched.lr_step(step, epoch, position), base_lr=sched.base_lr, min_lr=cfg.min_lr,
+                                warmup_steps=sched.warmup_steps,
+                                total_steps=sched.total_steps if not sched.by_epochs else epochs_total(cfg, sched))
+                    log.add(step, distiller.step(batches, lr), wait)
+                    step += 1
+                    position = min(setup.epoch_size, position + sched.global_batch)
+                    loop.bar.update(1)
+                    at_epoch, at_position = (epoch, position) if position < setup.epoch_size else (epoch + 1, 0)
+                    if step % cfg.log_every == 0 or step == sched.total_steps:
+                        last_loss = log.write(step, epoch, lr)
+                    if step % cfg.save_every == 0 or step == sched.total_steps:
                         checkpoint(step, at_epoch, at_position)
-                    raise StopRun
-            epoch, position = epoch + 1, 0
+                    if distiller.stop_requested(step, cfg.stop_after, cfg.log_every, loop.signals):
+                        if step % cfg.save_every != 0 and step != sched.total_steps:
+                            checkpoint(step, at_epoch, at_position)
+                        raise StopRun
+                if step < sched.total_steps or position >= setup.epoch_size:
+                    _report_fetched(setup, env, epoch)
+                epoch, position = epoch + 1, 0
+    finally:
+        if setup.cache is not None:
+            setup.cache.close()      # downloads of a remote cache's local copy end with the run
     summary = distiller.summary(cfg.mode, step, start_step, loop.stopped_early, time.perf_counter() - t_start, last_loss,
                                 sched.global_batch, run)
     if env.is_main:
         tqdm.write(distiller.summary_line(summary, sched.total_steps))
     return summary
+
+
+def _report_fetched(setup: Setup, env: DistEnv, epoch: int) -> None:
+    """A remote cache: what this rank downloaded during the epoch, against the epoch's share of the cache (the
+    files of its view: 1.0x is each byte once; less when files were already in the local copy)."""
+    cache = setup.cache
+    if cache is None or cache.mirror is None:
+        return
+    view = epoch % setup.views_per_image
+    share = sum(f.size for s in range(len(cache.manifest.shards)) for f in cache.view_files(s, view))
+    got = cache.mirror.fetched_bytes - cache.fetched_mark
+    cache.fetched_mark = cache.mirror.fetched_bytes
+    tqdm.write(f"rank {env.rank} epoch {epoch}: fetched {got / 2**20:.2f} MiB ({got} B) from {cache.root} = {got / max(1, share):.2f}x "
+               f"the epoch's share of the cache ({share / 2**20:.2f} MiB)")
+
+
+def node_shards(order, position: int, global_batch: int, env: DistEnv) -> list[int]:
+    """The cache shards this node's ranks read from `position` on, in order (runs of one shard merged): the
+    plan of the node-local copy. torchrun numbers a node's ranks contiguously (LOCAL_WORLD_SIZE of them)."""
+    local = max(1, min(env.world, int(os.environ.get("LOCAL_WORLD_SIZE", env.world))))
+    first = env.rank - env.rank % local
+    pos = np.stack([rank_positions(len(order), start=position, global_batch=global_batch, rank=r, world=env.world)
+                    for r in range(first, first + local)], axis=1).reshape(-1)
+    units = order.unit[pos[pos >= 0]]
+    keep = np.ones(len(units), dtype=bool)
+    keep[1:] = units[1:] != units[:-1]
+    return units[keep].tolist()
 
 
 def epoch_loader(cfg: TrainConfig, setup: Setup, env: DistEnv, sched: Schedule, epoch: int, position: int) -> StepLoader:
@@ -241,5 +278,7 @@ def epoch_loader(cfg: TrainConfig, setup: Setup, env: DistEnv, sched: Schedule, 
     spec = StreamSpec(setup.source, setup.cache, setup.geometry, cfg.seed, view, order, keys=cfg.log_samples)
     positions = rank_positions(len(order), start=position, global_batch=sched.global_batch, rank=env.rank,
                                world=env.world)
+    if setup.cache is not None and setup.cache.mirror is not None:
+        setup.cache.plan_reads(node_shards(order, position, sched.global_batch, env), view)
     return StepLoader(spec, positions, batch_size=cfg.batch_size, workers=cfg.workers, prefetch=cfg.prefetch,
                       pin_memory=env.device.type == "cuda")

@@ -1,0 +1,94 @@
+"""Training from a cache on S3 (moto on 127.0.0.1) through a node-local copy of its shard files: the same
+losses as from a local disk, each file fetched once per epoch when it fits, never over the size limit when
+it does not, and a corrupted object refused by its digest."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import fsspec
+import pytest
+from tests.common.helpers import MICRO_STUDENT
+
+from g2sd_cache.cache.local_mirror import LocalMirror
+from g2sd_cache.common.errors import UserError
+from g2sd_cache.generic.train import TrainConfig, train
+
+
+def _upload(local_cache: Path, url: str) -> None:
+    """The micro cache on the store, object for object (tests/remote/test_extract_url.py shows extract makes
+    exactly these objects)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    for p in sorted(local_cache.rglob("*")):
+        if p.is_file():
+            fs.put_file(str(p), f"{path}/{p.relative_to(local_cache).as_posix()}")
+
+
+def _train(out: Path, cache: str, **kw) -> list[float]:
+    cfg = dict(out=str(out), cache=cache, student=MICRO_STUDENT, batch_size=4, workers=0, device="cpu", log_every=1,
+               save_every=1000, warmup_steps=1, blr=1e-3, seed=0, steps=6, shuffle_window=5)
+    train(TrainConfig(**(cfg | kw)))
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _view_bytes(cache: Path, view: int) -> int:
+    return sum(p.stat().st_size for p in cache.glob(f"shard-*/*/c/{view}/**/*") if p.is_file())
+
+
+def test_training_from_s3_gives_the_local_losses_and_fetches_each_file_once(s3_bucket, micro_cache, tmp_path,
+                                                                            monkeypatch):
+    url = f"{s3_bucket}/c"
+    _upload(micro_cache, url)
+    fetched = []
+    real = LocalMirror._fetch
+    monkeypatch.setattr(LocalMirror, "_fetch", lambda self, spec, tmp: (fetched.append(spec), real(self, spec, tmp))[1])
+    local = _train(tmp_path / "local", str(micro_cache))
+    remote = _train(tmp_path / "remote", url, local_cache=str(tmp_path / "lc"))
+    assert remote == local     # 6 steps of 4 = 2 epochs: views 0 and 1
+    # each file of each view once, all of them: the epochs' share of the cache, no more
+    names = [(f.name, f.rel) for f in fetched]
+    assert len(names) == len(set(names))
+    assert sum(f.size for f in fetched) == _view_bytes(micro_cache, 0) + _view_bytes(micro_cache, 1)
+    # a second run reads the local copies: nothing is fetched
+    fetched.clear()
+    assert _train(tmp_path / "again", url, local_cache=str(tmp_path / "lc")) == local
+    assert fetched == []
+
+
+def test_a_limit_smaller_than_an_epoch_evicts_and_is_never_exceeded(s3_bucket, micro_cache, tmp_path, monkeypatch):
+    url = f"{s3_bucket}/c"
+    _upload(micro_cache, url)
+    one_shard = max(sum(p.stat().st_size for p in (micro_cache / s).glob("*/c/0/**/*") if p.is_file())
+                    for s in ("shard-00000", "shard-00001", "shard-00002"))
+    limit = int(2.5 * one_shard)            # an epoch reads 3 shards; a micro-batch of 4 may span 2
+    peak = []
+    real = LocalMirror._download
+
+    def download(self, spec, urgent):
+        real(self, spec, urgent)
+        node = self._node_lock()
+        peak.append(self._usage()[0])
+        os.close(node)
+    monkeypatch.setattr(LocalMirror, "_download", download)
+    local = _train(tmp_path / "local", str(micro_cache))
+    assert _train(tmp_path / "remote", url, local_cache=str(tmp_path / "lc"), local_cache_limit=str(limit)) == local
+    assert peak and max(peak) <= limit
+    held = sum(p.stat().st_size for p in (tmp_path / "lc").rglob("*") if p.is_file())
+    assert held <= limit
+
+
+def test_a_corrupted_object_is_refused_by_its_digest(s3_bucket, micro_cache, tmp_path):
+    url = f"{s3_bucket}/c"
+    _upload(micro_cache, url)
+    fs, path = fsspec.core.url_to_fs(url)
+    victim = sorted(p for p in fs.find(f"{path}/shard-00001") if "/target/c/0/" in p)[0]
+    data = bytearray(fs.cat_file(victim))
+    data[len(data) // 3] ^= 0xFF          # one flipped bit in a chunk's body: same size
+    fs.pipe_file(victim, bytes(data))
+    # refused as a corrupt local file is, naming the object
+    with pytest.raises(UserError, match=r"shard-00001 is corrupt: target/c/0/\S+: inner chunk \d+ fails its crc32c "
+                                        r"\(the object s3://\S+/c/shard-00001/target/c/0/\S+ on the store"):
+        _train(tmp_path / "remote", url, local_cache=str(tmp_path / "lc"))
+    # nothing of it under a final name
+    assert not [p for p in (tmp_path / "lc").rglob("shard-00001/target/c/0/**/*") if p.is_file() and not p.name.endswith(".lock")]
