@@ -39,8 +39,10 @@ class Profile:
     views: int = 2        # views per image in the caches
     rounds: int = 5       # timed rounds of the step section
     warm_rounds: int = 1  # untimed rounds first
-    steps: int = 1        # timed steps per cell
-    drain: int = 0        # untimed loader steps before each timed loader cell
+    steps: int = 3        # timed steps per cell at least ...
+    max_steps: int = 40   # ... and more, up to this, until the cell's mean is stable (see sections/step.py)
+    stable_rel: float = 0.035   # target relative standard error of a cell's mean step time (~ +-7 % at 95 %)
+    drain: int = 0        # untimed loader steps before each timed loader cell (at least `prefetch` are run)
     workers: int = 1      # DataLoader workers for extract and the image path of the step loaders
     prefetch: int = 2     # StepLoader prefetch (train's default)
     data_repeats: int = 3
@@ -56,15 +58,15 @@ class Profile:
 def profile_for(device: torch.device, quick: bool) -> Profile:
     if quick:  # micro presets: exercises every code path in well under a minute
         return Profile("quick", ("test_mae_micro_patch16",), ("test_vit_micro_patch16_dec32d1b",), batch=4,
-                       images=16, small_images=8, store_images=8, rounds=3, steps=2, data_repeats=2,
+                       images=16, small_images=8, store_images=8, rounds=2, steps=3, max_steps=8, stable_rel=0.05, data_repeats=2,
                        image_views=32, cached_views=1024, ring_bytes=32 << 20, breakdown_repeats=1)
     teachers = ("mae_vit_base_patch16", "mae_vit_large_patch16")
     students = ("mae_vit_small_patch16_dec256d4b", "mae_vit_tiny_patch16_dec128d4b")
     if device.type == "cuda":
         return Profile("cuda", teachers, students, batch=256, images=3072, small_images=768, store_images=256,
-                       rounds=5, steps=8, drain=3, workers=max(1, usable_cores() - 2), breakdown_repeats=3,
+                       rounds=5, steps=8, max_steps=64, drain=3, workers=max(1, usable_cores() - 2), breakdown_repeats=3,
                        teacher_views_max=2048, extract_rounds=3, cached_views=32768)
-    return Profile("cpu", teachers, students, batch=16, images=64, small_images=16, store_images=32)
+    return Profile("cpu", teachers, students, batch=16, images=64, small_images=16, store_images=32, max_steps=12)
 
 
 def usable_cores() -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -79,11 +78,10 @@ def extract_batches(cfg, source, max_views: int) -> list[tuple[torch.Tensor, tor
 def teacher_pass(teacher, batches, target_layer: int, device: torch.device, keep_views: int):
     """Times normalise + teacher targets over `batches` (on the device), at extract's precision.
     Returns (seconds, views, float32 targets of the first `keep_views` views on the CPU, or None)."""
-    from g2sd_cache.generic.extract import teacher_precision
     from g2sd_cache.data.views import normalize_patches
+    from g2sd_cache.training.precision import resolve_teacher_precision, teacher_autocast
 
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if teacher_precision(device) != "fp32" \
-        else nullcontext
+    autocast = teacher_autocast(resolve_teacher_precision("auto", device), device)   # extract's default
     kept, n_kept = [], 0
     sync(device)
     t0 = time.perf_counter()

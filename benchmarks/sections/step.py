@@ -18,7 +18,15 @@ over rounds, so drift of a noisy machine cancels. Per pair:
   what data loading adds to a step (on a 2-core CPU the image worker competes with torch's threads);
 - `data_wait_frac`: the fraction of a timed step spent waiting for the next batch.
 Loader start-up up to an epoch's first batch is timed apart (`loader_startup_s`), never inside a step.
-A loader keeps up to `prefetch` steps ready, so on CUDA each timed cell first runs `drain` untimed steps.
+A loader keeps up to `prefetch` steps ready (read while other cells ran), so each timed loader cell first runs
+max(drain, prefetch) untimed steps: a timed step never finds its batch made for free.
+
+Each cell times its steps one by one (synchronised) and keeps going past `steps` until the standard error of
+its mean is within `stable_rel` of it (about +-7 % at 95 %), up to `max_steps`: `timed_steps` and `rel_sem`
+per cell are in each round's row, `unstable_cells` counts those that hit the cap. A step's timing cannot be
+below its own lower bound (an online step runs the teacher and a student step, a cached step a student step);
+any cell that is, beyond its measured noise, is listed in `below_lower_bound` with both figures, so an
+impossible number is flagged, never silently reported.
 
 Also `student_breakdown_ms` (forward / loss + backward / AdamW of `Distiller`'s own step, synchronised
 between parts) and `gflop_per_sample` (benchmarks/sections/flops.py): `student_gflop_per_sample` (the headline student,
@@ -144,28 +152,21 @@ def step_section(ws: dict, prof: Profile, device: torch.device) -> dict:
     fixed_patches, fixed_mask = b0.patches.to(device), b0.mask.to(device)
 
     def loader_cell(feed: Feed, d) -> dict:
-        feed.ensure(prof.drain + prof.steps)
-        for _ in range(prof.drain):
+        for _ in range(max(prof.drain, prof.prefetch)):
+            feed.ensure(1)
             d.step(feed.next(), lr)
-        sync(device)
-        wait, t0 = 0.0, time.perf_counter()
-        for _ in range(prof.steps):
+        waits = []
+
+        def one():
             tw = time.perf_counter()
             batches = feed.next()
-            wait += time.perf_counter() - tw
+            waits.append(time.perf_counter() - tw)
             d.step(batches, lr)
-        sync(device)
-        dt = time.perf_counter() - t0
-        return {"s_per_step": dt / prof.steps, "samples_per_s": prof.steps * prof.batch / dt, "data_wait_frac": wait / dt}
+        cell = time_cell(one, prof, device, before=lambda: feed.ensure(1))   # a new epoch's start-up: untimed
+        return cell | {"data_wait_frac": sum(waits) / (cell["s_per_step"] * len(waits))}
 
     def fixed_cell(fn) -> dict:
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(prof.steps):
-            fn()
-        sync(device)
-        dt = time.perf_counter() - t0
-        return {"s_per_step": dt / prof.steps, "samples_per_s": prof.steps * prof.batch / dt}
+        return time_cell(fn, prof, device)
 
     def teacher_alone(t: str):
         d, setup = d_online[(t, prof.students[0])], online[t].setup
@@ -213,7 +214,7 @@ def step_section(ws: dict, prof: Profile, device: torch.device) -> dict:
     if DEFAULT_STUDENT not in gflop:   # the feed-cores estimate is for train's defaults: this student, ViT-B targets
         gflop[DEFAULT_STUDENT] = default_student_gflop(TEACHER_PRESETS[TrainConfig.arch].decoder_embed_dim, g)
 
-    pairs = [_pair(results, t, s, prof.batch) for s in prof.students for t in prof.teachers]
+    pairs = [_pair(results, t, s, prof.batch, prof.stable_rel) for s in prof.students for t in prof.teachers]
     main = pairs[0]
     return {
         **{k: main[k] for k in ("online_samples_per_s", "cached_samples_per_s", "speedup", "ideal_speedup",
@@ -223,6 +224,7 @@ def step_section(ws: dict, prof: Profile, device: torch.device) -> dict:
         "student_alone_samples_per_s": {s: median([got[("student", s)]["samples_per_s"] for got in results])
                                         for s in prof.students},
         "workers": prof.workers, "prefetch_steps": prof.prefetch, "timed_steps_per_cell": prof.steps,
+        "max_timed_steps_per_cell": prof.max_steps, "stable_rel": prof.stable_rel,
         "drain_steps_per_cell": prof.drain, "rounds": prof.rounds, "warm_rounds": prof.warm_rounds,
         "precision": d_cached[prof.students[0]].precision,
         "loader_startup_s": {k: f.startups for k, f in feeds.items()},
@@ -231,7 +233,52 @@ def step_section(ws: dict, prof: Profile, device: torch.device) -> dict:
     }
 
 
-def _pair(results: list[dict], t: str, s: str, batch: int) -> dict:
+def time_cell(step, prof: Profile, device: torch.device, before=None, clock=time.perf_counter) -> dict:
+    """Time `step()` one call at a time: at least `prof.steps` calls, then more until the standard error of the
+    mean is within `prof.stable_rel` of it, at most `prof.max_steps`. `before()` runs untimed before each call.
+    Returns s_per_step (the mean), samples_per_s, timed_steps, rel_sem and stable."""
+    times: list[float] = []
+    while True:
+        if before is not None:
+            before()
+        sync(device)
+        t0 = clock()
+        step()
+        sync(device)
+        times.append(clock() - t0)
+        n = len(times)
+        mean = sum(times) / n
+        rel = _rel_sem(times)
+        if n >= max(2, prof.steps) and (rel <= prof.stable_rel or n >= prof.max_steps):
+            return {"s_per_step": mean, "samples_per_s": prof.batch / mean if mean > 0 else float("inf"),
+                    "timed_steps": n, "rel_sem": rel, "stable": rel <= prof.stable_rel}
+
+
+def _rel_sem(times: list[float]) -> float:
+    n = len(times)
+    mean = sum(times) / n
+    if n < 2 or mean <= 0:
+        return float("inf")
+    var = sum((t - mean) ** 2 for t in times) / (n - 1)
+    return (var / n) ** 0.5 / mean
+
+
+def below_lower_bound(got: dict, t: str, s: str) -> list[dict]:
+    """Cells of one round timed below what they contain: online < teacher + student alone, cached < student
+    alone, by more than twice their combined standard errors (what noise explains)."""
+    out = []
+    on, ca, te, st = got[("online", t, s)], got[("cached", s)], got[("teacher", t)], got[("student", s)]
+    for name, cell, parts in (("online", on, (te, st)), ("cached", ca, (st,))):
+        bound = sum(p["s_per_step"] for p in parts)
+        noise = 2 * sum((c["rel_sem"] * c["s_per_step"]) ** 2 for c in (cell, *parts)) ** 0.5
+        if cell["s_per_step"] < bound - noise:
+            out.append({"cell": f"{name} {t} {s}" if name == "online" else f"{name} {s}",
+                        "ms": 1e3 * cell["s_per_step"], "lower_bound_ms": 1e3 * bound,
+                        "of": "teacher + student alone" if name == "online" else "student alone"})
+    return out
+
+
+def _pair(results: list[dict], t: str, s: str, batch: int, stable_rel: float) -> dict:
     rows = []
     for got in results:
         on, ca = got[("online", t, s)], got[("cached", s)]
@@ -239,7 +286,12 @@ def _pair(results: list[dict], t: str, s: str, batch: int) -> dict:
         rows.append({"speedup": ca["samples_per_s"] / on["samples_per_s"], "ideal": (tt + ts) / ts,
                      "online": on["samples_per_s"], "cached": ca["samples_per_s"], "t_teacher": tt, "t_student": ts,
                      "t_online": on["s_per_step"], "t_cached": ca["s_per_step"],
-                     "wait_online": on["data_wait_frac"], "wait_cached": ca["data_wait_frac"]})
+                     "wait_online": on["data_wait_frac"], "wait_cached": ca["data_wait_frac"],
+                     "timed_steps": {k: c["timed_steps"] for k, c in (("online", on), ("cached", ca),
+                                     ("teacher", got[("teacher", t)]), ("student", got[("student", s)]))},
+                     "rel_sem": {k: c["rel_sem"] for k, c in (("online", on), ("cached", ca),
+                                 ("teacher", got[("teacher", t)]), ("student", got[("student", s)]))},
+                     "below_lower_bound": below_lower_bound(got, t, s)})
     col = {k: [row[k] for row in rows] for k in rows[0]}
     speedup, ideal = median(col["speedup"]), median(col["ideal"])
     return {
@@ -253,6 +305,8 @@ def _pair(results: list[dict], t: str, s: str, batch: int) -> dict:
                                                                           col["t_student"])]),
         "cached_overhead_ms": 1e3 * median([c - b for c, b in zip(col["t_cached"], col["t_student"])]),
         "online_data_wait_frac": median(col["wait_online"]), "cached_data_wait_frac": median(col["wait_cached"]),
+        "below_lower_bound": [b for row in rows for b in row["below_lower_bound"]],
+        "unstable_cells": sum(1 for row in rows for r in row["rel_sem"].values() if r > stable_rel),
         "rounds": rows,
     }
 

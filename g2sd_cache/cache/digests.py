@@ -105,6 +105,16 @@ def shard_digests(files: dict[str, int], cat: Callable[[str], bytes],
     return out
 
 
+def file_digest(shard_dir, rel: str, size: int) -> str:
+    """The digest of file `rel` of the local shard folder `shard_dir`, as `shard_digests` records it."""
+    from pathlib import Path
+    base = Path(shard_dir)
+    if is_metadata(rel):
+        return record_digest((base / rel).read_bytes())
+    layout = parse_layout(json.loads((base / rel.split("/", 1)[0] / "zarr.json").read_text()))
+    return chunk_file_digest(local_reader(str(base / rel)), size, layout)
+
+
 def digest_mismatch(rel: str, digest: str, expected: dict[str, str] | None) -> str | None:
     """The problem with file `rel` having `digest`, given its record's digests (None: nothing to compare)."""
     if expected is None:

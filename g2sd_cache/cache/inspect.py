@@ -39,7 +39,8 @@ def inspect_report(path: str, sample_views: int = 64) -> dict:
     stored_error = ({name: codecs.codec_error(c, targets, cache.basis if name == m.codec else None)
                      for name, c in shown.items()} if targets is not None else {})
     return {
-        "teacher": dataclasses.asdict(m.teacher), "target_layer": m.target_layer,
+        "teacher": dataclasses.asdict(m.teacher), "teacher_precision": m.teacher_precision,
+        "target_layer": m.target_layer,
         "geometry": dataclasses.asdict(m.geometry), "codec": m.codec, "pixels": m.pixels,
         "views_per_image": m.views_per_image, "seed": m.seed, "images": m.images, "views": m.views,
         "shards": len(m.shards), "skipped": len(m.skipped), "source": dataclasses.asdict(m.source),
@@ -56,7 +57,7 @@ def inspect_report(path: str, sample_views: int = 64) -> dict:
 def format_report(r: dict) -> str:
     t = r["teacher"]
     lines = [
-        f"teacher        {t['arch']}  ({t['source']}, sha256 {t['sha256'][:16]}...)",
+        f"teacher        {t['arch']}  ({t['source']}, sha256 {t['sha256'][:16]}...), ran in {r['teacher_precision']}",
         f"target         LN(decoder block {r['target_layer']}), {r['tokens']} tokens x {r['target_dim']}, codec {r['codec']}",
         f"views          {r['views']} ({r['images']} images x {r['views_per_image']} views, seed {r['seed']}) "
         f"in {r['shards']} shards; {r['skipped']} inputs skipped",

@@ -8,7 +8,7 @@ with a crc32c, `config.yaml` written first and `manifest.json` written last.
       config.yaml        the extract-logits configuration + teacher sha256 + plan description (rerun checks it)
       manifest.json      `LogitsManifest`: teacher, the plan description (sd_plan.SDPlan.describe), K, top-k
       shard-00000/       groups [a, b) of every cached epoch
-        shard.json       `LogitsShardRecord`
+        shard.json       `LogitsShardRecord`: file sizes and digests, the crc32c of every image its groups read
         values/  [K, n, k] float16   the teacher's k largest logits per sample, descending
         indices/ [K, n, k] uint16    their classes (int32 above 65,535 classes)
         argmax/  [K, n]    uint16    the argmax of the fp32 logits: the hard-distillation label
@@ -17,6 +17,12 @@ Rows: n = (b - a) x G samples, group a's G samples first, in the plan's order in
 the cached epoch, so the rows an epoch uses are one region per shard, as views are in the target cache.
 One inner chunk holds one group. The argmax is stored on its own because it is taken on the fp32 logits:
 two classes that tie after fp16 rounding of `values` keep the teacher's own choice.
+
+Bound to its place as the target cache is (cache/digests.py): shard.json records each file's digest (a file
+moved, swapped or copied in from another cache no longer matches) and the crc32c of every source image its
+groups read; the manifest records each shard.json's digest. `LogitsCache` checks a shard's record and file
+digests when the shard is first touched; `finetune` checks each image it reads against its recorded crc32c
+(a same-size replacement keeps the listing's fingerprint, so the fingerprint alone cannot see it).
 
 Bytes per sample per cached epoch: k x (2 + 2) + 2 = 22 B at k = 5 (ImageNet-1k: 28 MB an epoch).
 """
@@ -30,12 +36,13 @@ import numpy as np
 import torch
 
 from g2sd_cache.common.errors import CacheCorruptError, UserError
-from g2sd_cache.cache.schema import CONFIG, MANIFEST, ArraySpec
+from g2sd_cache.cache.digests import digest_mismatch, file_digest, record_digest
+from g2sd_cache.cache.schema import CONFIG, MANIFEST, SHARD_RECORD, ArraySpec
 from g2sd_cache.cache.shard_files import MappedShardFile, can_map
 from g2sd_cache.cache.shard_reader import ShardReader
 
 LOGITS_FORMAT = "g2sd-logits"
-LOGITS_FORMAT_VERSION = 1
+LOGITS_FORMAT_VERSION = 2   # 2: per-file digests, record digests, the source images' crc32c
 
 
 def index_dtype(num_classes: int) -> str:
@@ -58,6 +65,8 @@ class LogitsShardRecord:
     group_size: int
     epochs: int
     files: dict[str, int] = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)      # path -> digest (cache/digests.py), by the writer
+    image_crc32c: dict[str, int] = field(default_factory=dict)  # image index (as text) -> crc32c of its bytes
 
     @property
     def samples(self) -> int:
@@ -78,7 +87,7 @@ class LogitsManifest:
     format: str
     format_version: int
     teacher: dict            # classifier.ClassifierInfo as a dict
-    teacher_precision: str   # "fp32" (G2SD runs its teacher outside autocast)
+    teacher_precision: str   # "fp32" (G2SD: outside autocast), "fp16-autocast" or "bf16-autocast"
     plan: dict               # SDPlan.describe(): seed, recipe, images, classes, listing, library versions
     epochs: int              # K: training epoch e reads cached epoch e mod K
     groups_per_epoch: int
@@ -86,7 +95,7 @@ class LogitsManifest:
     topk: int
     num_classes: int
     shard_groups: int
-    shards: list[dict]       # [{name, first_group, groups, files}]
+    shards: list[dict]       # [{name, first_group, groups, files, record}]: record = digest of shard.json
     samples: int             # K x groups_per_epoch x group_size
     bytes: int               # on disk, all shard files
     created: str
@@ -171,15 +180,55 @@ class LogitsCache(ShardReader):
     def epochs(self) -> int:
         return self.manifest.epochs
 
+    def check_shard(self, shard: int) -> None:
+        """A shard's files, record and digests against the manifest (verify calls it directly)."""
+        self._check_sizes(shard)
+
     def _check_sizes(self, shard: int) -> None:
+        """A shard's files, record and digests against the manifest, once per process on first touch (a few KB
+        read: each file's index and chunk crc32c, ShardReader._touch)."""
         entry = self.manifest.shards[shard]
+        name = entry["name"]
         for rel, size in entry["files"].items():
-            path = self.root / entry["name"] / rel
+            path = self.root / name / rel
             if not path.is_file():
-                raise CacheCorruptError.in_shard(entry["name"], f"file {rel} is missing")
+                raise CacheCorruptError.in_shard(name, f"file {rel} is missing")
             if path.stat().st_size != size:
-                raise CacheCorruptError.in_shard(entry["name"], f"file {rel} has {path.stat().st_size} bytes, the "
-                                                                f"manifest says {size}")
+                raise CacheCorruptError.in_shard(name, f"file {rel} has {path.stat().st_size} bytes, the "
+                                                       f"manifest says {size}")
+        record = self._record(shard)
+        for rel, size in entry["files"].items():
+            try:
+                digest = file_digest(self.root / name, rel, size)
+            except (OSError, ValueError, KeyError) as e:
+                raise CacheCorruptError.in_shard(name, f"file {rel}: {type(e).__name__}: {e}") from e
+            problem = digest_mismatch(rel, digest, record.digests)
+            if problem:
+                raise CacheCorruptError.in_shard(name, problem)
+
+    def _record(self, shard: int) -> "LogitsShardRecord":
+        """shard.json of `shard`, checked against the digest the manifest records for it."""
+        entry = self.manifest.shards[shard]
+        try:
+            raw = (self.root / entry["name"] / SHARD_RECORD).read_bytes()
+        except OSError as e:
+            raise CacheCorruptError.in_shard(entry["name"], f"{SHARD_RECORD} cannot be read ({e})") from e
+        if record_digest(raw) != entry.get("record"):
+            raise CacheCorruptError.in_shard(entry["name"], f"{SHARD_RECORD} is not the one the manifest records "
+                                                            f"(moved, swapped or copied in from another cache)")
+        return LogitsShardRecord.from_json(raw.decode())
+
+    def image_crc32c(self, num_images: int) -> np.ndarray:
+        """[num_images] int64: the crc32c every shard recorded for each source image (-1: never read)."""
+        out = np.full(num_images, -1, dtype=np.int64)
+        for shard in range(len(self.manifest.shards)):
+            for index, crc in self._record(shard).image_crc32c.items():
+                i = int(index)
+                if not 0 <= i < num_images:
+                    raise CacheCorruptError.in_shard(self.manifest.shards[shard]["name"], f"image {i} is outside "
+                                                     f"the {num_images} images of the data")
+                out[i] = crc
+        return out
 
     def shard_file(self, shard: int, epoch: int, name: str) -> MappedShardFile:
         """The mapped rows of array `name`, cached epoch `epoch`, of `shard` (kept in a small LRU)."""

@@ -238,7 +238,7 @@ class Manifest:
     chunk_views: int
     source: SourceRecord
     versions: dict         # {torch, torchvision, pillow}: view replay depends on them
-    teacher_precision: str  # "fp32" or "bf16-autocast": how the teacher ran (sets replay tolerances)
+    teacher_precision: str  # "fp32", "fp16-autocast" or "bf16-autocast": how the teacher ran (replay tolerances)
     shards: tuple[ShardEntry, ...]
     skipped: list[dict]    # [{key, error}]: the folder scan's entries first, then each shard's
     codec_error: dict      # {codec: {rel_rmse, cosine}}: every codec against fp32, on sampled views

@@ -56,6 +56,10 @@ def add(sub):
                        "the images' order in the shards (default %(default)s)")
     model.add_argument("--mask-ratio", type=float, help="fraction of patches hidden (default %(default)s, MAE's)")
     model.add_argument("--img-size", type=int, help="crop size in pixels (default %(default)s)")
+    model.add_argument("--teacher-precision", choices=["auto", "fp32", "fp16", "bf16"], help="the teacher's "
+                       "arithmetic (default %(default)s: fp16 autocast on CUDA, as G2SD's teacher runs; fp32 on CPU, "
+                       "where fp16 is unsupported). Recorded in the manifest and shown by inspect; its error lands in "
+                       "every stored target")
     store = p.add_argument_group("storage")
     store.add_argument("--codec", metavar="{" + ",".join(CODECS) + ",pcaR,auto}",
                        help="how targets are stored: fp16/bf16 (2 B/value), int8/fp8 with a per-token scale "

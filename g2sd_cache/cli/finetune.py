@@ -52,8 +52,9 @@ def add_finetune(sub):
         description="G2SD specific distillation (stage 2) with its official recipe as defaults (SD.sh: ViT-S, AdamW "
                     "blr 1e-3 x batch/256, layer decay 0.75, 200 epochs, RandAugment, mixup 0.8 / cutmix 1.0, random "
                     "erasing 0.25, hard distillation on the teacher's argmax). Modes: --logits (the teacher's stored "
-                    "predictions: no teacher forward), --teacher (the teacher in the loop, as the paper), both (replay: "
-                    "logs the agreement of stored and live teacher argmax), neither (plain fine-tuning, MAE's "
+                    "predictions: no teacher forward, even if a teacher is named), --teacher alone (the teacher in the loop, "
+                    "as the paper), --logits --replay --teacher (replay: logs the agreement of stored and live teacher "
+                    "argmax), neither (plain fine-tuning, MAE's "
                     "global-pool classifier, no dist token). Run under `torchrun --nproc_per_node N` for DDP. "
                     f"Example: {FINETUNE_EXAMPLE}")
     data = p.add_argument_group("data")
@@ -63,6 +64,9 @@ def add_finetune(sub):
                       "(default: no validation)")
     data.add_argument("--logits", help="a logits cache from `g2sd-cache extract-logits` of this plan: epoch e trains "
                       "on the plan's epoch e mod K with the stored teacher argmax; a cache of another plan is refused")
+    data.add_argument("--replay", action="store_true", help="with --logits and --teacher: also run the teacher every "
+                      "step and log how often its argmax agrees with the stored one (costs a teacher forward); "
+                      "without it, --logits never runs a teacher")
     model = p.add_argument_group("model")
     model.add_argument("--init", help="the stage-1 student: a `g2sd-cache train` run folder or its `g2sd-cache export` "
                        "file (an MAE encoder checkpoint also works); required unless --resume")
@@ -107,7 +111,9 @@ def add_finetune(sub):
     perf.add_argument("--dist-timeout", type=float, help="minutes a collective (barrier, all-reduce) waits for the "
                       "other ranks before it fails instead of hanging (default %(default)s)")
     perf.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], help="student autocast dtype (auto: "
-                      "bf16 on CUDA, fp32 on CPU; G2SD used fp16 with a loss scaler); the teacher always runs in fp32")
+                      "bf16 on CUDA, fp32 on CPU; G2SD used fp16 with a loss scaler)")
+    perf.add_argument("--teacher-precision", choices=["auto", "fp32", "fp16", "bf16"], help="the online / replay "
+                      "teacher's arithmetic (default %(default)s: G2SD's stage-2 teacher runs outside autocast)")
     perf.add_argument("--eval-batch-size", type=int, help="validation batch (default %(default)s)")
     set_dataclass_defaults(p, FinetuneConfig)
     return p
@@ -142,6 +148,9 @@ def add_extract_logits(sub):
     cache.add_argument("--shard-groups", type=int, help="groups per shard, each with all K epochs (default "
                        "%(default)s)")
     cache.add_argument("--overwrite", action="store_true", help="replace an existing logits cache at --out")
+    cache.add_argument("--teacher-precision", choices=["auto", "fp32", "fp16", "bf16"], help="the teacher's "
+                       "arithmetic (default %(default)s, G2SD's stage-2 teacher; fp16 needs CUDA); recorded in the "
+                       "manifest")
     cache.add_argument("--config", help="YAML file of these options, e.g. the finetune config (its training options "
                        "are ignored); flags override it")
     perf = p.add_argument_group("performance")

@@ -90,8 +90,10 @@ def add(sub):
     perf.add_argument("--dist-timeout", type=float, help="minutes a collective (barrier, all-reduce) waits for the "
                       "other ranks before it fails instead of hanging (default %(default)s)")
     perf.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], help="autocast dtype (auto: bf16 on "
-                      "CUDA, fp32 on CPU). fp16 is G2SD's (with a loss scaler); bf16 needs none. With fp16 the teacher "
-                      "(online, replay) runs in bf16 where the GPU has it, else in fp32 (default %(default)s)")
+                      "CUDA, fp32 on CPU). fp16 is G2SD's (with a loss scaler); bf16 needs none (default %(default)s)")
+    perf.add_argument("--teacher-precision", choices=["auto", "fp32", "fp16", "bf16"], help="the online / replay "
+                      "teacher's arithmetic, apart from the student's (default %(default)s: fp16 autocast on CUDA as "
+                      "G2SD, fp32 on CPU)")
     set_dataclass_defaults(p, TrainConfig, required=REQUIRED)
     return p
 

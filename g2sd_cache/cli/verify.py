@@ -31,7 +31,10 @@ def add(sub):
                    "the cache was made with, or random[:SEED]; default: the one the manifest records. Its weights "
                    "must have the manifest's sha256")
     p.add_argument("--device", default="auto", help="device for --deep: auto (CUDA if available), cpu, cuda or "
-                   "cuda:N; CUDA replays under bf16 autocast as extract does")
+                   "cuda:N")
+    p.add_argument("--teacher-precision", default=None, choices=["auto", "fp32", "fp16", "bf16"], help="the "
+                   "replaying teacher's arithmetic for --deep (default: what the manifest records extract used, where "
+                   "the device supports it; auto: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="which views --deep and --pixel-views pick "
                    "(default 0)")
     p.add_argument("--json", action="store_true", help="print the report (problems and figures) as JSON")
@@ -44,11 +47,11 @@ def run(args) -> int:
     if is_logits_cache(args.cache):    # stage 2's cache of teacher predictions (verify/logits.py)
         from g2sd_cache.verify.logits import format_logits_summary as format_summary, verify_logits
         report = verify_logits(args.cache, deep=args.deep, teacher=args.teacher, data=args.data, device=args.device,
-                               seed=args.seed)
+                               seed=args.seed, teacher_precision=args.teacher_precision)
     else:
         from g2sd_cache.verify.cache import format_summary, verify_cache
         report = verify_cache(args.cache, deep=args.deep, teacher=args.teacher, data=args.data, device=args.device,
-                              seed=args.seed, pixel_views=args.pixel_views)
+                              seed=args.seed, pixel_views=args.pixel_views, teacher_precision=args.teacher_precision)
     if args.json:
         print(json.dumps({"ok": report.ok, "problems": report.problems, "summary": report.summary}, indent=1,
                          default=str))

@@ -10,12 +10,14 @@ Listing goes through `sources` (the same folder scan and shard expansion as stag
 from __future__ import annotations
 
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
+import numpy as np
 from PIL import Image
 from webdataset import tariterators
 
+from g2sd_cache.cache.digests import check_image, image_crc32c
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.data.sources import FolderSource, TarSource, open_source
 from g2sd_cache.data.views import decode_image
@@ -30,6 +32,8 @@ class LabelledFolder:
     source: FolderSource
     classes: tuple[str, ...]
     labels: tuple[int, ...]
+    # [N] int64 crc32c of each image's bytes as a logits cache recorded them (-1: not recorded); None: no check
+    crc32c: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def scan(cls, root: str, classes: Sequence[str] | None = None) -> "LabelledFolder":
@@ -62,7 +66,17 @@ class LabelledFolder:
 
     def image(self, i: int) -> Image.Image:
         """Image i, decoded to RGB."""
-        return decode_image(self.source.read(self.source.keys[i]))
+        return self.image_and_crc(i)[0]
+
+    def image_and_crc(self, i: int) -> tuple[Image.Image, int]:
+        """Image i decoded to RGB, and the crc32c of its bytes; SourceChangedError if `crc32c` records other
+        bytes for it (a same-size replacement keeps the listing's fingerprint, not its content)."""
+        key = self.source.keys[i]
+        raw = self.source.read(key)
+        crc = image_crc32c(raw)
+        if self.crc32c is not None and self.crc32c[i] >= 0:
+            check_image(raw, int(self.crc32c[i]), key, crc)
+        return decode_image(raw), crc
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ def needs_calibration(codec: str) -> bool:
 
 
 def teacher_targets(items: Iterable[dict], teacher, device: torch.device, views: int, batch_size: int,
-                    target_layer: int, autocast: bool) -> torch.Tensor:
+                    target_layer: int, autocast=nullcontext) -> torch.Tensor:
     """float32 [N, T, D] (N <= views, on the CPU): the teacher's targets of the rendered images' views in `items`
     (extract's RenderedImages items; errors and tar ends are passed over), in order, until `views` are taken."""
     patches, masks = [], []
@@ -65,7 +65,7 @@ def teacher_targets(items: Iterable[dict], teacher, device: torch.device, views:
     for s in range(0, len(patches), batch_size):
         p = torch.stack(patches[s:s + batch_size]).to(device)
         m = torch.stack(masks[s:s + batch_size]).to(device)
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext():
+        with torch.no_grad(), autocast():   # the teacher's own precision (a context factory), as extract runs it
             out.append(teacher.targets_visible(normalize_patches(p), m, target_layer).float().cpu())
     return torch.cat(out)
 

@@ -17,7 +17,6 @@ import dataclasses
 import os
 import resource
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +36,7 @@ from g2sd_cache.cache.schema import (CONFIG, VLEN_BYTES, ShardRecord, array_spec
 from g2sd_cache.data.sources import FolderSource, Source, TarSource, open_source
 from g2sd_cache.data.views import ViewGeometry, normalize_patches
 from g2sd_cache.common.workers import keep_as_is, mp_context
+from g2sd_cache.training.precision import TEACHER_PRECISIONS, recorded_precision, resolve_teacher_precision, teacher_autocast
 from g2sd_cache.cache.writer import ShardData, ShardWriter
 from g2sd_cache.generic.extract_views import RenderedImages, ShardPlan
 from g2sd_cache.generic.calibrate import (AUTO, Calibration, calibrate, format_calibration, needs_calibration,
@@ -64,6 +64,7 @@ class ExtractConfig:
     on_error: str = "skip"
     overwrite: bool = False
     pixels: str = "visible"
+    teacher_precision: str = "auto"   # auto: fp16 autocast on CUDA (G2SD's), fp32 on CPU
     dist_timeout: float = DIST_TIMEOUT_MIN   # minutes a collective waits for the other ranks
     pixel_quality: int = DEFAULT_QUALITY     # --pixels jpeg: the JPEG quality (1..100)
     max_error: float | None = None     # --codec auto: the largest relative RMS error of decoded targets allowed
@@ -105,6 +106,9 @@ class ExtractConfig:
             raise UserError("--workers must be 0 or more")
         if self.on_error not in ("skip", "fail"):
             raise UserError(f"--on-error {self.on_error}: choose skip or fail")
+        if self.teacher_precision not in TEACHER_PRECISIONS:
+            raise UserError(f"--teacher-precision {self.teacher_precision}: choose one of "
+                            f"{', '.join(TEACHER_PRECISIONS)}")
         if self.pixels not in PIXEL_MODES:
             raise UserError(f"--pixels {self.pixels}: choose {', '.join(PIXEL_MODES)}")
         if not 1 <= self.pixel_quality <= 100:
@@ -192,8 +196,9 @@ class _ShardAssembler:
             self.pending.append((row, v, item["patches"][v]))
         self.images += 1
 
-    def run_teacher(self, teacher, device: torch.device, flush: bool = False) -> int:
-        """Run the teacher on full batches of pending views (and the remainder if `flush`). Returns views done."""
+    def run_teacher(self, teacher, device: torch.device, flush: bool = False, precision: str = "fp32") -> int:
+        """Run the teacher (in resolved `precision`) on full batches of pending views (and the remainder if
+        `flush`). Returns views done."""
         done = 0
         bs = self.cfg.batch_size
         while len(self.pending) >= bs or (flush and self.pending):
@@ -202,9 +207,7 @@ class _ShardAssembler:
             vis = np.array([v for _, v, _ in batch])
             patches = torch.stack([p for _, _, p in batch]).to(device, non_blocking=True)
             mask = torch.from_numpy(self.buffers["mask"][vis, rows]).to(device)
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if teacher_precision(device) != "fp32" \
-                else nullcontext()
-            with autocast:
+            with teacher_autocast(precision, device)():
                 target = teacher.targets_visible(normalize_patches(patches), mask, self.cfg.target_layer)
             bad = ~torch.isfinite(target).flatten(1).all(dim=1)
             if bool(bad.any()):
@@ -262,10 +265,6 @@ def jpeg_decoder(device: torch.device) -> str:
     return "cuda" if device.type == "cuda" else "cpu"
 
 
-def teacher_precision(device: torch.device) -> str:
-    """How extract ran the teacher: bf16 autocast on CUDA (LayerNorm of the target in fp32), else fp32."""
-    return "bf16-autocast" if device.type == "cuda" else "fp32"
-
 
 def run_extract(cfg: ExtractConfig) -> dict:
     """Extract the cache described by `cfg`; returns the summary that the CLI prints."""
@@ -277,11 +276,12 @@ def run_extract(cfg: ExtractConfig) -> dict:
     return run_on_ranks(cfg, body, release=lambda: [d.release() for d in dests], command="extract")
 
 
-def _calibrate(cfg: ExtractConfig, source: Source, plans: list[ShardPlan], teacher, device) -> Calibration:
+def _calibrate(cfg: ExtractConfig, source: Source, plans: list[ShardPlan], teacher, device,
+               precision: str) -> Calibration:
     """Rank 0: the teacher's targets of the cache's first views (as extract renders them) -> the codec and basis."""
     items = RenderedImages(source, plans, cfg)
     x = teacher_targets(iter(items), teacher, device, cfg.calibration_views, cfg.batch_size, cfg.target_layer,
-                        autocast=teacher_precision(device) != "fp32")
+                        autocast=teacher_autocast(precision, device))
     return calibrate(x, cfg.codec, cfg.max_error)
 
 
@@ -296,8 +296,11 @@ def _extract(cfg: ExtractConfig, env: DistEnv, dest) -> dict:
         print("note: --shard-size is ignored for tar sources: the cache keeps one shard per tar")
     teacher, info = build_teacher(cfg.teacher, cfg.arch, cfg.img_size)
     teacher.to(env.device)
+    precision = resolve_teacher_precision(cfg.teacher_precision, env.device)
     tokens, width = teacher.num_tokens, teacher.shape.decoder_embed_dim
-    fingerprints = {"teacher_sha256": info.sha256, "source_fingerprint": source.fingerprint}
+    # the teacher's arithmetic is part of every target: shards of one cache share it
+    fingerprints = {"teacher_sha256": info.sha256, "source_fingerprint": source.fingerprint,
+                    "teacher_precision": recorded_precision(precision)}
     if isinstance(source, FolderSource):  # the images' order in the shards is part of the cache's content
         fingerprints["folder_order"] = "seeded shuffle"
     decoder = jpeg_decoder(env.device)
@@ -307,7 +310,7 @@ def _extract(cfg: ExtractConfig, env: DistEnv, dest) -> dict:
     if env.is_main:
         _prepare_output(dest, cfg, fingerprints)
         if needs_calibration(cfg.codec) and read_calibration(out) is None:
-            write_calibration(out, _calibrate(cfg, source, plans, teacher, env.device))
+            write_calibration(out, _calibrate(cfg, source, plans, teacher, env.device, precision))
     env.barrier()
     cal = (read_calibration(out) if local else None) or Calibration(cfg.codec)
     if env.is_main and cal.record is not None:
@@ -354,7 +357,7 @@ def _extract(cfg: ExtractConfig, env: DistEnv, dest) -> dict:
             else:
                 asm.add(item)
             t0 = time.perf_counter()
-            done = asm.run_teacher(teacher, env.device, flush=asm.complete)
+            done = asm.run_teacher(teacher, env.device, flush=asm.complete, precision=precision)
             teacher_s += time.perf_counter() - t0
             views_done += done
             bar.update(done)
@@ -372,7 +375,7 @@ def _extract(cfg: ExtractConfig, env: DistEnv, dest) -> dict:
     elapsed = time.perf_counter() - start
     env.barrier()
 
-    summary = {"views": views_done, "skipped_images": skipped, "bytes": writer.bytes_written,
+    summary = {"views": views_done, "teacher_precision": precision, "skipped_images": skipped, "bytes": writer.bytes_written,
                "seconds": elapsed, "views_per_s": views_done / elapsed if elapsed > 0 else 0.0,
                "teacher_s": teacher_s, "data_wait_s": waited, "write_wait_s": write_wait,
                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
@@ -380,7 +383,7 @@ def _extract(cfg: ExtractConfig, env: DistEnv, dest) -> dict:
         summary["peak_gpu_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
     if env.is_main:
         dest.check()
-        manifest = write_manifest(dest, written, source, plans, info, tokens, width, teacher_precision(env.device), cal,
+        manifest = write_manifest(dest, written, source, plans, info, tokens, width, recorded_precision(precision), cal,
                                   decoder)
         on_disk = sum(sum(s.files.values()) for s in manifest.shards)
         summary.update(cache_views=manifest.views, cache_images=manifest.images, cache_skipped=len(manifest.skipped),

@@ -42,6 +42,7 @@ from g2sd_cache.kernels import masked_smooth_l1
 from g2sd_cache.cache.manifest_checks import source_problem
 from g2sd_cache.models.mae import (DEFAULT_STUDENT, STUDENT_PRESETS, TEACHER_PRESETS, G2SDStudent, MAETeacher, build_student,
                      build_teacher, load_student_state)
+from g2sd_cache.training.precision import TEACHER_PRECISIONS, resolve_teacher_precision, teacher_autocast
 from g2sd_cache.training.trainer import Trainer
 from g2sd_cache.data.sources import FolderSource, Source, TarSource, open_source
 from g2sd_cache.generic.stream import Batch
@@ -77,6 +78,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
+    teacher_precision: str = "auto"   # online / replay teacher: auto = fp16 autocast on CUDA (G2SD's), fp32 on CPU
     log_every: int = 20
     save_every: int = 1000
     stop_after: int | None = None
@@ -143,6 +145,9 @@ class TrainConfig:
             raise UserError(f"--loss-tokens {self.loss_tokens}: choose all, masked or visible")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise UserError(f"--precision {self.precision}: choose auto, bf16, fp16 or fp32")
+        if self.teacher_precision not in TEACHER_PRECISIONS:
+            raise UserError(f"--teacher-precision {self.teacher_precision}: choose one of "
+                            f"{', '.join(TEACHER_PRECISIONS)}")
         if self.on_error not in ("skip", "fail"):
             raise UserError(f"--on-error {self.on_error}: choose skip or fail")
         check_seed(self.seed)
@@ -283,11 +288,10 @@ class Distiller(Trainer):
         # the cls and mask tokens included; biases and norms are not decayed.
         groups = param_groups_weight_decay(student, cfg.weight_decay, no_weight_decay_list=())
         super().__init__(student, groups, env, cfg.precision, cfg.clip_grad, betas=(0.9, 0.95))
-        # fp16 has too little range for a large teacher's activations: run the teacher in bf16 where the GPU has
-        # it, else in fp32 (its targets are LayerNorm-ed in fp32 either way).
-        teacher_amp = torch.bfloat16 if self.precision == "bf16" or (
-            self.precision == "fp16" and device.type == "cuda" and torch.cuda.is_bf16_supported()) else None
-        self.teacher_autocast = (lambda: torch.autocast(device.type, dtype=teacher_amp)) if teacher_amp else nullcontext
+        # the teacher's arithmetic is its own choice (its targets are LayerNorm-ed in fp32 either way)
+        self.teacher_precision = resolve_teacher_precision(cfg.teacher_precision, device) if setup.teacher is not None \
+            else None
+        self.teacher_autocast = teacher_autocast(self.teacher_precision or "fp32", device)
         self._weights: list[torch.Tensor] = []
         # A low-rank cache's basis [R + 1, D], on the device once: its codes are decoded right before the loss.
         self.basis = setup.cache.basis.to(device) if setup.cache is not None and setup.cache.basis is not None else None

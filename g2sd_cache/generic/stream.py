@@ -391,8 +391,9 @@ def _background(make: Callable[[], Iterator], depth: int) -> Iterator:
         return False
 
     def produce():
-        items = make()
-        try:
+        items = None
+        try:   # set-up inside: an error building the reader reaches the consumer, never a silent hang
+            items = make()
             for item in items:
                 if not put(item):
                     return
@@ -407,7 +408,16 @@ def _background(make: Callable[[], Iterator], depth: int) -> Iterator:
     thread = threading.Thread(target=produce, name="batch-reader", daemon=True)
     thread.start()
     try:
-        while (item := q.get()) is not end:
+        while True:
+            try:
+                item = q.get(timeout=0.5)
+            except queue.Empty:
+                # a producer that died without its last word (killed mid-put) must not leave us waiting
+                if not thread.is_alive() and q.empty():
+                    raise RuntimeError("the batch-reader thread ended without a result") from None
+                continue
+            if item is end:
+                break
             if isinstance(item, BaseException):
                 raise item
             yield item

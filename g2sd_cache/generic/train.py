@@ -47,14 +47,34 @@ class Schedule:
     total_steps: int
     warmup_steps: int
     base_lr: float
+    by_epochs: bool = False   # --epochs: the lr follows the fractional epoch, not the step counter
+    epoch_size: int = 0
+
+    def lr_step(self, step: int, epoch: int, position: int) -> float:
+        """Where the lr schedule stands: the step counter under --steps; under --epochs the fractional epoch
+        (epoch + position / epoch size) in steps of the current global batch, so a resume with another global
+        batch keeps the warm-up and the cosine where they were (equal to the step counter otherwise)."""
+        if not self.by_epochs:
+            return step
+        return epoch * self.steps_per_epoch + position / self.global_batch
 
 
-def make_schedule(cfg: TrainConfig, epoch_size: int, world: int) -> Schedule:
+def make_schedule(cfg: TrainConfig, epoch_size: int, world: int, at: tuple[int, int, int] = (0, 0, 0)) -> Schedule:
+    """`at` = (step, epoch, sample position) the run starts from. Under --epochs the total is that step plus
+    the steps left from (epoch, position) at this global batch: a checkpoint counts steps of the batch it
+    was saved with, so epochs x the new steps per epoch would train a partial extra epoch (or too few)."""
     global_batch = cfg.batch_size * cfg.accum_iter * world
     steps_per_epoch = steps_in_epoch(epoch_size, global_batch)
     if steps_per_epoch == 0:
         raise UserError("the dataset has no samples to train on")
-    total = cfg.steps or cfg.run_epochs * steps_per_epoch
+    step, epoch, position = at
+    epochs = cfg.run_epochs
+    if cfg.steps:
+        total = cfg.steps
+    elif epoch >= epochs:
+        total = step
+    else:
+        total = step + steps_in_epoch(epoch_size, global_batch, position) + (epochs - epoch - 1) * steps_per_epoch
     if cfg.warmup_steps is not None:
         warmup = cfg.warmup_steps
     else:
@@ -65,7 +85,13 @@ def make_schedule(cfg: TrainConfig, epoch_size: int, world: int) -> Schedule:
             raise UserError(f"--warmup-epochs {cfg.warmup_epochs} is {warmup} steps ({steps_per_epoch} steps per epoch), "
                             f"longer than the run's {total} steps (--steps): the learning rate would never reach --blr. "
                             f"Lower --warmup-epochs, or give --warmup-steps N to mean it")
-    return Schedule(global_batch, steps_per_epoch, total, warmup, scaled_lr(cfg.blr, global_batch))
+    return Schedule(global_batch, steps_per_epoch, total, warmup, scaled_lr(cfg.blr, global_batch),
+                    by_epochs=not cfg.steps, epoch_size=epoch_size)
+
+
+def epochs_total(cfg: TrainConfig, sched: Schedule) -> int:
+    """The cosine's end under --epochs, in steps of the current global batch."""
+    return cfg.run_epochs * sched.steps_per_epoch
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -135,12 +161,15 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
     distiller = Distiller(cfg, setup, env)
     sched = make_schedule(cfg, setup.epoch_size, env.world)
     step, epoch, position, notes = _resume(cfg, run, distiller, sched, env, setup.cache) if cfg.resume else (0, 0, 0, [])
+    if step:
+        sched = make_schedule(cfg, setup.epoch_size, env.world, at=(step, epoch, position))
     if env.is_main:
         for line in setup.notes + [f"resume: {n}" for n in notes]:
             print(line)
         derived = {"mode": cfg.mode, "world_size": env.world, "global_batch": sched.global_batch,
                    "steps_per_epoch": sched.steps_per_epoch, "total_steps": sched.total_steps,
                    "warmup_steps": sched.warmup_steps, "lr": sched.base_lr, "precision": distiller.precision,
+                   "teacher_precision": distiller.teacher_precision,
                    "target_layer": setup.target_layer, "target_dim": setup.target_dim,
                    "reads": "cached pixels" if setup.cache and setup.cache.has_pixels else "images",
                    "resumed_with_changes": notes}
@@ -184,8 +213,9 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
                         raise UserError(f"cannot read a training sample ({errors[0]}); fix the input, or pass "
                                         f"--on-error skip to leave such samples out (they are counted)")
                     log.log_batches(step, epoch, batches)
-                    lr = get_lr(step, base_lr=sched.base_lr, min_lr=cfg.min_lr, warmup_steps=sched.warmup_steps,
-                                total_steps=sched.total_steps)
+                    lr = get_lr(sched.lr_step(step, epoch, position), base_lr=sched.base_lr, min_lr=cfg.min_lr,
+                                warmup_steps=sched.warmup_steps,
+                                total_steps=sched.total_steps if not sched.by_epochs else epochs_total(cfg, sched))
                     log.add(step, distiller.step(batches, lr), wait)
                     step += 1
                     position = min(setup.epoch_size, position + sched.global_batch)

@@ -19,12 +19,13 @@ from g2sd_cache.models.classifier import CLASSIFIER_PRESETS
 from g2sd_cache.common.config import check_seed
 from g2sd_cache.common.dist import DIST_TIMEOUT_MIN
 from g2sd_cache.common.errors import UserError
+from g2sd_cache.training.precision import TEACHER_PRECISIONS
 from g2sd_cache.specific.augment import AugmentRecipe, build_train_transform
 from g2sd_cache.specific.mix import MixRecipe
 from g2sd_cache.specific.plan import SDRecipe
 
 # Recipe keys of configs/finetune_vit_*.yaml with the only value supported here.
-FIXED = {"optimizer": "adamw", "adam_betas": [0.9, 0.999], "head_init_std": 2e-5, "teacher_precision": "fp32",
+FIXED = {"optimizer": "adamw", "adam_betas": [0.9, 0.999], "head_init_std": 2e-5,
          "color_jitter": None, "cutmix_minmax": None, "mixup_mode": "batch"}
 
 
@@ -102,13 +103,14 @@ class LogitsConfig(PlanOptions):
     cached_epochs: int = 1
     topk: int = 5
     shard_groups: int = 256
+    teacher_precision: str = "fp32"   # G2SD's stage-2 teacher runs outside autocast (engine_finetune_dis.py:51)
     workers: int = 4
     device: str = "auto"
     overwrite: bool = False
     dist_timeout: float = DIST_TIMEOUT_MIN   # minutes a collective waits for the other ranks
 
     # Fields that decide the cache's content besides the plan; a rerun with any of them changed is refused.
-    CONTENT = (*PlanOptions.PLAN, "teacher_arch", "cached_epochs", "topk", "shard_groups")
+    CONTENT = (*PlanOptions.PLAN, "teacher_arch", "cached_epochs", "topk", "shard_groups", "teacher_precision")
 
     def validate(self) -> None:
         self.validate_plan()
@@ -122,6 +124,7 @@ class LogitsConfig(PlanOptions):
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         if self.workers < 0:
             raise UserError("--workers must be 0 or more")
+        check_teacher_precision(self.teacher_precision)
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,9 @@ class FinetuneConfig(PlanOptions):
     val: str | None = None
     teacher: str | None = None
     teacher_arch: str = "vit_base_patch16"
+    teacher_precision: str = "fp32"    # online / replay teacher (G2SD's: fp32, outside autocast)
     logits: str | None = None
+    replay: bool = False               # with --logits and --teacher: also run the teacher, log the agreement
     arch: str = "vit_small_patch16"
     drop_path: float = 0.0
     epochs: int = 200
@@ -169,10 +174,21 @@ class FinetuneConfig(PlanOptions):
 
     @property
     def mode(self) -> str:
-        """cached (logits, no teacher), online (teacher in the loop), replay (both: logs agreement), plain."""
+        """cached (--logits: no teacher forward, even when a teacher is named, e.g. by a recipe config), replay
+        (--logits --replay --teacher: logs agreement), online (teacher in the loop), plain (neither)."""
         if self.logits:
-            return "replay" if self.teacher else "cached"
+            return "replay" if self.replay else "cached"
         return "online" if self.teacher else "plain"
+
+    def mode_line(self) -> str:
+        """The run's first line: what it will do each step, so a costly mode is never a surprise."""
+        return {"cached": f"mode: cached - the teacher's stored predictions from {self.logits}; no teacher forward"
+                          + (f" ({self.teacher} is not run: add --replay to also run it and log the agreement)"
+                             if self.teacher else ""),
+                "replay": f"mode: replay - stored predictions from {self.logits} AND the live teacher {self.teacher} "
+                          f"every step (measures their agreement; costs a teacher forward per sample)",
+                "online": f"mode: online - the teacher {self.teacher} runs on every mixed group (the paper's G2SD)",
+                "plain": "mode: plain fine-tuning (no teacher, no logits cache)"}[self.mode]
 
     @property
     def micro_batch(self) -> int:
@@ -188,6 +204,10 @@ class FinetuneConfig(PlanOptions):
         if self.arch not in CLASSIFIER_PRESETS:
             raise UserError(f"unknown --arch {self.arch}; choose one of: {', '.join(CLASSIFIER_PRESETS)}")
         self.check_teacher_arch(self.teacher_arch)
+        check_teacher_precision(self.teacher_precision)
+        if self.replay and not (self.logits and self.teacher):
+            raise UserError("--replay runs the live teacher next to the logits cache: it needs both --logits and "
+                            "--teacher")
         if self.micro_batch < 1 or self.group_size % self.micro_batch:
             raise UserError(f"--batch-size {self.batch_size} must divide --group-size {self.group_size}: a mixing "
                             f"group is split into equal micro-batches")
@@ -212,6 +232,11 @@ class FinetuneConfig(PlanOptions):
             raise UserError(f"--clip-grad {self.clip_grad}: must be a positive finite number")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise UserError(f"--precision {self.precision}: choose auto, bf16, fp16 or fp32")
+
+
+def check_teacher_precision(value: str) -> None:
+    if value not in TEACHER_PRECISIONS:
+        raise UserError(f"--teacher-precision {value}: choose one of {', '.join(TEACHER_PRECISIONS)}")
 
 
 def file_values(cls: type, values: dict, path: str) -> dict:

@@ -30,10 +30,12 @@ from g2sd_cache.common.fsutil import write_text_atomic
 from g2sd_cache.cache.logits import (LOGITS_FORMAT, LOGITS_FORMAT_VERSION, LogitsManifest, LogitsShardRecord, index_dtype,
                            logits_specs)
 from g2sd_cache.cache.ownership import FolderLock, claim_cache_folder
+from g2sd_cache.cache.digests import record_digest
 from g2sd_cache.cache.schema import CONFIG, MANIFEST, SHARD_RECORD, shard_name
 from g2sd_cache.specific.config import LogitsConfig
 from g2sd_cache.specific.plan import MixedGroup, SDPlan, UnreadableImages, open_plan
 from g2sd_cache.common.workers import keep_as_is, mp_context
+from g2sd_cache.training.precision import recorded_precision, resolve_teacher_precision, teacher_autocast
 from g2sd_cache.cache.writer import ShardData, ShardWriter
 
 
@@ -64,10 +66,13 @@ class _Groups(Dataset):
 
 
 @torch.no_grad()
-def teacher_predictions(teacher: torch.nn.Module, images: torch.Tensor, topk: int) -> tuple[torch.Tensor, ...]:
+def teacher_predictions(teacher: torch.nn.Module, images: torch.Tensor, topk: int,
+                        precision: str = "fp32") -> tuple[torch.Tensor, ...]:
     """images: [G, 3, S, S] -> (fp32 logits [G, C], top-k values [G, k] fp16, indices [G, k], argmax [G]).
-    The teacher runs in fp32, outside autocast (G2SD's engine_finetune_dis.py); argmax is of the fp32 logits."""
-    logits = teacher(images).float()
+    The teacher runs in `precision` (resolved; G2SD's is fp32, outside autocast: engine_finetune_dis.py:51);
+    argmax is of the logits in float32."""
+    with teacher_autocast(precision, images.device)():
+        logits = teacher(images).float()
     values, indices = logits.topk(topk, dim=1)
     return logits, values.half(), indices, logits.argmax(dim=1)
 
@@ -92,19 +97,22 @@ def _prepare_output(out: Path, cfg: LogitsConfig, fingerprints: dict) -> FolderL
     return lock
 
 
-def write_manifest(out: Path, cfg: LogitsConfig, plan: SDPlan, shards: list[ShardSpan], info: ClassifierInfo) -> LogitsManifest:
-    records = []
+def write_manifest(out: Path, cfg: LogitsConfig, plan: SDPlan, shards: list[ShardSpan], info: ClassifierInfo,
+                   precision: str = "fp32") -> LogitsManifest:
+    records, digests = [], []
     for s in shards:
         path = out / shard_name(s.index) / SHARD_RECORD
         if not path.is_file():
             raise UserError(f"shard {shard_name(s.index)} is missing after extraction; rerun the same command")
-        records.append(LogitsShardRecord.from_json(path.read_text()))
+        raw = path.read_bytes()
+        records.append(LogitsShardRecord.from_json(raw.decode()))
+        digests.append(record_digest(raw))     # binds each shard.json (and every file it lists) to this cache
     manifest = LogitsManifest(
         format=LOGITS_FORMAT, format_version=LOGITS_FORMAT_VERSION, teacher=dataclasses.asdict(info),
-        teacher_precision="fp32", plan=plan.describe(), epochs=cfg.cached_epochs, groups_per_epoch=plan.num_groups,
+        teacher_precision=recorded_precision(precision), plan=plan.describe(), epochs=cfg.cached_epochs, groups_per_epoch=plan.num_groups,
         group_size=cfg.group_size, topk=cfg.topk, num_classes=plan.data.num_classes, shard_groups=cfg.shard_groups,
-        shards=[{"name": shard_name(r.index), "first_group": r.first_group, "groups": r.groups, "files": r.files}
-                for r in records],
+        shards=[{"name": shard_name(r.index), "first_group": r.first_group, "groups": r.groups, "files": r.files,
+                 "record": d} for r, d in zip(records, digests)],
         samples=cfg.cached_epochs * plan.num_groups * cfg.group_size,
         bytes=sum(sum(r.files.values()) for r in records),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -125,6 +133,7 @@ def _extract(cfg: LogitsConfig, env: DistEnv) -> dict:
         raise UserError(f"--topk {cfg.topk} is more than the {num_classes} classes of {cfg.data}")
     teacher, info = build_teacher(cfg.teacher, cfg.teacher_arch, num_classes, cfg.img_size)
     teacher.to(env.device)
+    resolve_teacher_precision(cfg.teacher_precision, env.device, auto="fp32")     # refuse fp16 on CPU before any work
     fingerprints = {"format": LOGITS_FORMAT, "teacher_sha256": info.sha256, "plan": plan.describe()}
     lock = _prepare_output(out, cfg, fingerprints) if env.is_main else None
     try:
@@ -138,6 +147,7 @@ def _extract(cfg: LogitsConfig, env: DistEnv) -> dict:
 def _extract_shards(cfg: LogitsConfig, env: DistEnv, out: Path, plan: SDPlan, teacher, info: ClassifierInfo) -> dict:
     """Every pending shard of this rank, then (rank 0) the manifest."""
     num_classes = plan.data.num_classes
+    precision = resolve_teacher_precision(cfg.teacher_precision, env.device, auto="fp32")
     shards = plan_shards(plan.num_groups, cfg.shard_groups)
     mine = [s for s in shards if s.index % env.world == env.rank]
     pending = [s for s in mine if not (out / shard_name(s.index) / SHARD_RECORD).is_file()]
@@ -153,6 +163,7 @@ def _extract_shards(cfg: LogitsConfig, env: DistEnv, out: Path, plan: SDPlan, te
     writer = ShardWriter(out, chunk_views=g, what="logits cache")
     buffers: dict[int, dict[str, np.ndarray]] = {}
     filled: dict[int, int] = {}
+    crcs: dict[int, dict[str, int]] = {}    # per shard: image index -> crc32c of the bytes its groups read
     bar = tqdm(total=len(items) * g, unit="sample", desc="extract-logits", disable=not env.is_main, dynamic_ncols=True)
     samples = 0
     teacher_s = 0.0
@@ -168,8 +179,10 @@ def _extract_shards(cfg: LogitsConfig, env: DistEnv, out: Path, plan: SDPlan, te
                 buffers[shard] = {name: np.zeros((cfg.cached_epochs, n, *spec.per_view_shape), dtype=spec.dtype)
                                   for name, spec in specs.items()}
                 filled[shard] = 0
+                crcs[shard] = {}
             t0 = time.perf_counter()
-            logits, values, indices, argmax = teacher_predictions(teacher, batch.images.to(env.device), cfg.topk)
+            logits, values, indices, argmax = teacher_predictions(teacher, batch.images.to(env.device), cfg.topk,
+                                                                  precision)
             if not bool(torch.isfinite(logits).all()):
                 raise UserError(f"the teacher's logits are not finite (NaN or Inf) on group {group} of epoch {epoch}; "
                                 f"nothing of shard {shard_name(shard)} was written. Check the teacher checkpoint")
@@ -178,13 +191,15 @@ def _extract_shards(cfg: LogitsConfig, env: DistEnv, out: Path, plan: SDPlan, te
             b["values"][epoch, rows] = values.cpu().numpy()
             b["indices"][epoch, rows] = indices.cpu().numpy().astype(b["indices"].dtype)
             b["argmax"][epoch, rows] = argmax.cpu().numpy().astype(b["argmax"].dtype)
+            crcs[shard].update(zip(map(str, batch.indices.tolist()), batch.crc32c.tolist()))
             teacher_s += time.perf_counter() - t0
             samples += g
             bar.update(g)
             filled[shard] += 1
             if filled[shard] == span.groups * cfg.cached_epochs:
                 record = LogitsShardRecord(index=shard, first_group=span.first_group, groups=span.groups,
-                                           group_size=g, epochs=cfg.cached_epochs)
+                                           group_size=g, epochs=cfg.cached_epochs,
+                                           image_crc32c=dict(sorted(crcs.pop(shard).items(), key=lambda kv: int(kv[0]))))
                 writer.submit(ShardData(record, buffers.pop(shard)))
         writer.close()
     finally:
@@ -194,9 +209,10 @@ def _extract_shards(cfg: LogitsConfig, env: DistEnv, out: Path, plan: SDPlan, te
     env.barrier()
     summary = {"samples": samples, "seconds": elapsed, "samples_per_s": samples / elapsed if elapsed > 0 else 0.0,
                "teacher_s": teacher_s, "teacher_samples_per_s": samples / teacher_s if teacher_s > 0 else 0.0,
-               "index_dtype": index_dtype(num_classes), "unreadable": sorted(unreadable.seen)}
+               "index_dtype": index_dtype(num_classes), "teacher_precision": precision,
+               "unreadable": sorted(unreadable.seen)}
     if env.is_main:
-        manifest = write_manifest(out, cfg, plan, shards, info)
+        manifest = write_manifest(out, cfg, plan, shards, info, precision)
         summary.update(cache_samples=manifest.samples, cache_bytes=manifest.bytes,
                        bytes_per_sample=manifest.bytes_per_sample, epochs=manifest.epochs,
                        groups_per_epoch=manifest.groups_per_epoch)

@@ -1,9 +1,10 @@
 """`g2sd-cache finetune`: G2SD's specific distillation (stage 2) around the step of specific/step.py — run
 folder, resume, config.yaml, signals, the epoch / step loop, evaluation, the best checkpoint, the summary.
 
-Modes (FinetuneConfig.mode): cached (--logits: the teacher's stored predictions, no teacher forward),
-online (--teacher: G2SD's recipe, the teacher in the loop), replay (both: live labels train, and their
-agreement with the stored ones is logged), plain (neither: MAE's fine-tuning, no dist token).
+Modes (FinetuneConfig.mode, printed first): cached (--logits: the teacher's stored predictions, no teacher
+forward, even when a config names a teacher), online (--teacher alone: G2SD's recipe, the teacher in the loop),
+replay (--logits --teacher --replay: live labels train, and their agreement with the stored ones is logged),
+plain (neither: MAE's fine-tuning, no dist token).
 
 Data order (specific/plan.py): epoch e trains on the plan's epoch e (cached and replay: e mod K, the epoch whose
 predictions are stored), cut into mixing groups of --group-size. A step takes accum_iter x world groups:
@@ -144,10 +145,12 @@ def _inputs(cfg: FinetuneConfig, env: DistEnv) -> tuple[SDPlan, LogitsCache | No
                             f"{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}; run `g2sd-cache verify "
                             f"{cfg.logits}` for the full report, then rerun extract-logits into a new --out")
         check_same_plan(logits.manifest.plan, plan.describe(), f"logits cache {cfg.logits}")
+        # the listing ties images by name and size only: each image read must be the bytes the teacher saw
+        plan.data = dataclasses.replace(plan.data, crc32c=logits.image_crc32c(len(plan.data)))
         notes.append(f"teacher predictions from {cfg.logits} ({logits.epochs} cached epoch(s): epoch e trains on the "
                      f"plan's epoch e mod {logits.epochs}); no teacher forward")
     teacher = sha = None
-    if cfg.teacher:
+    if cfg.mode in ("online", "replay"):      # cached mode never loads the teacher a config may name
         teacher, info = build_teacher(cfg.teacher, cfg.teacher_arch, classes, cfg.img_size)
         if logits is not None and info.sha256 != logits.manifest.teacher["sha256"]:
             raise UserError(f"--teacher {cfg.teacher} is not the teacher that made {cfg.logits} "
@@ -177,6 +180,8 @@ def _check_resume(cfg: FinetuneConfig, run: Path) -> tuple[dict, list[str]]:
 
 
 def _finetune(cfg: FinetuneConfig, env: DistEnv) -> dict:
+    if env.is_main:
+        print(cfg.mode_line(), flush=True)
     run = prepare_run_folder(cfg.out, cfg.resume, env, "finetune")
     ckpt, changes = _check_resume(cfg, run) if cfg.resume else (None, [])
     plan, logits, teacher, teacher_sha, notes = _inputs(cfg, env)

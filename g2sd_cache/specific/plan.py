@@ -53,7 +53,8 @@ class MixedGroup:
     """One mixing group as the student (and the teacher) sees it.
 
     images: [G, 3, S, S] float32, normalised, augmented, erased, mixed; targets: [G, C] float32 soft labels
-    (mixed and smoothed); labels: [G] int64 the images' own classes; indices: [G] int64 image indices."""
+    (mixed and smoothed); labels: [G] int64 the images' own classes; indices: [G] int64 image indices;
+    crc32c: [G] int64 the crc32c of each image's bytes as read (a logits cache records them)."""
 
     epoch: int
     group: int
@@ -62,6 +63,7 @@ class MixedGroup:
     labels: torch.Tensor
     indices: torch.Tensor
     mix: MixParams
+    crc32c: torch.Tensor | None = None
     unreadable: tuple[tuple[str, str], ...] = ()   # (image key, error) of the images replaced in this group
 
 
@@ -105,10 +107,12 @@ class SDPlan:
         if not 0 <= group < self.num_groups:
             raise IndexError(f"group {group} of an epoch of {self.num_groups} groups")
         indices = [int(i) for i in self.order(epoch)[group]]
-        decoded, unreadable = {}, []
+        decoded, crcs, unreadable = {}, {}, []
         for i in indices:
             try:
-                decoded[i] = self.data.image(i)
+                decoded[i], crcs[i] = self.data.image_and_crc(i)
+            except UserError:   # a changed image (its recorded crc32c differs) is not an unreadable one
+                raise
             except Exception as e:   # truncated, not an image, a bomb: replaced below, reported to the trainer
                 unreadable.append((self.data.source.keys[i], f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
         used = [self._readable_at(indices, p, decoded) for p in range(len(indices))]
@@ -119,7 +123,7 @@ class SDPlan:
         params = self.mix_params(epoch, group)
         mixed, targets = apply_mix(images, labels, params, self.data.num_classes, self.recipe.mix.label_smoothing)
         return MixedGroup(epoch, group, mixed, targets, labels, torch.tensor(sources, dtype=torch.int64), params,
-                          tuple(unreadable))
+                          torch.tensor([crcs.get(i, -1) for i in sources], dtype=torch.int64), tuple(unreadable))
 
     @staticmethod
     def _readable_at(indices: list[int], p: int, decoded: dict) -> int | None:

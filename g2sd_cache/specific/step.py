@@ -26,6 +26,7 @@ import torch
 from g2sd_cache.models.classifier import build_student, init_from_stage1, layer_decay_groups
 from g2sd_cache.common.dist import DistEnv
 from g2sd_cache.common.errors import UserError
+from g2sd_cache.training.precision import resolve_teacher_precision, teacher_autocast
 from g2sd_cache.cache.logits import TeacherPredictions
 from g2sd_cache.training.trainer import Trainer
 from g2sd_cache.specific.config import FinetuneConfig
@@ -57,6 +58,8 @@ class FineTuner(Trainer):
         self.cfg, self.teacher = cfg, teacher
         student = build_student(cfg.arch, num_classes, cfg.img_size, distilled=cfg.distilled,
                                 drop_path_rate=cfg.drop_path, seed=cfg.seed)
+        self.teacher_autocast = teacher_autocast(resolve_teacher_precision(cfg.teacher_precision, env.device,
+                                                                           auto="fp32"), env.device)
         if load_init:
             init_from_stage1(student, cfg.init, "--init")
         student.to(env.device)
@@ -72,7 +75,8 @@ class FineTuner(Trainer):
         zero = torch.zeros((), device=device)
         if self.teacher is None:
             return (None if stored is None else stored.argmax.to(device, non_blocking=True)), zero, 0, zero
-        logits = self.teacher(images).float()       # fp32, outside autocast, on the whole group
+        with self.teacher_autocast():               # G2SD: fp32, outside autocast, on the whole group
+            logits = self.teacher(images).float()
         live = logits.argmax(dim=1)
         if stored is None:
             return live, zero, 0, zero

@@ -36,7 +36,8 @@ __all__ = ["BF16_COMPUTE_TOLERANCE", "CODEC_TOLERANCE", "VerifyReport", "format_
 
 
 def verify_cache(path: str, deep: int = 0, teacher: str | None = None, data: str | None = None,
-                 device: str = "auto", seed: int = 0, pixel_views: int | None = None) -> VerifyReport:
+                 device: str = "auto", seed: int = 0, pixel_views: int | None = None,
+                 teacher_precision: str | None = None) -> VerifyReport:
     """Check the cache at `path` (see the module docstring). Returns a report whose `problems` is empty
     when every check holds. Raises UserError for a path that is not a cache or unusable options."""
     t0 = time.perf_counter()
@@ -93,7 +94,7 @@ def verify_cache(path: str, deep: int = 0, teacher: str | None = None, data: str
     if data:
         check_data(report, m, report.path, shards, data, pixel_views)
     if deep:
-        deep_check(report, m, report.path, data, deep, teacher, device, seed)
+        deep_check(report, m, report.path, data, deep, teacher, device, seed, teacher_precision)
     report.summary["seconds"] = time.perf_counter() - t0
     return report
 
@@ -155,10 +156,10 @@ def format_summary(report: VerifyReport) -> str:
                         if s.get("pixel_views_checked") else ""))
     if "deep" in s:
         d = s["deep"]
-        lines.append(f"deep     {d['views']} views replayed from {d['from']} on {d['device']} ({d['precision']}): rel "
-                     f"RMS {d['rel_rmse']:.2e} (worst view {d['worst_rel_rmse']:.2e}), RMS {d['rmse']:.2e}, max abs "
+        lines.append(f"deep     {d['views']} views replayed from {d['from']} on {d['device']} (teacher "
+                     f"{d['precision']}, extract's {d['extract_precision']}): rel RMS {d['rel_rmse']:.2e} (worst view {d['worst_rel_rmse']:.2e}), RMS {d['rmse']:.2e}, max abs "
                      f"{d['max_abs']:.2e}; tolerance {d['tolerance']:.1e} ({s['codec']}"
-                     f"{', bf16 compute allowed' if d['bf16_allowance'] else ''})")
+                     f"{', teacher compute allowed' if d['compute_allowance'] else ''})")
     lines.append(f"time     {s.get('seconds', 0.0):.2f} s")
     lines.append("OK: the cache is sound" if report.ok else f"FAILED: {len(report.problems)} problem(s)")
     return "\n".join(lines)

@@ -32,6 +32,7 @@ from g2sd_cache.cache.schema import SHARD_RECORD, TMP_MARK
 from g2sd_cache.specific.augment import AugmentRecipe
 from g2sd_cache.specific.mix import MixRecipe
 from g2sd_cache.specific.plan import SDPlan, SDRecipe, check_same_plan
+from g2sd_cache.training.precision import replay_precision
 from g2sd_cache.verify.files import VerifyReport
 from g2sd_cache.cache.zarr_layout import parse_layout
 
@@ -45,7 +46,7 @@ def recipe_from_description(recipe: dict) -> SDRecipe:
 
 
 def verify_logits(path: str, deep: int = 0, teacher: str | None = None, data: str | None = None,
-                  device: str = "auto", seed: int = 0) -> VerifyReport:
+                  device: str = "auto", seed: int = 0, teacher_precision: str | None = None) -> VerifyReport:
     """Check the logits cache at `path`; see the module docstring. Raises UserError when it cannot be read
     at all (no manifest); everything else becomes a problem line of the report."""
     t0 = time.perf_counter()
@@ -57,9 +58,10 @@ def verify_logits(path: str, deep: int = 0, teacher: str | None = None, data: st
     checked = _check_shards(report, cache)
     report.summary.update(checked, epochs=m.epochs, groups=m.groups_per_epoch, group_size=m.group_size, topk=m.topk,
                           num_classes=m.num_classes, samples=m.samples, bytes=m.bytes,
-                          bytes_per_sample=m.bytes_per_sample, teacher=m.teacher.get("source"))
+                          bytes_per_sample=m.bytes_per_sample, teacher=m.teacher.get("source"),
+                          teacher_precision=m.teacher_precision)
     if data is not None:
-        _check_plan(report, cache, data, deep, teacher, device, seed)
+        _check_plan(report, cache, data, deep, teacher, device, seed, teacher_precision)
     elif deep:
         raise UserError("--deep needs --data: the training image folder the logits cache was extracted from")
     report.summary["seconds"] = time.perf_counter() - t0
@@ -95,6 +97,11 @@ def _check_shards(report: VerifyReport, cache: LogitsCache) -> dict:
         for rel in sorted(set(disk) & set(entry["files"])):
             if disk[rel] != entry["files"][rel]:
                 report.add(name, f"file {rel} has {disk[rel]} bytes, the manifest says {entry['files'][rel]}")
+        try:
+            cache.check_shard(s)     # the record's digest in the manifest, every file's digest in the record
+        except CacheCorruptError as e:
+            report.add(name, str(e).split(" is corrupt: ")[-1].split(";")[0])
+            continue
         n = entry["groups"] * m.group_size
         for array, spec in specs.items():
             try:
@@ -130,8 +137,27 @@ def _check_values(report: VerifyReport, shard: str, array: str, epoch: int, rows
         report.add(shard, f"{where}: a class index outside 0..{classes - 1}")
 
 
+def _check_images(report: VerifyReport, cache: LogitsCache, plan: SDPlan) -> None:
+    """Every image the cache's groups read is still the same bytes (crc32c in the shard records)."""
+    from g2sd_cache.cache.digests import image_crc32c
+    source = plan.data.source
+    try:
+        recorded = cache.image_crc32c(len(plan.data))
+    except CacheCorruptError as e:
+        report.add("data", str(e))
+        return
+    changed = [source.keys[i] for i in np.flatnonzero(recorded >= 0)
+               if image_crc32c(source.read(source.keys[i])) != recorded[i]]
+    for key in changed[:5]:
+        report.add("data", f"image {key} changed since extract-logits read it (crc32c differs): its cached "
+                           f"predictions no longer describe it")
+    if len(changed) > 5:
+        report.add("data", f"... and {len(changed) - 5} more changed images")
+    report.summary["images_checked"] = int((recorded >= 0).sum())
+
+
 def _check_plan(report: VerifyReport, cache: LogitsCache, data: str, deep: int, teacher_spec: str | None,
-                device: str, seed: int) -> None:
+                device: str, seed: int, teacher_precision: str | None = None) -> None:
     from g2sd_cache.specific.extract_logits import teacher_predictions
     from g2sd_cache.specific.plan import open_plan
     m = cache.manifest
@@ -142,6 +168,7 @@ def _check_plan(report: VerifyReport, cache: LogitsCache, data: str, deep: int, 
         report.add("plan", str(e))
         return
     report.summary["plan"] = True
+    _check_images(report, cache, plan)
     if not deep:
         return
     spec = teacher_spec or m.teacher["source"]
@@ -150,6 +177,7 @@ def _check_plan(report: VerifyReport, cache: LogitsCache, data: str, deep: int, 
         raise UserError(f"--teacher {spec} is not the teacher that made the cache (sha256 {m.teacher['sha256'][:12]}...)")
     dev = resolve_device(device)
     teacher.to(dev)
+    precision = replay_precision(teacher_precision, m.teacher_precision, dev, auto="fp32")
     rng = np.random.default_rng(seed)
     picks = rng.choice(m.epochs * m.groups_per_epoch, size=min(deep, m.epochs * m.groups_per_epoch), replace=False)
     disagree = compared = 0
@@ -157,7 +185,7 @@ def _check_plan(report: VerifyReport, cache: LogitsCache, data: str, deep: int, 
     for pick in sorted(int(p) for p in picks):
         epoch, group = divmod(pick, m.groups_per_epoch)
         batch = plan.batch(epoch, group)
-        logits, _, _, argmax = teacher_predictions(teacher, batch.images.to(dev), m.topk)
+        logits, _, _, argmax = teacher_predictions(teacher, batch.images.to(dev), m.topk, precision)
         stored = cache.read(epoch, group)
         live = logits.cpu().gather(1, stored.indices)
         bad = (argmax.cpu() != stored.argmax).sum().item()
@@ -172,7 +200,8 @@ def _check_plan(report: VerifyReport, cache: LogitsCache, data: str, deep: int, 
             report.add("deep", f"epoch {epoch} group {group}: stored top-k logits differ from the live teacher by a "
                                f"relative {err:.2e} (> {FP16_REL:.1e}, fp16 rounding)")
     report.summary["deep"] = {"groups": len(picks), "samples": compared, "agreement": 1 - disagree / max(1, compared),
-                              "worst_rel_err": worst, "device": str(dev)}
+                              "worst_rel_err": worst, "device": str(dev), "precision": precision,
+                              "extract_precision": m.teacher_precision}
 
 
 def format_logits_summary(report: VerifyReport) -> str:
@@ -180,7 +209,7 @@ def format_logits_summary(report: VerifyReport) -> str:
     lines = [f"logits cache {report.path}",
              f"content  {s['samples']} samples = {s['epochs']} epoch(s) x {s['groups']} groups x {s['group_size']}, "
              f"top-{s['topk']} of {s['num_classes']} classes, {s['bytes_per_sample']:.1f} B/sample on disk",
-             f"teacher  {s['teacher']}",
+             f"teacher  {s['teacher']} (ran in {s['teacher_precision']})",
              f"checked  {s['files']} shard files, {s['chunks']} inner chunks: crc32c of every chunk and index; "
              f"values finite and descending, classes in range"]
     if s.get("plan"):

@@ -1,6 +1,7 @@
 """benchmarks/throughput.py stays runnable: `--quick` (micro presets) end to end in a subprocess, as a
 user runs it, and its JSON carries every figure the README quotes (stage 2's included: the finetune section)
 as a positive finite number."""
+import dataclasses
 import importlib.util
 import json
 import math
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from g2sd_cache.cache.codecs import CODECS
 
@@ -51,7 +53,7 @@ def test_throughput_quick_writes_every_figure(tmp_path):
     out, png = tmp_path / "throughput.json", tmp_path / "throughput.png"
     plot = ["--plot", str(png)] if importlib.util.find_spec("matplotlib") else []
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--json", str(out), *plot],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"benchmarks/throughput.py --quick failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     report = json.loads(out.read_text())
 
@@ -81,6 +83,9 @@ def test_throughput_quick_writes_every_figure(tmp_path):
     pairs = report["step"]["pairs"]
     assert pairs and pairs[0]["teacher"] == report["step"]["teacher"]
     assert pairs[0]["speedup"] == report["step"]["speedup"]
+    for row in pairs[0]["rounds"]:   # every cell timed over several steps, impossible timings listed
+        assert min(row["timed_steps"].values()) >= 3 and isinstance(row["below_lower_bound"], list), row
+    assert pairs[0]["below_lower_bound"] == [b for row in pairs[0]["rounds"] for b in row["below_lower_bound"]]
     for field in ("cpu_model", "usable_cores", "torch"):
         assert report["machine"][field], field
     for section in ("## 1. Step", "## 2. Data", "## 3. Loss", "## 4. Storage", "## 5. Extract", "## 6. Finetune",
@@ -108,3 +113,36 @@ def test_plot_without_matplotlib_says_how_to_get_it(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.strip().count("\n") == 0 and "pip install matplotlib" in proc.stderr
+
+
+def test_a_step_cell_times_until_its_mean_is_stable_and_flags_impossible_timings():
+    """time_cell keeps timing past its minimum while the step times scatter (here 10 / 30 ms alternating, then a
+    steady 20 ms), stops once the standard error of the mean is within stable_rel, and says so; a cell that never
+    settles stops at max_steps marked unstable. below_lower_bound flags an online step timed under the teacher
+    plus the student alone (17.4 ms against 21.9 + 5 ms) and leaves a plausible one alone."""
+    from g2sd_cache.benchmarks.common import profile_for
+    from g2sd_cache.benchmarks.sections.step import below_lower_bound, time_cell
+    prof = dataclasses.replace(profile_for(torch.device("cpu"), quick=True), steps=3, max_steps=40, stable_rel=0.035)
+    durations = iter([0.010, 0.030] * 3 + [0.020] * 100)
+    now = [0.0]
+
+    def clock():
+        return now[0]
+
+    def step():
+        now[0] += next(durations)
+    cell = time_cell(step, prof, torch.device("cpu"), clock=clock)
+    assert cell["stable"] and 3 < cell["timed_steps"] < 40 and cell["rel_sem"] <= 0.035, cell
+    assert cell["s_per_step"] == pytest.approx(0.020, rel=0.1)
+    noisy = iter([0.010, 0.030] * 100)
+    cell = time_cell(lambda: now.__setitem__(0, now[0] + next(noisy)), prof, torch.device("cpu"), clock=clock)
+    assert not cell["stable"] and cell["timed_steps"] == 40
+
+    def c(ms, rel=0.01):
+        return {"s_per_step": ms / 1e3, "rel_sem": rel}
+    got = {("online", "T", "S"): c(17.4), ("cached", "S"): c(22.0), ("teacher", "T"): c(5.0), ("student", "S"): c(21.9)}
+    flagged = below_lower_bound(got, "T", "S")
+    assert [f["cell"] for f in flagged] == ["online T S"]
+    assert flagged[0]["lower_bound_ms"] == pytest.approx(26.9)
+    got[("online", "T", "S")] = c(27.5)
+    assert below_lower_bound(got, "T", "S") == []

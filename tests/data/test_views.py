@@ -218,7 +218,7 @@ def test_normalize_equals_to_tensor_plus_normalize_bitwise():
     ours = normalize(pixels.unsqueeze(0))[0]
     # the official recipe on the PIL image: resized_crop, flip, ToTensor, Normalize
     pil = TF.hflip(TF.resized_crop(img, *crop, [224, 224], InterpolationMode.BICUBIC))
-    ref = T.Normalize(views.IMAGENET_MEAN, views.IMAGENET_STD)(T.ToTensor()(pil))
+    ref = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))(T.ToTensor()(pil))   # literal: not our constant
     assert ours.dtype == torch.float32
     assert torch.equal(ours, ref)
     # batched: each row equals its own normalisation, and the input is not modified
@@ -227,6 +227,18 @@ def test_normalize_equals_to_tensor_plus_normalize_bitwise():
     out = normalize(batch)
     assert torch.equal(batch, before)
     assert torch.equal(out[0], ref)
+
+
+def test_the_normalisation_constants_are_imagenets_in_rgb_order():
+    """Pinned to literal values (MAE / G2SD / timm IMAGENET_DEFAULT_*): a swapped channel would change every
+    target and every student input while every other test, using the constant as its reference, passes."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    assert views.IMAGENET_MEAN == (0.485, 0.456, 0.406) == tuple(IMAGENET_DEFAULT_MEAN)
+    assert views.IMAGENET_STD == (0.229, 0.224, 0.225) == tuple(IMAGENET_DEFAULT_STD)
+    # what normalize does with them: a mid-grey pixel, per channel (x / 255 - mean) / std
+    grey = torch.full((1, 3, 2, 2), 128, dtype=torch.uint8)
+    want = [(128 / 255 - m) / s for m, s in ((0.485, 0.229), (0.456, 0.224), (0.406, 0.225))]
+    assert normalize(grey)[0, :, 0, 0].tolist() == pytest.approx(want, rel=1e-6)
 
 
 def test_decode_image_converts_to_rgb_and_reads_bytes_and_paths(tmp_path):

@@ -34,7 +34,7 @@ from tests.common.faults import assert_complete_shards_sound, chunk_span, copy_c
 # ----------------------------------------------------------------------------------------------
 # 2. a flipped byte
 
-@pytest.mark.parametrize("array,where", [("target", "chunk"), ("mask", "chunk"), ("key", "chunk"),
+@pytest.mark.parametrize("array,where", [("target", "chunk"), ("mask", "chunk"), ("key", "chunk"), ("pixels", "chunk"),
                                          ("source_index", "index"), ("target", "index")])
 def test_flipped_byte_is_named_by_verify_and_reader(micro_cache, tmp_path, array, where):
     """Nothing silently wrong is read (verify and reader): one byte flipped inside an inner chunk or a shard index: verify names the

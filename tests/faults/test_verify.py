@@ -79,7 +79,7 @@ def test_verify_deep_passes_for_every_codec(image_folder, tmp_path, codec):
     report = verify_cache(str(out), deep=8, data=str(image_folder), device="cpu")
     assert report.ok, report.problems
     deep = report.summary["deep"]
-    assert not deep["bf16_allowance"] and deep["worst_rel_rmse"] * 2 < deep["tolerance"], deep
+    assert deep["compute_allowance"] == 0 and deep["precision"] == "fp32" and deep["worst_rel_rmse"] * 2 < deep["tolerance"], deep
 
 
 def test_verify_reports_nonfinite_targets(micro_cache, tmp_path):

@@ -516,3 +516,35 @@ def test_inspect_prints_bytes_per_view_and_every_codecs_error(micro_cache, capsy
     assert r["stored_error"]["fp16"]["rel_rmse"] == 0.0  # fp16-stored values re-encode to fp16 exactly
     assert cli_main(["inspect", str(micro_cache), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["views"] == 24
+
+
+def test_the_teacher_precision_is_chosen_recorded_shown_and_applied(image_folder, tmp_path, capsys):
+    """--teacher-precision: auto is fp16 on CUDA (G2SD's stage-1 teacher runs under torch.cuda.amp.autocast) and
+    fp32 on CPU; fp16 on CPU is refused in one line. A bf16 extract records bf16-autocast in the manifest,
+    inspect shows it, its targets really come from bf16 arithmetic (they differ from the fp32 cache's by more
+    than fp16 rounding yet by less than bf16's coarse bound), and verify --deep replays it in bf16 and passes."""
+    from g2sd_cache.training.precision import resolve_teacher_precision
+    from g2sd_cache.verify.cache import verify_cache
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert (resolve_teacher_precision("auto", cuda), resolve_teacher_precision("auto", cpu)) == ("fp16", "fp32")
+    assert resolve_teacher_precision("auto", cuda, auto="fp32") == "fp32"
+    with pytest.raises(UserError, match="fp16 needs CUDA"):
+        resolve_teacher_precision("fp16", cpu)
+    with pytest.raises(UserError, match="fp16 needs CUDA"):
+        run_extract(micro_extract_config(image_folder, tmp_path / "h", teacher_precision="fp16"))
+    caches = {}
+    for p in ("auto", "bf16"):
+        caches[p] = tmp_path / p
+        run_extract(micro_extract_config(image_folder, caches[p], teacher_precision=p))
+    recorded = {p: json.loads((c / MANIFEST).read_text())["teacher_precision"] for p, c in caches.items()}
+    assert recorded == {"auto": "fp32", "bf16": "bf16-autocast"}
+    a, b = open_cache(str(caches["auto"])), open_cache(str(caches["bf16"]))
+    ta = torch.stack([a[i].target.float() for i in range(len(a))])
+    tb = torch.stack([b[i].target.float() for i in range(len(b))])
+    rel = float((ta - tb).norm() / ta.norm())
+    assert 2e-3 < rel < 5e-2, rel
+    assert cli_main(["inspect", str(caches["bf16"])]) == 0
+    assert "ran in bf16-autocast" in capsys.readouterr().out
+    report = verify_cache(str(caches["bf16"]), deep=4, device="cpu")
+    assert report.ok, report.problems
+    assert report.summary["deep"]["precision"] == "bf16" and report.summary["deep"]["compute_allowance"] > 0

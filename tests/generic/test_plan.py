@@ -68,3 +68,28 @@ def test_the_global_batches_do_not_depend_on_the_world_size_and_resume_at_any_po
 def test_a_global_batch_that_is_not_a_multiple_of_the_world_size_is_refused():
     with pytest.raises(ValueError, match="multiple"):
         rank_positions(10, start=0, global_batch=5, rank=0, world=2)
+
+
+def test_the_window_permutation_changes_with_the_epoch_on_its_own():
+    """One block and one window: the block shuffle cannot move anything, so any change between epochs comes
+    from the window permutation; it must depend on the epoch (and the seed), or the order repeats."""
+    orders = [_pairs(epoch_order([40], seed=1, epoch=e, block=40, window=40)) for e in range(4)]
+    assert all(sorted(o) == [(0, r) for r in range(40)] for o in orders)
+    assert len({tuple(o) for o in orders}) == 4
+    assert _pairs(epoch_order([40], seed=2, epoch=0, block=40, window=40)) != orders[0]
+
+
+def test_the_epoch_order_matches_an_independent_reference():
+    """The documented recipe written out here: blocks shuffled by Philox(seed, epoch, 0x626C6B), then each
+    window j's rows permuted by Philox(seed, epoch, j, 0x77696E)."""
+    sizes, seed, block, window = [10, 7], 3, 4, 6
+    for epoch in (0, 1, 5):
+        blocks = [(u, s, min(n, s + block)) for u, n in enumerate(sizes) for s in range(0, n, block)]
+        rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, epoch, 0x626C6B])))
+        rows = [(u, r) for i in rng.permutation(len(blocks)) for u, a, z in [blocks[i]] for r in range(a, z)]
+        want = []
+        for j, a in enumerate(range(0, len(rows), window)):
+            chunk = rows[a:a + window]
+            wrng = np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, epoch, j, 0x77696E])))
+            want += [chunk[k] for k in wrng.permutation(len(chunk))]
+        assert _pairs(epoch_order(sizes, seed=seed, epoch=epoch, block=block, window=window)) == want

@@ -76,3 +76,66 @@ def test_the_background_reader_keeps_order_and_re_raises_in_the_consumer():
     assert next(got) == 1
     with pytest.raises(ValueError, match="disk gone"):
         next(got)
+
+
+def _next_within(it, seconds: float):
+    """next(it) on a helper thread: (value or exception, finished in time)."""
+    import threading
+    out = {}
+
+    def run():
+        try:
+            out["value"] = next(it)
+        except BaseException as e:   # noqa: BLE001 - handed back to the test
+            out["error"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    return out, not t.is_alive()
+
+
+def test_an_error_while_setting_up_the_reader_reaches_the_consumer_instead_of_a_hang():
+    def make():
+        raise OSError("cannot build the reader")
+    out, finished = _next_within(_background(make, depth=2), 10)
+    assert finished, "the consumer is still blocked 10 s after the reader's set-up failed"
+    assert isinstance(out.get("error"), OSError) and "cannot build the reader" in str(out["error"])
+
+
+def test_a_producer_that_dies_without_its_last_item_does_not_block_the_consumer(monkeypatch):
+    import queue as queue_module
+
+    class Lossy(queue_module.Queue):
+        """Drops everything after the first item, as a producer killed mid-way would."""
+        def put(self, item, block=True, timeout=None):
+            self.seen = getattr(self, "seen", 0) + 1
+            if self.seen == 1:
+                super().put(item, block, timeout)
+
+    monkeypatch.setattr("g2sd_cache.generic.stream.queue.Queue", Lossy)
+    got = _background(lambda: iter(range(3)), depth=2)
+    assert next(got) == 0
+    out, finished = _next_within(got, 10)
+    assert finished and isinstance(out.get("error"), RuntimeError), out
+
+
+def test_an_unreadable_row_comes_back_invalid_zeroed_and_named(micro_cache, tmp_path):
+    """A flipped byte in the targets of view 0, rows 2..3 of shard-00001: those two rows of a batch come back
+    valid=False, zeroed, with the stand-in mask and index -1, each with an error naming the shard; the other
+    rows of the batch are read as usual (the loss then ignores the two by their weight, not by luck)."""
+    from tests.common.faults import chunk_span, copy_cache, flip_byte, shard_file
+    c = copy_cache(micro_cache, tmp_path / "c")
+    path = shard_file(c, "shard-00001", "target", view=0)
+    off, _ = chunk_span(path, c / "shard-00001" / "target", 1)
+    flip_byte(path, off + 7)
+    spec = _spec(c, keys=True)
+    bad = [p for p in range(len(spec.order)) if spec.order.unit[p] == 1 and spec.order.row[p] in (2, 3)]
+    good = [p for p in range(len(spec.order)) if spec.order.unit[p] == 0][:2]
+    pos = np.array([good[0], *bad, good[1]])
+    (batch,) = list(read_cached(spec, pin=False)(iter([pos])))
+    assert batch.valid.tolist() == [True, False, False, True]
+    for i in (1, 2):
+        assert not batch.patches[i].any() and not batch.codes[i].float().any() and batch.index[i] == -1
+        assert batch.mask[i].tolist() == stand_in_mask(spec.geometry).tolist()
+    assert len(batch.errors) == 2 and all("shard-00001" in e for e in batch.errors), batch.errors
+    assert batch.codes[0].float().abs().sum() > 0 and batch.codes[3].float().abs().sum() > 0

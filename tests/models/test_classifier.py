@@ -292,3 +292,54 @@ def test_layer_decay_groups_follow_g2sd_rules(distilled):
     assert got["blocks.0.attn.qkv.weight"] == pytest.approx((0.75 ** 2, 0.05))
     if distilled:
         assert got["dist_token"] == (1.0, 0.0) and got["norm.weight"] == (1.0, 0.0)
+
+
+def test_the_optimizer_step_uses_each_groups_layer_decay_scale():
+    """After one step of the trainer's optimizer_step, every group's lr is lr x 0.75 ** (depth + 1 - layer)
+    (from the official rules above), and the weights moved by it: AdamW's first step moves a parameter
+    without weight decay by lr x scale per element (m / sqrt(v) = sign of the gradient)."""
+    from g2sd_cache.common.dist import DistEnv
+    from g2sd_cache.training.trainer import Trainer
+    student = build_student(MICRO, num_classes=5, img_size=32, distilled=True)
+    _randomise(student)
+    trainer = Trainer(student, layer_decay_groups(student, weight_decay=0.05, layer_decay=0.75),
+                      DistEnv(0, 1, 0, torch.device("cpu")), "fp32", None)
+    optimizer = trainer.optimizer
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    cls, dist = student(torch.randn(2, 3, 32, 32))
+    (cls.square().mean() + dist.square().mean()).backward()
+    trainer.optimizer_step(1e-3)
+    want = official_layer_decay(student, 0.05, 0.75, {"cls_token", "pos_embed", "dist_token"})
+    names = {id(p): n for n, p in student.named_parameters()}
+    depth = len(student.blocks)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            assert group["lr"] == pytest.approx(1e-3 * want[names[id(p)]][0]), names[id(p)]
+    for name, layer in (("blocks.0.norm1.bias", 1), (f"blocks.{depth - 1}.mlp.fc2.bias", depth), ("head.bias", depth + 1)):
+        moved = (dict(student.named_parameters())[name].detach() - before[name]).abs()
+        assert moved.max().item() == pytest.approx(1e-3 * 0.75 ** (depth + 1 - layer), rel=1e-3), name
+
+
+def test_the_stage2_step_applies_layer_decay_to_every_group():
+    """FineTuner.step (what finetune runs) leaves every group at lr x 0.75 ** (depth + 1 - layer) and moves a
+    no-decay parameter of block 0 by that lr (AdamW's first step: lr x sign of the gradient)."""
+    from g2sd_cache.common.dist import DistEnv
+    from g2sd_cache.specific.config import FinetuneConfig
+    from g2sd_cache.specific.plan import MixedGroup
+    from g2sd_cache.specific.step import FineTuner
+    cfg = FinetuneConfig(data="d", out="o", init="i", arch=MICRO, img_size=32, group_size=4, device="cpu")
+    tuner = FineTuner(cfg, 5, None, DistEnv(0, 1, 0, torch.device("cpu")), load_init=False)
+    _randomise(tuner.student)
+    before = tuner.student.blocks[0].norm1.bias.detach().clone()
+    g = torch.Generator().manual_seed(0)
+    group = MixedGroup(0, 0, torch.randn(4, 3, 32, 32, generator=g), torch.softmax(torch.randn(4, 5, generator=g), 1),
+                       torch.arange(4), torch.arange(4), None)
+    tuner.step([group], [None], lr=1e-3)
+    want = official_layer_decay(tuner.student, 0.05, 0.75, set(tuner.student.no_weight_decay()))
+    names = {id(p): n for n, p in tuner.student.named_parameters()}
+    for pg in tuner.optimizer.param_groups:
+        for p in pg["params"]:
+            assert pg["lr"] == pytest.approx(1e-3 * want[names[id(p)]][0]), names[id(p)]
+    depth = len(tuner.student.blocks)
+    moved = (tuner.student.blocks[0].norm1.bias.detach() - before).abs().max().item()
+    assert moved == pytest.approx(1e-3 * 0.75 ** depth, rel=1e-3)

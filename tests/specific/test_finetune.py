@@ -17,13 +17,13 @@ from g2sd_cache.models.classifier import build_student, build_teacher, timm_dist
 from g2sd_cache.cli.finetune import finetune_config
 from g2sd_cache.cli.main import main as cli_main, parse
 from g2sd_cache.common.config import config_from_args
-from g2sd_cache.common.errors import UserError
+from g2sd_cache.common.errors import CacheCorruptError, UserError
 from g2sd_cache.specific.evaluate import evaluate
 from g2sd_cache.cli.export import export_run
 from g2sd_cache.specific.extract_logits import run_extract_logits
 from g2sd_cache.specific.finetune import finetune
 from g2sd_cache.specific.finetuned import read_finetuned
-from g2sd_cache.cache.logits import logits_specs, open_logits
+from g2sd_cache.cache.logits import index_dtype, logits_specs, open_logits
 from g2sd_cache.models.mae import build_student as build_stage1_student
 from g2sd_cache.specific.config import FinetuneConfig, LogitsConfig
 from g2sd_cache.verify.logits import verify_logits
@@ -77,7 +77,7 @@ def test_cached_logits_train_exactly_as_the_live_teacher(image_folder, stage1_ex
     same losses at every step and the same weights, and replay finds the stored argmax equal to the live one."""
     kw = dict(logits=str(logits_cache))
     cached = run_finetune(tmp_path / "cached", image_folder, stage1_export, **kw)
-    replay = run_finetune(tmp_path / "replay", image_folder, stage1_export, teacher=TEACHER, **kw)
+    replay = run_finetune(tmp_path / "replay", image_folder, stage1_export, teacher=TEACHER, replay=True, **kw)
     # online sees the plan's own epochs; with 2 epochs and K = 2 those are the cached ones
     online = run_finetune(tmp_path / "online", image_folder, stage1_export, teacher=TEACHER)
     assert [m["step"] for m in cached] == list(range(1, 7)) and all(math.isfinite(m["loss"]) for m in cached)
@@ -236,6 +236,92 @@ def test_logits_cache_layout_bytes_and_resume(image_folder, tmp_path):
         run_extract_logits(logits_config(image_folder, out, topk=2, shard_groups=3))
 
 
+@pytest.mark.parametrize("classes,labels", [(40000, [0, 32767, 32768, 39999]), (65536, [65535, 32768, 1, 2]),
+                                            (70000, [65535, 65536, 69999, 7])])
+def test_class_indices_of_large_label_spaces_round_trip_through_the_cache(tmp_path, classes, labels):
+    """Written by the shard writer and read back by LogitsCache, class indices >= 32,768 (an int16 would make
+    32,768 into -32,768) and at the uint16 boundary come back as written; above 65,536 classes, int32."""
+    from g2sd_cache.cache.logits import LOGITS_FORMAT, LOGITS_FORMAT_VERSION, LogitsCache, LogitsManifest, LogitsShardRecord
+    from g2sd_cache.cache.digests import record_digest
+    from g2sd_cache.cache.writer import ShardData, write_shard
+    assert (index_dtype(65536), index_dtype(65537)) == ("uint16", "int32")
+    specs = logits_specs(1, classes)
+    arrays = {"values": np.full((1, 4, 1), 3.5, np.float16),
+              "indices": np.asarray(labels, np.int64).reshape(1, 4, 1).astype(specs["indices"].dtype),
+              "argmax": np.asarray(labels[::-1], np.int64).reshape(1, 4).astype(specs["argmax"].dtype)}
+    record = LogitsShardRecord(index=0, first_group=0, groups=1, group_size=4, epochs=1)
+    write_shard(tmp_path, ShardData(record, arrays), chunk_views=4)
+    (tmp_path / "manifest.json").write_text(LogitsManifest(
+        format=LOGITS_FORMAT, format_version=LOGITS_FORMAT_VERSION, teacher={}, teacher_precision="fp32", plan={},
+        epochs=1, groups_per_epoch=1, group_size=4, topk=1, num_classes=classes, shard_groups=1,
+        shards=[{"name": "shard-00000", "first_group": 0, "groups": 1, "files": record.files,
+                 "record": record_digest((tmp_path / "shard-00000" / "shard.json").read_bytes())}], samples=4, bytes=0,
+        created="").to_json())
+    got = LogitsCache(tmp_path).read(0, 0)
+    assert got.indices[:, 0].tolist() == labels and got.argmax.tolist() == labels[::-1]
+
+
+def test_extract_logits_runs_the_teacher_in_its_own_precision_and_records_it(image_folder, logits_cache, tmp_path):
+    """Default fp32 (G2SD's stage-2 teacher runs outside autocast); --teacher-precision bf16 really runs it under
+    bf16 autocast (stored logits move by more than fp16 rounding), the manifest records it, verify shows it."""
+    assert open_logits(logits_cache).manifest.teacher_precision == "fp32"
+    out = tmp_path / "bf16"
+    run_extract_logits(logits_config(image_folder, out, teacher_precision="bf16"))
+    a, b = open_logits(logits_cache), open_logits(out)
+    assert b.manifest.teacher_precision == "bf16-autocast"
+    va = torch.cat([a.read(e, g).values for e in range(2) for g in range(3)])
+    vb = torch.cat([b.read(e, g).values for e in range(2) for g in range(3)])
+    assert float((va - vb).abs().max()) > 4 * float(va.abs().max()) * 2 ** -11   # 8x fp16 rounding
+    report = verify_logits(str(out), deep=2, data=str(image_folder), device="cpu")
+    assert report.ok, report.problems
+    assert report.summary["teacher_precision"] == "bf16-autocast" and report.summary["deep"]["precision"] == "bf16"
+    with pytest.raises(UserError, match="fp16 needs CUDA"):
+        run_extract_logits(logits_config(image_folder, tmp_path / "h", teacher_precision="fp16"))
+
+
+def test_logits_cache_files_are_bound_to_their_place(image_folder, logits_cache, tmp_path):
+    """Two same-size files of one shard swapped (epoch 0's and epoch 1's values: every crc32c still holds) are
+    refused when read and named by verify: shard.json records each file's digest, the manifest each record's."""
+    import shutil
+    c = tmp_path / "lc"
+    shutil.copytree(logits_cache, c)
+    a, b = c / "shard-00000" / "values" / "c" / "0" / "0" / "0", c / "shard-00000" / "values" / "c" / "1" / "0" / "0"
+    assert a.stat().st_size == b.stat().st_size
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+    with pytest.raises(CacheCorruptError, match="shard-00000.*values/c/0/0/0 is not the one its record describes"):
+        open_logits(c).read(0, 0)
+    open_logits(c).read(0, 2)       # shard-00001 is intact
+    problems = verify_logits(str(c)).problems
+    assert any("shard-00000" in p and "values/c/0/0/0" in p for p in problems), problems
+    # a shard.json from another shard no longer matches the manifest's digest of it
+    rec = c / "shard-00001" / "shard.json"
+    rec.write_text(rec.read_text().replace('"groups": 1', '"groups":  1'))
+    with pytest.raises(CacheCorruptError, match="shard-00001.*shard.json is not the one the manifest records"):
+        open_logits(c).read(0, 2)
+
+
+def test_an_image_replaced_by_same_size_bytes_is_refused_by_cached_finetune_and_verify(
+        image_folder, stage1_export, logits_cache, tmp_path):
+    """The listing ties images by name and size only: an image whose bytes changed (same size) would train on
+    the stored predictions of another picture. The logits cache records each image's crc32c: finetune stops
+    in one line naming it, verify --data names it."""
+    import shutil
+    from g2sd_cache.cache.digests import SourceChangedError
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    victim = sorted(data.rglob("*.jpg"))[5]
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    victim.write_bytes(bytes(raw))
+    with pytest.raises(SourceChangedError, match=victim.name):
+        run_finetune(tmp_path / "r", data, stage1_export, logits=str(logits_cache), epochs=1)
+    problems = verify_logits(str(logits_cache), data=str(data)).problems
+    assert any(victim.name in p and "changed" in p for p in problems), problems
+    assert verify_logits(str(logits_cache), data=str(image_folder)).ok
+
+
 def test_verify_checks_a_logits_cache(image_folder, tmp_path, capsys):
     out = tmp_path / "lc"
     run_extract_logits(logits_config(image_folder, out))
@@ -286,7 +372,9 @@ def test_bad_input_is_one_line(image_folder, stage1_export, logits_cache, tmp_pa
         ["finetune", "--data", str(image_folder), "--init", str(tmp_path), "--out", str(tmp_path / "f"), *common], capsys)
     # a teacher replaying a cache it did not make
     assert "not the teacher that made" in _one_line_error(
-        [*ft, "--out", str(tmp_path / "g"), "--logits", str(logits_cache), "--teacher", "random:7"], capsys)
+        [*ft, "--out", str(tmp_path / "g"), "--logits", str(logits_cache), "--teacher", "random:7", "--replay"], capsys)
+    assert "--replay runs the live teacher" in _one_line_error(
+        [*ft, "--out", str(tmp_path / "g"), "--logits", str(logits_cache), "--replay"], capsys)
     # a validation folder with a class the training data lacks
     val = tmp_path / "val"
     (val / "zebra").mkdir(parents=True)
@@ -302,6 +390,24 @@ def test_bad_input_is_one_line(image_folder, stage1_export, logits_cache, tmp_pa
     assert "optimizer 'sgd' is not supported" in _one_line_error([*ft, "--out", str(tmp_path / "j"), "--config", str(cfg)],
                                                                  capsys)
     assert not any((tmp_path / name / "checkpoint.pt").exists() for name in "abcdefghij")
+
+
+def test_logits_with_a_teacher_named_by_the_config_trains_from_the_cache_and_says_so(image_folder, stage1_export,
+                                                                                        logits_cache, tmp_path, capsys):
+    """The README's command: the recipe config names a teacher file and the flags add --logits. That is cached
+    mode (the teacher is neither loaded nor run, so the file need not exist), printed as the run's first line;
+    replay needs --replay."""
+    given = ["--config", str(ROOT / "configs" / "finetune_vit_small.yaml"), "--data", "d", "--out", "o", "--init", "i"]
+    cfg = finetune_config(parse(["finetune", *given, "--logits", "L"]))
+    assert cfg.teacher == "mae_finetuned_vit_base.pth" and cfg.mode == "cached"
+    assert finetune_config(parse(["finetune", *given, "--logits", "L", "--replay"])).mode == "replay"
+    assert dataclasses.replace(cfg, replay=True).mode == "replay"
+    capsys.readouterr()
+    got = run_finetune(tmp_path / "r", image_folder, stage1_export, logits=str(logits_cache),
+                       teacher=str(tmp_path / "no-such-teacher.pth"), epochs=1)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("mode: cached") and "no teacher forward" in out[0] and "--replay" in out[0]
+    assert got and all("replay_argmax_agreement" not in m for m in got)
 
 
 def test_the_recipe_config_is_accepted_and_gives_the_defaults():
