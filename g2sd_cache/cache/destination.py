@@ -23,25 +23,27 @@ import yaml
 
 from g2sd_cache.cache.digests import fsspec_reader, shard_digests
 from g2sd_cache.cache.lease import LeaseLock
-from g2sd_cache.cache.ownership import FolderLock, TOOL, claim_cache_folder, is_our_temporary, _now, _version
+from g2sd_cache.cache.ownership import (CACHE_KINDS, FolderLock, TOOL, claim_cache_folder, is_our_temporary, _now,
+                                        _version)
 from g2sd_cache.cache.remote import is_remote, url_fs, with_retries
-from g2sd_cache.cache.schema import (CACHE_MARKER, CONFIG, FORMAT_VERSION, LOCK_FILE, MANIFEST, SHARD_PREFIX, SHARD_RECORD,
+from g2sd_cache.cache.schema import (BASIS_FILE, CALIBRATION_FILE, CACHE_MARKER, CONFIG, FORMAT_VERSION, LOCK_FILE, MANIFEST, SHARD_PREFIX, SHARD_RECORD,
                                      TMP_MARK, shard_name)
 from g2sd_cache.common.config import read_yaml
 from g2sd_cache.common.errors import UserError
-from g2sd_cache.common.fsutil import write_text_atomic
+from g2sd_cache.common.fsutil import write_bytes_atomic, write_text_atomic
 
 
 class LocalDestination:
     """A cache folder on a local or mounted disk: shards are published by rename (cache/writer.py)."""
 
-    def __init__(self, out: str):
+    def __init__(self, out: str, kind: str = "targets"):
         self.out = Path(out)
         self.staging = self.out
+        self.kind = kind
         self.lock: FolderLock | None = None
 
     def claim(self, overwrite: bool) -> None:
-        self.lock = claim_cache_folder(self.out, overwrite)
+        self.lock = claim_cache_folder(self.out, overwrite, kind=self.kind)
 
     def read_config(self) -> dict | None:
         path = self.out / CONFIG
@@ -49,6 +51,13 @@ class LocalDestination:
 
     def write_text(self, rel: str, text: str) -> None:
         write_text_atomic(self.out / rel, text)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        write_bytes_atomic(self.out / rel, data)
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        path = self.out / rel
+        return path.read_bytes() if path.is_file() else None
 
     def read_record(self, index: int) -> bytes | None:
         path = self.out / shard_name(index) / SHARD_RECORD
@@ -77,8 +86,9 @@ class LocalDestination:
 class UrlDestination:
     """A cache at an fsspec URL (s3://, gs://, memory://, ...)."""
 
-    def __init__(self, url: str, staging: str | None, lease_s: float = 120.0):
+    def __init__(self, url: str, staging: str | None, lease_s: float = 120.0, kind: str = "targets"):
         self.url = url.rstrip("/")
+        self.kind = kind
         self.fs, self.path = url_fs(self.url)
         self.path = self.path.rstrip("/")
         self.lease_s = lease_s
@@ -102,7 +112,14 @@ class UrlDestination:
             return None
 
     def write_text(self, rel: str, text: str) -> None:
-        with_retries(lambda: self.fs.pipe_file(self._p(rel), text.encode()), f"{self.url}/{rel}")
+        self.write_bytes(rel, text.encode())
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """One PUT: an object store never shows a partly written object under its name."""
+        with_retries(lambda: self.fs.pipe_file(self._p(rel), data), f"{self.url}/{rel}")
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        return self._cat(rel)
 
     def read_config(self) -> dict | None:
         raw = self._cat(CONFIG)
@@ -125,13 +142,21 @@ class UrlDestination:
         names = [p.rstrip("/").rsplit("/", 1)[-1] for p in listed]
         return sorted(n for n in names if n)
 
-    def _is_cache(self) -> bool:
+    def _marker(self) -> dict | None:
         raw = self._cat(CACHE_MARKER)
         try:
             data = json.loads(raw) if raw is not None else None
         except ValueError:
-            return False
-        return isinstance(data, dict) and data.get("tool") == TOOL and data.get("what") == "cache"
+            return None
+        return data if isinstance(data, dict) and data.get("tool") == TOOL and data.get("what") == "cache" else None
+
+    def _is_cache(self) -> bool:
+        return self._marker() is not None
+
+    def _kind(self) -> str:
+        """The kind of cache the marker names (markers written before kinds were recorded: a target cache's)."""
+        kind = (self._marker() or {}).get("kind")
+        return kind if kind in CACHE_KINDS else "targets"
 
     def _objects(self, prefix: str) -> dict[str, int]:
         """Every object under `prefix` (relative to it) -> size."""
@@ -144,7 +169,7 @@ class UrlDestination:
                 if p.startswith(base) and info.get("type") != "directory"}
 
     def _ours(self, name: str) -> bool:
-        if name in (CACHE_MARKER, LOCK_FILE, CONFIG, MANIFEST) or TMP_MARK in name:
+        if name in (CACHE_MARKER, LOCK_FILE, CONFIG, MANIFEST, BASIS_FILE, CALIBRATION_FILE) or TMP_MARK in name:
             return True
         if not name.startswith(SHARD_PREFIX):
             return False
@@ -164,8 +189,14 @@ class UrlDestination:
                     else f"not ours (it holds {', '.join(entries[:4])}{' ...' if len(entries) > 4 else ''})")
             raise UserError(f"--out {self.url} is not a g2sd-cache cache (no {CACHE_MARKER} marker): it is {what}; "
                             f"nothing was changed. Choose a new or empty location")
-        self.lease = LeaseLock(self.fs, self._p(LOCK_FILE), self.url, "extract", self.lease_s)
+        command = CACHE_KINDS[self.kind]
+        self.lease = LeaseLock(self.fs, self._p(LOCK_FILE), self.url, command, self.lease_s)
         try:
+            found = self._kind() if entries else None
+            if found is not None and found != self.kind:
+                raise UserError(f"--out {self.url} is a {found} cache (written by `g2sd-cache {CACHE_KINDS[found]}`); "
+                                f"{command} writes a {self.kind} cache and replaces only its own kind"
+                                f"{' (even with --overwrite)' if overwrite else ''}: nothing was changed. Choose another --out")
             if entries and overwrite:
                 foreign = [e for e in entries if not self._ours(e)]
                 if foreign:
@@ -177,7 +208,7 @@ class UrlDestination:
                         with_retries(lambda: self.fs.rm(self._p(name), recursive=True), f"{self.url}/{name}")
             if not self._is_cache():
                 marker = {"what": "cache", "tool": TOOL, "version": _version(), "format_version": FORMAT_VERSION,
-                          "created": _now()}
+                          "kind": self.kind, "created": _now()}
                 self.write_text(CACHE_MARKER, json.dumps(marker, indent=1) + "\n")
         except BaseException:
             self.release()
@@ -250,5 +281,6 @@ class UrlDestination:
             self.lease = None
 
 
-def open_destination(out: str, staging: str | None = None, lease_s: float = 120.0):
-    return UrlDestination(out, staging, lease_s) if is_remote(out) else LocalDestination(out)
+def open_destination(out: str, staging: str | None = None, lease_s: float = 120.0, kind: str = "targets"):
+    """Where a cache of `kind` ("targets": extract, "logits": extract-logits) is written."""
+    return UrlDestination(out, staging, lease_s, kind) if is_remote(out) else LocalDestination(out, kind)

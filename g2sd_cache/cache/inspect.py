@@ -111,7 +111,12 @@ def inspect_logits_report(path: str) -> dict:
     """Figures of a stage-2 logits cache (`g2sd-cache extract-logits`): teacher, plan, epochs, size; read from its
     manifest alone (no chunk is opened; `verify` checks them)."""
     from g2sd_cache.cache.logits import LogitsCache
-    m = LogitsCache(path).manifest
+    from g2sd_cache.cache.remote import is_remote
+    if is_remote(str(path)):
+        from g2sd_cache.cache.logits_remote import read_manifest
+        m = read_manifest(str(path))[1]
+    else:
+        m = LogitsCache(path).manifest
     plan = m.plan
     return {"kind": "logits", "format": m.format, "format_version": m.format_version, "teacher": m.teacher,
             "teacher_precision": m.teacher_precision, "epochs": m.epochs, "groups_per_epoch": m.groups_per_epoch,

@@ -134,11 +134,14 @@ class LogitsManifest:
 
 
 def is_logits_cache(path: str | Path) -> bool:
-    """Whether `path` holds a logits cache (finished or not): its config or manifest says so."""
+    """Whether `path` (a folder or an fsspec URL) holds a logits cache (finished or not): its config or manifest
+    says so."""
+    from g2sd_cache.cache.remote import is_remote, url_fs
+    fs, root = url_fs(str(path)) if is_remote(str(path)) else (None, None)
     p = Path(path)
     for name in (MANIFEST, CONFIG):
         try:
-            head = (p / name).read_text()[:4096]
+            head = (fs.cat_file(f"{root.rstrip('/')}/{name}").decode() if fs else (p / name).read_text())[:4096]
         except (OSError, UnicodeDecodeError):
             continue
         if f'"format": "{LOGITS_FORMAT}"' in head or f"format: {LOGITS_FORMAT}" in head:
@@ -163,11 +166,12 @@ class LogitsCache(ShardReader):
 
     OPEN_FILES = 96
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, shown: str | None = None):
         self.root = Path(root)
+        self.shown = shown or str(root)    # the name in messages: the URL of a cache read through a local copy
         if "://" in str(root):
-            raise UserError(f"--logits {root}: a logits cache is read from a local or mounted path (it is small: "
-                            f"copy it next to the job)")
+            raise UserError(f"{root}: a logits cache at a URL is opened with open_logits(url, local_folder), "
+                            f"which reads it through a node-local copy")
         if not (self.root / MANIFEST).is_file():
             if (self.root / CONFIG).is_file() and is_logits_cache(self.root):
                 raise UserError(f"logits cache {root} is incomplete: extract-logits has not finished (no {MANIFEST}); "
@@ -254,12 +258,22 @@ class LogitsCache(ShardReader):
             rows = {name: np.array(self.shard_file(shard, epoch, name).rows(start, start + m.group_size))
                     for name in ("values", "indices", "argmax")}
         except CacheCorruptError as e:
-            raise e.in_logits_cache(str(self.root)) from None
+            raise e.in_logits_cache(self.shown) from None
         return TeacherPredictions(values=torch.from_numpy(rows["values"].astype(np.float32)),
                                   indices=torch.from_numpy(rows["indices"].astype(np.int64)),
                                   argmax=torch.from_numpy(rows["argmax"].astype(np.int64)))
 
 
-def open_logits(path: str | Path) -> LogitsCache:
-    """Open a finished logits cache for reading."""
+def open_logits(path: str | Path, local_cache: str | None = None) -> LogitsCache:
+    """Open a finished logits cache for reading: a folder, or an fsspec URL read through a node-local copy under
+    `local_cache` (default: the per-user folder train uses; cache/logits_remote.py)."""
+    from g2sd_cache.cache.remote import is_remote
+    if is_remote(str(path)):
+        from g2sd_cache.cache.local_mirror import default_folder
+        from g2sd_cache.cache.logits_remote import local_copy
+        try:
+            local = local_copy(str(path), local_cache or default_folder())
+        except CacheCorruptError as e:
+            raise e.in_logits_cache(str(path)) from None
+        return LogitsCache(local, shown=str(path))
     return LogitsCache(path)

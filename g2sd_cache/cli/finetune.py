@@ -63,7 +63,11 @@ def add_finetune(sub):
                       "tars whose samples carry a .cls class index; top-1/top-5 after every --eval-every epochs "
                       "(default: no validation)")
     data.add_argument("--logits", help="a logits cache from `g2sd-cache extract-logits` of this plan: epoch e trains "
-                      "on the plan's epoch e mod K with the stored teacher argmax; a cache of another plan is refused")
+                      "on the plan's epoch e mod K with the stored teacher argmax; a cache of another plan is refused; "
+                      "a URL (s3://, gs://) is copied whole to --local-cache first (it is small), each file checked")
+    data.add_argument("--local-cache", help="--logits is a URL: node-local folder the logits cache is copied to, "
+                      "shared by the node's ranks and reused by later runs (default: a per-user folder in the system's "
+                      "temp directory)")
     data.add_argument("--replay", action="store_true", help="with --logits and --teacher: also run the teacher every "
                       "step and log how often its argmax agrees with the stored one (costs a teacher forward); "
                       "without it, --logits never runs a teacher")
@@ -139,7 +143,12 @@ def add_extract_logits(sub):
     model.add_argument("--teacher-arch", choices=list(CLASSIFIER_PRESETS), help="teacher architecture (default "
                        "%(default)s)")
     cache = p.add_argument_group("cache")
-    cache.add_argument("--out", help="logits cache folder to create (or resume) (required)")
+    cache.add_argument("--out", help="logits cache folder or fsspec URL (s3://bucket/prefix, gs://...) to create (or "
+                       "resume); a URL gets each shard uploaded as it is finished, its shard.json last (required)")
+    cache.add_argument("--staging", help="--out is a URL: local folder where shards are written before their upload "
+                       "(default: a folder in the system's temp directory)")
+    cache.add_argument("--lease-s", type=float, help="--out is a URL: seconds of the lock's lease on the store, "
+                       "renewed while extract-logits runs (default %(default)s)")
     cache.add_argument("--cached-epochs", type=int, help="K: epochs of the plan to cache; finetune epoch e reads "
                        "epoch e mod K, so augmentations repeat every K epochs (default %(default)s; the "
                        "teacher costs K epochs of forward passes, once)")

@@ -45,9 +45,9 @@ def run(args) -> int:
     import json
     from g2sd_cache.cache.logits import is_logits_cache
     if is_logits_cache(args.cache):    # stage 2's cache of teacher predictions (verify/logits.py)
-        from g2sd_cache.verify.logits import format_logits_summary as format_summary, verify_logits
-        report = verify_logits(args.cache, deep=args.deep, teacher=args.teacher, data=args.data, device=args.device,
-                               seed=args.seed, teacher_precision=args.teacher_precision)
+        from g2sd_cache.verify.logits import format_logits_summary as format_summary, verify_logits_at
+        report = verify_logits_at(args.cache, deep=args.deep, teacher=args.teacher, data=args.data, device=args.device,
+                                  seed=args.seed, teacher_precision=args.teacher_precision)
     else:
         from g2sd_cache.verify.cache import format_summary, verify_cache
         report = verify_cache(args.cache, deep=args.deep, teacher=args.teacher, data=args.data, device=args.device,

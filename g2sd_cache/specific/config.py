@@ -108,6 +108,8 @@ class LogitsConfig(PlanOptions):
     device: str = "auto"
     overwrite: bool = False
     dist_timeout: float = DIST_TIMEOUT_MIN   # minutes a collective waits for the other ranks
+    staging: str | None = None         # --out is a URL: local folder where shards are written before upload
+    lease_s: float = 120.0             # --out is a URL: the lock's lease, renewed every third of it
 
     # Fields that decide the cache's content besides the plan; a rerun with any of them changed is refused.
     CONTENT = (*PlanOptions.PLAN, "teacher_arch", "cached_epochs", "topk", "shard_groups", "teacher_precision")
@@ -139,6 +141,7 @@ class FinetuneConfig(PlanOptions):
     teacher_arch: str = "vit_base_patch16"
     teacher_precision: str = "fp32"    # online / replay teacher (G2SD's: fp32, outside autocast)
     logits: str | None = None
+    local_cache: str | None = None     # --logits is a URL: node-local folder it is copied to (None: per-user temp)
     replay: bool = False               # with --logits and --teacher: also run the teacher, log the agreement
     arch: str = "vit_small_patch16"
     drop_path: float = 0.0

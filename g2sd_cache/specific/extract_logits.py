@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,15 +22,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from g2sd_cache.models.classifier import ClassifierInfo, build_teacher
-from g2sd_cache.common.config import read_yaml, to_yaml
+from g2sd_cache.common.config import to_yaml
 from g2sd_cache.common.dist import DistEnv, run_on_ranks
 from g2sd_cache.common.errors import UserError
-from g2sd_cache.common.fsutil import write_text_atomic
 from g2sd_cache.cache.logits import (LOGITS_FORMAT, LOGITS_FORMAT_VERSION, LogitsManifest, LogitsShardRecord, index_dtype,
                            logits_specs)
-from g2sd_cache.cache.ownership import FolderLock, claim_cache_folder
+from g2sd_cache.cache.destination import open_destination
 from g2sd_cache.cache.digests import record_digest
-from g2sd_cache.cache.schema import CONFIG, MANIFEST, SHARD_RECORD, shard_name
+from g2sd_cache.cache.schema import CONFIG, MANIFEST, shard_name
 from g2sd_cache.specific.config import LogitsConfig
 from g2sd_cache.specific.plan import MixedGroup, SDPlan, UnreadableImages, open_plan
 from g2sd_cache.common.workers import keep_as_is, mp_context
@@ -77,34 +75,29 @@ def teacher_predictions(teacher: torch.nn.Module, images: torch.Tensor, topk: in
     return logits, values.half(), indices, logits.argmax(dim=1)
 
 
-def _prepare_output(out: Path, cfg: LogitsConfig, fingerprints: dict) -> FolderLock:
-    """Rank 0: claim and lock the cache folder as extract does (ownership.claim_cache_folder: only a folder marked
-    as a g2sd-cache cache is resumed or overwritten, a second writer is refused, dead writers' temporaries are
-    removed), then check that an existing cache was made with the same settings. Returns the held lock."""
-    lock = claim_cache_folder(out, cfg.overwrite, kind="logits")
-    try:
-        if (out / CONFIG).is_file():
-            old = read_yaml(out / CONFIG)
-            new = dataclasses.asdict(cfg) | fingerprints
-            diff = [k for k in (*LogitsConfig.CONTENT, *fingerprints) if old.get(k) != new.get(k)]
-            if diff:
-                raise UserError(f"--out {out} holds a cache made with other settings ({', '.join(diff)} differ); pass "
-                                f"--overwrite to replace it or choose another --out")
-        write_text_atomic(out / CONFIG, to_yaml(cfg, fingerprints))
-    except BaseException:
-        lock.release()
-        raise
-    return lock
+def _prepare_output(dest, cfg: LogitsConfig, fingerprints: dict) -> None:
+    """Rank 0: claim and lock the cache (a folder or a URL: cache/destination.py, with extract's promises: only a
+    cache of this kind is resumed or overwritten, a second writer is refused, dead writers' temporaries are
+    removed), then check that an existing cache was made with the same settings. `dest.release()` unlocks."""
+    dest.claim(cfg.overwrite)
+    old = dest.read_config()
+    if old is not None:
+        new = dataclasses.asdict(cfg) | fingerprints
+        diff = [k for k in (*LogitsConfig.CONTENT, *fingerprints) if old.get(k) != new.get(k)]
+        if diff:
+            raise UserError(f"--out {cfg.out} holds a cache made with other settings ({', '.join(diff)} differ); pass "
+                            f"--overwrite to replace it or choose another --out")
+    dest.write_text(CONFIG, to_yaml(cfg, fingerprints))
 
 
-def write_manifest(out: Path, cfg: LogitsConfig, plan: SDPlan, shards: list[ShardSpan], info: ClassifierInfo,
+def write_manifest(out, cfg: LogitsConfig, plan: SDPlan, shards: list[ShardSpan], info: ClassifierInfo,
                    precision: str = "fp32") -> LogitsManifest:
+    """`out`: the cache's destination (cache/destination.py: a folder or a URL); the manifest is written last."""
     records, digests = [], []
     for s in shards:
-        path = out / shard_name(s.index) / SHARD_RECORD
-        if not path.is_file():
+        raw = out.read_record(s.index)
+        if raw is None:
             raise UserError(f"shard {shard_name(s.index)} is missing after extraction; rerun the same command")
-        raw = path.read_bytes()
         records.append(LogitsShardRecord.from_json(raw.decode()))
         digests.append(record_digest(raw))     # binds each shard.json (and every file it lists) to this cache
     manifest = LogitsManifest(
@@ -116,17 +109,21 @@ def write_manifest(out: Path, cfg: LogitsConfig, plan: SDPlan, shards: list[Shar
         samples=cfg.cached_epochs * plan.num_groups * cfg.group_size,
         bytes=sum(sum(r.files.values()) for r in records),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    write_text_atomic(out / MANIFEST, manifest.to_json())
+    out.write_text(MANIFEST, manifest.to_json())
     return manifest
 
 
 def run_extract_logits(cfg: LogitsConfig) -> dict:
     """Extract the logits cache described by `cfg`; returns the summary the CLI prints."""
-    return run_on_ranks(cfg, _extract, command="extract-logits")
+    dests = []       # opened after validation, on every rank (a URL's staging is per rank); released whatever happens
+
+    def body(cfg: LogitsConfig, env: DistEnv) -> dict:
+        dests.append(open_destination(cfg.out, cfg.staging, cfg.lease_s, kind="logits"))
+        return _extract(cfg, env, dests[0])
+    return run_on_ranks(cfg, body, release=lambda: [d.release() for d in dests], command="extract-logits")
 
 
-def _extract(cfg: LogitsConfig, env: DistEnv) -> dict:
-    out = Path(cfg.out)
+def _extract(cfg: LogitsConfig, env: DistEnv, dest) -> dict:
     plan = open_plan(cfg.data, cfg.recipe(), cfg.seed)
     num_classes = plan.data.num_classes
     if cfg.topk > num_classes:
@@ -135,22 +132,20 @@ def _extract(cfg: LogitsConfig, env: DistEnv) -> dict:
     teacher.to(env.device)
     resolve_teacher_precision(cfg.teacher_precision, env.device, auto="fp32")     # refuse fp16 on CPU before any work
     fingerprints = {"format": LOGITS_FORMAT, "teacher_sha256": info.sha256, "plan": plan.describe()}
-    lock = _prepare_output(out, cfg, fingerprints) if env.is_main else None
-    try:
-        env.barrier()
-        return _extract_shards(cfg, env, out, plan, teacher, info)
-    finally:
-        if lock is not None:
-            lock.release()
+    if env.is_main:
+        _prepare_output(dest, cfg, fingerprints)
+    env.barrier()
+    return _extract_shards(cfg, env, dest, plan, teacher, info)
 
 
-def _extract_shards(cfg: LogitsConfig, env: DistEnv, out: Path, plan: SDPlan, teacher, info: ClassifierInfo) -> dict:
+def _extract_shards(cfg: LogitsConfig, env: DistEnv, dest, plan: SDPlan, teacher, info: ClassifierInfo) -> dict:
     """Every pending shard of this rank, then (rank 0) the manifest."""
     num_classes = plan.data.num_classes
     precision = resolve_teacher_precision(cfg.teacher_precision, env.device, auto="fp32")
     shards = plan_shards(plan.num_groups, cfg.shard_groups)
     mine = [s for s in shards if s.index % env.world == env.rank]
-    pending = [s for s in mine if not (out / shard_name(s.index) / SHARD_RECORD).is_file()]
+    pending = [s for s in mine if not dest.is_complete(s.index)]
+    dest.clear_unfinished([s.index for s in pending])
     if env.is_main and len(pending) < len(mine):
         print(f"resuming: {len(mine) - len(pending)} of {len(mine)} shards of this rank are already complete")
     items = [(s.index, e, s.first_group + g) for s in pending for e in range(cfg.cached_epochs) for g in range(s.groups)]
@@ -160,7 +155,7 @@ def _extract_shards(cfg: LogitsConfig, env: DistEnv, out: Path, plan: SDPlan, te
     by_index = {s.index: s for s in pending}
     specs = logits_specs(cfg.topk, num_classes)
     g = cfg.group_size
-    writer = ShardWriter(out, chunk_views=g, what="logits cache")
+    writer = ShardWriter(dest.staging, chunk_views=g, what="logits cache", publish=dest.publish)
     buffers: dict[int, dict[str, np.ndarray]] = {}
     filled: dict[int, int] = {}
     crcs: dict[int, dict[str, int]] = {}    # per shard: image index -> crc32c of the bytes its groups read
@@ -212,7 +207,8 @@ def _extract_shards(cfg: LogitsConfig, env: DistEnv, out: Path, plan: SDPlan, te
                "index_dtype": index_dtype(num_classes), "teacher_precision": precision,
                "unreadable": sorted(unreadable.seen)}
     if env.is_main:
-        manifest = write_manifest(out, cfg, plan, shards, info, precision)
+        dest.check()
+        manifest = write_manifest(dest, cfg, plan, shards, info, precision)
         summary.update(cache_samples=manifest.samples, cache_bytes=manifest.bytes,
                        bytes_per_sample=manifest.bytes_per_sample, epochs=manifest.epochs,
                        groups_per_epoch=manifest.groups_per_epoch)

@@ -138,7 +138,7 @@ def _inputs(cfg: FinetuneConfig, env: DistEnv) -> tuple[SDPlan, LogitsCache | No
         raise UserError(f"--data {cfg.data} has {classes} class folder; classification needs at least 2")
     logits = None
     if cfg.logits:
-        logits = open_logits(cfg.logits)
+        logits = open_logits(cfg.logits, cfg.local_cache)
         problems = logits_manifest_problems(logits)
         if problems:   # verify's checks of the manifest, as open_cache runs them for train: never an IndexError later
             raise UserError(f"logits cache {cfg.logits} does not agree with its manifest: {problems[0]}"

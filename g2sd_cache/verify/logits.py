@@ -68,6 +68,22 @@ def verify_logits(path: str, deep: int = 0, teacher: str | None = None, data: st
     return report
 
 
+def verify_logits_at(path: str, **kw) -> VerifyReport:
+    """`verify_logits` of a folder or an fsspec URL. A URL's objects are copied as they are into a temporary folder
+    first (a logits cache is small: cache/logits_remote.py), so the store's leftovers, foreign objects and damage
+    are reported as on a disk; the report names the URL."""
+    from g2sd_cache.cache.remote import is_remote
+    if not is_remote(str(path)):
+        return verify_logits(path, **kw)
+    import tempfile
+    from g2sd_cache.cache.logits_remote import read_manifest, verbatim_copy
+    read_manifest(str(path))      # not a logits cache, or an unfinished one: its one line, before any download
+    with tempfile.TemporaryDirectory(prefix="g2sd-verify-") as tmp:
+        report = verify_logits(str(verbatim_copy(str(path), Path(tmp))), **kw)
+    report.path = str(path)
+    return report
+
+
 def _check_layout(report: VerifyReport, root: Path, m) -> None:
     for where, what in layout_problems(root, m):
         report.add(where, what)
