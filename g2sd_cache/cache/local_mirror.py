@@ -1,6 +1,6 @@
 """A node-local copy of the shard files a training run reads from a cache on an object store.
 
-    the plan (the shards this node reads, in order)  ->  downloader: the next `prefetch_files` files not
+    the plan (the shards this node reads, step by step)  ->  downloader: the next `prefetch_files` files not
     yet here, `threads` at a time, each GET into a temporary, its size and digest checked (shard.json's,
     cache/digests.py), then renamed into place        ->  the reader memory-maps the local copy as on a
     local disk (cache/reader.py), so the pixel path is unchanged.
@@ -103,10 +103,11 @@ class LocalMirror:
         self._inflight: dict[str, Future] = {}
         self._failed: dict[str, BaseException] = {}      # files whose download the reader waited for and that failed
         self._pool = ThreadPoolExecutor(max_workers=max(1, cfg.threads), thread_name_prefix="shard-download")
-        self._plan: list[int] = []                 # shards in the order the node reads them (with repeats)
-        self._uses: dict[int, list[int]] = {}      # shard -> its positions in _plan
+        self._plan: list[list[int]] = []           # per step of the node, the shards it reads
+        self._uses: dict[int, list[int]] = {}      # shard -> the steps (indices in _plan) that read it
         self._files: dict[int, list[FileSpec]] = {}
         self._pos = 0
+        self._current: int | None = None          # the shard of the read under way (never evicted for another)
         self._seq = 0
         self.remove_stale()
 
@@ -131,15 +132,17 @@ class LocalMirror:
             path.unlink(missing_ok=True)
 
     # -- the plan ------------------------------------------------------------------------------------------
-    def set_plan(self, shards: list[int], files: Callable[[int], list[FileSpec]]) -> None:
-        """The shards the node reads from now on, in order; `files(shard)` the files each read needs."""
+    def set_plan(self, steps: list[list[int]], files: Callable[[int], list[FileSpec]]) -> None:
+        """The shards the node reads from now on, step by step (each step's shards in any order: a step's reads
+        may come in any order, so the plan's position moves by steps); `files(shard)` the files a read needs."""
         with self._lock:
-            self._plan = list(shards)
+            self._plan = [list(dict.fromkeys(step)) for step in steps]
             self._uses = defaultdict(list)
-            for i, s in enumerate(self._plan):
-                self._uses[s].append(i)
+            for i, step in enumerate(self._plan):
+                for s in step:
+                    self._uses[s].append(i)
             self._files = {s: files(s) for s in self._uses}
-            self._pos = 0
+            self._pos, self._current = 0, None
         self._prefetch()
 
     def _next_use(self, shard: int) -> int | None:
@@ -148,8 +151,9 @@ class LocalMirror:
         return uses[i] if i < len(uses) else None
 
     def touch(self, shard: int) -> None:
-        """The reader is at a read of `shard`: move the plan's position there and prefetch ahead."""
+        """The reader is at a read of `shard`: move the plan's position to the step of that read, prefetch ahead."""
         with self._lock:
+            self._current = shard
             nxt = self._next_use(shard)
             if nxt is not None and nxt != self._pos:
                 self._pos = nxt
@@ -160,7 +164,7 @@ class LocalMirror:
     # -- space -------------------------------------------------------------------------------------------
     def _usage(self) -> tuple[int, list[tuple[float, Path, str, int]]]:
         """Bytes held (final files + temporaries at their full size) and the final files as
-        (last use, path, shard folder name, size)."""
+        (last use, path, "shard folder/rel" key, size)."""
         used, finals = 0, []
         for path in self.dir.glob("*/**/*"):
             try:
@@ -174,21 +178,22 @@ class LocalMirror:
                 used += int(size) if size.isdigit() else st.st_size
             else:
                 used += st.st_size
-                finals.append((st.st_atime, path, path.relative_to(self.dir).parts[0], st.st_size))
+                finals.append((st.st_atime, path, path.relative_to(self.dir).as_posix(), st.st_size))
         return used, finals
 
     def _make_room(self, need: int, urgent: bool) -> bool:
-        """Evict until `need` more bytes fit under the limit (call with the node lock held)."""
+        """Evict until `need` more bytes fit under the limit (call with the node lock held). A file is needed when
+        the rest of the plan reads it (by file, not by shard: a shard's files of another view, an earlier
+        epoch's, are not needed although the shard is read again)."""
         limit = self.cfg.limit
         if limit is None:
             return True
         used, finals = self._usage()
         if used + need <= limit:
             return True
-        shard_of = {f.name: f.shard for fs in self._files.values() for f in fs}
         with self._lock:
-            nxt = {name: self._next_use(s) for name, s in shard_of.items()}
-            soon = {f.name for s in self._plan[self._pos:self._pos + 1] for f in self._files.get(s, [])}
+            nxt = {f"{f.name}/{f.rel}": self._next_use(s) for s, fs in self._files.items() for f in fs}
+            soon = {f"{f.name}/{f.rel}" for f in self._files.get(self._current, [])}   # the read under way
         unneeded = sorted((f for f in finals if nxt.get(f[2]) is None), key=lambda f: f[0])
         needed = sorted((f for f in finals if nxt.get(f[2]) is not None and f[2] not in soon),
                         key=lambda f: -nxt[f[2]])
@@ -284,7 +289,7 @@ class LocalMirror:
     def _prefetch(self) -> None:
         with self._lock:
             ahead, seen = [], set()
-            for s in self._plan[self._pos:]:
+            for s in (s for step in self._plan[self._pos:] for s in step):
                 if s in seen:
                     continue
                 seen.add(s)

@@ -292,9 +292,9 @@ class Cache(ShardReader):
         return [FileSpec(shard, entry.name, rel, size) for rel, size in sorted(entry.files.items())
                 if rel.split("/")[0] in self._specs and rel.split("/")[1:3] == ["c", str(view)]]
 
-    def plan_reads(self, shards: list[int], view: int) -> None:
-        """The shards this node reads next, in order (with repeats), for view `view`: the local mirror
-        prefetches their files and evicts by it. No effect on a local cache."""
+    def plan_reads(self, shards: list[list[int]], view: int) -> None:
+        """The shards this node reads next, step by step, for view `view`: the local mirror prefetches their files
+        and evicts by it. No effect on a local cache."""
         if self.mirror is not None:
             self.mirror.set_plan(shards, lambda s: self.view_files(s, view))
 

@@ -35,6 +35,10 @@ def add(sub):
                       "or empty folder, or one of train's own runs")
     data.add_argument("--shuffle-window", type=int, help="views shuffled together in the epoch order (default "
                       "%(default)s); reads stay within about window x bytes/view of the cache at a time")
+    data.add_argument("--shuffle-span", type=int, help="views whose blocks are shuffled together: 0 (default) the "
+                      "whole epoch; N: the epoch is read span by span, each span whole shards holding >= N views, so "
+                      "a --cache URL's local copy needs about 2 spans of the epoch's files (--local-cache-limit), "
+                      "not the epoch's share, to fetch each byte once; part of the data order (kept on --resume)")
     data.add_argument("--on-error", choices=["skip", "fail"], help="unreadable cache chunks or images: stop naming "
                       "them (fail) or leave them out of the loss and count them (skip) (default %(default)s)")
     model = p.add_argument_group("model")

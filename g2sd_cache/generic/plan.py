@@ -12,6 +12,20 @@ and checksummed once per epoch); the window permutation is the shuffle buffer; e
 images in a seeded random order, so a block is not one class. Tar units are kept whole (one window each):
 they can only be read sequentially.
 
+With a shuffle span of S rows (`span` > 0: train's --shuffle-span), blocks are shuffled within spans instead of
+over the whole epoch, so that a stretch of steps reads a bounded set of units (MosaicML Streaming's shuffle
+blocks do the same):
+
+    units permuted (seed, epoch, 0x756E74) -> cut into spans: consecutive units, a span closing once it holds
+    >= S rows (the last may hold fewer) -> each span's blocks shuffled (seed, epoch, span k) -> each span cut
+    into windows of `window` rows (a window never straddles two spans; windows numbered over the epoch)
+    -> each window's rows permuted (seed, epoch, window j), as above
+
+While the epoch is in span k it reads only span k's units: a node-local copy of a remote cache
+(cache/local_mirror.py) needs two spans' files (the one read, the next prefetched), not the epoch's, and
+fetches each byte once per epoch. Units are shards of a seeded random order of the images, so a span is an
+unbiased sample of the data, as the whole epoch is. `span` = 0 is the whole-epoch recipe above, unchanged.
+
 The global order does not depend on the world size, so a checkpoint records only (epoch, global sample
 position), and a run resumes on any number of ranks and workers: it continues at the same sample, and
 over the epoch every view is used exactly once. The last global batch of an epoch is padded with
@@ -25,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_BLOCK_TAG, _WINDOW_TAG = 0x626C6B, 0x77696E  # keep the two random streams apart
+_BLOCK_TAG, _WINDOW_TAG, _UNIT_TAG = 0x626C6B, 0x77696E, 0x756E74  # keep the random streams apart
 PAD = -1  # the position of a stand-in sample
 
 
@@ -41,9 +55,28 @@ class EpochOrder:
         return len(self.unit)
 
 
+def _philox(*key: int) -> np.random.Generator:
+    return np.random.Generator(np.random.Philox(np.random.SeedSequence(list(key))))
+
+
+def spans(unit_sizes: list[int], *, seed: int, epoch: int, span: int) -> list[list[int]]:
+    """The units of each span of the epoch, in reading order (see the module docstring; `span` > 0)."""
+    out, rows = [[]], 0
+    for u in _philox(seed, epoch, _UNIT_TAG).permutation(len(unit_sizes)).tolist():
+        if rows >= span:
+            out.append([])
+            rows = 0
+        out[-1].append(u)
+        rows += unit_sizes[u]
+    return out
+
+
 def epoch_order(unit_sizes: list[int], *, seed: int, epoch: int, block: int, window: int,
-                whole_units: bool = False) -> EpochOrder:
-    """See the module docstring. `unit_sizes[u]` = rows of unit u this epoch."""
+                whole_units: bool = False, span: int = 0) -> EpochOrder:
+    """See the module docstring. `unit_sizes[u]` = rows of unit u this epoch; `span` rows per shuffle span
+    (0: the whole epoch; ignored for whole tar units, which are their own windows)."""
+    if span > 0 and not whole_units:
+        return _spanned_order(unit_sizes, seed=seed, epoch=epoch, block=block, window=window, span=span)
     blocks = []
     for u, n in enumerate(unit_sizes):
         step = max(1, n if whole_units else block)
@@ -62,6 +95,25 @@ def epoch_order(unit_sizes: list[int], *, seed: int, epoch: int, block: int, win
         wrng = np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, epoch, j, _WINDOW_TAG])))
         order[a:z] = a + wrng.permutation(z - a)
     return EpochOrder(epoch, unit[order], row[order])
+
+
+def _spanned_order(unit_sizes: list[int], *, seed: int, epoch: int, block: int, window: int, span: int) -> EpochOrder:
+    units, rows, j = [], [], 0
+    step = max(1, block)
+    for k, members in enumerate(spans(unit_sizes, seed=seed, epoch=epoch, span=span)):
+        blocks = [(u, s, min(unit_sizes[u], s + step)) for u in members for s in range(0, unit_sizes[u], step)]
+        blocks = [blocks[i] for i in _philox(seed, epoch, k, _BLOCK_TAG).permutation(len(blocks))]
+        if not blocks:
+            continue
+        unit = np.concatenate([np.full(z - a, u, dtype=np.int64) for u, a, z in blocks])
+        row = np.concatenate([np.arange(a, z, dtype=np.int64) for _, a, z in blocks])
+        for a in range(0, len(unit), max(1, window)):
+            perm = a + _philox(seed, epoch, j, _WINDOW_TAG).permutation(min(len(unit), a + window) - a)
+            units.append(unit[perm])
+            rows.append(row[perm])
+            j += 1
+    empty = np.zeros(0, np.int64)
+    return EpochOrder(epoch, np.concatenate(units or [empty]), np.concatenate(rows or [empty]))
 
 
 def steps_in_epoch(n: int, global_batch: int, start: int = 0) -> int:

@@ -75,6 +75,7 @@ class TrainConfig:
     workers: int = 4
     prefetch: int = 2
     shuffle_window: int = 16384
+    shuffle_span: int = 0                   # rows whose blocks are shuffled together (0: the whole epoch; generic/plan.py)
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -97,7 +98,9 @@ class TrainConfig:
 
     # What the epoch order depends on (with the global batch, checked separately): a resume must keep them. The
     # cache is compared by its content fingerprint (train.py), not by how its path is spelled.
-    ORDER = ("seed", "shuffle_window")
+    ORDER = ("seed", "shuffle_window", "shuffle_span")
+    # What a checkpoint written before an ORDER field existed trained with (that field's then fixed behaviour).
+    ORDER_BEFORE = {"shuffle_span": 0}
 
     @property
     def run_epochs(self) -> int | None:
@@ -122,6 +125,8 @@ class TrainConfig:
         for name in ("batch_size", "accum_iter", "log_every", "save_every", "shuffle_window", "prefetch"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.shuffle_span < 0:
+            raise UserError("--shuffle-span must be 0 (the whole epoch) or a number of views")
         for name in ("epochs", "steps", "stop_after"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")

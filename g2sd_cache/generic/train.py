@@ -127,7 +127,8 @@ def _resume(cfg: TrainConfig, run: Path, distiller: Distiller, sched: Schedule, 
     """Load the checkpoint; returns (step, epoch, sample position in the epoch, notes on what changed)."""
     ckpt = load_checkpoint(run, "train without --resume to start a new run there", required=RESUME_KEYS)
     saved = ckpt["config"]
-    fixed = [k for k in (*TrainConfig.ORDER, "student", "loss_tokens", "beta") if saved.get(k) != getattr(cfg, k)]
+    fixed = [k for k in (*TrainConfig.ORDER, "student", "loss_tokens", "beta")
+             if saved.get(k, TrainConfig.ORDER_BEFORE.get(k)) != getattr(cfg, k)]
     if cfg.mode == "online" and saved.get("data") != cfg.data:
         fixed.append("data")
     if (saved.get("cache") is None) != (cfg.cache is None):
@@ -256,24 +257,22 @@ def _report_fetched(setup: Setup, env: DistEnv, epoch: int) -> None:
                f"the epoch's share of the cache ({share / 2**20:.2f} MiB)")
 
 
-def node_shards(order, position: int, global_batch: int, env: DistEnv) -> list[int]:
-    """The cache shards this node's ranks read from `position` on, in order (runs of one shard merged): the
-    plan of the node-local copy. torchrun numbers a node's ranks contiguously (LOCAL_WORLD_SIZE of them)."""
+def node_shards(order, position: int, global_batch: int, env: DistEnv) -> list[list[int]]:
+    """The cache shards this node's ranks read from `position` on, step by step (each step's shards once, in order
+    of first use): the plan of the node-local copy. torchrun numbers a node's ranks contiguously
+    (LOCAL_WORLD_SIZE of them)."""
     local = max(1, min(env.world, int(os.environ.get("LOCAL_WORLD_SIZE", env.world))))
     first = env.rank - env.rank % local
     pos = np.stack([rank_positions(len(order), start=position, global_batch=global_batch, rank=r, world=env.world)
-                    for r in range(first, first + local)], axis=1).reshape(-1)
-    units = order.unit[pos[pos >= 0]]
-    keep = np.ones(len(units), dtype=bool)
-    keep[1:] = units[1:] != units[:-1]
-    return units[keep].tolist()
+                    for r in range(first, first + local)], axis=1)        # [steps, local ranks, per rank]
+    return [list(dict.fromkeys(order.unit[p[p >= 0]].tolist())) for p in pos.reshape(len(pos), -1)] if len(pos) else []
 
 
 def epoch_loader(cfg: TrainConfig, setup: Setup, env: DistEnv, sched: Schedule, epoch: int, position: int) -> StepLoader:
     """This rank's remaining steps of `epoch`, from global sample `position` on: train's input, and the
     benchmark's (benchmarks/sections/step.py), so both time the same loader."""
     order = epoch_order(setup.unit_sizes, seed=cfg.seed, epoch=epoch, block=setup.block, window=cfg.shuffle_window,
-                        whole_units=setup.whole_units)
+                        whole_units=setup.whole_units, span=cfg.shuffle_span)
     view = epoch % setup.views_per_image if setup.views_per_image else epoch
     spec = StreamSpec(setup.source, setup.cache, setup.geometry, cfg.seed, view, order, keys=cfg.log_samples)
     positions = rank_positions(len(order), start=position, global_batch=sched.global_batch, rank=env.rank,

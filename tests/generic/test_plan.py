@@ -93,3 +93,65 @@ def test_the_epoch_order_matches_an_independent_reference():
             wrng = np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, epoch, j, 0x77696E])))
             want += [chunk[k] for k in wrng.permutation(len(chunk))]
         assert _pairs(epoch_order(sizes, seed=seed, epoch=epoch, block=block, window=window)) == want
+
+
+# -- shuffle spans (--shuffle-span): blocks shuffled within spans of whole units, windows cut inside spans --------
+
+def _open_units(order) -> list[set[int]]:
+    """The order's stretches of overlapping unit lifetimes (a unit lives from its first row to its last): the sets
+    of units that must be readable together."""
+    units = order.unit.tolist()
+    life = {u: [units.index(u), len(units) - 1 - units[::-1].index(u)] for u in set(units)}
+    groups, end = [], -1
+    for u in sorted(life, key=lambda u: life[u][0]):
+        if life[u][0] > end:
+            groups.append(set())
+        groups[-1].add(u)
+        end = max(end, life[u][1])
+    return groups
+
+
+@pytest.mark.parametrize("span", [1, 40, 64, 100, 10**6])
+def test_a_shuffle_span_keeps_every_row_once_and_reads_one_spans_units_at_a_time(span):
+    sizes = [30, 7, 0, 25, 18, 40, 12, 33]
+    kw = dict(seed=4, block=4, window=10, span=span)
+    a = epoch_order(sizes, epoch=2, **kw)
+    assert sorted(_pairs(a)) == [(u, r) for u, n in enumerate(sizes) for r in range(n)]
+    assert _pairs(a) == _pairs(epoch_order(sizes, epoch=2, **kw))
+    assert _pairs(a) != _pairs(epoch_order(sizes, epoch=3, **kw))
+    # the units that must be readable at once hold less than a span plus one unit (a span closes once full)
+    groups = _open_units(a)
+    assert all(sum(sizes[u] for u in g) < span + max(sizes) for g in groups)
+    if span <= 40:
+        assert len(groups) >= 3
+    # without spans the whole epoch is one such stretch: the bound is what spans add
+    assert len(_open_units(epoch_order(sizes, epoch=2, seed=4, block=4, window=10))) == 1
+
+
+def test_a_shuffle_span_matches_an_independent_reference():
+    """The documented span recipe written out here: units permuted by Philox(seed, epoch, 0x756E74); spans close
+    once they hold >= span rows; span k's blocks permuted by Philox(seed, epoch, k, 0x626C6B); windows of
+    `window` rows cut inside each span, numbered j over the epoch, each permuted by Philox(seed, epoch, j,
+    0x77696E)."""
+    sizes, seed, block, window, span = [10, 7, 0, 9, 5], 3, 4, 6, 12
+    gen = lambda *key: np.random.Generator(np.random.Philox(np.random.SeedSequence(list(key))))  # noqa: E731
+    for epoch in (0, 1, 5):
+        groups, rows = [[]], 0
+        for u in gen(seed, epoch, 0x756E74).permutation(len(sizes)):
+            if rows >= span:
+                groups, rows = groups + [[]], 0
+            groups[-1].append(int(u))
+            rows += sizes[u]
+        want, j = [], 0
+        for k, members in enumerate(groups):
+            blocks = [(u, s, min(sizes[u], s + block)) for u in members for s in range(0, sizes[u], block)]
+            flat = [(u, r) for i in gen(seed, epoch, k, 0x626C6B).permutation(len(blocks))
+                    for u, a, z in [blocks[i]] for r in range(a, z)]
+            for a in range(0, len(flat), window):
+                chunk = flat[a:a + window]
+                want += [chunk[i] for i in gen(seed, epoch, j, 0x77696E).permutation(len(chunk))]
+                j += 1
+        assert _pairs(epoch_order(sizes, seed=seed, epoch=epoch, block=block, window=window, span=span)) == want
+    # span 0 is the whole-epoch recipe, unchanged (test_the_epoch_order_matches_an_independent_reference)
+    assert _pairs(epoch_order(sizes, seed=1, epoch=0, block=4, window=6, span=0)) == \
+        _pairs(epoch_order(sizes, seed=1, epoch=0, block=4, window=6))

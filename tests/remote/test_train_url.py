@@ -92,3 +92,40 @@ def test_a_corrupted_object_is_refused_by_its_digest(s3_bucket, micro_cache, tmp
         _train(tmp_path / "remote", url, local_cache=str(tmp_path / "lc"))
     # nothing of it under a final name
     assert not [p for p in (tmp_path / "lc").rglob("shard-00001/target/c/0/**/*") if p.is_file() and not p.name.endswith(".lock")]
+
+
+def test_a_limit_of_a_few_spans_fetches_each_byte_once_per_epoch(s3_bucket, image_folder, tmp_path, monkeypatch):
+    """--shuffle-span: the epoch is read span by span (generic/plan.py), so a local copy limited to ~2 spans' files,
+    a third of the epoch's share, fetches every file of each epoch exactly once, never holds more than the limit,
+    and trains the local-disk losses of the same order; without spans the same limit fetches files again."""
+    from g2sd_cache.generic.extract import run_extract
+    from tests.common.helpers import micro_extract_config
+    cache = tmp_path / "cache"        # 6 shards of 2 images x 2 views, 1-view inner chunks: blocks of one row
+    run_extract(micro_extract_config(image_folder, cache, shard_size=4, chunk_views=1))
+    url = f"{s3_bucket}/c"
+    _upload(cache, url)
+    unit = max(sum(p.stat().st_size for p in (cache / s.name).glob("*/c/0/**/*") if p.is_file())
+               for s in cache.glob("shard-*"))
+    limit = int(2.2 * unit)           # the shard read now and the next one
+    assert 3 * limit < 2 * _view_bytes(cache, 0)
+    fetched, peak = [], []
+    real_fetch, real_download = LocalMirror._fetch, LocalMirror._download
+    monkeypatch.setattr(LocalMirror, "_fetch", lambda self, spec, tmp: (fetched.append(spec), real_fetch(self, spec, tmp))[1])
+
+    def download(self, spec, urgent):
+        real_download(self, spec, urgent)
+        node = self._node_lock()
+        peak.append(self._usage()[0])
+        os.close(node)
+    monkeypatch.setattr(LocalMirror, "_download", download)
+    kw = dict(steps=6, batch_size=4, shuffle_window=2, shuffle_span=2)       # 12 views an epoch: 2 epochs
+    local = _train(tmp_path / "local", str(cache), **kw)
+    assert _train(tmp_path / "remote", url, local_cache=str(tmp_path / "lc"), local_cache_limit=str(limit), **kw) == local
+    names = [(f.name, f.rel) for f in fetched]
+    assert len(names) == len(set(names))
+    assert sum(f.size for f in fetched) == _view_bytes(cache, 0) + _view_bytes(cache, 1)
+    assert peak and max(peak) <= limit
+    fetched.clear()                   # the whole-epoch shuffle with that limit: some file is fetched again
+    _train(tmp_path / "whole", url, local_cache=str(tmp_path / "lc2"), local_cache_limit=str(limit),
+           **(kw | {"shuffle_span": 0}))
+    assert sum(f.size for f in fetched) > _view_bytes(cache, 0) + _view_bytes(cache, 1)
