@@ -13,6 +13,10 @@ ours). Needs `pip install "g2sd-cache[test]"` (moto, s3fs); skipped with a note 
   files): 1.0 = each byte once.
 - `download_cpu_s_per_gb`: CPU-seconds of the cold epoch beyond the warm one, per GB fetched: what the
   downloads and their checks cost this process.
+- `small_limit`: one cold epoch with --local-cache-limit at 3/8 of the epoch's share, with --shuffle-span at what
+  train advises for that limit (generic/plan.py: ~limit / 3 views) and with the whole-epoch shuffle: bytes fetched
+  / the epoch's share for each (1.0 = each byte once). Needs a cache of several shards whose shards hold several
+  inner chunks (`main` extracts one).
 A local server has ~0.1 ms round trips and memory bandwidth; a real store has 10-50 ms first-byte latency
 and 50-200 MB/s per connection, so cold rates there depend on --download-threads x per-connection rate, and
 time to first batch on the latency. See the README ("Caches on an object store").
@@ -119,6 +123,7 @@ def remote_part(cache: Path, cached_run, tmp: Path) -> dict:
         share = sum(f.size for s in range(len(cache_obj.manifest.shards)) for f in cache_obj.view_files(s, 0))
         extra_cpu = max(0.0, cold["cpu_s"] - warm["cpu_s"])
         cache_obj.close()
+        small = _small_limit(cached_run, url, share, tmp)
         return {
             "endpoint": "moto_server on 127.0.0.1 (subprocess)", "cache_bytes": size,
             "upload_mb_per_s": size / 1e6 / up["wall_s"],
@@ -129,7 +134,35 @@ def remote_part(cache: Path, cached_run, tmp: Path) -> dict:
             "fetched_per_epoch_share": fetched / max(1, share),
             "download_cpu_s_per_gb": extra_cpu / max(1e-9, fetched / 1e9),
             "download_threads": run.cfg.download_threads, "prefetch_files": run.cfg.prefetch_files,
+            "small_limit": small,
         }
+
+
+def _small_limit(cached_run, url: str, share: int, tmp: Path) -> dict:
+    """Cold epochs under a local-copy limit of 3/8 of the epoch's share: spans against the whole-epoch shuffle."""
+    from g2sd_cache.benchmarks.sections.step import Run
+
+    cache = cached_run.setup.cache
+    if len(cache.manifest.shards) < 4:
+        return {"skipped": f"the cache has {len(cache.manifest.shards)} shard(s); a limit below the epoch needs several"}
+    limit = share * 3 // 8
+    span = max(1, int(limit / 3 / (share / sum(cache.shard_images))))     # train's advice (generic/step.py)
+    out = {"limit_bytes": limit, "limit_per_epoch_share": limit / share, "shuffle_span": span, "shards": len(cache.shard_images)}
+    for name, s in (("span", span), ("whole_epoch", 0)):
+        folder = tmp / f"limited-{name}"
+        shutil.rmtree(folder, ignore_errors=True)
+        run = Run.build(dataclasses.replace(cached_run.cfg, cache=url, local_cache=str(folder),
+                                            local_cache_limit=str(limit), shuffle_span=s), cached_run.env)
+        mirror = run.setup.cache.mirror
+        before = mirror.fetched_bytes
+        log(f"data/remote: one cold epoch, local copy limited to {limit / 2**20:.1f} MiB, --shuffle-span {s}")
+        t0 = time.perf_counter()
+        for _ in run.loader(0, workers=0):
+            pass
+        out[f"fetched_per_epoch_share_{name}"] = (mirror.fetched_bytes - before) / max(1, share)
+        out[f"wall_s_{name}"] = time.perf_counter() - t0
+        run.setup.cache.close()
+    return out
 
 
 def main(argv=None) -> int:
@@ -154,7 +187,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="g2sd-remote-bench-") as t:
         tmp = Path(t)
         images = make_images(tmp / "images", args.images or prof.store_images)
-        timed_extract(extract_config(images, tmp / "cache", prof.teachers[0], prof, device, workers=0))
+        # shards of 32 images in inner chunks of 8 views: several shards of several blocks, as a real cache has
+        # (the small-limit pass needs them; ImageNet's default is 512 images x 4 views per shard, 64-view chunks)
+        timed_extract(extract_config(images, tmp / "cache", prof.teachers[0], prof, device, workers=0,
+                                     shard_size=32 * prof.views, chunk_views=8))
         env = init_distributed("cpu")
         base = TrainConfig(out=str(tmp / "run"), cache=str(tmp / "cache"), student=prof.students[0],
                            batch_size=prof.batch, workers=0, seed=0, device="cpu")

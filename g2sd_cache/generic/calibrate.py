@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -25,7 +24,6 @@ from g2sd_cache.cache import codecs, lowrank
 from g2sd_cache.cache.inspect import format_calibration  # noqa: F401  (extract prints it)
 from g2sd_cache.cache.schema import BASIS_FILE, CALIBRATION_FILE
 from g2sd_cache.common.errors import UserError
-from g2sd_cache.common.fsutil import write_bytes_atomic, write_text_atomic
 from g2sd_cache.data.views import normalize_patches
 
 AUTO = "auto"
@@ -108,30 +106,33 @@ def calibrate(x: torch.Tensor, codec: str, max_error: float | None) -> Calibrati
     return Calibration(chosen, basis, record, raw)
 
 
-def write_calibration(out: Path, cal: Calibration) -> None:
-    """basis.npy first, then calibration.json: a calibration record on disk always has its basis."""
+def write_calibration(out, cal: Calibration) -> None:
+    """basis.npy first, then calibration.json: a calibration record in a cache always has its basis. `out`: the
+    cache's destination (cache/destination.py: a folder, or a URL where each is one PUT, never partly there)."""
     if cal.basis_raw is not None:
-        write_bytes_atomic(out / BASIS_FILE, cal.basis_raw)
-    write_text_atomic(out / CALIBRATION_FILE, json.dumps(cal.record, indent=1))
+        out.write_bytes(BASIS_FILE, cal.basis_raw)
+    out.write_text(CALIBRATION_FILE, json.dumps(cal.record, indent=1))
 
 
-def read_calibration(out: Path) -> Calibration | None:
-    """The calibration an earlier run of this extract wrote into `out` (None if none): a resumed extract writes
-    its remaining shards with the same codec and basis. Its basis must match the record's digest."""
-    path = out / CALIBRATION_FILE
-    if not path.is_file():
+def read_calibration(out) -> Calibration | None:
+    """The calibration an earlier run of this extract wrote into the destination `out` (None if none): a resumed
+    extract writes its remaining shards with the same codec and basis. Its basis must match the record's digest."""
+    shown = str(getattr(out, "url", None) or out.out)
+    raw_record = out.read_bytes(CALIBRATION_FILE)
+    if raw_record is None:
         return None
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(raw_record)
         chosen = record["chosen"]
         codecs.get_codec(chosen)
     except (ValueError, KeyError, TypeError, UserError) as e:
-        raise UserError(f"{path} does not parse ({type(e).__name__}: {e}); rerun extract with --overwrite") from e
+        raise UserError(f"{shown}/{CALIBRATION_FILE} does not parse ({type(e).__name__}: {e}); rerun extract with "
+                        f"--overwrite") from e
     if codecs.get_codec(chosen).rank is None:
         return Calibration(chosen, None, record, None)
-    raw = (out / BASIS_FILE).read_bytes() if (out / BASIS_FILE).is_file() else None
+    raw = out.read_bytes(BASIS_FILE)
     rec = record.get("basis") or {}
     problem = lowrank.basis_problem(rec, raw, (rec.get("shape") or [1])[0] - 1, (rec.get("shape") or [0, 0])[1])
     if problem:
-        raise UserError(f"--out {out}: {problem}; rerun extract with --overwrite")
+        raise UserError(f"--out {shown}: {problem}; rerun extract with --overwrite")
     return Calibration(chosen, lowrank.load_basis(raw), record, raw)

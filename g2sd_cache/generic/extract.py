@@ -30,7 +30,7 @@ from g2sd_cache.common.config import check_seed, to_yaml
 from g2sd_cache.common.dist import DIST_TIMEOUT_MIN, DistEnv, run_on_ranks
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.models.mae import TEACHER_PRESETS, build_teacher
-from g2sd_cache.cache.destination import LocalDestination, open_destination
+from g2sd_cache.cache.destination import open_destination
 from g2sd_cache.cache.schema import (CONFIG, VLEN_BYTES, ShardRecord, array_specs, encode_keys,
                                      shard_name)
 from g2sd_cache.data.sources import FolderSource, Source, TarSource, open_source
@@ -286,11 +286,6 @@ def _calibrate(cfg: ExtractConfig, source: Source, plans: list[ShardPlan], teach
 
 
 def _extract(cfg: ExtractConfig, env: DistEnv, dest) -> dict:
-    local = isinstance(dest, LocalDestination)
-    if not local and needs_calibration(cfg.codec):
-        raise UserError(f"--codec {cfg.codec} with --out {cfg.out}: a calibrated codec is extracted to a local or "
-                        f"mounted folder for now (copy it to the store afterwards); or choose a fixed --codec")
-    out = dest.out if local else None
     source = open_source(cfg.data)
     if isinstance(source, TarSource) and cfg.shard_size != ExtractConfig.shard_size:
         print("note: --shard-size is ignored for tar sources: the cache keeps one shard per tar")
@@ -309,10 +304,10 @@ def _extract(cfg: ExtractConfig, env: DistEnv, dest) -> dict:
     plans = plan_shards(source, cfg)
     if env.is_main:
         _prepare_output(dest, cfg, fingerprints)
-        if needs_calibration(cfg.codec) and read_calibration(out) is None:
-            write_calibration(out, _calibrate(cfg, source, plans, teacher, env.device, precision))
+        if needs_calibration(cfg.codec) and read_calibration(dest) is None:   # fitted here, uploaded before any shard
+            write_calibration(dest, _calibrate(cfg, source, plans, teacher, env.device, precision))
     env.barrier()
-    cal = (read_calibration(out) if local else None) or Calibration(cfg.codec)
+    cal = read_calibration(dest) or Calibration(cfg.codec)
     if env.is_main and cal.record is not None:
         print(format_calibration(cal.record))
     written = dataclasses.replace(cfg, codec=cal.codec)     # --codec auto resolved

@@ -201,6 +201,7 @@ def prepare(cfg: TrainConfig, env: DistEnv) -> Setup:
         if local is not None:
             notes.append(f"reading {cfg.cache} through the node-local copy in {local.folder}" +
                          (f" (at most {cfg.local_cache_limit})" if local.limit else " (no size limit)"))
+            notes += _span_advice(cfg, cache, local.limit)
         m = cache.manifest
         if m.views == 0:
             raise UserError(f"cache {cfg.cache} holds no views (all {len(m.skipped)} inputs were unreadable): there is "
@@ -254,6 +255,24 @@ def prepare(cfg: TrainConfig, env: DistEnv) -> Setup:
     whole_units = isinstance(source, TarSource) and not (cache and cache.has_pixels)
     return Setup(source, cache, teacher, geometry, target_layer, target_dim, unit_sizes, block, whole_units,
                  views_per_image=cache.views_per_image if cache else None, notes=notes)
+
+
+def _span_advice(cfg: TrainConfig, cache, limit: int | None) -> list[str]:
+    """A local copy smaller than an epoch's share of the cache: what --shuffle-span keeps it fetching once."""
+    share = sum(f.size for s in range(len(cache.manifest.shards)) for f in cache.view_files(s, 0))
+    if limit is None or limit >= share or cache.manifest.views == 0:
+        return []
+    per_view = share / max(1, sum(cache.shard_images))
+    fits = max(1, int(limit / 3 / per_view))      # two spans (read, prefetched) and one shard of slack
+    if cfg.shuffle_span == 0:
+        return [f"note: --local-cache-limit {cfg.local_cache_limit} is below an epoch's share of the cache "
+                f"({share / 2**30:.2f} GiB): the whole-epoch shuffle reads every shard throughout the epoch, so files "
+                f"are fetched more than once; --shuffle-span {fits} would fetch each once"]
+    if cfg.shuffle_span > fits:
+        return [f"note: --shuffle-span {cfg.shuffle_span} views need about {3 * cfg.shuffle_span * per_view / 2**30:.2f}"
+                f" GiB of local copy to fetch each file once; --local-cache-limit {cfg.local_cache_limit} holds "
+                f"{fits} views' worth"]
+    return []
 
 
 def _flags_ignored_with_a_cache(cfg: TrainConfig) -> list[str]:

@@ -103,3 +103,41 @@ def test_overwrite_replaces_only_our_caches(s3_bucket, image_folder):
         run_extract(micro_extract_config(image_folder, url, seed=1))
     run_extract(micro_extract_config(image_folder, url, overwrite=True, seed=1))
     assert json.loads(fs.cat_file(f"{url}/{MANIFEST}"))["seed"] == 1
+
+
+def test_a_calibrated_codec_extracts_to_s3_as_on_a_disk_and_readers_check_its_basis(s3_bucket, image_folder, tmp_path,
+                                                                                     monkeypatch):
+    """--codec auto with a URL --out: fitted here, basis.npy and calibration.json uploaded before any shard (and so
+    before the manifest), reused by a resumed extract, and read back digest-checked: training from the store gives
+    the local cache's losses, and a basis altered on the store refuses the cache."""
+    from g2sd_cache.cache.destination import UrlDestination
+    from g2sd_cache.cache.reader import open_cache
+    from g2sd_cache.cache.schema import BASIS_FILE, CALIBRATION_FILE
+    from tests.remote.test_train_url import _train
+    kw = dict(codec="auto", max_error=0.05)
+    local = tmp_path / "local"
+    run_extract(micro_extract_config(image_folder, local, **kw))
+    url = f"{s3_bucket}/c"
+    writes = []
+    for name in ("write_bytes", "write_text", "publish"):
+        real = getattr(UrlDestination, name)
+        monkeypatch.setattr(UrlDestination, name, lambda self, *a, _real=real, _n=name: (
+            writes.append(a[0] if _n != "publish" else "shard"), _real(self, *a))[1])
+    run_extract(micro_extract_config(image_folder, url, **kw))
+    _same_cache(_remote_files(url), _local_files(local))          # basis.npy and calibration.json included
+    fs, path = fsspec.core.url_to_fs(url)
+    assert json.loads(fs.cat_file(f"{path}/{MANIFEST}"))["codec"] == "pca32"     # a low-rank codec: it has a basis
+    assert writes.index(BASIS_FILE) < writes.index(CALIBRATION_FILE) < writes.index("shard") < writes.index(MANIFEST)
+    # a resumed extract reuses the uploaded calibration rather than fitting again
+    fs.rm_file(f"{path}/shard-00002/{SHARD_RECORD}")
+    fs.rm_file(f"{path}/{MANIFEST}")
+    writes.clear()
+    run_extract(micro_extract_config(image_folder, url, **kw))
+    assert BASIS_FILE not in writes and CALIBRATION_FILE not in writes and writes.count("shard") == 1
+    _same_cache(_remote_files(url), _local_files(local))
+    assert _train(tmp_path / "remote", url, local_cache=str(tmp_path / "lc")) == _train(tmp_path / "disk", str(local))
+    raw = bytearray(fs.cat_file(f"{path}/{BASIS_FILE}"))
+    raw[-5] ^= 0x01                   # the last float's mantissa: same size, still a valid .npy
+    fs.pipe_file(f"{path}/{BASIS_FILE}", bytes(raw))
+    with pytest.raises(UserError, match="basis"):
+        open_cache(url)

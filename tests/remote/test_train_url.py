@@ -94,7 +94,8 @@ def test_a_corrupted_object_is_refused_by_its_digest(s3_bucket, micro_cache, tmp
     assert not [p for p in (tmp_path / "lc").rglob("shard-00001/target/c/0/**/*") if p.is_file() and not p.name.endswith(".lock")]
 
 
-def test_a_limit_of_a_few_spans_fetches_each_byte_once_per_epoch(s3_bucket, image_folder, tmp_path, monkeypatch):
+def test_a_limit_of_a_few_spans_fetches_each_byte_once_per_epoch(s3_bucket, image_folder, tmp_path, monkeypatch,
+                                                                 capsys):
     """--shuffle-span: the epoch is read span by span (generic/plan.py), so a local copy limited to ~2 spans' files,
     a third of the epoch's share, fetches every file of each epoch exactly once, never holds more than the limit,
     and trains the local-disk losses of the same order; without spans the same limit fetches files again."""
@@ -125,7 +126,9 @@ def test_a_limit_of_a_few_spans_fetches_each_byte_once_per_epoch(s3_bucket, imag
     assert len(names) == len(set(names))
     assert sum(f.size for f in fetched) == _view_bytes(cache, 0) + _view_bytes(cache, 1)
     assert peak and max(peak) <= limit
+    assert "fetched more than once" not in capsys.readouterr().out
     fetched.clear()                   # the whole-epoch shuffle with that limit: some file is fetched again
     _train(tmp_path / "whole", url, local_cache=str(tmp_path / "lc2"), local_cache_limit=str(limit),
            **(kw | {"shuffle_span": 0}))
     assert sum(f.size for f in fetched) > _view_bytes(cache, 0) + _view_bytes(cache, 1)
+    assert "files are fetched more than once; --shuffle-span" in capsys.readouterr().out    # train says so
