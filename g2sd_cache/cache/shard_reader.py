@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections import OrderedDict
 from typing import Callable
 
@@ -27,9 +28,10 @@ class ShardReader:
     # Shard files kept open per process; the oldest are dropped first (rows handed out keep their map alive).
     OPEN_FILES = 64
     # Attributes that belong to one process: dropped when pickled, rebuilt by `_reset`.
-    PER_PROCESS = ("_files", "_sized", "_verified", "_pid")
+    PER_PROCESS = ("_files", "_sized", "_verified", "_pid", "_touch_lock")
 
     def _reset(self) -> None:
+        self._touch_lock = threading.Lock()
         self._files: OrderedDict = OrderedDict()
         self._sized: set[int] = set()
         self._verified: dict[tuple, set[int]] = {}
@@ -50,9 +52,12 @@ class ShardReader:
     def _touch(self, shard: int) -> None:
         """Check `shard`'s files once per process, before its data is read."""
         self._this_process()
-        if shard not in self._sized:
-            self._check_sizes(shard)
-            self._sized.add(shard)
+        if shard in self._sized:
+            return
+        with self._touch_lock:     # a remote cache's download threads touch shards too: one check each, not one per thread
+            if shard not in self._sized:
+                self._check_sizes(shard)
+                self._sized.add(shard)
 
     def _file(self, shard: int, part: int, name: str):
         """The reader of array `name`, part `part` of `shard`: opened once per process, kept in the LRU."""

@@ -132,3 +132,39 @@ def test_a_limit_of_a_few_spans_fetches_each_byte_once_per_epoch(s3_bucket, imag
            **(kw | {"shuffle_span": 0}))
     assert sum(f.size for f in fetched) > _view_bytes(cache, 0) + _view_bytes(cache, 1)
     assert "files are fetched more than once; --shuffle-span" in capsys.readouterr().out    # train says so
+
+
+def test_a_remote_shard_is_checked_once_per_process_with_one_listing(s3_bucket, micro_cache, tmp_path, monkeypatch):
+    """First touch of a remote shard: its object sizes from one listing (not a HEAD per file: ~10 ms of CPU and a
+    round trip each), once however many download threads touch it at the same time; a missing object is named."""
+    import collections
+    import threading
+
+    import s3fs
+
+    from g2sd_cache.cache.local_mirror import LocalCacheConfig
+    from g2sd_cache.cache.reader import Cache, open_cache
+    from g2sd_cache.common.errors import CacheCorruptError
+    url = f"{s3_bucket}/c"
+    _upload(micro_cache, url)
+    cache = open_cache(url, LocalCacheConfig(str(tmp_path / "lc")))
+    calls, checks = collections.Counter(), []
+    real_call, real_check = s3fs.S3FileSystem._call_s3, Cache._check_sizes
+
+    async def counted(self, method, *a, **k):
+        calls[method] += 1
+        return await real_call(self, method, *a, **k)
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counted)
+    monkeypatch.setattr(Cache, "_check_sizes", lambda self, shard, **k: (checks.append(shard), real_check(self, shard, **k))[1])
+    threads = [threading.Thread(target=cache._touch, args=(1,)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert checks == [1]
+    assert calls["head_object"] == 0 and calls["list_objects_v2"] >= 1
+    fs, path = fsspec.core.url_to_fs(url)
+    gone = sorted(p for p in fs.find(f"{path}/shard-00002") if "/mask/c/1/" in p)[0]
+    fs.rm_file(gone)
+    with pytest.raises(CacheCorruptError, match=r"shard-00002 is corrupt: file mask/c/1/\S+ is missing"):
+        cache._touch(2)
