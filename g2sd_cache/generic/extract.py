@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from g2sd_cache.cache import codecs
+from g2sd_cache.cache.lossless import LOSSLESS_ARRAY
 from g2sd_cache.cache.pixel_codecs import DEFAULT_QUALITY, JPEG_ARRAY, PIXEL_MODES, decode_jpegs
 from g2sd_cache.common.config import check_seed, to_yaml
 from g2sd_cache.common.dist import DIST_TIMEOUT_MIN, DistEnv, run_on_ranks
@@ -189,6 +190,8 @@ class _ShardAssembler:
                 item["patches"] = decode_jpegs(item["jpeg"], g.num_visible, g.patch_size, self.jpeg_decoder).cpu()
             for v, blob in enumerate(item["jpeg"]):
                 b[JPEG_ARRAY][v, row] = blob
+        for v, blob in enumerate(item.get("lossless") or ()):   # the exact patches, encoded by the worker
+            b[LOSSLESS_ARRAY][v, row] = blob
         if "pixels" in b:
             b["pixels"][:, row] = item["patches"].numpy()
         self.image_crc32c.append(item["crc32c"])
