@@ -52,11 +52,15 @@ def filter_patches(patches: np.ndarray) -> np.ndarray:
 
 
 def unfilter(residuals: torch.Tensor) -> torch.Tensor:
-    """Residual planes uint8 [..., n_keep, 3, p, p] -> patches uint8 [..., n_keep, p, p, 3] (on their device)."""
-    c = residuals.to(torch.int32).cumsum(-1).cumsum(-2)
+    """Residual planes uint8 [..., n_keep, 3, p, p] -> patches uint8 [..., n_keep, p, p, 3] (on their device).
+    Sums in uint8 wrap mod 256, which is the arithmetic of the filter (a wider sum cast back would agree)."""
+    c = residuals.cumsum(-1, dtype=torch.uint8).cumsum(-2, dtype=torch.uint8)
     g = c[..., 1, :, :]
-    x = torch.stack([c[..., 0, :, :] + g, g, c[..., 2, :, :] + g], dim=-1)
-    return (x & 255).to(torch.uint8)
+    x = torch.empty((*c.shape[:-3], c.shape[-2], c.shape[-1], 3), dtype=torch.uint8, device=c.device)
+    torch.add(c[..., 0, :, :], g, out=x[..., 0])
+    x[..., 1] = g
+    torch.add(c[..., 2, :, :], g, out=x[..., 2])
+    return x
 
 
 _CODEC = Blosc(cname=COMPRESSOR["cname"], clevel=COMPRESSOR["clevel"], shuffle=COMPRESSOR["shuffle"])
