@@ -124,6 +124,13 @@ def test_training_on_a_lossless_cache_equals_the_visible_cache_loss_for_loss(los
     assert [m["loss"] for m in a] == [m["loss"] for m in b]
 
 
+def test_replay_through_the_live_teacher_sees_the_stored_targets(lossless_cache, tmp_path):
+    """Replay feeds the teacher what the student sees (the residuals undone on the device): the live targets equal
+    the stored ones within fp16 rounding; a wrong pixel anywhere would show as a large error."""
+    replay = run_train(tmp_path / "replay", None, cache=str(lossless_cache), teacher="random", steps=4)
+    assert len(replay) == 4 and all(m["replay_rel_rmse"] < 1e-3 for m in replay), replay
+
+
 def test_verify_and_the_reader_name_a_flipped_byte_in_a_lossless_chunk(lossless_cache, tmp_path):
     bad = copy_cache(lossless_cache, tmp_path / "bad")
     path = shard_file(bad, "shard-00001", "lossless", view=0)
