@@ -21,6 +21,8 @@ Nothing is lost anywhere, so teacher and student see the exact patches and no de
 """
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import torch
 from numcodecs import Blosc, blosc
@@ -74,12 +76,12 @@ def encode(patches: np.ndarray) -> bytes:
 def decompress_into(blob, dest: np.ndarray) -> None:
     """The stored bytes of one view -> its residual planes, written into `dest` (uint8 [n_keep, 3, p, p], C-contiguous:
     a row of a batch buffer). Raises ValueError if the blob is not a frame of exactly that many bytes."""
-    src = np.frombuffer(blob, dtype=np.uint8)
+    src = memoryview(blob).cast("B")
     # Blosc's 16-byte header: version, versionlz, flags, typesize, then uint32 LE nbytes, blocksize, cbytes. Blosc
     # trusts cbytes, so a frame cut short is refused here, before it would read past the blob.
     if len(src) < 16:
         raise ValueError(f"a lossless pixel frame of {len(src)} bytes is shorter than its header")
-    nbytes, cbytes = int(src[4:8].view("<u4")[0]), int(src[12:16].view("<u4")[0])
+    nbytes, _, cbytes = struct.unpack_from("<III", src, 4)
     if cbytes != len(src):
         raise ValueError(f"a lossless pixel frame of {len(src)} bytes says it has {cbytes}")
     if nbytes != dest.nbytes:
