@@ -27,7 +27,7 @@ from g2sd_cache.cache.logits import index_dtype, logits_specs, open_logits
 from g2sd_cache.models.mae import build_student as build_stage1_student
 from g2sd_cache.specific.config import FinetuneConfig, LogitsConfig
 from g2sd_cache.verify.logits import verify_logits
-from tests.common.helpers import sigterm_after_first_record
+from tests.common.helpers import sigterm_after_first_record, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 MICRO = "test_vit_micro_patch16"
@@ -438,7 +438,7 @@ def test_two_ranks_resumed_on_one_continue_the_same_run(image_folder, stage1_exp
     cache = tmp_path / "lc2"
     run_extract_logits(logits_config(image_folder, cache, **plan))
     full = run_finetune(tmp_path / "full", image_folder, stage1_export, logits=str(cache), accum_iter=2, **plan)
-    done = _torchrun(2, 29541, "--data", image_folder, "--init", stage1_export, "--out", tmp_path / "ddp", "--arch", MICRO,
+    done = _torchrun(2, free_port(), "--data", image_folder, "--init", stage1_export, "--out", tmp_path / "ddp", "--arch", MICRO,
                      "--img-size", 32, "--group-size", 2, "--epochs", 2, "--workers", 0, "--device", "cpu",
                      "--log-every", 1, "--warmup-epochs", 1, "--blr", 5e-2, "--logits", cache, "--stop-after", 2)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -510,7 +510,7 @@ def test_demo_micro_runs_both_stages(tmp_path):
 def test_two_ranks_extract_the_same_logits_cache_as_one(image_folder, logits_cache, tmp_path):
     """torchrun with 2 ranks: disjoint shards per rank, the manifest from rank 0, the arrays of a 1-rank run."""
     out = tmp_path / "lc-ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29551", "-m",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m",
            "g2sd_cache.cli.main", "extract-logits", "--data", str(image_folder), "--out", str(out), "--teacher", TEACHER,
            "--teacher-arch", MICRO, "--img-size", "32", "--group-size", "4", "--cached-epochs", "2", "--topk", "2",
            "--shard-groups", "1", "--workers", "0", "--device", "cpu"]
