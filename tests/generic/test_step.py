@@ -5,7 +5,6 @@ Per-sample weights are recovered by least squares: the step's gradient (through 
 micro-steps, DDP included) against the gradients of each sample's own loss.
 """
 import os
-import tempfile
 
 import numpy as np
 import pytest
@@ -15,7 +14,6 @@ import torch.multiprocessing as mp
 
 from g2sd_cache.common.dist import DistEnv
 from g2sd_cache.generic.step import Distiller, Setup, TrainConfig
-from g2sd_cache.models.mae import build_student
 from g2sd_cache.generic.stream import Batch
 from g2sd_cache.data.views import ViewGeometry
 from tests.common.helpers import free_port

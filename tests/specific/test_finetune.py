@@ -24,7 +24,6 @@ from g2sd_cache.specific.extract_logits import run_extract_logits
 from g2sd_cache.specific.finetune import finetune
 from g2sd_cache.specific.finetuned import read_finetuned
 from g2sd_cache.cache.logits import index_dtype, logits_specs, open_logits
-from g2sd_cache.models.mae import build_student as build_stage1_student
 from g2sd_cache.specific.config import FinetuneConfig, LogitsConfig
 from g2sd_cache.verify.logits import verify_logits
 from tests.common.helpers import sigterm_after_first_record, free_port
@@ -34,13 +33,6 @@ MICRO = "test_vit_micro_patch16"
 TEACHER = "random:1"
 PLAN = dict(img_size=32, group_size=4)     # image_folder: 12 images in 3 classes -> 3 groups per epoch
 
-
-@pytest.fixture(scope="module")
-def stage1_export(tmp_path_factory) -> Path:
-    """A stage-1 micro student's encoder, as `g2sd-cache export` writes it."""
-    path = tmp_path_factory.mktemp("stage1") / "encoder.pth"
-    torch.save(build_stage1_student("test_vit_micro_patch16_dec32d1b", 32, 32, seed=5).encoder_state_dict(), path)
-    return path
 
 
 def logits_config(data, out, **kw) -> LogitsConfig:
