@@ -39,8 +39,9 @@ from g2sd_cache.common.workers import keep_as_is, mp_context
 from g2sd_cache.training.precision import TEACHER_PRECISIONS, recorded_precision, resolve_teacher_precision, teacher_autocast
 from g2sd_cache.cache.writer import ShardData, ShardWriter
 from g2sd_cache.generic.extract_views import RenderedImages, ShardPlan
-from g2sd_cache.generic.calibrate import (AUTO, Calibration, calibrate, format_calibration, needs_calibration,
-                                          read_calibration, teacher_targets, write_calibration)
+from g2sd_cache.cache.inspect import format_calibration
+from g2sd_cache.generic.calibrate import (AUTO, Calibration, calibrate, needs_calibration, read_calibration,
+                                          teacher_targets, write_calibration)
 from g2sd_cache.generic.manifest import write_manifest
 
 
