@@ -96,6 +96,8 @@ def main(argv=None) -> int:
     ap.add_argument("--teacher", default="random:0", help="random:SEED (default random:0), pretrained-micro[:SEED] "
                     "(with --arch test_mae_micro_patch16) or an MAE checkpoint")
     ap.add_argument("--img-size", type=int, default=224, help="crop size in pixels (default 224)")
+    ap.add_argument("--ranks", type=int, nargs="+", metavar="R", help="ranks of the low-rank table (default 16 32 64 "
+                    "128 256; those above the target width are left out)")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -105,6 +107,9 @@ def main(argv=None) -> int:
         x = teacher_targets(data, args.arch, args.images, teacher_spec=args.teacher, img_size=args.img_size)
         rows = {}
         for name, codec in codecs.CODECS.items():
+            if codec.rank is not None and codec.rank >= x.shape[-1]:
+                print(f"skipping {name}: rank {codec.rank} is not below the target width {x.shape[-1]}")
+                continue
             root = tmp / f"cache-{name}"
             run_extract(ExtractConfig(data=str(data), out=str(root), teacher=args.teacher, arch=args.arch, views=1,
                                       img_size=args.img_size,
@@ -119,7 +124,7 @@ def main(argv=None) -> int:
                                                        for s in m.shards) / m.views,
                           "formula_bytes_per_view": codec.bytes_per_view(m.tokens, m.target_dim)}
         rows["int4 (fp32 scale per token)"] = int4_per_token_error(x)
-        ranks = lowrank_by_rank(x)
+        ranks = lowrank_by_rank(x, tuple(args.ranks) if args.ranks else (16, 32, 64, 128, 256))
     fp16 = rows["fp16"]["bytes_per_view"]
     print(f"{args.images} views of {args.teacher} {args.arch}, targets {list(x.shape[1:])}\n")
     print("| codec | bytes/view on disk | vs fp16 | target bytes/view (formula) | rel. RMS error | cosine |")

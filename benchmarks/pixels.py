@@ -7,14 +7,20 @@
 2. Encodes them every way considered, per view: `visible` (the exact patches, today's default); JPEG of the
    7 x 7 tiled patches at several qualities, 4:4:4 (what `--pixels jpeg` stores) and 4:2:0; lossless: PNG of
    the tiled image, zstd (levels 3 and 19) of the raw patches and of left-difference-filtered patches (PNG's
-   Sub filter, per patch row).
+   Sub filter, per patch row), and `--pixels lossless` as shipped (cache/lossless.py: colour-decorrelated 2-D
+   difference residuals, Blosc LZ4HC), whole and its host part alone, and the same residuals under zstd-19.
 3. Per candidate: mean bytes per view, max abs / mean abs error and PSNR against the exact patches (lossy
    only), and the CPU time of decoding one view into the [49, 16, 16, 3] batch layout (one thread, batches of
    64, process CPU time): what the pixel path would spend per sample.
-4. Feed: `cached_samples_per_s_per_core` of the training read itself (`Cache.take` of pixels, targets, scales
-   and masks for batches of 64 random rows: memory-mapped reads, checksums and, for jpeg, the decode) on two
-   caches of the same views, `--pixels visible` and `--pixels jpeg`, int8 targets; and the cores per GPU that
-   rate needs at the data section's estimated feed rate for ViT-S and for ViT-T (250 TFLOPS / GFLOP per sample).
+4. Feed (`feed`): for each pixel mode (visible, lossless, jpeg) a pca64 cache of the same photographs (a random
+   ViT-B teacher: 197 x 512 targets, so ViT-B's bytes per view), its bytes per view (total, targets, pixels), and
+   the host's cost of feeding it, per CPU-second of one core, at batch 16 (the CPU benchmark's) and 256 (a GPU's):
+   `take_samples_per_s_per_core`, the read alone (`Cache.take` of pixels -- for lossless the decompressed residual
+   planes --, codes, scales, masks of random rows), and `cached_samples_per_s_per_core`, train's whole pixel-path
+   loader (StepLoader: read_cached on its background thread, webdataset stages, buffer pool);
+   `device_ms_per_batch_on_this_cpu`: what training then runs on the device (the low-rank decode, the lossless
+   unfilter), timed on this CPU. `feed_cores_per_gpu` {take, loader}: the ESTIMATED feed rate (250 TFLOPS / the
+   student's GFLOP per sample, ViT-S and ViT-T) over the per-core rate at batch 256.
 """
 from __future__ import annotations
 
@@ -92,7 +98,28 @@ def candidates():
         out[f"sub+zstd{level}"] = (lambda p, z=z: z.encode(_sub_filter(p).tobytes()),
                                    lambda bs, z=z: _unsub(np.stack([np.frombuffer(z.decode(b), np.uint8).reshape(shape)
                                                                     for b in bs])))
+    from g2sd_cache.cache import lossless
+
+    def host_part(bs):    # what the feed's host does for --pixels lossless: decompress into the batch buffer
+        res = np.empty((len(bs), *lossless.residual_shape(49, 16)), np.uint8)
+        for i, b in enumerate(bs):
+            lossless.decompress_into(b, res[i])
+        return res
+
+    # --pixels lossless as shipped: the host's part alone (the device undoes the filter), and all of it on a CPU
+    out["lossless"] = (lossless.encode, lambda bs: lossless.unfilter(torch.from_numpy(host_part(bs))).numpy())
+    out["lossless-host-part"] = (lossless.encode, host_part)
+    z19 = Zstd(level=19)    # the same residuals under zstd: fewer bytes, slower to decompress
+    out["lossless-filter+zstd19"] = (lambda p: z19.encode(lossless.filter_patches(p).tobytes()),
+                                     lambda bs: lossless.unfilter(torch.from_numpy(np.stack(
+                                         [np.frombuffer(z19.decode(b), np.uint8).reshape(49, 3, 16, 16) for b in bs]))
+                                     ).numpy())
     return out
+
+
+def candidates_unfilter(res: np.ndarray) -> np.ndarray:
+    from g2sd_cache.cache.lossless import unfilter
+    return unfilter(torch.from_numpy(res)).numpy()
 
 
 def measure(patches: np.ndarray) -> dict:
@@ -100,6 +127,8 @@ def measure(patches: np.ndarray) -> dict:
     for name, (enc, dec) in candidates().items():
         blobs = [enc(p) for p in patches]
         back = dec(blobs)
+        if name.endswith("host-part"):   # residual planes, not pixels: exact iff the whole decode is
+            back = candidates_unfilter(back)
         diff = back.astype(np.int16) - patches.astype(np.int16)
         mse = float((diff.astype(np.float64) ** 2).mean())
         batches = [blobs[i:i + 64] for i in range(0, len(blobs), 64)]
@@ -117,29 +146,105 @@ def measure(patches: np.ndarray) -> dict:
     return res
 
 
-def feed(folder: Path, work: Path, per_image: int) -> dict:
-    """cached_samples_per_s_per_core of Cache.take on a visible and a jpeg cache of the same views."""
+FEED_CODEC, FEED_TEACHER = "pca64", "mae_vit_base_patch16"   # a <= 40 KB cache's targets: ViT-B's 197 x 512 at rank 64
+FEED_MODES = ("visible", "lossless", "jpeg")
+FEED_BATCHES = (16, 256)      # the CPU benchmark's batch and a GPU's
+
+
+def _feed_caches(folder: Path, work: Path, per_image: int) -> dict:
+    """A pca64 cache of the photographs (random ViT-B, K = per_image views) for each pixel mode."""
+    from g2sd_cache.benchmarks.common import quiet
     from g2sd_cache.cache.reader import open_cache
     from g2sd_cache.generic.extract import ExtractConfig, run_extract
     out = {}
-    for pixels in ("visible", "jpeg"):
-        cache_dir = work / pixels
-        run_extract(ExtractConfig(data=str(folder), out=str(cache_dir), teacher="random", arch="test_mae_micro_patch16",
-                                  views=1, codec="int8", pixels=pixels, workers=0, device="cpu", shard_size=256,
-                                  chunk_views=16))
-        cache = open_cache(str(cache_dir))
-        n = cache.shard_images[0]
-        specs = cache.specs
-        bufs = {"pixels": np.empty((64, *cache.pixel_shape), np.uint8)} | {
-            k: np.empty((64, *specs[k].per_view_shape), specs[k].dtype) for k in ("target", "scale", "mask") if k in specs}
-        rng = np.random.default_rng(0)
-        cache.take(0, 0, np.arange(n), {k: np.empty((n, *v.shape[1:]), v.dtype) for k, v in bufs.items()}, np.arange(n))
-        t0, done = time.process_time(), 0
-        while time.process_time() - t0 < 2.0:
-            cache.take(0, 0, rng.choice(n, 64, replace=n < 64), bufs, np.arange(64))
-            done += 64
-        out[pixels] = done / (time.process_time() - t0)
-        log(f"Cache.take, {pixels} pixels + int8 targets: {out[pixels]:,.0f} samples/s per core")
+    for pixels in FEED_MODES:
+        log(f"feed: extracting a {FEED_CODEC} + --pixels {pixels} cache ({FEED_TEACHER}, random weights)")
+        with quiet():
+            run_extract(ExtractConfig(data=str(folder), out=str(work / pixels), teacher="random", arch=FEED_TEACHER,
+                                      views=per_image, codec=FEED_CODEC, pixels=pixels, workers=0, device="cpu",
+                                      shard_size=256, chunk_views=16, calibration_views=64))
+        out[pixels] = open_cache(str(work / pixels))
+    return out
+
+
+def _bytes_per_view(cache) -> dict:
+    m = cache.manifest
+    per = lambda *arrays: sum(n for e in m.shards for rel, n in e.files.items()   # noqa: E731
+                              if rel.split("/")[0] in arrays) / m.views
+    return {"bytes_per_view": per(*{rel.split("/")[0] for e in m.shards for rel in e.files}),
+            "target_bytes_per_view": per("target", "scale"), "pixel_bytes_per_view": per("pixels", "jpeg", "lossless")}
+
+
+def _take_rate(cache, batch: int, seconds: float) -> float:
+    """views/s per core of the host's read alone: Cache.take of the pixels (a lossless cache: decompressed
+    residual planes only), codes, scales and masks of `batch` random rows into batch buffers."""
+    specs = cache.specs
+    pix = ("lossless", cache.residual_shape) if cache.lossless else ("pixels", cache.pixel_shape)
+    bufs = {pix[0]: np.empty((batch, *pix[1]), np.uint8)} | {
+        k: np.empty((batch, *specs[k].per_view_shape), specs[k].dtype) for k in ("target", "scale", "mask")}
+    n, k = cache.shard_images[0], cache.views_per_image
+    rng = np.random.default_rng(0)
+    for v in range(k):   # warm: maps opened, every chunk's crc32c checked once
+        cache.take(0, v, np.arange(n), {a: np.empty((n, *b.shape[1:]), b.dtype) for a, b in bufs.items()}, np.arange(n))
+    t0, done = time.process_time(), 0
+    while time.process_time() - t0 < seconds:
+        cache.take(0, done // batch % k, rng.integers(0, n, batch), bufs, np.arange(batch))
+        done += batch
+    return done / (time.process_time() - t0)
+
+
+def _loader_rate(cache, batch: int, views: int) -> float:
+    """views/s per core (CPU time of the process, all threads) of train's own pixel-path loader (StepLoader,
+    read_cached on its background thread, webdataset stages, buffer pool), `views` random views in batches."""
+    from g2sd_cache.benchmarks.common import cpu_clock
+    from g2sd_cache.generic.plan import EpochOrder
+    from g2sd_cache.generic.stream import StepLoader, StreamSpec
+    n = cache.shard_images[0]
+    order = EpochOrder(0, np.zeros(n, np.int64), np.arange(n, dtype=np.int64))
+    spec = StreamSpec(source=None, cache=cache, geometry=cache.manifest.geometry, seed=0, view=0, order=order)
+    steps = max(4, views // batch)
+    pos = np.random.default_rng(1).integers(0, n, (steps, batch))
+    for _ in StepLoader(spec, pos[:2], batch_size=batch, workers=0, prefetch=2, pin_memory=False):
+        pass
+    with cpu_clock() as got:
+        done = sum(len(b) for step in StepLoader(spec, pos, batch_size=batch, workers=0, prefetch=2,
+                                                   pin_memory=False) for b in step)
+    return done / got["cpu_s"]
+
+
+def _device_ms(cache, batch: int, repeats: int = 5) -> dict:
+    """ms per batch of what training runs on the device after the copy (timed here on the CPU, one thread:
+    on a GPU each is a few kernels): the low-rank decode, and a lossless cache's unfilter."""
+    from g2sd_cache.cache import codecs, lossless
+    b = cache.read_block(0, 0, 0, cache.shard_images[0])
+    reps = -(-batch // len(b))
+    codes = codecs.from_storage(cache.codec, np.array(b.codes)).repeat(reps, 1, 1)[:batch]
+    scale = torch.from_numpy(np.array(b.scale)).repeat(reps, 1)[:batch]
+    res = torch.from_numpy(lossless.filter_patches(b.pixels)).repeat(reps, 1, 1, 1, 1)[:batch]
+    out = {}
+    for name, fn in (("lowrank_decode", lambda: codecs.decode(cache.codec, codes, scale, basis=cache.basis)),
+                     ("lossless_unfilter", lambda: lossless.unfilter(res))):
+        t0 = time.process_time()
+        for _ in range(repeats):
+            fn()
+        out[name] = 1e3 * (time.process_time() - t0) / repeats
+    return out
+
+
+def feed(folder: Path, work: Path, per_image: int, seconds: float = 2.0) -> dict:
+    """Per pixel mode, a pca64 cache's bytes per view and the host's cost of feeding it: the read alone
+    (`take_samples_per_s_per_core`) and train's whole loader (`cached_samples_per_s_per_core`), at each batch."""
+    out = {}
+    for pixels, cache in _feed_caches(folder, work, per_image).items():
+        r = {**_bytes_per_view(cache), "codec": FEED_CODEC, "teacher": f"{FEED_TEACHER} (random)",
+             "take_samples_per_s_per_core": {}, "cached_samples_per_s_per_core": {}}
+        for batch in FEED_BATCHES:
+            r["take_samples_per_s_per_core"][str(batch)] = _take_rate(cache, batch, seconds)
+            r["cached_samples_per_s_per_core"][str(batch)] = _loader_rate(cache, batch, 8192)
+            log(f"{FEED_CODEC} + {pixels}, batch {batch}: Cache.take {r['take_samples_per_s_per_core'][str(batch)]:,.0f}"
+                f", train's loader {r['cached_samples_per_s_per_core'][str(batch)]:,.0f} views/s per core")
+        r["device_ms_per_batch_on_this_cpu"] = _device_ms(cache, FEED_BATCHES[-1])
+        out[f"{FEED_CODEC}+{pixels}"] = r
     return out
 
 
@@ -170,14 +275,17 @@ def main(argv=None) -> int:
         from g2sd_cache.models.pretrain import PHOTOS, photographs
         for i, img in enumerate(photographs(PHOTOS, side=10_000)):
             img.save(folder / f"{i:03d}.png")
-        report["cached_samples_per_s_per_core"] = feed(folder, Path(tmp), args.views_per_image)
+        report["feed"] = feed(folder, Path(tmp), args.views_per_image)
     report["feed_rates"] = rates()
-    report["feed_cores_per_gpu"] = {
-        pixels: {name: r["feed_rate_samples_per_s"] / per_core for name, r in report["feed_rates"].items()}
-        for pixels, per_core in report["cached_samples_per_s_per_core"].items()}
     report["feed_rate_basis"] = "ESTIMATE: 250 TFLOPS sustained / the student's GFLOP per sample (forward + backward)"
-    for pixels, need in report["feed_cores_per_gpu"].items():
-        log(f"{pixels}: {need[VIT_S]:.2f} cores per GPU at the ViT-S rate, {need[VIT_T]:.2f} at the ViT-T rate")
+    for combo, r in report["feed"].items():
+        r["feed_cores_per_gpu"] = {what: {name: fr["feed_rate_samples_per_s"] / r[key][str(FEED_BATCHES[-1])]
+                                          for name, fr in report["feed_rates"].items()}
+                                   for what, key in (("take", "take_samples_per_s_per_core"),
+                                                     ("loader", "cached_samples_per_s_per_core"))}
+        need = r["feed_cores_per_gpu"]["loader"]
+        log(f"{combo}: {r['bytes_per_view']:,.0f} B/view; train's loader at batch {FEED_BATCHES[-1]} needs "
+            f"{need[VIT_S]:.2f} cores per GPU at the ViT-S rate, {need[VIT_T]:.2f} at the ViT-T rate")
     print(json.dumps(report, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))

@@ -21,6 +21,13 @@ Every arm is repeated for --seeds seeds (student initialisation, data order and 
 the held-out views do not), and its gap to online is taken within each seed, then averaged: the spread is
 that of the paired differences.
 
+Parity (fidelity/paired.py): every cached arm CODEC:PIXELS:K is also judged against fp16 with the same PIXELS
+and K (fp16 with other pixels against fp16 with exact ones: the pixel mode's own cost), which sees the same
+views in the same order from the same initialisation, so only the stored targets (or pixels) differ. The
+study adds these references where they are missing (one line each), reports the paired gap's mean ± standard
+error, and says whether the error is below 1 % of online's loss and the gap within 2 errors of zero. A pcaR arm
+with R at or above the teacher's target width is skipped with one line; an --arms given twice is refused.
+
 Nothing here trains or extracts on its own: caches come from `g2sd_cache.generic.extract.run_extract`, students from
 `g2sd_cache.generic.train.train` (cached arms with `cache=`, the online arm with `teacher=` and `data=`), read back
 from the run's checkpoint. For a seed s, extract's view v of an image is the view online G2SD trains on in

@@ -8,7 +8,9 @@ the numbers (n/a where this run cannot judge, e.g. the CUDA kernel on a CPU run)
 - extract >= 0.95x the bare teacher forward (steady state, and end to end);
 - int8 and fp8 target bytes <= 0.51x fp16, with relative RMS error <= 1 %; int4 (when the codec exists)
   target bytes <= 57,000 per view (197 x 512);
-- the fused loss kernel (CUDA) >= 0.85x copy bandwidth and >= 3x torch eager.
+- the fused loss kernel (CUDA) >= 0.85x copy bandwidth and >= 3x torch eager;
+- issue 18's compact caches (pca64 + lossless / jpeg pixels): <= 40,000 B per ViT-B view (197 x 512), fed from
+  <= 2 cores per GPU at the ViT-T rate (the data section's loader at this run's batch; an estimate off CUDA).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from g2sd_cache.benchmarks.report import fmt, short
 
 TARGETS = {"efficiency": 0.95, "pixel_speedup": 20.0, "cached_per_core": 8000.0, "feed_cores": 2.0,
            "extract": 0.95, "quant_target_bytes": 0.51, "quant_rmse": 0.01, "int4_target_bytes": 57_000,
-           "loss_copy": 0.85, "loss_eager": 3.0}
+           "loss_copy": 0.85, "loss_eager": 3.0, "compact_bytes": 40_000}
 
 
 def judge(ok: bool | None) -> str:
@@ -70,6 +72,16 @@ def targets_rows(rep: dict) -> list[dict]:
         row("int4 target bytes per view (197 x 512)", "≤ 57,000",
             f"{s['int4']['target_bytes_per_view']:,.0f} B ({s['tokens']} x {s['target_dim']})",
             s["int4"]["target_bytes_per_view"] <= TARGETS["int4_target_bytes"] if big else None)
+    for name in (n for n in s["codecs"] if "+" in n):   # storage.<codec>+<pixels>: the compact caches
+        big = s["tokens"] == 197 and s["target_dim"] == 512
+        row(f"{name} bytes per view (targets + pixels + rest, 197 x 512)", "≤ 40,000",
+            f"{s[name]['bytes_per_view']:,.0f} B (targets {s[name]['target_bytes_per_view']:,.0f}, pixels "
+            f"{s[name]['pixel_bytes_per_view']:,.0f})", s[name]["bytes_per_view"] <= TARGETS["compact_bytes"] if big else None)
+        cores = {st: v.get(name) for st, v in d.get("feed_cores_per_gpu_by_student", {}).items()}
+        tiny = next((st for st in cores if "tiny" in st), None)
+        if tiny and cores[tiny] is not None:
+            row(f"cores to feed one GPU at the ViT-T rate, {name} (batch {d['batch_size']})", "≤ 2",
+                f"{label}{cores[tiny]:.2f}", cores[tiny] <= TARGETS["feed_cores"])
     lt = loss_targets(rep["loss"])
     frac, speed = lt["min_frac_of_copy"], lt["min_speedup_vs_eager"]
     cpu_note = "kernel needs CUDA (this run: CPU)" if frac is None and speed is None else None

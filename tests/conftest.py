@@ -19,6 +19,7 @@ from tests.common.helpers import micro_extract_config  # noqa: E402
 
 from g2sd_cache.generic.extract import run_extract  # noqa: E402
 from g2sd_cache.data.synthetic import make_image_folder  # noqa: E402
+from g2sd_cache.models.mae import build_student as build_stage1_student  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -51,3 +52,11 @@ def micro_cache_no_pixels(image_folder, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cache-nopix") / "c"
     run_extract(micro_extract_config(image_folder, out, pixels="none"))
     return out
+
+
+@pytest.fixture(scope="session")
+def stage1_export(tmp_path_factory) -> Path:
+    """A stage-1 micro student's encoder, as `g2sd-cache export` writes it: stage 2's --init."""
+    path = tmp_path_factory.mktemp("stage1") / "encoder.pth"
+    torch.save(build_stage1_student("test_vit_micro_patch16_dec32d1b", 32, 32, seed=5).encoder_state_dict(), path)
+    return path

@@ -14,15 +14,17 @@ from pathlib import Path
 
 import torch
 
+from g2sd_cache.cache import lowrank
 from g2sd_cache.common.dist import resolve_device
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.generic.extract import ExtractConfig, run_extract
-from g2sd_cache.models.mae import MAETeacher, build_student, build_teacher
+from g2sd_cache.models.mae import TEACHER_PRESETS, MAETeacher, build_student, build_teacher
 from g2sd_cache.training.metrics import METRICS
 from g2sd_cache.generic.train import TrainConfig, train
 
 from g2sd_cache.benchmarks.common import quiet, torch_threads
 from g2sd_cache.benchmarks.fidelity.data import HeldOut, evaluate, prepare_data, render_heldout, trained_student
+from g2sd_cache.benchmarks.fidelity.paired import paired_gap, reference_key
 from g2sd_cache.benchmarks.fidelity.setup import BETA, DEFAULT_CODEC, Plan, StudyConfig, log, parse_arm
 
 
@@ -38,18 +40,39 @@ class Arm:
         return self.views is None
 
 
-def make_arms(ks: list[int], codec_k: int, codec_names: list[str], extra: tuple[str, ...] = ()) -> list[Arm]:
+def make_arms(ks: list[int], codec_k: int, codec_names: list[str], extra: tuple[str, ...] = (),
+              width: int | None = None, say=log) -> list[Arm]:
     """online, cached-kK (default codec) for every K, then every codec at `codec_k`, then the `extra` arms
-    (CODEC:PIXELS:K, named CODEC-PIXELS-kK). The default codec at `codec_k` is cached-k{codec_k} itself when
-    that K is in `ks`, so it is not trained twice."""
+    (CODEC:PIXELS:K, named CODEC-PIXELS-kK), then the fp16 reference every cached arm is judged against
+    (fidelity/paired.py) where the study does not train it already. An arm already in the list (the default
+    codec at `codec_k` is cached-k{codec_k} itself when that K is in `ks`) is trained once; a pcaR arm with
+    R >= `width` (the teacher's target width) is skipped: its codes are no smaller than the targets. Each skip
+    and addition is said in one line."""
     arms = [Arm("online", None, None)] + [Arm(f"cached-k{k}", k, DEFAULT_CODEC) for k in ks]
-    for name in codec_names:
-        if name == DEFAULT_CODEC and codec_k in ks:
-            continue
-        arms.append(Arm(f"{name}-k{codec_k}", codec_k, name))
+    have = {(a.codec, a.pixels, a.views): a for a in arms if not a.online}
+    wanted = [(f"{name}-k{codec_k}", name, "visible", codec_k, f"--codecs {name}") for name in codec_names]
     for spec in extra:
         codec, pixels, k = parse_arm(spec)
-        arms.append(Arm(f"{codec}-{pixels}-k{k}", k, codec, pixels))
+        wanted.append((f"{codec}-{pixels}-k{k}", codec, pixels, k, f"--arms {spec}"))
+    for name, codec, pixels, k, flag in wanted:
+        rank = lowrank.parse_rank(codec)
+        if width is not None and rank is not None and rank >= width:
+            say(f"skipping {flag}: rank {rank} is not below the teacher's target width {width}, so its codes "
+                f"are no smaller than the targets")
+            continue
+        if (codec, pixels, k) in have:
+            if flag.startswith("--arms"):
+                say(f"{flag} is {have[codec, pixels, k].name}, already in the study: trained once")
+            continue
+        have[codec, pixels, k] = Arm(name, k, codec, pixels)
+        arms.append(have[codec, pixels, k])
+    for arm in arms:           # grows while it runs: a reference's own reference (fp16:jpeg -> fp16:visible) too
+        key = reference_key(arm.codec, arm.pixels, arm.views)
+        if key is not None and key not in have:
+            codec, pixels, k = key
+            have[key] = Arm(f"cached-k{k}" if pixels == "visible" else f"{codec}-{pixels}-k{k}", k, codec, pixels)
+            arms.append(have[key])
+            say(f"adding {have[key].name}: the reference {arm.name} is judged against (fp16, same K and pixels)")
     return arms
 
 
@@ -128,11 +151,15 @@ def mean_std(values: list[float]) -> dict:
 
 
 def summarise(arms: list[Arm], per_seed: dict[str, list[dict]], teacher: str = "") -> list[dict]:
-    """The JSON's "arms": each arm's metrics over seeds and its gap to online, paired seed by seed."""
+    """The JSON's "arms": each arm's metrics over seeds, its gap to online and its gap to its fp16 reference
+    (`reference`, `gap_to_reference`: fidelity/paired.py; None where an arm has none), paired seed by seed."""
     online = per_seed["online"]
+    online_mean = statistics.fmean(o["heldout_loss"] for o in online)
+    by_key = {(a.codec, a.pixels, a.views): a.name for a in arms if not a.online}
     rows = []
     for arm in arms:
         res = per_seed[arm.name]
+        ref = by_key.get(reference_key(arm.codec, arm.pixels, arm.views))
         rows.append({
             "name": arm.name, "views": arm.views, "codec": arm.codec, "pixels": None if arm.online else arm.pixels,
             "teacher": teacher, "bytes_per_view": res[0]["bytes_per_view"],
@@ -146,6 +173,9 @@ def summarise(arms: list[Arm], per_seed: dict[str, list[dict]], teacher: str = "
             # the standard error of the mean gap: how well the seeds pin it down (std / sqrt(seeds))
             "gap_sem": (statistics.stdev([r["heldout_loss"] - o["heldout_loss"] for r, o in zip(res, online)])
                         / len(res) ** 0.5) if len(res) > 1 else None,
+            "reference": ref,
+            "gap_to_reference": None if ref is None else paired_gap(
+                [r["heldout_loss"] for r in res], [r["heldout_loss"] for r in per_seed[ref]], online_mean),
         })
     return rows
 
@@ -160,7 +190,8 @@ def run_study(cfg: StudyConfig) -> dict:
 
 
 def _run_study(cfg: StudyConfig, device: torch.device, t_start: float) -> dict:
-    arms = make_arms(list(cfg.views), cfg.codec_views, list(cfg.codecs), cfg.arms)
+    arms = make_arms(list(cfg.views), cfg.codec_views, list(cfg.codecs), cfg.arms,
+                     width=TEACHER_PRESETS[cfg.arch].decoder_embed_dim)
     seeds = list(range(cfg.seeds))
     if max(cfg.views + (cfg.codec_views,)) > cfg.epochs:
         log(f"note: K = {max(cfg.views + (cfg.codec_views,))} is more than the {cfg.epochs} epochs: some cached views "

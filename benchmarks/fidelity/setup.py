@@ -135,8 +135,11 @@ class StudyConfig:
             raise UserError(f"--warmup-epochs {self.warmup_epochs}: must be between 0 and --epochs {self.epochs}")
         if self.workers < 0:
             raise UserError("--workers must be 0 or more")
+        seen = set()
         for spec in self.arms:
-            parse_arm(spec)
+            if parse_arm(spec) in seen:
+                raise UserError(f"--arms {spec} is given twice; give each arm once")
+            seen.add(parse_arm(spec))
 
 
 def parse_arm(spec: str) -> tuple[str, str, int]:

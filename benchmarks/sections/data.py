@@ -26,10 +26,14 @@ the page cache: this is decoding and copying, not disk.
 - `feed_cores_per_gpu` {image, cached}: cores needed to feed one GPU training the default student at R
   samples/s, R / per-core rate. With --device cuda, R is that student's measured step rate (step section,
   the student alone); otherwise R is an ESTIMATE: `assumed_gpu_tflops` / the student's FLOPs per sample.
-- `cached_samples_per_s_by_codec` {default codec, pca64}: the cached pixel path on a cache of each codec (pca64:
-  a low-rank cache of the storage images, 13 KB of targets per ViT-B view instead of 202 KB). Its host-side work
-  is the whole loader (read codes + scales + pixels); the decode (codes x scale @ basis + centre) runs on the
-  device: `lowrank_decode_ms_per_batch`, timed on --device (on a CPU run it is CPU work, on CUDA GPU work).
+- `cached_samples_per_s_by_codec` {default codec, pca64, pca64+lossless, pca64+jpeg}: the cached pixel path on a
+  cache of each codec (pca64: a low-rank cache of the storage images, 13 KB of targets per ViT-B view instead of
+  202 KB; with exact pixels, `--pixels lossless` or `--pixels jpeg`). Its host-side work is the whole loader (read
+  codes + scales + pixels; lossless: decompress the residual planes; jpeg: decode on the CPU); the low-rank decode
+  (codes x scale @ basis + centre) and the lossless unfilter run on the device, after the copy:
+  `lowrank_decode_ms_per_batch`, timed on --device (on a CPU run it is CPU work, on CUDA GPU work).
+  At the CPU profile's batch of 16 a fixed ~0.2-0.3 ms of Python per batch (five arrays' reads, buffers, the
+  hand-over) is a large share; benchmarks/pixels.py measures the same loader at a GPU's batch of 256 too.
 - `feed_cores_per_gpu_by_student` {student: {codec: cores}}: cores per GPU at each student's rate (measured on
   CUDA, else the same TFLOPS estimate over its FLOPs): the default ViT-S and ViT-T (3.3 GFLOP, ~3.5x the rate).
 """
@@ -48,6 +52,8 @@ from g2sd_cache.benchmarks.sections.step import Run
 
 #: the low-rank codec whose cached path the data section times (and feeds at ViT-S and ViT-T rates)
 LOWRANK_CODEC = "pca64"
+#: its caches' pixel modes besides visible: the <= 40 KB caches (lossless: exact pixels; jpeg: teacher-consistent)
+LOWRANK_PIXELS = ("lossless", "jpeg")
 
 # The estimate's sustained rate: about 25 % of an H100/H200's dense bf16 peak (989 TFLOPS). The student's
 # step is small matrix multiplies (width 384, 50 visible tokens in the encoder), where 20-35 % of peak is
@@ -169,6 +175,15 @@ def data_section(ws: dict, prof: Profile, device: torch.device, step: dict) -> d
                                 ws["runs"]["cached"].env)
     kinds = {"image_only": ("online", prof.image_views), "cached": ("cached", prof.cached_views),
              "no_pixels": ("no_pixels", prof.image_views), "lowrank": ("lowrank", prof.cached_views)}
+    for pixels in LOWRANK_PIXELS:
+        log(f"data: a {LOWRANK_CODEC} + --pixels {pixels} cache of {prof.store_images} images")
+        root = ws["tmp"] / f"data-lowrank-{pixels}"
+        timed_extract(extract_config(ws["store"], root, prof.teachers[0], prof, device, views=1, codec=LOWRANK_CODEC,
+                                     pixels=pixels, workers=0))
+        runs[f"lowrank_{pixels}"] = Run.build(dataclasses.replace(runs["cached"].cfg, cache=str(root), data=None),
+                                              ws["runs"]["cached"].env)
+        # jpeg decodes ~40x slower per view than the others read: fewer views keep the pass as long
+        kinds[f"lowrank_{pixels}"] = (f"lowrank_{pixels}", prof.cached_views // (16 if pixels == "jpeg" else 1))
 
     def one(kind: str, epoch: int) -> dict:
         run, views = kinds[kind]
@@ -201,7 +216,8 @@ def data_section(ws: dict, prof: Profile, device: torch.device, step: dict) -> d
     by_array["rest of the pixel path"] = batch_ms - sum(by_array.values())
     feed = feed_rate(step, device)
     r = feed["feed_rate_samples_per_s"]
-    by_codec = {runs["cached"].setup.cache.manifest.codec: cached, LOWRANK_CODEC: rate("lowrank")}
+    by_codec = {runs["cached"].setup.cache.manifest.codec: cached, LOWRANK_CODEC: rate("lowrank"),
+                **{f"{LOWRANK_CODEC}+{p}": rate(f"lowrank_{p}") for p in LOWRANK_PIXELS}}
     return {
         "cached_samples_per_s_by_codec": by_codec,
         "lowrank_decode_ms_per_batch": _decode_ms(runs["lowrank"], prof.batch, device),

@@ -113,7 +113,7 @@ def _breakdown(distiller, batch, lr: float, repeats: int) -> dict:
         sync(dev)
         t0 = time.perf_counter()
         with distiller.autocast():       # the forward alone, as the step runs it (graph built, then dropped)
-            distiller.model(normalize_patches(batch.patches.to(dev)), batch.mask.to(dev))
+            distiller.model(normalize_patches(batch.device_patches(dev)), batch.mask.to(dev))
         sync(dev)
         t1 = time.perf_counter()
         distiller.micro_step(batch, torch.ones((), device=dev))   # one all-valid micro-batch: share 1
@@ -149,7 +149,7 @@ def step_section(ws: dict, prof: Profile, device: torch.device) -> dict:
 
     feeds["cached"].ensure(1)
     (b0,) = feeds["cached"].next()     # one real batch, kept in memory, for the "alone" cells
-    fixed_patches, fixed_mask = b0.patches.to(device), b0.mask.to(device)
+    fixed_patches, fixed_mask = b0.device_patches(device), b0.mask.to(device)
 
     def loader_cell(feed: Feed, d) -> dict:
         for _ in range(max(prof.drain, prof.prefetch)):

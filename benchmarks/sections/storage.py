@@ -6,7 +6,8 @@ Figures per codec (`storage.<codec>.*`):
 - `bytes_per_view`: every file of the cache over its views (targets + pixels + masks, crops, keys, ...);
 - `target_bytes_per_view`: the target codes and their scales alone (what the codec decides);
 - `pixel_bytes_per_view`: the stored visible patches alone (uint8, n_keep x p x p x 3: 37,632 B at mask
-  0.75; the same in every codec);
+  0.75; the same in every codec); `<codec>+lossless`, `<codec>+jpeg` (COMPACT): the same codec with
+  `--pixels lossless` / `--pixels jpeg`, their pixel bytes as stored;
 - `formula_*`: the same from the manifest's array shapes, without shard indexes and checksums;
 - `vs_fp16` / `target_vs_fp16`: the ratios to fp16 (target: int8 targets <= 0.51x fp16);
 - `rel_rmse`, `cosine`: the codec's round trip (low-rank codecs, pcaR: with the basis their cache fitted on
@@ -31,6 +32,11 @@ from g2sd_cache.benchmarks.common import IMAGENET_IMAGES, Profile, dir_bytes, lo
 from g2sd_cache.benchmarks.sections.extract import extract_config, timed_extract
 
 
+# Caches of <= 40 KB per ViT-B view: low-rank targets with compressed pixels (storage.<codec>+<pixels>); on
+# synthetic JPEGs, whose views compress differently from photographs (benchmarks/pixels.py measures those).
+COMPACT = (("pca64", "lossless"), ("pca64", "jpeg"))
+
+
 def _formula(specs: dict, names: tuple[str, ...]) -> int:
     return sum(math.prod(specs[n].per_view_shape) * np.dtype(specs[n].dtype).itemsize for n in names if n in specs)
 
@@ -41,11 +47,13 @@ def storage_section(ws: dict, prof: Profile, device: torch.device, feed: dict) -
 
     arch, targets, out = prof.teachers[0], ws.get("targets_fp32"), {}
     rate = feed["feed_rate_samples_per_s"]
-    for name, codec in codecs.CODECS.items():
+    caches = [(name, codec, "visible") for name, codec in codecs.CODECS.items()]
+    caches += [(f"{name}+{pixels}", codecs.CODECS[name], pixels) for name, pixels in COMPACT]
+    for name, codec, pixels in caches:
         log(f"storage: {prof.store_images}-view {name} cache")
         root = ws["tmp"] / f"store-{name}"
-        timed_extract(extract_config(ws["store"], root, arch, prof, device, views=1, codec=name, workers=0,
-                                     chunk_views=prof.store_images))
+        timed_extract(extract_config(ws["store"], root, arch, prof, device, views=1, codec=codec.name, workers=0,
+                                     chunk_views=prof.store_images, pixels=pixels))
         cache = open_cache(str(root))
         m = cache.manifest
         specs = m.specs()
@@ -60,14 +68,15 @@ def storage_section(ws: dict, prof: Profile, device: torch.device, feed: dict) -
         out[name] = {
             "bytes_per_view": on_disk / m.views,
             "target_bytes_per_view": sum(dir_bytes(s, ("target", "scale")) for s in shards) / m.views,
-            "pixel_bytes_per_view": sum(dir_bytes(s, ("pixels",)) for s in shards) / m.views,
+            "pixel_bytes_per_view": sum(dir_bytes(s, ("pixels", "jpeg", "lossless")) for s in shards) / m.views,
+            "pixels": pixels,
             "formula_target_bytes_per_view": _formula(specs, ("target", "scale")),
             "formula_pixel_bytes_per_view": _formula(specs, ("pixels",)),
             "rel_rmse": err["rel_rmse"], "cosine": err["cosine"], "views": m.views,
             "imagenet_gb": {str(k): on_disk / m.views * IMAGENET_IMAGES * k / 1e9 for k in (1, 4, 10)},
             "read_gb_per_s_per_gpu": on_disk / m.views * rate / 1e9,
             "basis_bytes": basis_bytes,
-            "calibration_rel_rmse": ((m.calibration or {}).get("errors") or {}).get(name, {}).get("rel_rmse"),
+            "calibration_rel_rmse": ((m.calibration or {}).get("errors") or {}).get(codec.name, {}).get("rel_rmse"),
         }
     for name, c in out.items():
         c["vs_fp16"] = c["bytes_per_view"] / out["fp16"]["bytes_per_view"]

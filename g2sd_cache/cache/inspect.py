@@ -46,7 +46,7 @@ def inspect_report(path: str, sample_views: int = 64) -> dict:
         "shards": len(m.shards), "skipped": len(m.skipped), "source": dataclasses.asdict(m.source),
         "versions": m.versions, "tokens": m.tokens, "target_dim": m.target_dim,
         "bytes": on_disk, "bytes_per_view": on_disk / max(1, m.views),
-        "stored_target_bytes_per_view": stored("target", "scale"), "stored_pixel_bytes_per_view": stored("pixels", "jpeg"),
+        "stored_target_bytes_per_view": stored("target", "scale"), "stored_pixel_bytes_per_view": stored("pixels", "jpeg", "lossless"),
         "pixel_encoding": m.pixel_encoding,
         "target_bytes_per_view": cache.codec.bytes_per_view(m.tokens, m.target_dim),
         "extract_error": m.codec_error, "stored_error": stored_error, "sampled_views": len(rows),
@@ -66,10 +66,7 @@ def format_report(r: dict) -> str:
         f"source         {r['source']['kind']} {r['source']['root']} ({r['source']['count']} inputs)",
         f"size           {r['bytes'] / 2**20:.1f} MiB on disk, {r['bytes_per_view']:.0f} B/view: targets "
         f"{r['stored_target_bytes_per_view']:.0f} (codes {r['target_bytes_per_view']}), pixels "
-        f"{r['stored_pixel_bytes_per_view']:.0f}" + {
-            "visible": "", "none": " (--pixels none: training reads the images)",
-            "jpeg": " (--pixels jpeg, quality {quality}, {subsampling}, decoded for the teacher by the {decoder} "
-                    "decoder)".format(**r["pixel_encoding"]) if r["pixel_encoding"] else ""}.get(r["pixels"], ""),
+        f"{r['stored_pixel_bytes_per_view']:.0f}" + _pixel_note(r["pixels"], r["pixel_encoding"]),
         "",
         "codec   rel RMSE vs fp32 (extract)   cosine     rel RMSE vs stored ({} views)".format(r["sampled_views"]),
     ]
@@ -83,6 +80,18 @@ def format_report(r: dict) -> str:
     if r["calibration"]:
         lines += ["", format_calibration(r["calibration"])]
     return "\n".join(lines)
+
+
+def _pixel_note(mode: str, enc: dict) -> str:
+    """How the cache stores pixels, for the size line."""
+    if mode == "none":
+        return " (--pixels none: training reads the images)"
+    if mode == "jpeg" and enc:
+        return (" (--pixels jpeg, quality {quality}, {subsampling}, decoded for the teacher by the {decoder} "
+                "decoder)".format(**enc))
+    if mode == "lossless" and enc:
+        return " (--pixels lossless: exact, filter {filter}, {compressor[cname]} level {compressor[clevel]})".format(**enc)
+    return ""
 
 
 def format_calibration(record: dict) -> str:

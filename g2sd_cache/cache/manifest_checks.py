@@ -23,6 +23,7 @@ import posixpath
 import re
 
 from g2sd_cache.cache import lowrank
+from g2sd_cache.cache import lossless
 from g2sd_cache.cache.pixel_codecs import JPEG_DECODERS, PIXEL_MODES
 from g2sd_cache.cache.codecs import get_codec
 from g2sd_cache.cache.digests import record_digest
@@ -101,6 +102,11 @@ def manifest_problems(data: dict) -> list[Problem]:
         if not isinstance(enc, dict) or enc.get("decoder") not in JPEG_DECODERS or not _count(enc.get("quality")):
             add(MANIFEST, f"pixel_encoding = {enc!r}: a jpeg cache records its quality and its decoder "
                           f"({' or '.join(JPEG_DECODERS)})")
+    elif data["pixels"] == "lossless":
+        enc = data.get("pixel_encoding")
+        if not isinstance(enc, dict) or enc.get("filter") != lossless.FILTER:
+            add(MANIFEST, f"pixel_encoding = {enc!r}: a lossless cache records its filter, and this g2sd-cache "
+                          f"decodes {lossless.FILTER!r} only")
     for name in ("tokens", "target_dim", "views_per_image", "chunk_views", "images", "views"):
         value = data[name]
         if not _count(value) or (value < 1 and name not in ("images", "views")):

@@ -1,4 +1,5 @@
-"""How a cache stores the views' visible patches: `visible` (exact uint8), `jpeg` (teacher-consistent lossy) or `none`.
+"""How a cache stores the views' visible patches: `visible` (exact uint8), `lossless` (exact, filtered and compressed:
+cache/lossless.py), `jpeg` (teacher-consistent lossy) or `none`.
 
 `jpeg`: the n_keep visible patches of a view are tiled into one image (a grid of ceil(sqrt(n_keep)) columns,
 unused cells black; 49 patches of 16 px -> one 112 x 112 image) and encoded as one baseline JPEG at
@@ -25,13 +26,16 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from g2sd_cache.cache.lossless import LOSSLESS_ARRAY
+
 # torchvision 0.29 announces that its image codecs move to TorchCodec; they are the ones this format is defined by
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
 
-PIXEL_MODES = ("visible", "jpeg", "none")
+PIXEL_MODES = ("visible", "lossless", "jpeg", "none")
 JPEG_DECODERS = ("cpu", "cuda")    # libjpeg-turbo, nvjpeg
 JPEG_ARRAY = "jpeg"        # the array a jpeg cache stores (variable-length bytes, one JPEG per view)
+BYTES_ARRAYS = {"jpeg": JPEG_ARRAY, "lossless": LOSSLESS_ARRAY}   # modes that store one blob per view: their array
 DEFAULT_QUALITY = 90
 
 

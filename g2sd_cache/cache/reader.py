@@ -29,12 +29,13 @@ import numpy as np
 import torch
 import zarr
 
-from g2sd_cache.cache import codecs, lowrank
+from g2sd_cache.cache import codecs, lossless, lowrank
 from g2sd_cache.common.errors import CacheCorruptError
 from g2sd_cache.cache.digests import chunk_file_digest, digest_mismatch, fsspec_reader, is_metadata, local_reader, record_digest
 from g2sd_cache.cache.local_mirror import FileSpec, LocalCacheConfig, LocalMirror
 from g2sd_cache.cache.manifest_checks import array_problems, basis_problem, manifest_problems, record_problems, typed_manifest, unlisted_shards
 from g2sd_cache.cache.schema import SHARD_RECORD, decode_keys, parse_manifest, read_manifest_text
+from g2sd_cache.cache.lossless import LOSSLESS_ARRAY
 from g2sd_cache.cache.pixel_codecs import JPEG_ARRAY, decode_jpegs
 from g2sd_cache.cache.shard_files import (MappedBytesShardFile, MappedShardFile, ZarrShardFile, can_map, can_map_bytes,
                                           strict_store)
@@ -333,7 +334,19 @@ class Cache(ShardReader):
     @property
     def has_pixels(self) -> bool:
         """Whether every view's visible patches are stored (then training needs no images)."""
-        return "pixels" in self._specs or JPEG_ARRAY in self._specs
+        return "pixels" in self._specs or JPEG_ARRAY in self._specs or LOSSLESS_ARRAY in self._specs
+
+    @property
+    def lossless(self) -> bool:
+        """Whether the pixels are stored filtered and compressed (--pixels lossless): `take` can then hand out the
+        host's part of their decoding alone (array `lossless`, residual planes) for the device to finish."""
+        return LOSSLESS_ARRAY in self._specs
+
+    @property
+    def residual_shape(self) -> tuple[int, int, int, int]:
+        """(n_keep, 3, p, p): one view's residual planes, as `take` writes them for a lossless cache."""
+        g = self.manifest.geometry
+        return lossless.residual_shape(g.num_visible, g.patch_size)
 
     @property
     def pixel_shape(self) -> tuple[int, int, int, int]:
@@ -382,14 +395,32 @@ class Cache(ShardReader):
                for name in self._specs}
         if JPEG_ARRAY in got:
             got["pixels"] = self.decode_pixels(got.pop(JPEG_ARRAY)).cpu().numpy()
+        if LOSSLESS_ARRAY in got:
+            got["pixels"] = self._unpack(shard, got.pop(LOSSLESS_ARRAY))
         return Block(shard, view, start, stop, codes=got["target"], scale=got.get("scale"), mask=got["mask"],
                      crop=got["crop"], flip=got["flip"], source_index=got["source_index"],
                      key=decode_keys(got["key"]), pixels=got.get("pixels"))
 
+    def _residuals(self, shard: int, blobs, dest: np.ndarray, at) -> None:
+        """Lossless blobs -> residual planes dest[at[i]] (uint8 [n_keep, 3, p, p] rows): the host's decoding."""
+        for blob, a in zip(blobs, at):
+            try:
+                lossless.decompress_into(blob, dest[a])
+            except ValueError as e:   # its chunk's crc32c held: written so, or by another encoder
+                raise CacheCorruptError.in_shard(self.shard_name(shard), f"{LOSSLESS_ARRAY}: {e}") from None
+
+    def _unpack(self, shard: int, blobs) -> np.ndarray:
+        """Lossless blobs of n views -> their patches uint8 [n, n_keep, p, p, 3], decoded here."""
+        res = np.empty((len(blobs), *self.residual_shape), dtype=np.uint8)
+        self._residuals(shard, blobs, res, range(len(blobs)))
+        return lossless.unfilter(torch.from_numpy(res)).numpy()
+
     def take(self, shard: int, view: int, rows: np.ndarray, out: dict[str, np.ndarray], at: np.ndarray) -> None:
         """Scatter rows `rows` of view `view` of `shard` into `out[name][at]` for every array named in `out`
         (any of the cache's arrays but `key`): the trainer's read, straight from the memory-mapped shard
-        files into its (pinned) batch buffers, one copy per byte. Rows may come in any order."""
+        files into its (pinned) batch buffers, one copy per byte. Rows may come in any order.
+        A lossless cache's `pixels` are decoded whole on the host; `lossless` [.., n_keep, 3, p, p] receives only
+        the host's part, the residual planes (`lossless.unfilter` finishes them, on the device in training)."""
         n = self.shard_images[shard]
         if self._mirror_cfg is not None:
             self.mirror.touch(shard)
@@ -401,6 +432,13 @@ class Cache(ShardReader):
                 blobs = np.empty(len(rows), dtype=object)
                 self._file(shard, view, JPEG_ARRAY).take(rows, blobs, np.arange(len(rows)))
                 dest[at] = self.decode_pixels(blobs).cpu().numpy()
+            elif name in ("pixels", LOSSLESS_ARRAY) and self.lossless:   # decompressed into place
+                blobs = np.empty(len(rows), dtype=object)
+                self._file(shard, view, LOSSLESS_ARRAY).take(rows, blobs, np.arange(len(rows)))
+                if name == LOSSLESS_ARRAY:
+                    self._residuals(shard, blobs, dest, at.tolist())
+                else:
+                    dest[at] = self._unpack(shard, blobs)
             else:
                 self._file(shard, view, name).take(rows, dest, at)
 
@@ -412,14 +450,14 @@ class Cache(ShardReader):
         return decode_keys(codes).tolist()
 
     def _empty(self, name: str, rows: int = 0) -> np.ndarray:
-        if name == JPEG_ARRAY:
+        if name in (JPEG_ARRAY, LOSSLESS_ARRAY):
             return np.zeros((rows, *self.pixel_shape), dtype=np.uint8)
         spec = self._specs[name]
         return np.zeros((rows, *(d or 1 for d in spec.per_view_shape)), dtype=spec.dtype)
 
     def blank_block(self, rows: int) -> Block:
         """A block of `rows` zero views (empty keys): the stand-in for rows that could not be read."""
-        z = {"pixels" if name == JPEG_ARRAY else name: self._empty(name, rows) for name in self._specs}
+        z = {"pixels" if name in (JPEG_ARRAY, LOSSLESS_ARRAY) else name: self._empty(name, rows) for name in self._specs}
         return Block(-1, -1, 0, rows, codes=z["target"], scale=z.get("scale"), mask=z["mask"], crop=z["crop"],
                      flip=z["flip"], source_index=z["source_index"], key=decode_keys(z["key"]), pixels=z.get("pixels"))
 

@@ -17,7 +17,9 @@ saw them: uint8 [n_keep, p, p, 3], ascending patch order, HWC inside a patch, cr
 them a training step needs no image file and no decoder: its input is a block read (views.visible_patches).
 With `--pixels jpeg` the array `jpeg` holds instead one JPEG per view (variable-length bytes, zarr's vlen-bytes
 codec under the same sharding, crc32c and digests), whose decoding is exactly what the teacher was given
-(cache/pixel_codecs.py); the reader decodes it into the same [n_keep, p, p, 3] patches.
+(cache/pixel_codecs.py); the reader decodes it into the same [n_keep, p, p, 3] patches. With `--pixels lossless`
+the array `lossless` holds the same way one blob per view: the exact patches, filtered and compressed
+(cache/lossless.py); the host decompresses it, the device undoes the filter.
 
 
 Every array has shape [K, n, ...]: K views per image, n images in the shard, view-major, so the
@@ -48,7 +50,7 @@ import numpy as np
 
 from g2sd_cache.cache import lowrank
 from g2sd_cache.cache.codecs import Codec, get_codec
-from g2sd_cache.cache.pixel_codecs import JPEG_ARRAY
+from g2sd_cache.cache.pixel_codecs import BYTES_ARRAYS
 from g2sd_cache.common.fsutil import TMP_MARK  # noqa: F401  (re-exported: the cache's temporaries carry it)
 from g2sd_cache.data.views import ViewGeometry
 
@@ -86,7 +88,8 @@ def array_specs(codec: Codec, tokens: int, width: int, patches: int,
                 visible_pixels: tuple[int, int] | None = None, pixels: str = "visible") -> dict[str, ArraySpec]:
     """Per-view arrays of a shard. `target` holds codes ([T, D], int4: [T, D/2] packed); `scale` exists for
     scaled codecs only ([T] float32, int4: [T, D/32] float16); `pixels` only when `visible_pixels` =
-    (n_keep, patch_size) says the cache stores them, or `jpeg` (one JPEG per view) with `pixels` = "jpeg"."""
+    (n_keep, patch_size) says the cache stores them, or instead `jpeg` / `lossless` (one blob per view) with
+    `pixels` = "jpeg" / "lossless"."""
     if codec.values_per_code > 1 and width % codec.values_per_code:
         from g2sd_cache.common.errors import UserError
         raise UserError(f"codec {codec.name} packs {codec.values_per_code} values per byte and needs a target width "
@@ -102,8 +105,8 @@ def array_specs(codec: Codec, tokens: int, width: int, patches: int,
     }
     if codec.scaled:
         specs["scale"] = ArraySpec(codec.scale_shape(tokens, width), codec.scale_dtype)
-    if visible_pixels is not None and pixels == "jpeg":
-        specs[JPEG_ARRAY] = ArraySpec((), VLEN_BYTES)
+    if visible_pixels is not None and pixels in BYTES_ARRAYS:
+        specs[BYTES_ARRAYS[pixels]] = ArraySpec((), VLEN_BYTES)
     elif visible_pixels is not None:
         n_keep, p = visible_pixels
         specs["pixels"] = ArraySpec((n_keep, p, p, 3), "uint8")
@@ -232,7 +235,8 @@ class Manifest:
     seed: int
     codec: str
     pixels: str            # "visible": every view's visible patches are stored (uint8); "jpeg": as one JPEG per
-                           # view (decoded, exactly what the teacher saw); "none": images needed
+                           # view (decoded, exactly what the teacher saw); "lossless": exactly, filtered and
+                           # compressed per view; "none": images needed
     tokens: int            # T, cls first
     target_dim: int        # D, the teacher's decoder width
     chunk_views: int
@@ -250,12 +254,13 @@ class Manifest:
     calibration: dict | None = None  # codec auto / pcaR: {views, fit_views, heldout_views, max_error, chosen,
                                      #   errors: {codec: {rel_rmse, cosine, max_view_rel_rmse, target_bytes_per_view}}}
     # jpeg caches: {"quality", "subsampling", "decoder"}: how the stored JPEGs were made and which decoder gave
-    # the teacher its pixels (the reader decodes with the same one). Empty otherwise; optional in the JSON.
+    # the teacher its pixels (the reader decodes with the same one); lossless caches: {"filter", "compressor"}
+    # (lossless.encoding_record). Empty otherwise; optional in the JSON.
     pixel_encoding: dict = field(default_factory=dict)
 
     @property
     def stores_pixels(self) -> bool:
-        return self.pixels in ("visible", "jpeg")
+        return self.pixels in ("visible", "jpeg", "lossless")
 
     def specs(self) -> dict[str, ArraySpec]:
         """The per-view arrays every shard of this cache holds."""

@@ -159,7 +159,7 @@ def _stage2(cfg: DemoConfig, preset: Preset, out: Path, images: Path) -> dict:
           f"validating after each")
     cached = finetune(FinetuneConfig(out=str(out / "sd-cached"), logits=str(out / "logits"), **common))
     steps = cfg.images // preset.group_size     # one epoch: enough to compare speed and losses
-    print(f"[7/8] the first epoch again, online: the teacher runs on every mixed batch (G2SD's recipe)")
+    print("[7/8] the first epoch again, online: the teacher runs on every mixed batch (G2SD's recipe)")
     online = finetune(FinetuneConfig(out=str(out / "sd-online"), eval_every=0, stop_after=steps, **common, **teacher))
     print("[8/8] exporting the best weights to timm and evaluating the export")
     exported = export_run(str(out / "sd-cached"), str(out / "student-timm.pth"))

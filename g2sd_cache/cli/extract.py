@@ -29,9 +29,10 @@ def add(sub):
     data.add_argument("--lease-s", type=float, help="--out is a URL: seconds of the lock's lease on the store, renewed "
                       "while extract runs: how long a crashed extract on another host blocks the next (default "
                       "%(default)s)")
-    data.add_argument("--pixels", choices=["visible", "jpeg", "none"], help="visible (default %(default)s): also "
-                      "store each view's visible patches as uint8 (+37,632 B/view at 224 px, mask 0.75), so train needs "
-                      "no images and no decoder; jpeg: as one JPEG per view (~4.3 KB at quality 90 on photographs), and "
+    data.add_argument("--pixels", choices=["visible", "lossless", "jpeg", "none"], help="visible (default %(default)s): "
+                      "also store each view's visible patches as uint8 (+37,632 B/view at 224 px, mask 0.75), so train "
+                      "needs no images and no decoder; lossless: the same patches exactly, filtered and compressed "
+                      "(~19 KB/view on photographs; the host decompresses, the device undoes the filter); jpeg: as one JPEG per view (~4.3 KB at quality 90 on photographs), and "
                       "the teacher is given the decoded JPEG, so teacher and student still see the same pixels (train "
                       "decodes it: ~0.13 ms of CPU per view, or the GPU's decoder when extracted on a GPU); none: the "
                       "smallest cache, train then needs --data")

@@ -21,7 +21,6 @@ from typing import Iterable
 import torch
 
 from g2sd_cache.cache import codecs, lowrank
-from g2sd_cache.cache.inspect import format_calibration  # noqa: F401  (extract prints it)
 from g2sd_cache.cache.schema import BASIS_FILE, CALIBRATION_FILE
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.data.views import normalize_patches

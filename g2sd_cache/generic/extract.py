@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from g2sd_cache.cache import codecs
+from g2sd_cache.cache.lossless import LOSSLESS_ARRAY
 from g2sd_cache.cache.pixel_codecs import DEFAULT_QUALITY, JPEG_ARRAY, PIXEL_MODES, decode_jpegs
 from g2sd_cache.common.config import check_seed, to_yaml
 from g2sd_cache.common.dist import DIST_TIMEOUT_MIN, DistEnv, run_on_ranks
@@ -39,8 +40,9 @@ from g2sd_cache.common.workers import keep_as_is, mp_context
 from g2sd_cache.training.precision import TEACHER_PRECISIONS, recorded_precision, resolve_teacher_precision, teacher_autocast
 from g2sd_cache.cache.writer import ShardData, ShardWriter
 from g2sd_cache.generic.extract_views import RenderedImages, ShardPlan
-from g2sd_cache.generic.calibrate import (AUTO, Calibration, calibrate, format_calibration, needs_calibration,
-                                          read_calibration, teacher_targets, write_calibration)
+from g2sd_cache.cache.inspect import format_calibration
+from g2sd_cache.generic.calibrate import (AUTO, Calibration, calibrate, needs_calibration, read_calibration,
+                                          teacher_targets, write_calibration)
 from g2sd_cache.generic.manifest import write_manifest
 
 
@@ -189,6 +191,8 @@ class _ShardAssembler:
                 item["patches"] = decode_jpegs(item["jpeg"], g.num_visible, g.patch_size, self.jpeg_decoder).cpu()
             for v, blob in enumerate(item["jpeg"]):
                 b[JPEG_ARRAY][v, row] = blob
+        for v, blob in enumerate(item.get("lossless") or ()):   # the exact patches, encoded by the worker
+            b[LOSSLESS_ARRAY][v, row] = blob
         if "pixels" in b:
             b["pixels"][:, row] = item["patches"].numpy()
         self.image_crc32c.append(item["crc32c"])

@@ -1,7 +1,8 @@
 """Extract's data side: the DataLoader workers decode each image of the pending shards, sample its K views,
 crop and flip them and cut each view's visible patches (all the teacher sees); with `--pixels jpeg` they also
 encode the patches as one JPEG per view and hand on the *decoded* patches, so the teacher sees what the cache
-will return (cache/pixel_codecs.py).
+will return (cache/pixel_codecs.py); with `--pixels lossless` they encode them losslessly (cache/lossless.py) and
+hand on the patches themselves.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from g2sd_cache.cache import lossless
 from g2sd_cache.cache.digests import image_crc32c
 from g2sd_cache.cache.pixel_codecs import encode_jpeg, jpeg_round_trip
 from g2sd_cache.cache.schema import folder_order, source_index_for_tar
@@ -103,10 +105,11 @@ class RenderedImages(IterableDataset):
                 patches, blobs = jpeg_round_trip(patches, self.cfg.pixel_quality)
             else:                       # decoded by the main process on the GPU (_ShardAssembler.add)
                 patches, blobs = None, [encode_jpeg(v.numpy(), self.cfg.pixel_quality) for v in patches]
+        exact = [lossless.encode(v.numpy()) for v in patches] if self.cfg.pixels == "lossless" else None
         return {
             "shard": shard, "pos": pos, "key": key, "index": index, "crc32c": image_crc32c(data),
             # only the visible patches leave the worker: a quarter of the bytes, all the teacher sees
-            "patches": patches, "jpeg": blobs,
+            "patches": patches, "jpeg": blobs, "lossless": exact,
             "crop": np.array([v.crop for v in views], dtype=np.int32),
             "flip": np.array([v.flip for v in views], dtype=bool),
             "mask": mask,

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from g2sd_cache.cache import manifest_checks
-from g2sd_cache.cache import codecs
+from g2sd_cache.cache import codecs, lossless
 from g2sd_cache.cache.digests import record_digest
 from g2sd_cache.cache.schema import (FORMAT_VERSION, MANIFEST, Manifest, ShardEntry, ShardRecord,
                                      SourceRecord, TeacherRecord, shard_name)
@@ -60,7 +60,7 @@ def write_manifest(out, cfg, source: Source, plans: list, teacher_info, tokens: 
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         basis=(calibration.record or {}).get("basis"), calibration=calibration.record,
         pixel_encoding={"quality": cfg.pixel_quality, "subsampling": "4:4:4", "decoder": pixel_decoder}
-        if cfg.pixels == "jpeg" else {},
+        if cfg.pixels == "jpeg" else lossless.encoding_record() if cfg.pixels == "lossless" else {},
     )
     out.write_text(MANIFEST, manifest.to_json())
     if source.scan_note():

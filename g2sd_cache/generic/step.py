@@ -352,7 +352,7 @@ class Distiller(Trainer):
         all-reduced across ranks only when `sync`. Returns (its contribution to the step's loss, replay
         relative error or None, max abs error or None)."""
         device = self.env.device
-        patches = normalize_patches(batch.patches.to(device, non_blocking=True))
+        patches = normalize_patches(batch.device_patches(device))
         mask = batch.mask.to(device, non_blocking=True)
         valid = batch.valid.to(device, non_blocking=True)
         scale = None

@@ -15,7 +15,10 @@ turn, which puts them back in plan order, and the main process collates them on 
 Any number of workers gives the same samples in the same order.
 
 Either way a micro-batch is a `Batch` of visible patches (uint8, normalised on the device), masks and, for
-a cache, the target codes in the cache's codec, which go straight into the loss kernel. A stand-in sample
+a cache, the target codes in the cache's codec, which go straight into the loss kernel. From a `--pixels
+lossless` cache the host only decompresses: the batch holds the patches' residual planes, and
+`Batch.device_patches` undoes the filter on the device (cache/lossless.py), as a low-rank cache's targets are
+decoded there. A stand-in sample
 (the padding of an epoch's last global batch, or under --on-error skip a sample that could not be read)
 keeps its place with `valid` False, so every rank still runs the same steps, and the loss ignores it.
 """
@@ -32,6 +35,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from g2sd_cache.cache import lossless
 from g2sd_cache.cache.reader import Cache
 from g2sd_cache.cache.digests import check_image
 from g2sd_cache.generic.plan import PAD, EpochOrder
@@ -64,7 +68,8 @@ class Batch:
     codes [B, T, D'] in the codec's dtype and scale [B, T] float32 (int4: [B, T, D/32] float16) (cached), or
     None (online);
     index [B] int64 source image index (-1 for stand-ins); view [B] int64; keys (with spec.keys, else empty);
-    errors: why invalid samples that are not padding could not be read."""
+    errors: why invalid samples that are not padding could not be read. `residual`: `patches` holds a lossless
+    cache's residual planes [B, n_keep, 3, p, p] instead (zeros decode to zeros): read them with `device_patches`."""
 
     patches: torch.Tensor
     mask: torch.Tensor
@@ -75,9 +80,15 @@ class Batch:
     view: torch.Tensor
     keys: list[str]
     errors: list[str]
+    residual: bool = False
 
     def __len__(self) -> int:
         return self.patches.shape[0]
+
+    def device_patches(self, device: torch.device | str) -> torch.Tensor:
+        """uint8 [B, n_keep, p, p, 3] on `device`: the copy, then (lossless) the filter undone there."""
+        x = self.patches.to(device, non_blocking=True)
+        return lossless.unfilter(x) if self.residual else x
 
 
 def stand_in_mask(g: ViewGeometry) -> np.ndarray:
@@ -136,8 +147,10 @@ def read_cached(spec: StreamSpec, pin: bool, keep: int = 8):
     cache, g = spec.cache, spec.geometry
     buffers = HostBuffers(pin, keep)
     specs = cache.specs
-    # a jpeg cache's views are decoded into the same uint8 pixel buffers (Cache.take)
-    shapes = {"pixels": (cache.pixel_shape, "uint8")} | {
+    # a jpeg cache's views are decoded into the same uint8 pixel buffers (Cache.take); a lossless cache's are only
+    # decompressed, into residual planes of the same bytes, which the device finishes (Batch.device_patches)
+    pix = lossless.LOSSLESS_ARRAY if cache.lossless else "pixels"
+    shapes = {pix: (cache.residual_shape if cache.lossless else cache.pixel_shape, "uint8")} | {
         n: (specs[n].per_view_shape, specs[n].dtype) for n in ("target", "scale", "mask") if n in specs}
     names = list(shapes)
     codec_dtype = cache.codec.torch_dtype
@@ -172,7 +185,7 @@ def read_cached(spec: StreamSpec, pin: bool, keep: int = 8):
             out["mask"][invalid] = stand_in_mask(g)
             keys = _keys(cache, spec, pos) if spec.keys else []
             codes = raw["target"].view(codec_dtype).view(b, *specs["target"].per_view_shape)
-            yield Batch(patches=raw["pixels"].view(b, *cache.pixel_shape),
+            yield Batch(patches=raw[pix].view(b, *shapes[pix][0]), residual=cache.lossless,
                         mask=raw["mask"].view(torch.bool).view(b, g.num_patches),
                         valid=torch.from_numpy(valid), codes=codes,
                         scale=raw["scale"].view(getattr(torch, specs["scale"].dtype))

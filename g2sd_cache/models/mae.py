@@ -67,6 +67,9 @@ TEACHER_PRESETS: dict[str, ViTShape] = {
     "mae_vit_huge_patch14": ViTShape(14, 1280, 32, 16, 512, 8, 16),
     # A micro teacher for tests and quick benchmarks only: same code path, ~0.1 M parameters.
     "test_mae_micro_patch16": ViTShape(16, 64, 2, 2, 32, 4, 2),
+    # The same with a 128-wide decoder (targets [T, 128]): a closer proxy for the spectrum of ViT-B's 512-wide
+    # targets when pretrained (`--teacher pretrained-micro`), at ~0.9 M parameters.
+    "test_mae_micro_dec128_patch16": ViTShape(16, 64, 2, 2, 128, 4, 4),
 }
 
 # G2SD students: decoder heads = width / 32, as in MAE's 512-wide, 16-head decoder.

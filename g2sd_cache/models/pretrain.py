@@ -131,7 +131,10 @@ def pretrain(recipe: PretrainRecipe, seed: int, images: list, log=None) -> dict[
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-RECIPE = PretrainRecipe()     # the one recipe `--teacher pretrained-micro` builds (img_size set per use)
+RECIPE = PretrainRecipe()     # what `--teacher pretrained-micro` builds for the micro teacher (img_size set per use)
+# ... and for its 128-wide-decoder variant (--arch test_mae_micro_dec128_patch16): the same recipe, ~5x the
+# compute per step (about 5 minutes of an idle core), targets 128 wide instead of 32
+WIDE_RECIPE = PretrainRecipe(arch="test_mae_micro_dec128_patch16")
 
 
 def recipe_key(recipe: PretrainRecipe, seed: int) -> str:
@@ -145,10 +148,11 @@ def recipe_key(recipe: PretrainRecipe, seed: int) -> str:
 
 def pretrained_state(seed: int, arch: str, img_size: int, log=print) -> dict[str, torch.Tensor]:
     """The pretrained micro teacher's weights for (arch, img_size, seed): from this machine's cache, or made
-    now (a minute or two of one core) and kept there."""
-    recipe = RECIPE
-    if arch != recipe.arch:
-        raise UserError(f"--teacher {SPEC} is a {recipe.arch} teacher; pass --arch {recipe.arch}")
+    now (a minute or two of one core; about 5 for the 128-wide decoder) and kept there."""
+    recipes = {r.arch: r for r in (RECIPE, WIDE_RECIPE)}
+    if arch not in recipes:
+        raise UserError(f"--teacher {SPEC} is made for two micro teachers; pass --arch {' or '.join(recipes)}")
+    recipe = recipes[arch]
     recipe = dataclasses.replace(recipe, img_size=img_size)
     path = CACHE_DIR / f"{SPEC}-{recipe_key(recipe, seed)}.pt"
     if path.is_file():
@@ -156,7 +160,7 @@ def pretrained_state(seed: int, arch: str, img_size: int, log=print) -> dict[str
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception:   # a damaged file of ours: made again below
             pass
-    log(f"pretraining the {SPEC} teacher (seed {seed}, {recipe.steps} steps, once per machine) -> {path}")
+    log(f"pretraining the {SPEC} teacher ({recipe.arch}, seed {seed}, {recipe.steps} steps, once per machine) -> {path}")
     state = pretrain(recipe, seed, photographs(recipe.images, recipe.image_side), log=log)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -29,7 +29,7 @@ from g2sd_cache.cache.zarr_layout import MAX_UINT_64, ArrayLayout, chunk_crc_ok,
 _NONFINITE = {"fp16": (0x7C00, 0x7C00), "bf16": (0x7F80, 0x7F80), "fp8": (0x7F, 0x7F)}
 # Arrays too large to keep in memory for the content checks: their checksums are checked, their values are not
 # decoded here (targets: NaN/Inf bits only; pixels: compared with the images by verify_content, shard by shard).
-_NOT_KEPT = ("target", "pixels", "jpeg")
+_NOT_KEPT = ("target", "pixels", "jpeg", "lossless")
 
 
 @dataclass

@@ -8,10 +8,13 @@ from pathlib import Path
 import pytest
 
 from g2sd_cache.cache.codecs import CODECS
+from g2sd_cache.cache.lowrank import parse_rank
 
 ROOT = Path(__file__).resolve().parents[2]
 ARM_KEYS = {"name", "views", "codec", "bytes_per_view", "heldout_loss", "heldout_cosine", "train_loss",
-            "gap_to_online", "gap_sem", "heldout_loss_per_seed", "pixels", "teacher", "pixel_bytes_per_view", "total_bytes_per_view"}
+            "gap_to_online", "gap_sem", "heldout_loss_per_seed", "pixels", "teacher", "pixel_bytes_per_view", "total_bytes_per_view",
+            "reference", "gap_to_reference"}
+WIDTH = 32   # the micro teacher's decoder width: pcaR with R >= 32 is skipped
 
 
 def _study():
@@ -24,14 +27,16 @@ def test_quick_study_trains_every_arm_and_reports_the_issue_schema(tmp_path, cap
     study = _study()
     out = tmp_path / "study.json"
     assert study.main(["--quick", "--device", "cpu", "--workdir", str(tmp_path / "work"), "--json", str(out),
-                       "--arms", "int8:jpeg:2"]) == 0
+                       "--arms", "int8:jpeg:2", "pca8:jpeg:2"]) == 0
     report = json.loads(out.read_text())
     assert set(report) == {"arms", "config"}
     arms = {a["name"]: a for a in report["arms"]}
     k = report["config"]["codec_views"]
-    # online, cached K for the profile's K, and every codec at K (the default codec at K is cached-kK itself)
+    # online, cached K for the profile's K, every codec at K (the default codec at K is cached-kK itself; pcaR
+    # with R >= the teacher's width is skipped), the extra arms and the fp16 reference of the jpeg ones
+    codec_arms = [c for c in CODECS if c != study.DEFAULT_CODEC and (parse_rank(c) or 0) < WIDTH]
     expected = {"online", *(f"cached-k{v}" for v in report["config"]["views"]),
-                *(f"{c}-k{k}" for c in CODECS if c != study.DEFAULT_CODEC), "int8-jpeg-k2"}
+                *(f"{c}-k{k}" for c in codec_arms), "int8-jpeg-k2", "pca8-jpeg-k2", "fp16-jpeg-k2"}
     assert set(arms) == expected and len(arms) == len(report["arms"])
 
     seeds = report["config"]["seeds"]
@@ -51,6 +56,14 @@ def test_quick_study_trains_every_arm_and_reports_the_issue_schema(tmp_path, cap
     assert {a["teacher"] for a in report["arms"]} == {"random"}
     # the extra jpeg arm: the same int8 targets as int8-k2, its pixels stored in far fewer bytes than exact ones
     jpeg, exact = arms["int8-jpeg-k2"], arms["int8-k2"]
+    # each judged against fp16 at its K and pixels, paired seed by seed; fp16 with jpeg pixels against exact ones
+    assert (jpeg["reference"], exact["reference"], arms["fp16-jpeg-k2"]["reference"], arms["pca8-jpeg-k2"]["reference"]) \
+        == ("fp16-jpeg-k2", "cached-k2", "cached-k2", "fp16-jpeg-k2")
+    for a, ref in ((jpeg, arms["fp16-jpeg-k2"]), (arms["fp16-jpeg-k2"], arms["cached-k2"])):
+        diffs = [x - y for x, y in zip(a["heldout_loss_per_seed"], ref["heldout_loss_per_seed"])]
+        assert a["gap_to_reference"]["mean"] == pytest.approx(sum(diffs) / len(diffs), abs=1e-12)
+        assert a["gap_to_reference"]["seeds"] == len(seeds)
+    assert arms["online"]["gap_to_reference"] is None and arms["cached-k2"]["gap_to_reference"] is None
     assert jpeg["pixels"] == "jpeg" and exact["pixels"] == "visible" and jpeg["codec"] == "int8"
     assert jpeg["bytes_per_view"] == pytest.approx(exact["bytes_per_view"], rel=0.01)
     assert exact["pixel_bytes_per_view"] >= 4 * 16 * 16 * 3 and jpeg["pixel_bytes_per_view"] < 0.8 * exact["pixel_bytes_per_view"]
@@ -58,15 +71,21 @@ def test_quick_study_trains_every_arm_and_reports_the_issue_schema(tmp_path, cap
 
     # bytes per view: the stored codes (and scales) of [T, D] targets
     tokens = (report["config"]["img_size"] // 16) ** 2 + 1
-    width = 32   # the micro teacher's decoder width
+    width = WIDTH
     fp16 = arms["cached-k1"]["bytes_per_view"]
     assert fp16 == pytest.approx(tokens * width * 2, rel=0.05)
     assert arms[f"int8-k{k}"]["bytes_per_view"] == pytest.approx(tokens * width + 4 * tokens, rel=0.05)
     for name, codec in CODECS.items():   # a new codec (int4) is compared without changes here
+        if (parse_rank(name) or 0) >= WIDTH:
+            assert f"{name}-k{k}" not in arms
+            continue
         arm = arms[f"cached-k{k}" if name == study.DEFAULT_CODEC else f"{name}-k{k}"]
         assert arm["codec"] == name and arm["views"] == k and 0 < arm["bytes_per_view"] <= fp16 * 1.01
 
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "| arm | reference | gap to reference |" in printed
+    assert "skipping --codecs pca32" in captured.err
     assert "| arm | K | codec |" in printed and all(f"| {name} |" in printed for name in arms)
     # each arm trained the same number of steps through `g2sd-cache train`: its log says so
     logs = tmp_path / "work" / "logs"

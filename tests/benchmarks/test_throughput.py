@@ -24,8 +24,10 @@ KEYS = [
     "data.image_only_samples_per_s", "data.cached_samples_per_s", "data.pixel_cache_speedup",
     "data.no_pixels_samples_per_s", "data.feed_cores_per_gpu.image", "data.feed_cores_per_gpu.cached",
     "data.feed_rate_samples_per_s", "data.assumed_gpu_tflops", "data.cached_gb_per_s", "data.memcpy_gb_per_s",
-    *(f"storage.{codec}.{field}" for codec in CODECS
+    *(f"storage.{codec}.{field}" for codec in [*CODECS, "pca64+lossless", "pca64+jpeg"]
       for field in ("bytes_per_view", "target_bytes_per_view", "pixel_bytes_per_view", "rel_rmse")),
+    # issue 18's compact caches: the loader's rate on each, and the cores it needs at the ViT-T rate
+    *(f"data.cached_samples_per_s_by_codec.{c}" for c in ("pca64", "pca64+lossless", "pca64+jpeg")),
     "extract.views_per_s", "extract.teacher_only_views_per_s",
     "finetune.storage.measured_bytes_per_sample", "finetune.storage.imagenet_bytes_per_sample",
     "finetune.extract.extract_samples_per_s", "finetune.extract.teacher_only_samples_per_s", "finetune.extract.ratio",

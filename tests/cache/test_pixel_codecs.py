@@ -129,5 +129,5 @@ def test_verify_with_data_re_encodes_the_views_and_finds_the_stored_jpegs(jpeg_c
 def test_a_bad_pixel_quality_or_mode_is_one_line(image_folder, tmp_path):
     with pytest.raises(UserError, match="--pixel-quality 0: must be between 1 and 100"):
         run_extract(micro_extract_config(image_folder, tmp_path / "q", pixels="jpeg", pixel_quality=0))
-    with pytest.raises(UserError, match="--pixels png: choose visible, jpeg, none"):
+    with pytest.raises(UserError, match="--pixels png: choose visible, lossless, jpeg, none"):
         run_extract(micro_extract_config(image_folder, tmp_path / "p", pixels="png"))

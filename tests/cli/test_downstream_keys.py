@@ -13,7 +13,6 @@ dependencies here):
   load_checkpoint(self, pretrained, strict=False).
 """
 import pytest
-import torch
 
 from g2sd_cache.models.mae import build_student
 

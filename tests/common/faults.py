@@ -188,4 +188,13 @@ def tar_with_members(path: Path, members: list[tuple[str, bytes]]) -> None:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
 
-
+def hold_lock(path: Path) -> subprocess.Popen:
+    """Another process holding the flock on `path` (as a running train would), saying who it is."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, json, os, time\n"
+         f"fd = os.open({str(path)!r}, os.O_RDWR | os.O_CREAT)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\nos.ftruncate(fd, 0)\n"
+         "os.write(fd, json.dumps({'pid': os.getpid(), 'host': 'elsewhere', 'since': 'now'}).encode())\n"
+         "print('locked', flush=True)\ntime.sleep(120)\n"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder

@@ -4,6 +4,7 @@ The micro teacher (`test_mae_micro_patch16`) and student run the real code path 
 (L = 16 patches, T = 17 tokens, D = 32), so a whole extract or a few training steps take seconds.
 """
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,3 +36,10 @@ def sigterm_after_first_record(argv: list[str], run: Path, env: dict | None = No
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     return proc.returncode, out, err
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 the OS reports free now: fixed ports collide when two suites run at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -19,19 +19,12 @@ from g2sd_cache.cache.schema import LOCK_FILE
 from g2sd_cache.cli.export import export_run
 from g2sd_cache.cli.main import main as cli_main
 from g2sd_cache.common.errors import UserError
-from g2sd_cache.models.mae import build_student as build_stage1_student
 from g2sd_cache.specific.config import FinetuneConfig
 from g2sd_cache.specific.finetune import finetune
 from tests.common.faults import enospc_in_atomic_writes, one_line
 
 MICRO = "test_vit_micro_patch16"
 
-
-@pytest.fixture(scope="module")
-def stage1_export(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("stage1") / "encoder.pth"
-    torch.save(build_stage1_student("test_vit_micro_patch16_dec32d1b", 32, 32, seed=5).encoder_state_dict(), path)
-    return path
 
 
 def finetune_config(data, init, out, **kw) -> FinetuneConfig:

@@ -19,7 +19,6 @@ from g2sd_cache.common.errors import UserError
 from g2sd_cache.generic.extract import run_extract
 from g2sd_cache.generic.train import train
 from g2sd_cache.models.classifier import build_student
-from g2sd_cache.models.mae import build_student as build_stage1_student
 from g2sd_cache.specific.config import FinetuneConfig, LogitsConfig
 from g2sd_cache.specific.extract_logits import run_extract_logits
 from g2sd_cache.specific.finetune import finetune
@@ -38,12 +37,6 @@ def cli_error(capsys, *argv: str) -> str:
     assert rc == 2 and "Traceback" not in err and len(err.splitlines()) == 1, (rc, err)
     return err
 
-
-@pytest.fixture(scope="module")
-def stage1_export(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("stage1") / "encoder.pth"
-    torch.save(build_stage1_student("test_vit_micro_patch16_dec32d1b", 32, 32, seed=5).encoder_state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module")

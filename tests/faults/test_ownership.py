@@ -23,7 +23,7 @@ from g2sd_cache.common.errors import UserError
 from g2sd_cache.generic.extract import run_extract
 from g2sd_cache.cache.schema import MANIFEST, TMP_MARK
 from g2sd_cache.verify.cache import verify_cache
-from tests.common.faults import copy_cache, one_line
+from tests.common.faults import copy_cache, hold_lock, one_line
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,14 +169,8 @@ def test_a_second_extract_into_a_locked_cache_says_who_holds_it(image_folder, tm
     process (pid and host) and writes nothing; once the holder dies (kill -9), the lock is gone with it."""
     out = tmp_path / "c"
     out.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, json, os, sys, time\n"
-         f"fd = os.open({str(out / '.g2sd-cache.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
-         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-         "os.write(fd, json.dumps({'pid': os.getpid(), 'host': 'elsewhere', 'since': 'now'}).encode())\n"
-         "print('locked', flush=True)\ntime.sleep(120)\n"], stdout=subprocess.PIPE, text=True)
+    holder = hold_lock(out / ".g2sd-cache.lock")
     try:
-        assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(UserError) as e:
             run_extract(micro_extract_config(image_folder, out))
         assert f"another extract is writing into {out} (pid {holder.pid} on host elsewhere" in one_line(e.value)

@@ -6,24 +6,18 @@ Two gloo processes on CPU, started as torchrun would (RANK, WORLD_SIZE, MASTER_A
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from tests.common.helpers import MICRO_STUDENT, MICRO_TEACHER
+from tests.common.helpers import MICRO_STUDENT, MICRO_TEACHER, free_port
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _two_ranks(argv0: list[str], argv1: list[str], timeout: float = 240) -> list[subprocess.CompletedProcess]:
     """`g2sd-cache ARGV` as rank 0 and rank 1 of a 2-process gloo group; their completed processes."""
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank, argv in enumerate((argv0, argv1)):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
@@ -86,7 +80,7 @@ def test_a_collective_timeout_that_is_not_positive_is_refused():
 def test_a_collective_waiting_past_the_timeout_fails_instead_of_hanging(tmp_path):
     """Rank 1 joins the group but never reaches the barrier: rank 0's barrier fails after --dist-timeout (here 3 s),
     where the default of torch.distributed waited 30 minutes and this project's earlier one 72 hours."""
-    port = _free_port()
+    port = free_port()
     code = ("import sys, time\nfrom g2sd_cache.common.dist import init_distributed\n"
             "env = init_distributed('cpu', timeout_min=0.05)\n"
             "if env.rank == 1:\n    time.sleep(60)\n    sys.exit(0)\n"

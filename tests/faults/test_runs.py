@@ -19,7 +19,7 @@ import torch
 from tests.common.helpers import MICRO_STUDENT
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.generic.train import train
-from tests.common.faults import micro_train_config, one_line
+from tests.common.faults import hold_lock, micro_train_config, one_line
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,17 +122,6 @@ def test_resume_drops_the_metrics_of_steps_it_redoes_and_records_what_changed(mi
     assert "steps: 6 -> 7" in config and "blr: 0.00015 -> 0.0002" in config
 
 
-def _hold_lock(path: Path) -> subprocess.Popen:
-    """Another process holding the flock on `path` (as a running train would), saying who it is."""
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, json, os, time\n"
-         f"fd = os.open({str(path)!r}, os.O_RDWR | os.O_CREAT)\n"
-         "fcntl.flock(fd, fcntl.LOCK_EX)\nos.ftruncate(fd, 0)\n"
-         "os.write(fd, json.dumps({'pid': os.getpid(), 'host': 'elsewhere', 'since': 'now'}).encode())\n"
-         "print('locked', flush=True)\ntime.sleep(120)\n"], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "locked"
-    return holder
-
 
 def test_a_second_run_into_a_run_folder_in_use_is_refused_naming_the_holder(micro_cache, image_folder, tmp_path):
     """One writer at a time: while a train (or finetune) holds a run folder's lock, another train --resume, train or
@@ -143,7 +132,7 @@ def test_a_second_run_into_a_run_folder_in_use_is_refused_naming_the_holder(micr
     run = tmp_path / "run"
     train(micro_train_config(image_folder, micro_cache, run, steps=2))
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".g2sd-run.lock"}
-    holder = _hold_lock(run / ".g2sd-run.lock")
+    holder = hold_lock(run / ".g2sd-run.lock")
     try:
         for attempt, command in ((lambda: train(micro_train_config(image_folder, micro_cache, run, steps=4, resume=True)),
                                   "train"),

@@ -16,7 +16,6 @@ import torch
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.data.synthetic import jpeg_bytes, synthetic_image
 from g2sd_cache.models.classifier import build_student
-from g2sd_cache.models.mae import build_student as build_stage1_student
 from g2sd_cache.specific.config import FinetuneConfig, LogitsConfig
 from g2sd_cache.specific.evaluate import evaluate
 from g2sd_cache.specific.extract_logits import run_extract_logits
@@ -26,12 +25,6 @@ from tests.common.faults import one_line, tar_with_members
 MICRO = "test_vit_micro_patch16"
 PLAN = dict(img_size=32, group_size=4, workers=0, device="cpu")
 
-
-@pytest.fixture(scope="module")
-def stage1_export(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("stage1") / "encoder.pth"
-    torch.save(build_stage1_student("test_vit_micro_patch16_dec32d1b", 32, 32, seed=5).encoder_state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module")

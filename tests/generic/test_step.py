@@ -5,8 +5,6 @@ Per-sample weights are recovered by least squares: the step's gradient (through 
 micro-steps, DDP included) against the gradients of each sample's own loss.
 """
 import os
-import socket
-import tempfile
 
 import numpy as np
 import pytest
@@ -16,9 +14,9 @@ import torch.multiprocessing as mp
 
 from g2sd_cache.common.dist import DistEnv
 from g2sd_cache.generic.step import Distiller, Setup, TrainConfig
-from g2sd_cache.models.mae import build_student
 from g2sd_cache.generic.stream import Batch
 from g2sd_cache.data.views import ViewGeometry
+from tests.common.helpers import free_port
 
 STUDENT = "test_vit_micro_patch16_dec32d1b"
 G = ViewGeometry(img_size=64, patch_size=16)      # L = 16 patches, 4 visible
@@ -106,11 +104,6 @@ def test_every_valid_sample_weighs_the_same_however_the_step_is_cut(case):
     assert float(loss) == pytest.approx(np.mean([x for x, f in zip(losses, flags) if f]), rel=1e-5)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ddp_rank(rank: int, world: int, port: int, layouts, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -137,7 +130,7 @@ def test_ddp_ranks_with_unequal_valid_counts_weigh_every_sample_the_same(tmp_pat
     """Rank 0 [v v], rank 1 [v X]: the all-reduced gradient weighs the three valid samples 1/3 each."""
     layouts = [[[True, True]], [[True, False]]]
     out = str(tmp_path / "grad.pt")
-    mp.start_processes(_ddp_rank, args=(2, _free_port(), layouts, out), nprocs=2, start_method="spawn")
+    mp.start_processes(_ddp_rank, args=(2, free_port(), layouts, out), nprocs=2, start_method="spawn")
     got = torch.load(out, weights_only=True)
     samples = _samples(4, seed=1)
     per_sample, losses = _per_sample_gradients(samples)
@@ -168,7 +161,7 @@ def _runlog_rank(rank: int, world: int, port: int, run: str) -> None:
 @pytest.mark.slow
 def test_metrics_reduce_sums_means_and_maxima_across_ranks(tmp_path):
     import json
-    mp.start_processes(_runlog_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_runlog_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     (record,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert record["loss"] == pytest.approx(0.75)                 # the ranks' shares of the global mean, summed
     assert record["replay_rel_rmse"] == pytest.approx(0.15)      # mean over micro-batches of all ranks

@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from tests.common.helpers import MICRO_STUDENT, MICRO_TEACHER, micro_extract_config, sigterm_after_first_record
+from tests.common.helpers import MICRO_STUDENT, MICRO_TEACHER, micro_extract_config, sigterm_after_first_record, free_port
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.cli.export import export_encoder
 from g2sd_cache.generic.extract import run_extract
@@ -107,7 +107,7 @@ def test_two_gloo_ranks_read_disjoint_views_once_and_run_the_same_steps(micro_ca
     """torchrun with 2 CPU ranks x 2 workers: over one epoch every cached view of the epoch's view index
     is used exactly once, the ranks' views are disjoint and both run the same number of steps."""
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "g2sd_cache.cli.main", "train", "--data", str(image_folder), "--cache", str(micro_cache),
            "--out", str(run), "--student", MICRO_STUDENT, "--epochs", "1", "--batch-size", "2",
            "--workers", "2", "--shuffle-window", "4", "--device", "cpu", "--log-every", "1", "--log-samples",
@@ -303,14 +303,14 @@ def test_elastic_resume_on_another_number_of_ranks_continues_the_same_run(micro_
     full = run_train(tmp_path / "full", None, cache=str(micro_cache), steps=6, batch_size=4, blr=1e-3,
                      shuffle_window=5, log_samples=True)
     # 2 ranks x 2 -> stop at step 2 (mid-epoch: 8 of 12 views) -> 1 rank x 2 x accum 2
-    done = _torchrun(2, 29531, *common, "--out", tmp_path / "a", "--batch-size", 2, "--stop-after", 2)
+    done = _torchrun(2, free_port(), *common, "--out", tmp_path / "a", "--batch-size", 2, "--stop-after", 2)
     assert done.returncode == 0, done.stderr[-3000:]
     a = run_train(tmp_path / "a", None, cache=str(micro_cache), steps=6, batch_size=2, accum_iter=2, blr=1e-3,
                   shuffle_window=5, log_samples=True, resume=True)
     # 1 rank x 4 -> stop at step 4 (mid-epoch 1) -> 2 ranks x 2
     run_train(tmp_path / "b", None, cache=str(micro_cache), steps=6, batch_size=4, blr=1e-3, shuffle_window=5,
               log_samples=True, stop_after=4)
-    done = _torchrun(2, 29533, *common, "--out", tmp_path / "b", "--batch-size", 2, "--resume")
+    done = _torchrun(2, free_port(), *common, "--out", tmp_path / "b", "--batch-size", 2, "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
     b = metrics(tmp_path / "b")
     for got in (a, b):

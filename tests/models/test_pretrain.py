@@ -85,7 +85,33 @@ def test_the_teacher_spec_builds_once_per_machine_and_loads_after(images, tmp_pa
     assert again.sha256 == info.sha256
     _, random = build_teacher("random:2", MICRO_TEACHER, 64)
     assert random.sha256 != info.sha256
-    with pytest.raises(UserError, match="pass --arch test_mae_micro_patch16"):
+    with pytest.raises(UserError, match="pass --arch test_mae_micro_patch16 or test_mae_micro_dec128_patch16"):
         build_teacher("pretrained-micro", "mae_vit_base_patch16", 224)
     with pytest.raises(UserError, match="non-negative integer"):
         build_teacher("pretrained-micro:x", MICRO_TEACHER, 64)
+
+
+WIDE = "test_mae_micro_dec128_patch16"
+
+
+def test_the_wide_variant_is_deterministic_given_its_seed_and_kept_apart(images, tmp_path, monkeypatch):
+    """The 128-wide-decoder variant: the same seed gives the same weights, another seed others; built through
+    `--teacher pretrained-micro --arch test_mae_micro_dec128_patch16`, it is kept in its own file and gives
+    128-wide targets."""
+    tiny = dataclasses.replace(TINY, arch=WIDE, steps=3, batch_size=4)
+    a, b, c = pt.pretrain(tiny, 0, images), pt.pretrain(tiny, 0, images), pt.pretrain(tiny, 1, images)
+    assert a["decoder_embed.weight"].shape == (128, 64)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["decoder_blocks.0.attn.qkv.weight"], c["decoder_blocks.0.attn.qkv.weight"])
+
+    monkeypatch.setattr(pt, "CACHE_DIR", tmp_path / "teachers")
+    monkeypatch.setattr(pt, "RECIPE", dataclasses.replace(TINY, steps=2, batch_size=4))
+    monkeypatch.setattr(pt, "WIDE_RECIPE", tiny)
+    monkeypatch.setattr(pt, "photographs", lambda names, side: images)
+    wide, _ = build_teacher("pretrained-micro:0", WIDE, 64)
+    assert all(torch.equal(wide.state_dict()[k], a[k]) for k in a)      # the wide recipe at seed 0, nothing else
+    build_teacher("pretrained-micro:0", MICRO_TEACHER, 64)
+    assert len(list((tmp_path / "teachers").iterdir())) == 2
+    imgs, mask = pt.batch(images, tiny, 5, 0, 16)
+    with torch.no_grad():
+        assert wide.targets(imgs, mask, 4).shape == (4, 17, 128)

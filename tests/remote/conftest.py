@@ -6,26 +6,21 @@ but 127.0.0.1: the endpoint is set before any s3fs filesystem is made, and s3fs'
 cleared so no earlier configuration leaks in."""
 from __future__ import annotations
 
-import socket
 import uuid
 
 import pytest
+from tests.common.helpers import free_port
 
 moto_server = pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
 def s3_server():
     import logging
     logging.getLogger("werkzeug").setLevel(logging.WARNING)   # one line per request otherwise
-    port = _free_port()
+    port = free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:

@@ -5,19 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
 import pytest
-from tests.common.helpers import MICRO_STUDENT
+from tests.common.helpers import MICRO_STUDENT, free_port
 from tests.remote.test_train_url import _train, _upload
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -25,7 +19,7 @@ def test_two_nodes_fetch_once_each_and_train_one_nodes_losses(s3_bucket, micro_c
     url = f"{s3_bucket}/c"
     _upload(micro_cache, url)
     one = _train(tmp_path / "one", str(micro_cache))          # global batch 4, 6 steps = 2 epochs
-    port = _port()
+    port = free_port()
     procs = []
     for node in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),

@@ -24,23 +24,15 @@ from g2sd_cache.specific.extract_logits import run_extract_logits
 from g2sd_cache.specific.finetune import finetune
 from g2sd_cache.specific.finetuned import read_finetuned
 from g2sd_cache.cache.logits import index_dtype, logits_specs, open_logits
-from g2sd_cache.models.mae import build_student as build_stage1_student
 from g2sd_cache.specific.config import FinetuneConfig, LogitsConfig
 from g2sd_cache.verify.logits import verify_logits
-from tests.common.helpers import sigterm_after_first_record
+from tests.common.helpers import sigterm_after_first_record, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 MICRO = "test_vit_micro_patch16"
 TEACHER = "random:1"
 PLAN = dict(img_size=32, group_size=4)     # image_folder: 12 images in 3 classes -> 3 groups per epoch
 
-
-@pytest.fixture(scope="module")
-def stage1_export(tmp_path_factory) -> Path:
-    """A stage-1 micro student's encoder, as `g2sd-cache export` writes it."""
-    path = tmp_path_factory.mktemp("stage1") / "encoder.pth"
-    torch.save(build_stage1_student("test_vit_micro_patch16_dec32d1b", 32, 32, seed=5).encoder_state_dict(), path)
-    return path
 
 
 def logits_config(data, out, **kw) -> LogitsConfig:
@@ -438,7 +430,7 @@ def test_two_ranks_resumed_on_one_continue_the_same_run(image_folder, stage1_exp
     cache = tmp_path / "lc2"
     run_extract_logits(logits_config(image_folder, cache, **plan))
     full = run_finetune(tmp_path / "full", image_folder, stage1_export, logits=str(cache), accum_iter=2, **plan)
-    done = _torchrun(2, 29541, "--data", image_folder, "--init", stage1_export, "--out", tmp_path / "ddp", "--arch", MICRO,
+    done = _torchrun(2, free_port(), "--data", image_folder, "--init", stage1_export, "--out", tmp_path / "ddp", "--arch", MICRO,
                      "--img-size", 32, "--group-size", 2, "--epochs", 2, "--workers", 0, "--device", "cpu",
                      "--log-every", 1, "--warmup-epochs", 1, "--blr", 5e-2, "--logits", cache, "--stop-after", 2)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -510,7 +502,7 @@ def test_demo_micro_runs_both_stages(tmp_path):
 def test_two_ranks_extract_the_same_logits_cache_as_one(image_folder, logits_cache, tmp_path):
     """torchrun with 2 ranks: disjoint shards per rank, the manifest from rank 0, the arrays of a 1-rank run."""
     out = tmp_path / "lc-ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29551", "-m",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m",
            "g2sd_cache.cli.main", "extract-logits", "--data", str(image_folder), "--out", str(out), "--teacher", TEACHER,
            "--teacher-arch", MICRO, "--img-size", "32", "--group-size", "4", "--cached-epochs", "2", "--topk", "2",
            "--shard-groups", "1", "--workers", "0", "--device", "cpu"]
