@@ -13,7 +13,6 @@ from tests.common.helpers import MICRO_STUDENT, free_port
 from tests.remote.test_train_url import _train, _upload
 
 
-
 @pytest.mark.slow
 def test_two_nodes_fetch_once_each_and_train_one_nodes_losses(s3_bucket, micro_cache, tmp_path):
     url = f"{s3_bucket}/c"
@@ -67,7 +66,7 @@ def test_elastic_resume_from_s3_on_another_world_size_continues_at_the_local_run
     one = _train(full, str(micro_cache), **kw)
     run = tmp_path / "elastic"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_port()), "-m", "g2sd_cache.cli.main", "train", "--cache", url,
+           "--master_port", str(free_port()), "-m", "g2sd_cache.cli.main", "train", "--cache", url,
            "--local-cache", str(tmp_path / "node-a"), "--out", str(run), "--student", MICRO_STUDENT,
            "--batch-size", "2", "--steps", "6", "--stop-after", "2", "--device", "cpu", "--log-every", "1",
            "--warmup-steps", "1", "--blr", "1e-3", "--shuffle-window", "5", "--workers", "0", "--log-samples"]
