@@ -198,6 +198,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
     if setup.cache is not None and setup.cache.mirror is not None:
         setup.cache.fetched_mark = setup.cache.mirror.fetched_bytes
     t_start = time.perf_counter()
+    steps = None
     try:
         with distiller.run_loop(sched.total_steps, step, f"train[{cfg.mode}]", log) as loop:
             while step < sched.total_steps:
@@ -234,6 +235,8 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict:
                     _report_fetched(setup, env, epoch)
                 epoch, position = epoch + 1, 0
     finally:
+        if steps is not None:     # its reader thread first (joined): else it could read on through a reopened copy
+            steps.close()
         if setup.cache is not None:
             setup.cache.close()      # downloads of a remote cache's local copy end with the run
     summary = distiller.summary(cfg.mode, step, start_step, loop.stopped_early, time.perf_counter() - t_start, last_loss,
