@@ -234,6 +234,7 @@ class Cache(ShardReader):
         layout = self._array_layout(shard, name)
         rel = f"{name}/" + next(r for coord, r in layout.shard_files() if coord[0] == view)
         if self._mirror_cfg is not None and can_map(layout, True):   # digest checked on arrival
+            self._drop_evicted_maps()
             local = self.mirror.path(FileSpec(shard, entry.name, rel, entry.files.get(rel, 0)))
             return MappedShardFile(local, layout, entry.name, rel, verified)
         self._check_digest(shard, rel, layout)
@@ -248,6 +249,14 @@ class Cache(ShardReader):
         except FileNotFoundError:
             raise CacheCorruptError.in_shard(entry.name, f"file {rel} is missing") from None
         return ZarrShardFile(self._group(shard)[name], view, tail, layout, entry.name, rel)
+
+    def _drop_evicted_maps(self) -> None:
+        """Close the maps of local copies the mirror (of any rank on this node) has evicted since: a removed file
+        that is still mapped keeps its disk blocks, so without this the node-local folder could hold up to
+        OPEN_FILES files beyond --local-cache-limit. Runs at each new open, so an evicted file is let go by the
+        time the next one is read."""
+        for key in [k for k, f in self._files.items() if isinstance(f, MappedShardFile) and f.unlinked()]:
+            del self._files[key]
 
     def _array_layout(self, shard: int, name: str) -> ArrayLayout:
         """Array `name`'s layout in `shard`, read once per process."""

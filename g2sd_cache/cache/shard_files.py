@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 
 import numpy as np
 import zarr
@@ -44,6 +45,7 @@ class MappedShardFile:
         try:
             with open(path, "rb") as f:
                 self.buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                st = os.fstat(f.fileno())
         except (FileNotFoundError, ValueError) as e:   # ValueError: an empty file cannot be mapped
             raise CacheCorruptError.in_shard(shard, f"{rel}: {e}") from None
         try:
@@ -52,6 +54,16 @@ class MappedShardFile:
             raise CacheCorruptError.in_shard(shard, f"{rel}: {e}") from None
         _check_index(self.index, shard, rel)
         self.verified: set[int] = set() if verified is None else verified   # chunks whose crc32c passed
+        self.path, self._file_id = path, (st.st_dev, st.st_ino)
+
+    def unlinked(self) -> bool:
+        """Whether `path` no longer names the mapped file (removed, or replaced by another): its disk blocks
+        stay allocated for as long as this map lives."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        return (st.st_dev, st.st_ino) != self._file_id
 
     def _chunk(self, j: int) -> np.ndarray:
         offset, nbytes = (int(x) for x in self.index[j])
@@ -105,6 +117,7 @@ class MappedBytesShardFile:
         try:
             with open(path, "rb") as f:
                 self.buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                st = os.fstat(f.fileno())
             self.index = read_shard_index(self.buf, math.prod(layout.chunks_per_shard), layout.index_at_end)
         except (FileNotFoundError, ValueError) as e:
             raise CacheCorruptError.in_shard(shard, f"{rel}: {e}") from None

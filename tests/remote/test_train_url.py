@@ -168,3 +168,32 @@ def test_a_remote_shard_is_checked_once_per_process_with_one_listing(s3_bucket, 
     fs.rm_file(gone)
     with pytest.raises(CacheCorruptError, match=r"shard-00002 is corrupt: file mask/c/1/\S+ is missing"):
         cache._touch(2)
+
+
+def test_a_local_copy_evicted_while_mapped_is_let_go_at_the_next_open(s3_bucket, micro_cache, tmp_path):
+    """A local copy removed while this process still maps it (another rank's mirror evicted it) keeps its disk
+    blocks until the map is closed: the reader lets it go the next time it opens a file, so the folder's real
+    disk use cannot run OPEN_FILES files past --local-cache-limit. Checked in the kernel's own list of this
+    process's mappings."""
+    import gc
+
+    from g2sd_cache.cache.local_mirror import LocalCacheConfig
+    from g2sd_cache.cache.reader import open_cache
+    url = f"{s3_bucket}/c"
+    _upload(micro_cache, url)
+    folder = tmp_path / "lc"
+    cache = open_cache(url, LocalCacheConfig(str(folder)))
+
+    def deleted_maps() -> list[str]:
+        gc.collect()
+        return [line for line in Path("/proc/self/maps").read_text().splitlines()
+                if str(folder) in line and line.endswith("(deleted)")]
+    cache.read_block(0, 0, 0, 1)
+    mapped = sorted(p for p in folder.rglob("*") if p.is_file() and "/shard-" in str(p) and not p.name.startswith("."))
+    assert mapped, "the first read made no local copy"
+    for p in mapped:
+        p.unlink()                       # as another rank's eviction does
+    assert deleted_maps(), "the reader should still map the removed copies (the situation under test)"
+    cache.read_block(1, 0, 0, 1)         # the next open lets them go
+    assert deleted_maps() == []
+    cache.close()
