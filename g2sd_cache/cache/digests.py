@@ -22,7 +22,7 @@ from typing import Callable
 import google_crc32c
 
 from g2sd_cache.common.errors import UserError
-from g2sd_cache.cache.zarr_layout import MAX_UINT_64, ArrayLayout, parse_layout, read_shard_index
+from g2sd_cache.cache.zarr_layout import MAX_UINT_64, ArrayLayout, chunk_crc_ok, parse_layout, read_shard_index
 
 # Reads byte ranges [(start, stop), ...] of one file; returns their bytes in order.
 RangeReader = Callable[[list[tuple[int, int]]], list[bytes]]
@@ -124,6 +124,26 @@ def digest_mismatch(rel: str, digest: str, expected: dict[str, str] | None) -> s
     if expected[rel] != digest:
         return (f"file {rel} is not the one its record describes (digest {digest[:12]}..., recorded "
                 f"{expected[rel][:12]}...): moved, swapped or copied in from another cache")
+    return None
+
+
+def downloaded_file_problem(path: str, rel: str, layout: ArrayLayout, expected: dict[str, str] | None) -> str | None:
+    """What is wrong with a downloaded zarr shard file at `path` (recorded as `rel`) before it gets its final
+    name: its digest against the record, then every inner chunk's crc32c (memory speed), so a bad body never
+    lands; None if it is sound."""
+    try:
+        digest = chunk_file_digest(local_reader(path), os.path.getsize(path), layout)
+    except ValueError as e:
+        return f"{rel}: {e}"
+    problem = digest_mismatch(rel, digest, expected)
+    if problem:
+        return problem
+    with open(path, "rb") as f:
+        data = f.read()
+    index = read_shard_index(data, math.prod(layout.chunks_per_shard), layout.index_at_end)
+    for j, (off, nbytes) in enumerate(index.tolist()):
+        if off != MAX_UINT_64 and not chunk_crc_ok(memoryview(data)[off:off + nbytes]):
+            return f"{rel}: inner chunk {j} fails its crc32c"
     return None
 
 

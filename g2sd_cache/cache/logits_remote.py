@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import fcntl
 import json
-import math
 import os
 from pathlib import Path
 
-from g2sd_cache.cache.digests import chunk_file_digest, digest_mismatch, is_metadata, local_reader, record_digest
+from g2sd_cache.cache.digests import digest_mismatch, downloaded_file_problem, is_metadata, record_digest
 from g2sd_cache.cache.logits import LogitsManifest
 from g2sd_cache.cache.remote import TruncatedBody, url_fs, with_retries
 from g2sd_cache.cache.schema import CONFIG, MANIFEST, SHARD_RECORD
-from g2sd_cache.cache.zarr_layout import MAX_UINT_64, chunk_crc_ok, parse_layout, read_shard_index
+from g2sd_cache.cache.zarr_layout import parse_layout
 from g2sd_cache.common.errors import CacheCorruptError, UserError
 from g2sd_cache.common.fsutil import TMP_MARK, write_bytes_atomic
 
@@ -54,22 +53,6 @@ def read_manifest(url: str) -> tuple[bytes, LogitsManifest]:
                             f"rerun the same command to complete it")
         raise UserError(f"{url} is not a logits cache (no {MANIFEST}); create one with `g2sd-cache extract-logits`")
     return raw, LogitsManifest.from_json(raw, url)
-
-
-def _chunk_problem(path: Path, rel: str, size: int, layout, digests: dict) -> str | None:
-    """What is wrong with a downloaded zarr shard file (digest, then every inner chunk's crc32c), or None."""
-    try:
-        problem = digest_mismatch(rel, chunk_file_digest(local_reader(str(path)), size, layout), digests)
-    except ValueError as e:
-        return f"{rel}: {e}"
-    if problem:
-        return problem
-    data = path.read_bytes()
-    index = read_shard_index(data, math.prod(layout.chunks_per_shard), layout.index_at_end)
-    for j, (off, nbytes) in enumerate(index.tolist()):
-        if off != MAX_UINT_64 and not chunk_crc_ok(memoryview(data)[off:off + nbytes]):
-            return f"{rel}: inner chunk {j} fails its crc32c"
-    return None
 
 
 def _fetch(fs, remote: str, shown: str, tmp: Path, size: int) -> None:
@@ -143,7 +126,7 @@ def _copy_shard(fs, root: str, url: str, dest: Path, entry: dict) -> None:
                 except (OSError, ValueError) as e:
                     problem = f"{rel}: its array's zarr.json cannot be read ({type(e).__name__})"
                 else:
-                    problem = _chunk_problem(tmp, rel, size, layout, digests)
+                    problem = downloaded_file_problem(str(tmp), rel, layout, digests)
             if problem is None:
                 break
         if problem is not None:

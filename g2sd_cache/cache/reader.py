@@ -31,7 +31,8 @@ import zarr
 
 from g2sd_cache.cache import codecs, lossless, lowrank
 from g2sd_cache.common.errors import CacheCorruptError
-from g2sd_cache.cache.digests import chunk_file_digest, digest_mismatch, fsspec_reader, is_metadata, local_reader, record_digest
+from g2sd_cache.cache.digests import (chunk_file_digest, digest_mismatch, downloaded_file_problem, fsspec_reader,
+                                      is_metadata, local_reader, record_digest)
 from g2sd_cache.cache.local_mirror import FileSpec, LocalCacheConfig, LocalMirror
 from g2sd_cache.cache.manifest_checks import array_problems, basis_problem, manifest_problems, record_problems, typed_manifest, unlisted_shards
 from g2sd_cache.cache.schema import SHARD_RECORD, decode_keys, parse_manifest, read_manifest_text
@@ -40,7 +41,7 @@ from g2sd_cache.cache.pixel_codecs import JPEG_ARRAY, decode_jpegs
 from g2sd_cache.cache.shard_files import (MappedBytesShardFile, MappedShardFile, ZarrShardFile, can_map, can_map_bytes,
                                           strict_store)
 from g2sd_cache.cache.shard_reader import ShardReader
-from g2sd_cache.cache.zarr_layout import MAX_UINT_64, ArrayLayout, chunk_crc_ok, read_shard_index
+from g2sd_cache.cache.zarr_layout import ArrayLayout
 
 
 @dataclass(frozen=True)
@@ -286,19 +287,7 @@ class Cache(ShardReader):
             with open(path, "rb") as f:
                 return digest_mismatch(spec.rel, record_digest(f.read()), self._digests[spec.shard])
         layout = self._array_layout(spec.shard, spec.rel.split("/")[0])
-        try:
-            digest = chunk_file_digest(local_reader(path), os.path.getsize(path), layout)
-        except ValueError as e:
-            return f"{spec.rel}: {e}"
-        problem = digest_mismatch(spec.rel, digest, self._digests[spec.shard])
-        if problem is None:   # the bytes too (crc32c runs at memory speed): a bad body never gets a final name
-            with open(path, "rb") as f:
-                data = f.read()
-            index = read_shard_index(data, math.prod(layout.chunks_per_shard), layout.index_at_end)
-            for j, (off, nbytes) in enumerate(index.tolist()):
-                if off != MAX_UINT_64 and not chunk_crc_ok(memoryview(data)[off:off + nbytes]):
-                    return f"{spec.rel}: inner chunk {j} fails its crc32c"
-        return problem
+        return downloaded_file_problem(path, spec.rel, layout, self._digests[spec.shard])
 
     def close(self) -> None:
         """Stop this process's downloads (a remote cache read through a local copy); reading reopens them."""

@@ -117,7 +117,6 @@ class MappedBytesShardFile:
         try:
             with open(path, "rb") as f:
                 self.buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                st = os.fstat(f.fileno())
             self.index = read_shard_index(self.buf, math.prod(layout.chunks_per_shard), layout.index_at_end)
         except (FileNotFoundError, ValueError) as e:
             raise CacheCorruptError.in_shard(shard, f"{rel}: {e}") from None
