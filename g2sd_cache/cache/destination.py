@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from g2sd_cache.cache.digests import fsspec_reader, shard_digests
+from g2sd_cache.cache.digests import fsspec_reader, record_digest, shard_digests
 from g2sd_cache.cache.lease import LeaseLock
 from g2sd_cache.cache.ownership import (CACHE_KINDS, FolderLock, TOOL, claim_cache_folder, is_our_temporary, _now,
                                         _version)
@@ -284,3 +284,17 @@ class UrlDestination:
 def open_destination(out: str, staging: str | None = None, lease_s: float = 120.0, kind: str = "targets"):
     """Where a cache of `kind` ("targets": extract, "logits": extract-logits) is written."""
     return UrlDestination(out, staging, lease_s, kind) if is_remote(out) else LocalDestination(out, kind)
+
+
+def finished_records(out, indices: list[int]) -> tuple[list[str], list[str]]:
+    """Rank 0, before it writes a manifest: each finished shard's shard.json text and its digest (which the
+    manifest records, binding each record, and so every file it lists, to this cache). `out`: a destination
+    of this module (a folder or a URL); a shard without its record is one line, not a half-made manifest."""
+    texts, digests = [], []
+    for i in indices:
+        raw = out.read_record(i)
+        if raw is None:
+            raise UserError(f"shard {shard_name(i)} is missing after extraction; rerun the same command")
+        texts.append(raw.decode())
+        digests.append(record_digest(raw))
+    return texts, digests

@@ -10,10 +10,9 @@ import numpy as np
 
 from g2sd_cache.cache import manifest_checks
 from g2sd_cache.cache import codecs, lossless
-from g2sd_cache.cache.digests import record_digest
+from g2sd_cache.cache.destination import finished_records
 from g2sd_cache.cache.schema import (FORMAT_VERSION, MANIFEST, Manifest, ShardEntry, ShardRecord,
                                      SourceRecord, TeacherRecord, shard_name)
-from g2sd_cache.common.errors import UserError
 from g2sd_cache.data.sources import FolderSource, Source, TarSource
 from g2sd_cache.data.views import replay_versions
 from g2sd_cache.generic.calibrate import Calibration
@@ -25,13 +24,8 @@ def write_manifest(out, cfg, source: Source, plans: list, teacher_info, tokens: 
     ExtractConfig with the codec resolved) into manifest.json, with the calibration and the basis' digest, and for
     --pixels jpeg how the JPEGs were made and which decoder (`pixel_decoder`) gave the teacher its pixels. `out`: the cache's destination
     (cache/destination.py: a folder or a URL)."""
-    records, digests = [], []
-    for p in plans:
-        raw = out.read_record(p.index)
-        if raw is None:
-            raise UserError(f"shard {shard_name(p.index)} is missing after extraction; rerun the same command")
-        records.append(ShardRecord.from_json(raw.decode()))
-        digests.append(record_digest(raw))      # binds each shard.json (and so every file it lists) to this cache
+    texts, digests = finished_records(out, [p.index for p in plans])
+    records = [ShardRecord.from_json(t) for t in texts]
     codec_error = {}
     measured = [r.codec_error for r in records if r.codec_error]
     for name in dict.fromkeys([*codecs.CODECS, *(k for m in measured for k in m)]):

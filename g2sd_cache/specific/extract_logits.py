@@ -27,8 +27,7 @@ from g2sd_cache.common.dist import DistEnv, run_on_ranks
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.cache.logits import (LOGITS_FORMAT, LOGITS_FORMAT_VERSION, LogitsManifest, LogitsShardRecord, index_dtype,
                            logits_specs)
-from g2sd_cache.cache.destination import open_destination
-from g2sd_cache.cache.digests import record_digest
+from g2sd_cache.cache.destination import finished_records, open_destination
 from g2sd_cache.cache.schema import CONFIG, MANIFEST, shard_name
 from g2sd_cache.specific.config import LogitsConfig
 from g2sd_cache.specific.plan import MixedGroup, SDPlan, UnreadableImages, open_plan
@@ -93,13 +92,8 @@ def _prepare_output(dest, cfg: LogitsConfig, fingerprints: dict) -> None:
 def write_manifest(out, cfg: LogitsConfig, plan: SDPlan, shards: list[ShardSpan], info: ClassifierInfo,
                    precision: str = "fp32") -> LogitsManifest:
     """`out`: the cache's destination (cache/destination.py: a folder or a URL); the manifest is written last."""
-    records, digests = [], []
-    for s in shards:
-        raw = out.read_record(s.index)
-        if raw is None:
-            raise UserError(f"shard {shard_name(s.index)} is missing after extraction; rerun the same command")
-        records.append(LogitsShardRecord.from_json(raw.decode()))
-        digests.append(record_digest(raw))     # binds each shard.json (and every file it lists) to this cache
+    texts, digests = finished_records(out, [s.index for s in shards])
+    records = [LogitsShardRecord.from_json(t) for t in texts]
     manifest = LogitsManifest(
         format=LOGITS_FORMAT, format_version=LOGITS_FORMAT_VERSION, teacher=dataclasses.asdict(info),
         teacher_precision=recorded_precision(precision), plan=plan.describe(), epochs=cfg.cached_epochs, groups_per_epoch=plan.num_groups,
