@@ -38,8 +38,8 @@ from g2sd_cache.cache.manifest_checks import array_problems, basis_problem, mani
 from g2sd_cache.cache.schema import SHARD_RECORD, decode_keys, parse_manifest, read_manifest_text
 from g2sd_cache.cache.lossless import LOSSLESS_ARRAY
 from g2sd_cache.cache.pixel_codecs import JPEG_ARRAY, decode_jpegs
-from g2sd_cache.cache.shard_files import (MappedBytesShardFile, MappedShardFile, ZarrShardFile, can_map, can_map_bytes,
-                                          strict_store)
+from g2sd_cache.cache.shard_files import (ChunkRows, MappedBytesShardFile, MappedShardFile, ZarrShardFile, can_map,
+                                          can_map_bytes, chunk_groups, strict_store)
 from g2sd_cache.cache.shard_reader import ShardReader
 from g2sd_cache.cache.zarr_layout import ArrayLayout
 
@@ -425,6 +425,7 @@ class Cache(ShardReader):
         if not 0 <= view < self.views_per_image or (len(rows) and not (0 <= rows.min() and rows.max() < n)):
             raise IndexError(f"take({shard}, {view}, ...) is out of range: shard {shard} has {n} images x "
                              f"{self.views_per_image} views")
+        grouped: dict[int, list[ChunkRows]] = {}   # images per inner chunk -> the rows by chunk
         for name, dest in out.items():
             if name == "pixels" and JPEG_ARRAY in self._specs:   # decoded into place: one JPEG per view
                 blobs = np.empty(len(rows), dtype=object)
@@ -438,7 +439,13 @@ class Cache(ShardReader):
                 else:
                     dest[at] = self._unpack(shard, blobs)
             else:
-                self._file(shard, view, name).take(rows, dest, at)
+                f = self._file(shard, view, name)
+                if isinstance(f, MappedShardFile):   # rows grouped by inner chunk once for all the arrays
+                    if f.inner not in grouped:
+                        grouped[f.inner] = chunk_groups(rows, at, f.inner)
+                    f.take_chunks(grouped[f.inner], dest)
+                else:
+                    f.take(rows, dest, at)
 
     def keys(self, shard: int, view: int, rows: np.ndarray) -> list[str]:
         """The source keys of rows `rows` of view `view` of `shard` (keys are zero-padded per shard)."""

@@ -14,17 +14,37 @@ from __future__ import annotations
 import math
 import mmap
 import os
+from typing import NamedTuple
 
 import numpy as np
 import zarr
 from zarr.storage import WrapperStore
 
 from g2sd_cache.common.errors import CacheCorruptError
+from g2sd_cache.common.grouping import group_positions
 from g2sd_cache.cache.zarr_layout import MAX_UINT_64, ArrayLayout, crc32c_ok, read_shard_index
 
 
 # Rows at least this large are copied one at a time by `MappedShardFile.take` (see there).
 ROW_COPY_BYTES = 4096
+
+
+class ChunkRows(NamedTuple):
+    """The rows of one read that lie in inner chunk `chunk`: rows [m] (within the chunk) go to dest[at] ([m])."""
+
+    chunk: int
+    rows: np.ndarray
+    at: np.ndarray
+
+
+def chunk_groups(rows: np.ndarray, at: np.ndarray, inner: int) -> list[ChunkRows]:
+    """Rows [n] of a shard file with `inner` images per inner chunk, bound for dest[at] ([n]) -> one `ChunkRows`
+    per inner chunk touched, in ascending chunk order, each keeping the rows' given order."""
+    groups = group_positions(rows // inner)
+    if len(groups) == 1:   # the common case: rows and at as they are
+        j = groups[0][0]
+        return [ChunkRows(j, rows - j * inner, at)]
+    return [ChunkRows(j, rows[i] - j * inner, at[i]) for j, i in groups]
 
 
 def _check_index(index: np.ndarray, shard: str, rel: str) -> None:
@@ -54,6 +74,7 @@ class MappedShardFile:
             raise CacheCorruptError.in_shard(shard, f"{rel}: {e}") from None
         _check_index(self.index, shard, rel)
         self.verified: set[int] = set() if verified is None else verified   # chunks whose crc32c passed
+        self._views: dict[int, np.ndarray] = {}    # chunk -> its rows, once checked
         self.path, self._file_id = path, (st.st_dev, st.st_ino)
 
     def unlinked(self) -> bool:
@@ -66,6 +87,10 @@ class MappedShardFile:
         return (st.st_dev, st.st_ino) != self._file_id
 
     def _chunk(self, j: int) -> np.ndarray:
+        """Inner chunk j's rows [inner, *row_shape], a view of the map; checked on its first use in this process."""
+        view = self._views.get(j)
+        if view is not None:   # checked already: a batch reads each array's chunk, so no index parsing per read
+            return view
         offset, nbytes = (int(x) for x in self.index[j])
         if nbytes != self.chunk_bytes + 4 or offset + nbytes > len(self.buf):
             raise CacheCorruptError.in_shard(self.shard, f"{self.rel}: inner chunk {j} has a bad size or offset")
@@ -75,7 +100,8 @@ class MappedShardFile:
                 raise CacheCorruptError.in_shard(self.shard, f"{self.rel}: inner chunk {j} fails its crc32c")
             self.verified.add(j)
         flat = np.frombuffer(self.buf, dtype=self.dtype, count=self.chunk_bytes // self.dtype.itemsize, offset=offset)
-        return flat.reshape(self.inner, *self.row_shape)
+        view = self._views[j] = flat.reshape(self.inner, *self.row_shape)
+        return view
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         parts = []
@@ -85,22 +111,25 @@ class MappedShardFile:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def take(self, rows: np.ndarray, dest: np.ndarray, at: np.ndarray) -> None:
-        """dest[at[i]] = row rows[i], for rows in any order.
+        """dest[at[i]] = row rows[i], for rows in any order."""
+        self.take_chunks(chunk_groups(rows, at, self.inner), dest)
+
+    def take_chunks(self, groups: list[ChunkRows], dest: np.ndarray) -> None:
+        """`take` of rows already grouped by inner chunk (`chunk_groups`), so that a batch groups its rows once for
+        all its arrays, not once per array.
 
         Large rows (pixels, targets) are copied one by one straight into `dest`: a fancy-indexed gather
         would first copy them into a temporary (twice the bytes, and a fresh allocation whose pages the
         kernel must fault in: most of the read's cost on a VM). Small rows (masks, scales, indices) go in
         one fancy-indexed copy per inner chunk, where a Python call per row would cost more than the bytes."""
-        chunk = rows // self.inner
         per_row = self.row_bytes >= ROW_COPY_BYTES
-        for j in np.unique(chunk):
-            sel = chunk == j
-            src, local = self._chunk(int(j)), rows[sel] - j * self.inner
+        for g in groups:
+            src = self._chunk(g.chunk)
             if per_row:
-                for r, a in zip(local.tolist(), at[sel].tolist()):
+                for r, a in zip(g.rows.tolist(), g.at.tolist()):
                     dest[a] = src[r]
             else:
-                dest[at[sel]] = src[local]
+                dest[g.at] = src[g.rows]
 
 
 class MappedBytesShardFile:
