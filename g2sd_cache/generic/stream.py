@@ -25,7 +25,6 @@ keeps its place with `valid` False, so every rank still runs the same steps, and
 from __future__ import annotations
 
 import queue
-import sys
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -38,6 +37,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from g2sd_cache.cache import lossless
 from g2sd_cache.cache.reader import Cache
 from g2sd_cache.cache.digests import check_image
+from g2sd_cache.common.grouping import group_positions
+from g2sd_cache.generic.host_buffers import BatchBuffers
 from g2sd_cache.generic.plan import PAD, EpochOrder
 from g2sd_cache.data.sources import Source, TarSource
 from g2sd_cache.data.views import ViewGeometry, decode_image, render_view, sample_view, visible_patches
@@ -101,97 +102,50 @@ def stand_in_mask(g: ViewGeometry) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # Pixel path: block reads from the memory-mapped cache, on a background thread.
 
-class HostBuffers:
-    """Uninitialised host buffers for the pixel path's batches, as (uint8 torch tensor, numpy view of it).
-
-    Pinned buffers come from torch's caching host allocator, which reuses freed blocks (and waits for the
-    non-blocking copies to the device before it does). Unpinned ones are recycled here for the same reason:
-    a batch buffer of several MB that is freed goes back to the OS and a new one comes back as fresh pages,
-    which the kernel faults in and zeroes on first write — more CPU than copying the views' bytes into
-    them, several times more on a VM. A buffer is a numpy array handed out through `torch.from_numpy`,
-    whose storage keeps a reference to it, as does every numpy view of it: it is handed out again only when
-    the pool's reference is the last one, so a batch (or anything made from it) that is still alive is
-    never overwritten. At most `keep` buffers of each size are kept."""
-
-    def __init__(self, pin: bool, keep: int):
-        self.pin, self.keep = pin, keep
-        self.pool: dict[int, list[np.ndarray]] = {}
-        self._idle = _refs([np.empty(1, np.uint8)], 0)    # the count of a buffer only the pool holds
-
-    def get(self, shape: tuple[int, ...], np_dtype: str) -> tuple[torch.Tensor, np.ndarray]:
-        dtype = np.dtype(np_dtype)
-        nbytes = int(np.prod(shape)) * dtype.itemsize
-        if self.pin:
-            raw = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        else:
-            bufs = self.pool.setdefault(nbytes, [])
-            free = next((i for i in range(len(bufs)) if _refs(bufs, i) == self._idle), None)
-            if free is None:
-                buf = np.empty(nbytes, dtype=np.uint8)
-                if len(bufs) < self.keep:
-                    bufs.append(buf)
-            else:
-                buf = bufs[free]
-            raw = torch.from_numpy(buf)
-        return raw, raw.numpy().view(dtype).reshape(shape)
-
-
-def _refs(buffers: list, i: int) -> int:
-    """The reference count of buffers[i] (one expression, so the idle count is measured the same way)."""
-    return sys.getrefcount(buffers[i])
-
-
 def read_cached(spec: StreamSpec, pin: bool, keep: int = 8):
     """Stage: positions [B] (PAD for stand-ins) -> Batch, read from a cache that stores pixels.
-    `keep`: batch buffers of each array kept for reuse (about the batches alive at once; see HostBuffers)."""
+    `keep`: batch buffers kept for reuse (about the batches alive at once; see host_buffers.py)."""
     cache, g = spec.cache, spec.geometry
-    buffers = HostBuffers(pin, keep)
     specs = cache.specs
     # a jpeg cache's views are decoded into the same uint8 pixel buffers (Cache.take); a lossless cache's are only
     # decompressed, into residual planes of the same bytes, which the device finishes (Batch.device_patches)
     pix = lossless.LOSSLESS_ARRAY if cache.lossless else "pixels"
     shapes = {pix: (cache.residual_shape if cache.lossless else cache.pixel_shape, "uint8")} | {
-        n: (specs[n].per_view_shape, specs[n].dtype) for n in ("target", "scale", "mask") if n in specs}
-    names = list(shapes)
+        n: (specs[n].per_view_shape, specs[n].dtype) for n in ("target", "scale", "mask", "source_index") if n in specs}
+    buffers = BatchBuffers(shapes, pin, keep)
     codec_dtype = cache.codec.torch_dtype
+    stand_in = stand_in_mask(g)
 
     def stage(src: Iterator[np.ndarray]):
         for pos in src:
             b = len(pos)
-            raw, out = {}, {}
-            for name in names:
-                raw[name], out[name] = buffers.get((b, *shapes[name][0]), shapes[name][1])
-            index = np.full(b, -1, dtype=np.int64)
+            t = out = None    # the previous batch's views let go first, so its block can be handed out again
+            t, out = buffers.get(b)
             valid = pos != PAD
             errors: list[str] = []
             units, rows = spec.order.unit[pos[valid]], spec.order.row[pos[valid]]
             at_all = np.flatnonzero(valid)
-            for u in np.unique(units):
-                sel = units == u
-                rows_u, at = rows[sel], at_all[sel]
+            for u, i in group_positions(units):
+                rows_u, at = rows[i], at_all[i]
                 try:
-                    cache.take(int(u), spec.view, rows_u, out | {"source_index": index}, at)
+                    cache.take(u, spec.view, rows_u, out, at)
                 except Exception:   # find the rows that fail: they become stand-ins (--on-error decides)
                     for r, a in zip(rows_u, at):
                         try:
-                            cache.take(int(u), spec.view, np.array([r]), out | {"source_index": index}, np.array([a]))
+                            cache.take(u, spec.view, np.array([r]), out, np.array([a]))
                         except Exception as e:
                             valid[a] = False
-                            index[a] = -1
-                            errors.append(f"{cache.shard_name(int(u))} row {r} view {spec.view}: {e}")
+                            errors.append(f"{cache.shard_name(u)} row {r} view {spec.view}: {e}")
             invalid = np.flatnonzero(~valid)
-            for name in names:           # stand-ins: zeros, and a valid mask so shapes and kernels stay happy
-                out[name][invalid] = 0
-            out["mask"][invalid] = stand_in_mask(g)
+            if len(invalid):       # stand-ins: zeros, and a valid mask so shapes and kernels stay happy
+                for name in out:
+                    out[name][invalid] = 0
+                out["mask"][invalid] = stand_in
+                out["source_index"][invalid] = -1
             keys = _keys(cache, spec, pos) if spec.keys else []
-            codes = raw["target"].view(codec_dtype).view(b, *specs["target"].per_view_shape)
-            yield Batch(patches=raw[pix].view(b, *shapes[pix][0]), residual=cache.lossless,
-                        mask=raw["mask"].view(torch.bool).view(b, g.num_patches),
-                        valid=torch.from_numpy(valid), codes=codes,
-                        scale=raw["scale"].view(getattr(torch, specs["scale"].dtype))
-                        .view(b, *specs["scale"].per_view_shape) if "scale" in raw else None,
-                        index=torch.from_numpy(index), view=torch.full((b,), spec.view, dtype=torch.int64),
-                        keys=keys, errors=errors)
+            yield Batch(patches=t[pix], residual=cache.lossless, mask=t["mask"], valid=torch.from_numpy(valid),
+                        codes=t["target"].view(codec_dtype), scale=t.get("scale"), index=t["source_index"],
+                        view=torch.full((b,), spec.view, dtype=torch.int64), keys=keys, errors=errors)
     return stage
 
 

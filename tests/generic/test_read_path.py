@@ -1,5 +1,5 @@
 """The pixel path's read: `MappedShardFile.take` scatters rows into batch buffers, and `read_cached` recycles
-those buffers (stream.HostBuffers) without ever overwriting a batch that is still alive."""
+those buffers (generic/host_buffers.py) without ever overwriting a batch that is still alive."""
 import numpy as np
 import pytest
 
