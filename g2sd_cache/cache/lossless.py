@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from numcodecs import Blosc, blosc
 
+from g2sd_cache.cache import blosc_ctx
+
 LOSSLESS_ARRAY = "lossless"     # the array a lossless cache stores (variable-length bytes, one blob per view)
 FILTER = "rgb-g_planar_grad2d"  # steps 1-3 above, recorded in the manifest: a reader refuses any other
 COMPRESSOR = {"id": "blosc", "cname": "lz4hc", "clevel": 9, "shuffle": Blosc.NOSHUFFLE}
@@ -73,23 +75,55 @@ def encode(patches: np.ndarray) -> bytes:
     return bytes(_CODEC.encode(np.ascontiguousarray(filter_patches(patches))))
 
 
+def _frame_problem(src, offset: int, length: int, want: int) -> str | None:
+    """What is wrong with src[offset:offset + length] as the Blosc frame of one view of `want` bytes (None: nothing).
+    Blosc's 16-byte header: version, versionlz, flags, typesize, then uint32 LE nbytes, blocksize, cbytes. Blosc
+    trusts cbytes, so a frame cut short is refused here, before it would read past the blob."""
+    if length < 16:
+        return f"a lossless pixel frame of {length} bytes is shorter than its header"
+    nbytes, _, cbytes = struct.unpack_from("<III", src, offset + 4)
+    if cbytes != length:
+        return f"a lossless pixel frame of {length} bytes says it has {cbytes}"
+    if nbytes != want:
+        return f"a lossless pixel frame of {nbytes} bytes decoded, not the {want} of a view"
+    return None
+
+
 def decompress_into(blob, dest: np.ndarray) -> None:
     """The stored bytes of one view -> its residual planes, written into `dest` (uint8 [n_keep, 3, p, p], C-contiguous:
     a row of a batch buffer). Raises ValueError if the blob is not a frame of exactly that many bytes."""
     src = memoryview(blob).cast("B")
-    # Blosc's 16-byte header: version, versionlz, flags, typesize, then uint32 LE nbytes, blocksize, cbytes. Blosc
-    # trusts cbytes, so a frame cut short is refused here, before it would read past the blob.
-    if len(src) < 16:
-        raise ValueError(f"a lossless pixel frame of {len(src)} bytes is shorter than its header")
-    nbytes, _, cbytes = struct.unpack_from("<III", src, 4)
-    if cbytes != len(src):
-        raise ValueError(f"a lossless pixel frame of {len(src)} bytes says it has {cbytes}")
-    if nbytes != dest.nbytes:
-        raise ValueError(f"a lossless pixel frame of {nbytes} bytes decoded, not the {dest.nbytes} of a view")
+    problem = _frame_problem(src, 0, len(src), dest.nbytes)
+    if problem:
+        raise ValueError(problem)
     try:
         blosc.decompress(src, dest)
     except Exception as e:
         raise ValueError(f"a lossless pixel frame does not decompress ({e})") from None
+
+
+def decompress_spans(buf, spans: list[tuple[int, int]], dest: np.ndarray, at: list[int]) -> None:
+    """Views' frames buf[offset:offset + length] (buf: a memory-mapped shard file; spans: [(offset, length)] per
+    view) -> their residual planes dest[at[i]] (dest uint8 [B, n_keep, 3, p, p]); ValueError as `decompress_into`.
+    The pixel path's host work: c-blosc is called with the frame's and the row's addresses (cache/blosc_ctx.py),
+    where numcodecs' wrapper would cost a fifth of the view; the checks keep it inside the map and the batch."""
+    size, count = len(buf), len(dest)
+    row = dest.nbytes // count if count else 0
+    if (blosc_ctx.DECOMPRESS is None or not (dest.flags.c_contiguous and dest.flags.writeable)
+            or (at and not (0 <= min(at) and max(at) < count))):
+        view = memoryview(buf)   # numcodecs and numpy indexing, with their own checks
+        for (offset, length), a in zip(spans, at):
+            decompress_into(view[offset:offset + length], dest[a])
+        return
+    src, out = np.frombuffer(buf, np.uint8).ctypes.data, dest.ctypes.data
+    for (offset, length), a in zip(spans, at):
+        problem = "a lossless pixel frame lies outside its file" if offset < 0 or offset + length > size else \
+            _frame_problem(buf, offset, length, row)
+        if problem:
+            raise ValueError(problem)
+        got = blosc_ctx.DECOMPRESS(src + offset, out + a * row, row, 1)
+        if got <= 0:
+            raise ValueError(f"a lossless pixel frame does not decompress (error during blosc decompression: {got})")
 
 
 def decode(blobs, n_keep: int, p: int) -> torch.Tensor:

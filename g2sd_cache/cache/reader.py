@@ -390,27 +390,34 @@ class Cache(ShardReader):
         if self._mirror_cfg is not None:
             self.mirror.touch(shard)
         got = {name: self._file(shard, view, name).rows(start, stop) if stop > start else self._empty(name)
-               for name in self._specs}
+               for name in self._specs if name != LOSSLESS_ARRAY}
         if JPEG_ARRAY in got:
             got["pixels"] = self.decode_pixels(got.pop(JPEG_ARRAY)).cpu().numpy()
-        if LOSSLESS_ARRAY in got:
-            got["pixels"] = self._unpack(shard, got.pop(LOSSLESS_ARRAY))
+        if self.lossless:
+            got["pixels"] = self._unpack(shard, view, np.arange(start, stop))
         return Block(shard, view, start, stop, codes=got["target"], scale=got.get("scale"), mask=got["mask"],
                      crop=got["crop"], flip=got["flip"], source_index=got["source_index"],
                      key=decode_keys(got["key"]), pixels=got.get("pixels"))
 
-    def _residuals(self, shard: int, blobs, dest: np.ndarray, at) -> None:
-        """Lossless blobs -> residual planes dest[at[i]] (uint8 [n_keep, 3, p, p] rows): the host's decoding."""
-        for blob, a in zip(blobs, at):
-            try:
-                lossless.decompress_into(blob, dest[a])
-            except ValueError as e:   # its chunk's crc32c held: written so, or by another encoder
-                raise CacheCorruptError.in_shard(self.shard_name(shard), f"{LOSSLESS_ARRAY}: {e}") from None
+    def _residuals(self, shard: int, f, rows: np.ndarray, dest: np.ndarray, at: list[int]) -> None:
+        """The lossless frames of rows `rows` of shard file `f` -> residual planes dest[at[i]] (uint8 [n_keep, 3, p, p]
+        rows): the host's decoding, straight from the map for a local file (no object per view)."""
+        try:
+            if isinstance(f, MappedBytesShardFile):
+                lossless.decompress_spans(f.buf, f.spans(rows), dest, at)
+            else:
+                blobs = np.empty(len(rows), dtype=object)    # a remote file's: bytes read through zarr
+                f.take(rows, blobs, np.arange(len(rows)))
+                for blob, a in zip(blobs, at):
+                    lossless.decompress_into(blob, dest[a])
+        except ValueError as e:   # its chunk's crc32c held: written so, or by another encoder
+            raise CacheCorruptError.in_shard(self.shard_name(shard), f"{LOSSLESS_ARRAY}: {e}") from None
 
-    def _unpack(self, shard: int, blobs) -> np.ndarray:
-        """Lossless blobs of n views -> their patches uint8 [n, n_keep, p, p, 3], decoded here."""
-        res = np.empty((len(blobs), *self.residual_shape), dtype=np.uint8)
-        self._residuals(shard, blobs, res, range(len(blobs)))
+    def _unpack(self, shard: int, view: int, rows: np.ndarray) -> np.ndarray:
+        """Rows `rows` of view `view` of a lossless `shard` -> their patches uint8 [n, n_keep, p, p, 3], decoded here."""
+        res = np.empty((len(rows), *self.residual_shape), dtype=np.uint8)
+        if len(rows):
+            self._residuals(shard, self._file(shard, view, LOSSLESS_ARRAY), rows, res, list(range(len(rows))))
         return lossless.unfilter(torch.from_numpy(res)).numpy()
 
     def take(self, shard: int, view: int, rows: np.ndarray, out: dict[str, np.ndarray], at: np.ndarray) -> None:
@@ -431,13 +438,10 @@ class Cache(ShardReader):
                 blobs = np.empty(len(rows), dtype=object)
                 self._file(shard, view, JPEG_ARRAY).take(rows, blobs, np.arange(len(rows)))
                 dest[at] = self.decode_pixels(blobs).cpu().numpy()
-            elif name in ("pixels", LOSSLESS_ARRAY) and self.lossless:   # decompressed into place
-                blobs = np.empty(len(rows), dtype=object)
-                self._file(shard, view, LOSSLESS_ARRAY).take(rows, blobs, np.arange(len(rows)))
-                if name == LOSSLESS_ARRAY:
-                    self._residuals(shard, blobs, dest, at.tolist())
-                else:
-                    dest[at] = self._unpack(shard, blobs)
+            elif name == LOSSLESS_ARRAY and self.lossless:   # decompressed into place
+                self._residuals(shard, self._file(shard, view, LOSSLESS_ARRAY), rows, dest, at.tolist())
+            elif name == "pixels" and self.lossless:
+                dest[at] = self._unpack(shard, view, rows)
             else:
                 f = self._file(shard, view, name)
                 if isinstance(f, MappedShardFile):   # rows grouped by inner chunk once for all the arrays

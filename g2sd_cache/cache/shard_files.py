@@ -186,9 +186,12 @@ class MappedBytesShardFile:
     def take(self, rows: np.ndarray, dest: np.ndarray, at: np.ndarray) -> None:
         """dest[at[i]] = the bytes of row rows[i] (a memoryview of the map), rows in any order."""
         view = memoryview(self.buf)
-        for r, a in zip(rows.tolist(), at.tolist()):
-            offset, length = self._chunk(r // self.inner)[r % self.inner]
+        for (offset, length), a in zip(self.spans(rows), at.tolist()):
             dest[a] = view[offset:offset + length]
+
+    def spans(self, rows: np.ndarray) -> list[tuple[int, int]]:
+        """(offset, length) in the map of the bytes of each row of `rows` [n], in their order (each chunk checked)."""
+        return [self._chunk(r // self.inner)[r % self.inner] for r in rows.tolist()]
 
 
 class ZarrShardFile:
