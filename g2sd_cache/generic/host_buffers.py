@@ -51,7 +51,7 @@ class BatchBuffers:
     def _block(self, nbytes: int, b: int) -> tuple[torch.Tensor | None, np.ndarray]:
         """One block of `nbytes` no batch alive uses: (the pinned uint8 tensor, or None; a uint8 array of its bytes)."""
         if self.pin:
-            raw = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            raw = self._pinned(nbytes)
             return raw, raw.numpy()
         blocks = self.pool.setdefault(b, [])
         for i in range(len(blocks)):
@@ -61,6 +61,11 @@ class BatchBuffers:
         if len(blocks) < self.keep:
             blocks.append(block)
         return None, block
+
+    @staticmethod
+    def _pinned(nbytes: int) -> torch.Tensor:
+        """A pinned uint8 block of `nbytes` from torch's caching host allocator."""
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
     def get(self, b: int) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
         """One batch of `b` views: ({name: tensor [b, *shape]}, {name: array [b, *shape]}), uninitialised."""

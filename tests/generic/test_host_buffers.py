@@ -49,3 +49,27 @@ def test_a_block_is_reused_only_when_nothing_made_from_it_is_alive():
     gc.collect()
     t, a = buffers.get(3)
     assert t["pixels"].data_ptr() in (first, second)
+
+
+class _FakePinned(BatchBuffers):
+    """The pinned path's slicing without a GPU: blocks from a plain tensor, handed out as a pinned one would be."""
+
+    def _pinned(self, nbytes):
+        return torch.zeros(nbytes, dtype=torch.uint8)
+
+
+def test_a_pinned_blocks_tensors_are_views_of_its_own_storage():
+    t, a = _FakePinned(ARRAYS, pin=True, keep=2).get(3)
+    storages = {v.untyped_storage().data_ptr() for v in t.values()}
+    assert len(storages) == 1            # the block's storage, which the host allocator tracks copies from
+    base = t["pixels"].data_ptr()
+    assert [t[k].data_ptr() - base for k in ARRAYS] == [0, 64, 128, 192]
+    assert {k: (tuple(v.shape), v.dtype, v.is_contiguous()) for k, v in t.items()} == {
+        "pixels": ((3, 2, 3), torch.uint8, True), "scale": ((3, 5), torch.float16, True),
+        "mask": ((3, 4), torch.bool, True), "index": ((3,), torch.int64, True)}
+    a["scale"][:] = np.arange(15, dtype=np.float16).reshape(3, 5)
+    a["index"][:] = [5, -2, 1 << 33]
+    a["pixels"][:] = np.arange(18, dtype=np.uint8).reshape(3, 2, 3)
+    assert t["scale"].tolist() == np.arange(15).reshape(3, 5).tolist()
+    assert t["index"].tolist() == [5, -2, 1 << 33]
+    assert t["pixels"].flatten().tolist() == list(range(18))
