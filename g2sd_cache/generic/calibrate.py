@@ -80,8 +80,12 @@ def calibrate(x: torch.Tensor, codec: str, max_error: float | None) -> Calibrati
     n, tokens, width = x.shape
     held = n // 4
     fit, test = (x[:n - held], x[n - held:]) if held else (x, x)
-    candidates = list(codecs.CODECS.values()) if codec == AUTO else [codecs.get_codec(codec)]
-    ranks = [c.code_width(width) for c in candidates if c.rank is not None]
+    if codec != AUTO and not codecs.get_codec(codec).fits(width):
+        raise UserError(f"--codec {codec} keeps {codecs.get_codec(codec).rank} coefficients per token but this "
+                        f"teacher's targets are {width} wide: choose counts that add up to at most {width}")
+    candidates = ([c for c in codecs.CODECS.values() if c.fits(width)] if codec == AUTO
+                  else [codecs.get_codec(codec)])
+    ranks = [c.basis_rank(width) for c in candidates if c.rank is not None]
     full = lowrank.fit_basis(fit, max(ranks)) if ranks else None
     errors = {}
     for c in candidates:
@@ -98,7 +102,7 @@ def calibrate(x: torch.Tensor, codec: str, max_error: float | None) -> Calibrati
     else:
         chosen = codec
     rank = codecs.get_codec(chosen).rank
-    basis = full[:codecs.get_codec(chosen).code_width(width) + 1].clone() if rank is not None else None
+    basis = full[:codecs.get_codec(chosen).basis_rank(width) + 1].clone() if rank is not None else None
     raw = lowrank.basis_bytes(basis) if basis is not None else None
     record = {"views": n, "fit_views": len(fit), "heldout_views": held, "max_error": max_error, "chosen": chosen,
               "errors": errors, "basis": lowrank.basis_record(raw, basis.shape) if raw else None}

@@ -104,7 +104,9 @@ def test_codec_flags_are_checked_in_one_line(image_folder, tmp_path, capsys):
             "--img-size", "64", "--workers", "0", "--device", "cpu"]
     for extra, needle in [(["--codec", "auto"], "--max-error"), (["--max-error", "0.1"], "--max-error"),
                           (["--codec", "auto", "--max-error", "2"], "in (0, 1)"), (["--codec", "pcaq"], "unknown codec"),
-                          (["--codec", "pca8", "--calibration-views", "1"], "at least 2")]:
+                          (["--codec", "pca8", "--calibration-views", "1"], "at least 2"),
+                          # tiered codes: 8 + 16 + 16 = 40 coefficients of the micro teacher's 32; an odd 4-bit count
+                          (["--codec", "pca8+16+16"], "at most 32"), (["--codec", "pca8+3"], "must be even")]:
         assert cli_main(base + extra) == 2
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1, err
