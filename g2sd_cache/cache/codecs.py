@@ -128,6 +128,11 @@ def tiered_codec(tiers: tuple[int, int, int]) -> Codec:
                  dithered=tiered.dithered_count(tiers) > 0)
 
 
+# ViT-B's 40 KB budget (197 tokens x 512): pca32+128+256 is 197 x 166 = 32,702 B with JPEG pixels (~4.4 KB),
+# pca16+64+128 197 x 86 = 16,942 B with lossless ones (~18.7 KB on photographs); 416 and 208 of 512 directions
+CODECS.update({c.name: c for c in (tiered_codec((32, 128, 256)), tiered_codec((16, 64, 128)))})
+
+
 def get_codec(name: str) -> Codec:
     if name in CODECS:
         return CODECS[name]

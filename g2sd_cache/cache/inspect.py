@@ -34,7 +34,7 @@ def inspect_report(path: str, sample_views: int = 64) -> dict:
             if str(e) not in corrupt:
                 corrupt.append(str(e))
     targets = torch.stack(rows) if rows else None
-    shown = {**codecs.CODECS, m.codec: cache.codec}
+    shown = {n: c for n, c in {**codecs.CODECS, m.codec: cache.codec}.items() if c.fits(m.target_dim)}
     # low-rank codecs: the cache's own basis for its codec, a basis fitted on the sample for the others
     stored_error = ({name: codecs.codec_error(c, targets, cache.basis if name == m.codec else None)
                      for name, c in shown.items()} if targets is not None else {})
