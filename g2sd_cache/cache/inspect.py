@@ -68,11 +68,14 @@ def format_report(r: dict) -> str:
         f"{r['stored_target_bytes_per_view']:.0f} (codes {r['target_bytes_per_view']}), pixels "
         f"{r['stored_pixel_bytes_per_view']:.0f}" + _pixel_note(r["pixels"], r["pixel_encoding"]),
         "",
-        "codec   rel RMSE vs fp32 (extract)   cosine     rel RMSE vs stored ({} views)".format(r["sampled_views"]),
     ]
-    for name in dict.fromkeys([*codecs.CODECS, r["codec"]]):
+    # the codecs that can code this cache's targets (a tiered pcaA+B+C may keep more coefficients than the width)
+    names = [n for n in dict.fromkeys([*codecs.CODECS, r["codec"]]) if codecs.get_codec(n).fits(r["target_dim"])]
+    w = max(6, *(len(n) for n in names))
+    lines.append(f"{'codec':{w}s}  rel RMSE vs fp32 (extract)   cosine     rel RMSE vs stored ({r['sampled_views']} views)")
+    for name in names:
         e, s = r["extract_error"].get(name), r["stored_error"].get(name)
-        lines.append(f"{name:6s}  {_pct(e, 'rel_rmse'):>26s}   {_f(e, 'cosine'):>8s}   {_pct(s, 'rel_rmse'):>12s}")
+        lines.append(f"{name:{w}s}  {_pct(e, 'rel_rmse'):>26s}   {_f(e, 'cosine'):>8s}   {_pct(s, 'rel_rmse'):>12s}")
     lines += [f"CORRUPT        {c}" for c in r.get("corrupt", ())]
     if r["basis"]:
         lines += ["", f"basis          {r['basis']['file']} float32 {r['basis']['shape']}, sha256 "
