@@ -71,6 +71,21 @@ def test_pca_extract_stores_a_deterministic_basis_and_records_it(image_folder, t
     assert "basis.npy float32 [9, 32]" in text and "<- chosen" in text and "calibration: 24 views" in text
 
 
+def test_a_tiered_extract_writes_the_same_codes_twice_and_its_basis_has_every_direction(image_folder, tmp_path):
+    """pca2+8+16 dithers its 4- and 2-bit tiers by (seed, image, view): two extracts of the same images write the
+    same codes, so a resumed extract's shards match its first ones."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_extract(micro_extract_config(image_folder, a, codec="pca2+8+16"))
+    run_extract(micro_extract_config(image_folder, b, codec="pca2+8+16"))
+    m = json.loads((a / MANIFEST).read_text())
+    assert m["codec"] == "pca2+8+16" and m["basis"]["shape"] == [27, 32]     # centre + 2 + 8 + 16 directions
+    ca, cb = open_cache(a), open_cache(b)
+    first = ca.read_block(0, 0, 0, ca.shard_images[0])
+    assert np.array(first.codes).shape[1:] == (17, 2 + 4 + 4) and np.array(first.scale).shape[1:] == (17, 3)
+    for i in range(len(ca)):
+        assert torch.equal(ca[i].target, cb[i].target), i
+
+
 def test_auto_extract_and_resume_reuse_the_calibration(image_folder, tmp_path, capsys):
     out = tmp_path / "c"
     cfg = micro_extract_config(image_folder, out, codec="auto", max_error=0.05)
