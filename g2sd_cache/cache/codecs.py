@@ -228,15 +228,6 @@ def _uniform(seeds: torch.Tensor, n: int) -> np.ndarray:
     return out
 
 
-def _scale_at_least(s: torch.Tensor) -> torch.Tensor:
-    """float32 >= 0 -> the float16 at or just above it (never below: no value may leave the code range),
-    and at least float16's smallest subnormal, so that scales stay positive (an all-zero group then decodes
-    to +-3e-8)."""
-    h = s.half()
-    h = torch.where(h.float() < s, (h.view(torch.int16) + 1).view(torch.float16), h)
-    return torch.clamp_min(h, 2.0 ** -24)
-
-
 def _checked_seeds(name: str, seeds, views: tuple[int, ...]) -> torch.Tensor:
     if seeds is None:
         raise ValueError(f"{name} rounds stochastically and needs seeds: one int64 per view (codecs.dither_seeds)")
@@ -270,7 +261,7 @@ def _encode_int4(codec: Codec, x: torch.Tensor, seeds: torch.Tensor | None) -> t
     x = x.float()
     groups = -(-D // codec.group)
     padded = torch.nn.functional.pad(x, (0, groups * codec.group - D)).unflatten(-1, (groups, codec.group))
-    scale = _scale_at_least(padded.abs().amax(dim=-1) / codec.qmax)       # [..., T, G] float16
+    scale = lowrank.float16_at_least(padded.abs().amax(dim=-1) / codec.qmax)       # [..., T, G] float16
     if not bool(torch.isfinite(scale).all()):
         raise ValueError("int4: a value beyond +-491,000 (or NaN/Inf) does not fit float16 scales")
     u = torch.from_numpy(_uniform(seeds.reshape(-1).cpu(), T * D)).to(x.device).reshape(x.shape)

@@ -55,9 +55,10 @@ def fit_basis(x: torch.Tensor, rank: int) -> torch.Tensor:
     return torch.cat([centre.unsqueeze(0), comps]).float().contiguous()
 
 
-def _scale_at_least(s: torch.Tensor) -> torch.Tensor:
-    """float32 >= 0 -> the float16 at or just above it (no coefficient may leave -127..127), at least float16's
-    smallest subnormal."""
+def float16_at_least(s: torch.Tensor) -> torch.Tensor:
+    """float32 >= 0 -> the float16 at or just above it (never below: no code may leave its range), and at least
+    float16's smallest subnormal, so that scales stay positive. The scale of every scaled float16 layout (pcaR,
+    pcaA+B+C's tiers, int4's groups)."""
     h = s.half()
     h = torch.where(h.float() < s, (h.view(torch.int16) + 1).view(torch.float16), h)
     return torch.clamp_min(h, 2.0 ** -24)
@@ -86,7 +87,7 @@ def encode(x: torch.Tensor, basis: torch.Tensor, rank: int) -> tuple[torch.Tenso
     """x [..., T, D] -> (codes int8 [..., T, rank], scale float16 [..., T]) against the first rank + 1 rows of
     `basis` [>= rank + 1, D]."""
     coef = coefficients(x, basis, rank)
-    scale = _scale_at_least(coef.abs().amax(dim=-1) / 127.0)
+    scale = float16_at_least(coef.abs().amax(dim=-1) / 127.0)
     if not bool(torch.isfinite(scale).all()):
         raise ValueError("pca: a coefficient beyond float16's range (or NaN/Inf) in the targets")
     codes = (coef / scale.float().unsqueeze(-1)).round_().clamp_(-127, 127).to(torch.int8)

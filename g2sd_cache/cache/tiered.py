@@ -29,6 +29,8 @@ import re
 
 import torch
 
+from g2sd_cache.cache import lowrank
+
 #: bits per coefficient of each tier, in the order the tiers are stored
 TIER_BITS = (8, 4, 2)
 _NAME = re.compile(r"^pca([0-9]{1,4})\+([0-9]{1,4})(?:\+([0-9]{1,4}))?$")
@@ -68,13 +70,6 @@ def dithered_count(tiers: tuple[int, int, int]) -> int:
     return tiers[1] + tiers[2]
 
 
-def _scale_up(s: torch.Tensor) -> torch.Tensor:
-    """float32 >= 0 -> the float16 at or just above it, at least float16's smallest subnormal."""
-    h = s.half()
-    h = torch.where(h.float() < s, (h.view(torch.int16) + 1).view(torch.float16), h)
-    return torch.clamp_min(h, 2.0 ** -24)
-
-
 def quantize(coef: torch.Tensor, tiers: tuple[int, int, int], u: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """coef float32 [..., T, A + B + C], u float32 [..., T, B + C] in [0, 1) -> (codes uint8 [..., T, bytes],
@@ -87,7 +82,7 @@ def quantize(coef: torch.Tensor, tiers: tuple[int, int, int], u: torch.Tensor
     codes, scales = [], []
     if a:
         head = coef[..., :a]
-        s = _scale_up(head.abs().amax(dim=-1) / 127.0)
+        s = lowrank.float16_at_least(head.abs().amax(dim=-1) / 127.0)
         q = (head / s.float().unsqueeze(-1)).round_().clamp_(-127, 127).to(torch.int8)
         codes.append(q.view(torch.uint8))
         scales.append(s)
@@ -96,7 +91,7 @@ def quantize(coef: torch.Tensor, tiers: tuple[int, int, int], u: torch.Tensor
             continue
         half = _HALF[bits]
         part = coef[..., lo:hi]
-        s = _scale_up(part.abs().amax(dim=-1) / half)
+        s = lowrank.float16_at_least(part.abs().amax(dim=-1) / half)
         n = torch.floor(part / s.float().unsqueeze(-1) + half + u[..., ulo:ulo + hi - lo]).clamp_(0, 2 * half)
         n = n.to(torch.uint8).unflatten(-1, (-1, 8 // bits))                      # [..., T, bytes, per byte]
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=n.device)
