@@ -98,16 +98,19 @@ def _pixel_note(mode: str, enc: dict) -> str:
 
 
 def format_calibration(record: dict) -> str:
-    """The table extract prints: each candidate's bytes and held-out error, the chosen one marked."""
+    """The table extract prints: each candidate's bytes, held-out error (and a low-rank code's truncation: the
+    part of it the student could learn, which the study finds is what costs), the chosen one marked."""
     held = record["heldout_views"]
     lines = [f"calibration: {record['views']} views of the teacher's targets ({record['fit_views']} fit the basis, "
              f"errors on {held if held else 'the same'} {'held-out ' if held else ''}views)"
              + (f", --max-error {record['max_error']:g}" if record["max_error"] is not None else ""),
-             "  codec     target B/view   rel RMSE   worst view"]
+             "  codec          target B/view   rel RMSE   worst view   truncation"]
     for name, e in sorted(record["errors"].items(), key=lambda kv: kv[1]["target_bytes_per_view"]):
         mark = "  <- chosen" if name == record["chosen"] else ""
-        lines.append(f"  {name:8s} {e['target_bytes_per_view']:>14,d}   {100 * e['rel_rmse']:6.2f} %   "
-                     f"{100 * e['max_view_rel_rmse']:6.2f} %{mark}")
+        # low rank only: what the basis drops (a record written before this column has none)
+        trunc = f"{100 * e['truncation_rel_rmse']:6.2f} %" if "truncation_rel_rmse" in e else "       -"
+        lines.append(f"  {name:13s} {e['target_bytes_per_view']:>14,d}   {100 * e['rel_rmse']:6.2f} %   "
+                     f"{100 * e['max_view_rel_rmse']:6.2f} %     {trunc}{mark}")
     return "\n".join(lines)
 
 

@@ -74,6 +74,14 @@ def view_errors(codec: codecs.Codec, x: torch.Tensor, basis: torch.Tensor | None
     return (y - x).flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1).clamp_min(1e-30)
 
 
+def truncation_error(x: torch.Tensor, basis: torch.Tensor) -> float:
+    """Relative RMS error of x [N, T, D] projected onto `basis` [R + 1, D] with exact coefficients: what a low-rank
+    code of rank R drops, whatever its rounding."""
+    b = basis.double()
+    centred = x.double() - b[0]
+    return float((centred - (centred @ b[1:].T) @ b[1:]).norm() / x.double().norm().clamp_min(1e-30))
+
+
 def calibrate(x: torch.Tensor, codec: str, max_error: float | None) -> Calibration:
     """Targets x [N, T, D] float32 -> the codec to write with, its basis and the calibration record (see the
     module docstring). Deterministic given x."""
@@ -92,6 +100,8 @@ def calibrate(x: torch.Tensor, codec: str, max_error: float | None) -> Calibrati
         err = codecs.codec_error(c, test, basis=full)
         errors[c.name] = {**err, "max_view_rel_rmse": float(view_errors(c, test, full).max()),
                           "target_bytes_per_view": c.bytes_per_view(tokens, width)}
+        if c.rank is not None:   # the part of the error the student could learn (the study: it is what costs)
+            errors[c.name]["truncation_rel_rmse"] = truncation_error(test, full[:c.basis_rank(width) + 1])
     if codec == AUTO:
         within = [c for c in candidates if errors[c.name]["rel_rmse"] <= max_error]
         if not within:

@@ -11,7 +11,7 @@ import torch
 from tests.cache.test_lowrank import _low_rank
 from tests.common.helpers import micro_extract_config
 from g2sd_cache.cache import lowrank
-from g2sd_cache.cache.inspect import format_report, inspect_report
+from g2sd_cache.cache.inspect import format_calibration, format_report, inspect_report
 from g2sd_cache.cache.reader import open_cache
 from g2sd_cache.cache.schema import BASIS_FILE, CALIBRATION_FILE, MANIFEST
 from g2sd_cache.cli.main import main as cli_main
@@ -144,3 +144,23 @@ def test_a_cache_begun_before_the_calibration_flags_still_resumes(image_folder, 
     (out / "config.yaml").write_text(yaml.safe_dump(old))
     run_extract(cfg)
     assert (out / MANIFEST).is_file()
+
+
+def test_calibration_records_what_each_low_rank_code_truncates():
+    """The calibration table carries each low-rank codec's truncation (exact coefficients, held-out views), the
+    part of its error a student could learn: on exactly 12-dimensional tokens pca8 drops a third of the
+    dimensions, pca4+8+8 (20 directions, most in 4 and 2 bits) none: its error is rounding noise alone."""
+    x = _low_rank(32, 17, 64, 12, noise=1e-4)
+    errs = {name: calibrate(x, name, None).record["errors"][name] for name in ("pca8", "pca4+8+8")}
+    # an independent truncation: the held-out quarter projected on the top-8 right singular vectors of the rest
+    fit, test = x[:24].reshape(-1, 64).double().numpy(), x[24:].reshape(-1, 64).double().numpy()
+    mean = fit.mean(0)
+    _, _, vt = np.linalg.svd(fit - mean, full_matrices=False)
+    c = test - mean
+    ref = np.linalg.norm(c - c @ vt[:8].T @ vt[:8]) / np.linalg.norm(test)
+    assert errs["pca8"]["truncation_rel_rmse"] == pytest.approx(ref, rel=1e-4)
+    assert errs["pca8"]["truncation_rel_rmse"] > 0.2
+    assert errs["pca4+8+8"]["truncation_rel_rmse"] < 1e-3 < errs["pca4+8+8"]["rel_rmse"]
+    assert "int8" not in errs and "truncation_rel_rmse" not in calibrate(x, "int8", None).record["errors"]["int8"]
+    text = format_calibration(calibrate(x, "pca4+8+8", None).record)
+    assert "truncation" in text.splitlines()[1] and "pca4+8+8" in text
