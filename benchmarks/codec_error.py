@@ -11,9 +11,10 @@
    and of the targets alone (target + scale arrays). Low-rank codecs (pcaR) are measured with the basis their
    cache fitted on its calibration views (the same images: in-sample, as `g2sd-cache inspect` would report);
    their basis.npy (stored once per cache) is left out of the bytes per view and listed apart.
-4. Low rank per rank R (16 ... 256): a PCA basis fitted on the first half of the views, the relative error
-   on the second half (held out) and on the first (in-sample), with int8 coefficients + a float16 scale per
-   token, and without rounding (the truncation alone).
+4. Low rank per rank R (16 ... 256) and per tiered codec pcaA+B+C (`--tiered`; default the registered ones):
+   a PCA basis fitted on the first half of the views, the relative error on the second half (held out) and on
+   the first (in-sample) with the stored codes (pcaR: int8 coefficients + a float16 scale per token; tiered:
+   8, 4 and 2 dithered bits), and without rounding (the truncation alone, at the same rank).
 
 About 1 minute on 2 CPU cores for 32 ViT-B views.
 """
@@ -69,19 +70,24 @@ def int4_per_token_error(x: torch.Tensor) -> dict:
     return {"rel_rmse": rel, "cosine": cos, "target_bytes_per_view": T * D // 2 + 4 * T}
 
 
-def lowrank_by_rank(x: torch.Tensor, ranks=(16, 32, 64, 128, 256)) -> list[dict]:
-    """Per rank R <= D: the pcaR codec's relative RMS error on held-out views (basis fitted on the first half of
-    x [N, T, D]), the truncation alone (exact coefficients), and in-sample."""
+def lowrank_by_rank(x: torch.Tensor, ranks=(16, 32, 64, 128, 256), tiered: tuple[str, ...] = ()) -> list[dict]:
+    """Per rank R <= D, and per tiered codec pcaA+B+C of A + B + C <= D: the codec's relative RMS error on
+    held-out views (basis fitted on the first half of x [N, T, D]), the truncation alone (exact coefficients of
+    the same rank), and in-sample."""
     from g2sd_cache.cache import lowrank
     half = max(1, len(x) // 2)
     fit, test = x[:half], x[half:] if len(x) > half else x[:half]
+    names = [f"pca{r}" for r in ranks if r <= x.shape[-1]]
+    names += [n for n in tiered if codecs.get_codec(n).fits(x.shape[-1])]
     out = []
-    for r in (r for r in ranks if r <= x.shape[-1]):
-        codec, basis = codecs.get_codec(f"pca{r}"), lowrank.fit_basis(fit, r)
+    for name in names:
+        codec = codecs.get_codec(name)
+        r = codec.basis_rank(x.shape[-1])
+        basis = lowrank.fit_basis(fit, r)
         b = basis.double()
         centred = test.double() - b[0]
         truncated = (centred @ b[1:].T) @ b[1:] + b[0]
-        out.append({"rank": r, "target_bytes_per_view": codec.bytes_per_view(*x.shape[1:]),
+        out.append({"codec": name, "rank": r, "target_bytes_per_view": codec.bytes_per_view(*x.shape[1:]),
                     "heldout": codecs.codec_error(codec, test, basis)["rel_rmse"],
                     "heldout_truncation": float((truncated - test.double()).norm() / test.double().norm()),
                     "in_sample": codecs.codec_error(codec, fit, basis)["rel_rmse"]})
@@ -98,6 +104,8 @@ def main(argv=None) -> int:
     ap.add_argument("--img-size", type=int, default=224, help="crop size in pixels (default 224)")
     ap.add_argument("--ranks", type=int, nargs="+", metavar="R", help="ranks of the low-rank table (default 16 32 64 "
                     "128 256; those above the target width are left out)")
+    ap.add_argument("--tiered", nargs="*", metavar="pcaA+B+C", help="tiered codecs for the low-rank table (default: "
+                    "the registered ones; those keeping more coefficients than the target width are left out)")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -108,7 +116,8 @@ def main(argv=None) -> int:
         rows = {}
         for name, codec in codecs.CODECS.items():
             if codec.rank is not None and codec.rank >= x.shape[-1]:
-                print(f"skipping {name}: rank {codec.rank} is not below the target width {x.shape[-1]}")
+                print(f"skipping {name}: it keeps {codec.rank} coefficients, not fewer than the target width "
+                      f"{x.shape[-1]}")
                 continue
             root = tmp / f"cache-{name}"
             run_extract(ExtractConfig(data=str(data), out=str(root), teacher=args.teacher, arch=args.arch, views=1,
@@ -124,7 +133,8 @@ def main(argv=None) -> int:
                                                        for s in m.shards) / m.views,
                           "formula_bytes_per_view": codec.bytes_per_view(m.tokens, m.target_dim)}
         rows["int4 (fp32 scale per token)"] = int4_per_token_error(x)
-        ranks = lowrank_by_rank(x, tuple(args.ranks) if args.ranks else (16, 32, 64, 128, 256))
+        tiered = tuple(args.tiered if args.tiered is not None else (n for n, c in codecs.CODECS.items() if c.tiers))
+        ranks = lowrank_by_rank(x, tuple(args.ranks) if args.ranks else (16, 32, 64, 128, 256), tiered)
     fp16 = rows["fp16"]["bytes_per_view"]
     print(f"{args.images} views of {args.teacher} {args.arch}, targets {list(x.shape[1:])}\n")
     print("| codec | bytes/view on disk | vs fp16 | target bytes/view (formula) | rel. RMS error | cosine |")
@@ -137,10 +147,10 @@ def main(argv=None) -> int:
         print(f"| {name} | {disk} | {ratio} | {tb} | {100 * r['rel_rmse']:.3f} % | {r['cosine']:.6f} |")
     print(f"\nLow rank: basis fitted on views 0..{len(x) // 2 - 1}, error on views {len(x) // 2}..{len(x) - 1} "
           "(held out) and on the fitting views (in-sample)\n")
-    print("| rank R | target bytes/view | held-out rel. RMS (int8 codes) | truncation alone | in-sample (int8) |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| codec | rank | target bytes/view | held-out rel. RMS (stored codes) | truncation alone | in-sample |")
+    print("|---|---:|---:|---:|---:|---:|")
     for r in ranks:
-        print(f"| {r['rank']} | {r['target_bytes_per_view']:,} | {100 * r['heldout']:.2f} % | "
+        print(f"| {r['codec']} | {r['rank']} | {r['target_bytes_per_view']:,} | {100 * r['heldout']:.2f} % | "
               f"{100 * r['heldout_truncation']:.2f} % | {100 * r['in_sample']:.2f} % |")
     if args.json:
         Path(args.json).write_text(json.dumps({"views": args.images, "arch": args.arch, "teacher": args.teacher,

@@ -1,6 +1,6 @@
 """How to store the views' pixels: bytes per view, error and decode cost of every candidate (issue 18, pixel half).
 
-    python benchmarks/pixels.py [--views-per-image 8] [--json docs/pixels-cpu.json]
+    python benchmarks/pixels.py [--views-per-image 8] [--feed CODEC:PIXELS ...] [--json docs/pixels-cpu.json]
 
 1. Renders views (MAE's crop, flip and 75 % mask, 224 px, seed 0) of scikit-image's photographs (the same
    ones the pretrained micro teacher learns from) and keeps each view's 49 visible patches, uint8.
@@ -12,7 +12,8 @@
 3. Per candidate: mean bytes per view, max abs / mean abs error and PSNR against the exact patches (lossy
    only), and the CPU time of decoding one view into the [49, 16, 16, 3] batch layout (one thread, batches of
    64, process CPU time): what the pixel path would spend per sample.
-4. Feed (`feed`): for each pixel mode (visible, lossless, jpeg) a pca64 cache of the same photographs (a random
+4. Feed (`feed`, `--feed CODEC:PIXELS ...`): a pca64 cache in each pixel mode (visible, lossless, jpeg), and the
+   tiered pca16+64+128 with lossless and pca32+128+256 with jpeg pixels, of the same photographs (a random
    ViT-B teacher: 197 x 512 targets, so ViT-B's bytes per view), its bytes per view (total, targets, pixels), and
    the host's cost of feeding it, per CPU-second of one core, at batch 16 (the CPU benchmark's) and 256 (a GPU's):
    `take_samples_per_s_per_core`, the read alone (`Cache.take` of pixels -- for lossless the decompressed residual
@@ -146,24 +147,28 @@ def measure(patches: np.ndarray) -> dict:
     return res
 
 
-FEED_CODEC, FEED_TEACHER = "pca64", "mae_vit_base_patch16"   # a <= 40 KB cache's targets: ViT-B's 197 x 512 at rank 64
-FEED_MODES = ("visible", "lossless", "jpeg")
+FEED_TEACHER = "mae_vit_base_patch16"   # ViT-B's 197 x 512 targets
+# (codec, pixels) of the caches fed: pca64 in every pixel mode, and the two tiered presets in the pixel mode whose
+# 40 KB budget each was sized for
+FEED = (("pca64", "visible"), ("pca64", "lossless"), ("pca64", "jpeg"), ("pca16+64+128", "lossless"),
+        ("pca32+128+256", "jpeg"))
 FEED_BATCHES = (16, 256)      # the CPU benchmark's batch and a GPU's
 
 
-def _feed_caches(folder: Path, work: Path, per_image: int) -> dict:
-    """A pca64 cache of the photographs (random ViT-B, K = per_image views) for each pixel mode."""
+def _feed_caches(folder: Path, work: Path, per_image: int, combos=FEED) -> dict:
+    """{(codec, pixels): a cache of the photographs (random ViT-B, K = per_image views)} for each of `combos`."""
     from g2sd_cache.benchmarks.common import quiet
     from g2sd_cache.cache.reader import open_cache
     from g2sd_cache.generic.extract import ExtractConfig, run_extract
     out = {}
-    for pixels in FEED_MODES:
-        log(f"feed: extracting a {FEED_CODEC} + --pixels {pixels} cache ({FEED_TEACHER}, random weights)")
+    for codec, pixels in combos:
+        log(f"feed: extracting a {codec} + --pixels {pixels} cache ({FEED_TEACHER}, random weights)")
+        root = work / f"{codec}-{pixels}"
         with quiet():
-            run_extract(ExtractConfig(data=str(folder), out=str(work / pixels), teacher="random", arch=FEED_TEACHER,
-                                      views=per_image, codec=FEED_CODEC, pixels=pixels, workers=0, device="cpu",
+            run_extract(ExtractConfig(data=str(folder), out=str(root), teacher="random", arch=FEED_TEACHER,
+                                      views=per_image, codec=codec, pixels=pixels, workers=0, device="cpu",
                                       shard_size=256, chunk_views=16, calibration_views=64))
-        out[pixels] = open_cache(str(work / pixels))
+        out[codec, pixels] = open_cache(str(root))
     return out
 
 
@@ -219,7 +224,8 @@ def _device_ms(cache, batch: int, repeats: int = 5) -> dict:
     b = cache.read_block(0, 0, 0, cache.shard_images[0])
     reps = -(-batch // len(b))
     codes = codecs.from_storage(cache.codec, np.array(b.codes)).repeat(reps, 1, 1)[:batch]
-    scale = torch.from_numpy(np.array(b.scale)).repeat(reps, 1)[:batch]
+    scale = torch.from_numpy(np.array(b.scale))
+    scale = scale.repeat(reps, *[1] * (scale.dim() - 1))[:batch]
     res = torch.from_numpy(lossless.filter_patches(b.pixels)).repeat(reps, 1, 1, 1, 1)[:batch]
     out = {}
     for name, fn in (("lowrank_decode", lambda: codecs.decode(cache.codec, codes, scale, basis=cache.basis)),
@@ -231,20 +237,20 @@ def _device_ms(cache, batch: int, repeats: int = 5) -> dict:
     return out
 
 
-def feed(folder: Path, work: Path, per_image: int, seconds: float = 2.0) -> dict:
-    """Per pixel mode, a pca64 cache's bytes per view and the host's cost of feeding it: the read alone
+def feed(folder: Path, work: Path, per_image: int, seconds: float = 2.0, combos=FEED) -> dict:
+    """Per (codec, pixel mode), the cache's bytes per view and the host's cost of feeding it: the read alone
     (`take_samples_per_s_per_core`) and train's whole loader (`cached_samples_per_s_per_core`), at each batch."""
     out = {}
-    for pixels, cache in _feed_caches(folder, work, per_image).items():
-        r = {**_bytes_per_view(cache), "codec": FEED_CODEC, "teacher": f"{FEED_TEACHER} (random)",
+    for (codec, pixels), cache in _feed_caches(folder, work, per_image, combos).items():
+        r = {**_bytes_per_view(cache), "codec": codec, "teacher": f"{FEED_TEACHER} (random)",
              "take_samples_per_s_per_core": {}, "cached_samples_per_s_per_core": {}}
         for batch in FEED_BATCHES:
             r["take_samples_per_s_per_core"][str(batch)] = _take_rate(cache, batch, seconds)
             r["cached_samples_per_s_per_core"][str(batch)] = _loader_rate(cache, batch, 8192)
-            log(f"{FEED_CODEC} + {pixels}, batch {batch}: Cache.take {r['take_samples_per_s_per_core'][str(batch)]:,.0f}"
+            log(f"{codec} + {pixels}, batch {batch}: Cache.take {r['take_samples_per_s_per_core'][str(batch)]:,.0f}"
                 f", train's loader {r['cached_samples_per_s_per_core'][str(batch)]:,.0f} views/s per core")
         r["device_ms_per_batch_on_this_cpu"] = _device_ms(cache, FEED_BATCHES[-1])
-        out[f"{FEED_CODEC}+{pixels}"] = r
+        out[f"{codec}+{pixels}"] = r
     return out
 
 
@@ -263,8 +269,13 @@ def rates() -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--views-per-image", type=int, default=8)
+    ap.add_argument("--feed", nargs="+", metavar="CODEC:PIXELS", help="the caches of the feed part (default: "
+                    + " ".join(f"{c}:{p}" for c, p in FEED) + ")")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    combos = tuple(tuple(f.split(":", 1)) for f in args.feed) if args.feed else FEED
+    if any(len(c) != 2 for c in combos):
+        ap.error("--feed takes CODEC:PIXELS, e.g. pca64:lossless")
     torch.set_num_threads(1)
     patches = views(args.views_per_image)
     log(f"{len(patches)} views of {len(patches) // args.views_per_image} photographs, 49 visible patches each")
@@ -275,7 +286,7 @@ def main(argv=None) -> int:
         from g2sd_cache.models.pretrain import PHOTOS, photographs
         for i, img in enumerate(photographs(PHOTOS, side=10_000)):
             img.save(folder / f"{i:03d}.png")
-        report["feed"] = feed(folder, Path(tmp), args.views_per_image)
+        report["feed"] = feed(folder, Path(tmp), args.views_per_image, combos=combos)
     report["feed_rates"] = rates()
     report["feed_rate_basis"] = "ESTIMATE: 250 TFLOPS sustained / the student's GFLOP per sample (forward + backward)"
     for combo, r in report["feed"].items():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from g2sd_cache.cache import lowrank
+from g2sd_cache.cache import codecs, lowrank
 from g2sd_cache.common.dist import resolve_device
 from g2sd_cache.common.errors import UserError
 from g2sd_cache.generic.extract import ExtractConfig, run_extract
@@ -59,6 +59,10 @@ def make_arms(ks: list[int], codec_k: int, codec_names: list[str], extra: tuple[
         if width is not None and rank is not None and rank >= width:
             say(f"skipping {flag}: rank {rank} is not below the teacher's target width {width}, so its codes "
                 f"are no smaller than the targets")
+            continue
+        if width is not None and not codecs.get_codec(codec).fits(width):
+            say(f"skipping {flag}: it keeps {codecs.get_codec(codec).rank} coefficients per token and the teacher's "
+                f"targets are {width} wide")
             continue
         if (codec, pixels, k) in have:
             if flag.startswith("--arms"):

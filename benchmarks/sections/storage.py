@@ -7,7 +7,8 @@ Figures per codec (`storage.<codec>.*`):
 - `target_bytes_per_view`: the target codes and their scales alone (what the codec decides);
 - `pixel_bytes_per_view`: the stored visible patches alone (uint8, n_keep x p x p x 3: 37,632 B at mask
   0.75; the same in every codec); `<codec>+lossless`, `<codec>+jpeg` (COMPACT): the same codec with
-  `--pixels lossless` / `--pixels jpeg`, their pixel bytes as stored;
+  `--pixels lossless` / `--pixels jpeg`, their pixel bytes as stored (a tiered pcaA+B+C that keeps more
+  coefficients than the teacher's width is left out and listed in `storage.skipped`);
 - `formula_*`: the same from the manifest's array shapes, without shard indexes and checksums;
 - `vs_fp16` / `target_vs_fp16`: the ratios to fp16 (target: int8 targets <= 0.51x fp16);
 - `rel_rmse`, `cosine`: the codec's round trip (low-rank codecs, pcaR: with the basis their cache fitted on
@@ -27,6 +28,8 @@ import math
 import numpy as np
 import torch
 
+from g2sd_cache.models.mae import TEACHER_PRESETS
+
 from g2sd_cache.benchmarks.sections import Bench, section
 from g2sd_cache.benchmarks.common import IMAGENET_IMAGES, Profile, dir_bytes, log
 from g2sd_cache.benchmarks.sections.extract import extract_config, timed_extract
@@ -34,7 +37,7 @@ from g2sd_cache.benchmarks.sections.extract import extract_config, timed_extract
 
 # Caches of <= 40 KB per ViT-B view: low-rank targets with compressed pixels (storage.<codec>+<pixels>); on
 # synthetic JPEGs, whose views compress differently from photographs (benchmarks/pixels.py measures those).
-COMPACT = (("pca64", "lossless"), ("pca64", "jpeg"))
+COMPACT = (("pca64", "lossless"), ("pca64", "jpeg"), ("pca16+64+128", "lossless"), ("pca32+128+256", "jpeg"))
 
 
 def _formula(specs: dict, names: tuple[str, ...]) -> int:
@@ -47,8 +50,13 @@ def storage_section(ws: dict, prof: Profile, device: torch.device, feed: dict) -
 
     arch, targets, out = prof.teachers[0], ws.get("targets_fp32"), {}
     rate = feed["feed_rate_samples_per_s"]
+    width = TEACHER_PRESETS[arch].decoder_embed_dim
     caches = [(name, codec, "visible") for name, codec in codecs.CODECS.items()]
     caches += [(f"{name}+{pixels}", codecs.CODECS[name], pixels) for name, pixels in COMPACT]
+    skipped = [name for name, codec, _ in caches if not codec.fits(width)]   # tiered codes wider than the targets
+    if skipped:
+        log(f"storage: skipping {', '.join(skipped)}: more coefficients than {arch}'s {width}-wide targets")
+    caches = [c for c in caches if c[0] not in skipped]
     for name, codec, pixels in caches:
         log(f"storage: {prof.store_images}-view {name} cache")
         root = ws["tmp"] / f"store-{name}"
@@ -81,7 +89,7 @@ def storage_section(ws: dict, prof: Profile, device: torch.device, feed: dict) -
     for name, c in out.items():
         c["vs_fp16"] = c["bytes_per_view"] / out["fp16"]["bytes_per_view"]
         c["target_vs_fp16"] = c["target_bytes_per_view"] / out["fp16"]["target_bytes_per_view"]
-    return {**out, "codecs": list(out), "tokens": m.tokens, "target_dim": m.target_dim, "teacher": arch,
+    return {**out, "codecs": list(out), "skipped": skipped, "tokens": m.tokens, "target_dim": m.target_dim, "teacher": arch,
             "error_views": int(targets.shape[0]) if targets is not None else 0, "imagenet_images": IMAGENET_IMAGES,
             "feed_rate_samples_per_s": rate, "feed_rate_is_estimate": feed["feed_rate_is_estimate"]}
 

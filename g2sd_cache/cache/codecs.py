@@ -24,6 +24,9 @@
 - pcaR (pca32, pca64, pca128 registered; any `pcaR` by name): R int8 coefficients per token in a PCA basis
   fitted on the teacher's targets at extract start and stored with the cache, plus one float16 scale per token
   (cache/lowrank.py). Encoding and decoding need that basis (`basis=`); R is capped at the target width D.
+- pcaA+B+C (any counts by name, e.g. pca8+32+64): the same basis, A + B + C coefficients per token, the first A
+  in int8, the next B in 4 and the next C in 2 dithered bits, one float16 scale per tier (cache/tiered.py): codes
+  uint8 [T, A + B/2 + C/4], scale float16 [T, tiers]. Its dither is seeded by the view, as int4's.
 
 Bytes per view are decided here, not by lossless compression (zstd saves ~8 % on LayerNorm-ed
 features and doubles decode time; docs/design.md §5), so the cache stores the codes uncompressed.
@@ -38,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from g2sd_cache.cache import lowrank
+from g2sd_cache.cache import lowrank, tiered
 from g2sd_cache.common.errors import UserError
 
 #: channels sharing one int4 scale (the fused loss kernel decodes the same layout)
@@ -59,6 +62,7 @@ class Codec:
     scale_dtype: str = "float32"
     dithered: bool = False       # stochastic rounding: `encode` needs one seed per view
     rank: int | None = None      # low-rank codes (pcaR): coefficients per token, needs the cache's basis
+    tiers: tuple[int, int, int] | None = None   # pcaA+B+C: coefficients in int8, 4 and 2 bits (rank = their sum)
 
     @property
     def scaled(self) -> bool:
@@ -66,12 +70,26 @@ class Codec:
 
     def code_width(self, width: int) -> int:
         """Codes per token for `width` channels (the last dim of the stored target)."""
+        if self.tiers is not None:
+            return tiered.code_bytes(self.tiers)
         if self.rank is not None:
             return min(self.rank, width)
         return -(-width // self.values_per_code)
 
+    def basis_rank(self, width: int) -> int | None:
+        """Principal directions a low-rank codec decodes with (the basis has one more row, the centre), None
+        for the others."""
+        return None if self.rank is None else min(self.rank, width)
+
+    def fits(self, width: int) -> bool:
+        """Whether the codec can code `width`-wide targets: a tiered code keeps an exact number of coefficients,
+        which must not exceed the width (a plain pcaR is capped at it instead)."""
+        return self.tiers is None or self.rank <= width
+
     def scale_shape(self, tokens: int, width: int) -> tuple[int, ...]:
-        """Per-view shape of the scale array (scaled codecs): [T] or [T, ceil(D / group)]."""
+        """Per-view shape of the scale array (scaled codecs): [T], [T, ceil(D / group)] or [T, tiers]."""
+        if self.tiers is not None:
+            return (tokens, tiered.scale_count(self.tiers))
         return (tokens,) if self.group is None else (tokens, -(-width // self.group))
 
     def bytes_per_value(self) -> float:
@@ -103,13 +121,32 @@ def lowrank_codec(rank: int) -> Codec:
 CODECS.update({f"pca{r}": lowrank_codec(r) for r in (32, 64, 128)})
 
 
+def tiered_codec(tiers: tuple[int, int, int]) -> Codec:
+    """pcaA+B+C: A int8, B 4-bit and C 2-bit coefficients per token, a float16 scale per tier (cache/tiered.py)."""
+    name = f"pca{tiers[0]}+{tiers[1]}" + (f"+{tiers[2]}" if tiers[2] else "")
+    return Codec(name, torch.uint8, "uint8", 127.0, scale_dtype="float16", rank=sum(tiers), tiers=tiers,
+                 dithered=tiered.dithered_count(tiers) > 0)
+
+
+# ViT-B's 40 KB budget (197 tokens x 512): pca32+128+256 is 197 x 166 = 32,702 B with JPEG pixels (~4.4 KB),
+# pca16+64+128 197 x 86 = 16,942 B with lossless ones (~18.7 KB on photographs); 416 and 208 of 512 directions
+CODECS.update({c.name: c for c in (tiered_codec((32, 128, 256)), tiered_codec((16, 64, 128)))})
+
+
 def get_codec(name: str) -> Codec:
     if name in CODECS:
         return CODECS[name]
     rank = lowrank.parse_rank(name)
-    if rank is None:
-        raise UserError(f"unknown codec '{name}'; choose one of: {', '.join(CODECS)} (or pcaR for any rank R)")
-    return lowrank_codec(rank)
+    if rank is not None:
+        return lowrank_codec(rank)
+    try:
+        tiers = tiered.parse_tiers(name)
+    except ValueError as e:
+        raise UserError(f"codec {e}") from None
+    if tiers is None:
+        raise UserError(f"unknown codec '{name}'; choose one of: {', '.join(CODECS)} (or pcaR for any rank R, "
+                        f"pcaA+B+C for A int8, B 4-bit and C 2-bit coefficients)")
+    return tiered_codec(tiers)
 
 
 def encode(codec: Codec, x: torch.Tensor, seeds: torch.Tensor | None = None, basis: torch.Tensor | None = None
@@ -124,7 +161,9 @@ def encode(codec: Codec, x: torch.Tensor, seeds: torch.Tensor | None = None, bas
     if codec.rank is not None:
         if basis is None:
             raise ValueError(f"{codec.name} encodes against a basis (lowrank.fit_basis): pass basis=")
-        return lowrank.encode(x, basis, codec.code_width(x.shape[-1]))
+        if codec.tiers is not None:
+            return _encode_tiered(codec, x, seeds, basis)
+        return lowrank.encode(x, basis, codec.basis_rank(x.shape[-1]))
     if not codec.scaled:
         return x.to(codec.torch_dtype), None
     if codec.dithered:
@@ -147,6 +186,8 @@ def decode(codec: Codec, codes: torch.Tensor, scale: torch.Tensor | None, width:
     if codec.rank is not None:
         if basis is None:
             raise ValueError(f"{codec.name} decodes with the cache's basis: pass basis=")
+        if codec.tiers is not None:
+            return lowrank.reconstruct(tiered.dequantize(codes, scale, codec.tiers), basis)
         return lowrank.decode(codes, scale, basis)
     if not codec.scaled:
         return codes.float()
@@ -187,30 +228,40 @@ def _uniform(seeds: torch.Tensor, n: int) -> np.ndarray:
     return out
 
 
-def _scale_at_least(s: torch.Tensor) -> torch.Tensor:
-    """float32 >= 0 -> the float16 at or just above it (never below: no value may leave the code range),
-    and at least float16's smallest subnormal, so that scales stay positive (an all-zero group then decodes
-    to +-3e-8)."""
-    h = s.half()
-    h = torch.where(h.float() < s, (h.view(torch.int16) + 1).view(torch.float16), h)
-    return torch.clamp_min(h, 2.0 ** -24)
+def _checked_seeds(name: str, seeds, views: tuple[int, ...]) -> torch.Tensor:
+    if seeds is None:
+        raise ValueError(f"{name} rounds stochastically and needs seeds: one int64 per view (codecs.dither_seeds)")
+    seeds = torch.as_tensor(seeds)
+    if tuple(seeds.shape) != tuple(views) or seeds.dtype != torch.int64:
+        raise ValueError(f"{name}: seeds must be int64 of shape {tuple(views)} (one per view), "
+                         f"got {seeds.dtype} {tuple(seeds.shape)}")
+    return seeds
+
+
+def _encode_tiered(codec: Codec, x: torch.Tensor, seeds, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.dim() < 2:
+        raise ValueError(f"{codec.name} encodes views [..., T, D], got shape {tuple(x.shape)}")
+    if codec.rank > x.shape[-1]:
+        raise ValueError(f"{codec.name} keeps {codec.rank} coefficients of {x.shape[-1]}-wide targets")
+    coef = lowrank.coefficients(x, basis, codec.rank)
+    T, n = x.shape[-2], tiered.dithered_count(codec.tiers)
+    if n:
+        seeds = _checked_seeds(codec.name, seeds, x.shape[:-2])
+        u = torch.from_numpy(_uniform(seeds.reshape(-1).cpu(), T * n)).to(x.device).reshape(*x.shape[:-1], n)
+    else:
+        u = coef.new_zeros(*coef.shape[:-1], 0)
+    return tiered.quantize(coef, codec.tiers, u)
 
 
 def _encode_int4(codec: Codec, x: torch.Tensor, seeds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     if x.dim() < 2:
         raise ValueError(f"int4 encodes views [..., T, D], got shape {tuple(x.shape)}")
-    views = x.shape[:-2]
-    if seeds is None:
-        raise ValueError("int4 rounds stochastically and needs seeds: one int64 per view (codecs.dither_seeds)")
-    seeds = torch.as_tensor(seeds)
-    if tuple(seeds.shape) != tuple(views) or seeds.dtype != torch.int64:
-        raise ValueError(f"int4: seeds must be int64 of shape {tuple(views)} (one per view), "
-                         f"got {seeds.dtype} {tuple(seeds.shape)}")
+    seeds = _checked_seeds("int4", seeds, x.shape[:-2])
     T, D = x.shape[-2:]
     x = x.float()
     groups = -(-D // codec.group)
     padded = torch.nn.functional.pad(x, (0, groups * codec.group - D)).unflatten(-1, (groups, codec.group))
-    scale = _scale_at_least(padded.abs().amax(dim=-1) / codec.qmax)       # [..., T, G] float16
+    scale = lowrank.float16_at_least(padded.abs().amax(dim=-1) / codec.qmax)       # [..., T, G] float16
     if not bool(torch.isfinite(scale).all()):
         raise ValueError("int4: a value beyond +-491,000 (or NaN/Inf) does not fit float16 scales")
     u = torch.from_numpy(_uniform(seeds.reshape(-1).cpu(), T * D)).to(x.device).reshape(x.shape)

@@ -34,7 +34,7 @@ def inspect_report(path: str, sample_views: int = 64) -> dict:
             if str(e) not in corrupt:
                 corrupt.append(str(e))
     targets = torch.stack(rows) if rows else None
-    shown = {**codecs.CODECS, m.codec: cache.codec}
+    shown = {n: c for n, c in {**codecs.CODECS, m.codec: cache.codec}.items() if c.fits(m.target_dim)}
     # low-rank codecs: the cache's own basis for its codec, a basis fitted on the sample for the others
     stored_error = ({name: codecs.codec_error(c, targets, cache.basis if name == m.codec else None)
                      for name, c in shown.items()} if targets is not None else {})
@@ -68,11 +68,14 @@ def format_report(r: dict) -> str:
         f"{r['stored_target_bytes_per_view']:.0f} (codes {r['target_bytes_per_view']}), pixels "
         f"{r['stored_pixel_bytes_per_view']:.0f}" + _pixel_note(r["pixels"], r["pixel_encoding"]),
         "",
-        "codec   rel RMSE vs fp32 (extract)   cosine     rel RMSE vs stored ({} views)".format(r["sampled_views"]),
     ]
-    for name in dict.fromkeys([*codecs.CODECS, r["codec"]]):
+    # the codecs that can code this cache's targets (a tiered pcaA+B+C may keep more coefficients than the width)
+    names = [n for n in dict.fromkeys([*codecs.CODECS, r["codec"]]) if codecs.get_codec(n).fits(r["target_dim"])]
+    w = max(6, *(len(n) for n in names))
+    lines.append(f"{'codec':{w}s}  rel RMSE vs fp32 (extract)   cosine     rel RMSE vs stored ({r['sampled_views']} views)")
+    for name in names:
         e, s = r["extract_error"].get(name), r["stored_error"].get(name)
-        lines.append(f"{name:6s}  {_pct(e, 'rel_rmse'):>26s}   {_f(e, 'cosine'):>8s}   {_pct(s, 'rel_rmse'):>12s}")
+        lines.append(f"{name:{w}s}  {_pct(e, 'rel_rmse'):>26s}   {_f(e, 'cosine'):>8s}   {_pct(s, 'rel_rmse'):>12s}")
     lines += [f"CORRUPT        {c}" for c in r.get("corrupt", ())]
     if r["basis"]:
         lines += ["", f"basis          {r['basis']['file']} float32 {r['basis']['shape']}, sha256 "
@@ -95,16 +98,19 @@ def _pixel_note(mode: str, enc: dict) -> str:
 
 
 def format_calibration(record: dict) -> str:
-    """The table extract prints: each candidate's bytes and held-out error, the chosen one marked."""
+    """The table extract prints: each candidate's bytes, held-out error (and a low-rank code's truncation: the
+    part of it the student could learn, which the study finds is what costs), the chosen one marked."""
     held = record["heldout_views"]
     lines = [f"calibration: {record['views']} views of the teacher's targets ({record['fit_views']} fit the basis, "
              f"errors on {held if held else 'the same'} {'held-out ' if held else ''}views)"
              + (f", --max-error {record['max_error']:g}" if record["max_error"] is not None else ""),
-             "  codec     target B/view   rel RMSE   worst view"]
+             "  codec          target B/view   rel RMSE   worst view   truncation"]
     for name, e in sorted(record["errors"].items(), key=lambda kv: kv[1]["target_bytes_per_view"]):
         mark = "  <- chosen" if name == record["chosen"] else ""
-        lines.append(f"  {name:8s} {e['target_bytes_per_view']:>14,d}   {100 * e['rel_rmse']:6.2f} %   "
-                     f"{100 * e['max_view_rel_rmse']:6.2f} %{mark}")
+        # low rank only: what the basis drops (a record written before this column has none)
+        trunc = f"{100 * e['truncation_rel_rmse']:6.2f} %" if "truncation_rel_rmse" in e else "       -"
+        lines.append(f"  {name:13s} {e['target_bytes_per_view']:>14,d}   {100 * e['rel_rmse']:6.2f} %   "
+                     f"{100 * e['max_view_rel_rmse']:6.2f} %     {trunc}{mark}")
     return "\n".join(lines)
 
 

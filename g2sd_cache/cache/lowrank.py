@@ -12,6 +12,7 @@ benchmarks/codec_error.py). So:
 - per token: R int8 codes and one float16 scale, c = (x - centre) @ V^T, scale = absmax(c) / 127 rounded up
   to float16, code = round(c / scale). ViT-B at R = 64: 197 x (64 + 2) = 13,002 B per view (int4: 56,736).
 - decode: codes x scale @ V + centre, a [T, R] x [R, D] matmul on the device right before the loss.
+- `pcaA+B+C` (cache/tiered.py) keeps A + B + C coefficients against the same kind of basis, in int8, 4 and 2 bits.
 
 Error per token: what lies outside the basis' span (the truncation, measured at calibration on held-out
 views) plus the rounding, at most sqrt(R) x scale / 2 in norm (V is orthonormal). No fixed bound holds for
@@ -54,23 +55,39 @@ def fit_basis(x: torch.Tensor, rank: int) -> torch.Tensor:
     return torch.cat([centre.unsqueeze(0), comps]).float().contiguous()
 
 
-def _scale_at_least(s: torch.Tensor) -> torch.Tensor:
-    """float32 >= 0 -> the float16 at or just above it (no coefficient may leave -127..127), at least float16's
-    smallest subnormal."""
+def float16_at_least(s: torch.Tensor) -> torch.Tensor:
+    """float32 >= 0 -> the float16 at or just above it (never below: no code may leave its range), and at least
+    float16's smallest subnormal, so that scales stay positive. The scale of every scaled float16 layout (pcaR,
+    pcaA+B+C's tiers, int4's groups)."""
     h = s.half()
     h = torch.where(h.float() < s, (h.view(torch.int16) + 1).view(torch.float16), h)
     return torch.clamp_min(h, 2.0 ** -24)
 
 
-def encode(x: torch.Tensor, basis: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., T, D] -> (codes int8 [..., T, rank], scale float16 [..., T]) against the first rank + 1 rows of
-    `basis` [>= rank + 1, D]."""
+def coefficients(x: torch.Tensor, basis: torch.Tensor, rank: int) -> torch.Tensor:
+    """x [..., T, D] -> exact coefficients float32 [..., T, rank] against the first rank + 1 rows of `basis`
+    [>= rank + 1, D]: (x - centre) @ V^T."""
     if basis.shape[0] < rank + 1 or basis.shape[1] != x.shape[-1]:
         raise ValueError(f"a rank-{rank} code of {x.shape[-1]}-wide targets needs a basis of at least "
                          f"[{rank + 1}, {x.shape[-1]}], got {list(basis.shape)}")
     basis = basis[:rank + 1].to(x.device, torch.float32)
-    coef = (x.float() - basis[0]) @ basis[1:].T
-    scale = _scale_at_least(coef.abs().amax(dim=-1) / 127.0)
+    return (x.float() - basis[0]) @ basis[1:].T
+
+
+def reconstruct(coef: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """coefficients [..., T, R] float32, basis [>= R + 1, D] -> float32 [..., T, D]: coef @ V + centre."""
+    r = coef.shape[-1]
+    if basis.shape[0] < r + 1:
+        raise ValueError(f"rank-{r} codes need a basis of at least {r + 1} rows, got {basis.shape[0]}")
+    basis = basis[:r + 1].to(coef.device, torch.float32)
+    return coef @ basis[1:] + basis[0]
+
+
+def encode(x: torch.Tensor, basis: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., T, D] -> (codes int8 [..., T, rank], scale float16 [..., T]) against the first rank + 1 rows of
+    `basis` [>= rank + 1, D]."""
+    coef = coefficients(x, basis, rank)
+    scale = float16_at_least(coef.abs().amax(dim=-1) / 127.0)
     if not bool(torch.isfinite(scale).all()):
         raise ValueError("pca: a coefficient beyond float16's range (or NaN/Inf) in the targets")
     codes = (coef / scale.float().unsqueeze(-1)).round_().clamp_(-127, 127).to(torch.int8)
@@ -79,11 +96,7 @@ def encode(x: torch.Tensor, basis: torch.Tensor, rank: int) -> tuple[torch.Tenso
 
 def decode(codes: torch.Tensor, scale: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """codes [..., T, R] int8, scale [..., T], basis [>= R + 1, D] -> float32 [..., T, D]."""
-    r = codes.shape[-1]
-    if basis.shape[0] < r + 1:
-        raise ValueError(f"rank-{r} codes need a basis of at least {r + 1} rows, got {basis.shape[0]}")
-    basis = basis[:r + 1].to(codes.device, torch.float32)
-    return (codes.float() * scale.float().unsqueeze(-1)) @ basis[1:] + basis[0]
+    return reconstruct(codes.float() * scale.float().unsqueeze(-1), basis)
 
 
 # -- the basis as a file of the cache -------------------------------------------------------------------------

@@ -257,7 +257,7 @@ def basis_problem(data: dict, read) -> Problem | None:
     codec = get_codec(data["codec"])
     if codec.rank is None:
         return None
-    rank = codec.code_width(data["target_dim"])
+    rank = codec.basis_rank(data["target_dim"])
     record = data.get("basis")
     raw = read(lowrank.BASIS_FILE) if isinstance(record, dict) else None
     problem = lowrank.basis_problem(record, raw, rank, data["target_dim"])

@@ -94,6 +94,10 @@ def array_specs(codec: Codec, tokens: int, width: int, patches: int,
         from g2sd_cache.common.errors import UserError
         raise UserError(f"codec {codec.name} packs {codec.values_per_code} values per byte and needs a target width "
                         f"divisible by {codec.values_per_code}; this teacher's is {width}: choose another --codec")
+    if codec.tiers is not None and codec.rank > width:
+        from g2sd_cache.common.errors import UserError
+        raise UserError(f"codec {codec.name} keeps {codec.rank} coefficients per token but this teacher's targets are "
+                        f"{width} wide: choose counts that add up to at most {width}")
     specs = {
         "target": ArraySpec((tokens, codec.code_width(width)), codec.storage_dtype),
         "mask": ArraySpec((patches,), "bool"),

@@ -62,11 +62,13 @@ def add(sub):
                        "where fp16 is unsupported). Recorded in the manifest and shown by inspect; its error lands in "
                        "every stored target")
     store = p.add_argument_group("storage")
-    store.add_argument("--codec", metavar="{" + ",".join(CODECS) + ",pcaR,auto}",
+    store.add_argument("--codec", metavar="{" + ",".join(CODECS) + ",pcaR,pcaA+B+C,auto}",
                        help="how targets are stored: fp16/bf16 (2 B/value), int8/fp8 with a per-token scale "
                        "(1 B/value), int4 (0.5 B/value, a float16 scale per 32 channels, unbiased stochastic "
                        "rounding), pcaR (R int8 coefficients per token in a PCA basis fitted on the teacher's "
-                       "targets, stored with the cache: pca64 is 66 B/token), or auto: the fewest bytes within "
+                       "targets, stored with the cache: pca64 is 66 B/token), pcaA+B+C (the same basis, A int8, "
+                       "B 4-bit and C 2-bit coefficients, the last two unbiased: pca32+128+256 is 166 B/token and "
+                       "keeps 416 directions), or auto: the fewest bytes within "
                        "--max-error; see `g2sd-cache inspect` for each codec's error on your teacher "
                        "(default %(default)s)")
     store.add_argument("--max-error", type=float, help="with --codec auto: the largest relative RMS error of decoded "

@@ -74,20 +74,34 @@ def view_errors(codec: codecs.Codec, x: torch.Tensor, basis: torch.Tensor | None
     return (y - x).flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1).clamp_min(1e-30)
 
 
+def truncation_error(x: torch.Tensor, basis: torch.Tensor) -> float:
+    """Relative RMS error of x [N, T, D] projected onto `basis` [R + 1, D] with exact coefficients: what a low-rank
+    code of rank R drops, whatever its rounding."""
+    b = basis.double()
+    centred = x.double() - b[0]
+    return float((centred - (centred @ b[1:].T) @ b[1:]).norm() / x.double().norm().clamp_min(1e-30))
+
+
 def calibrate(x: torch.Tensor, codec: str, max_error: float | None) -> Calibration:
     """Targets x [N, T, D] float32 -> the codec to write with, its basis and the calibration record (see the
     module docstring). Deterministic given x."""
     n, tokens, width = x.shape
     held = n // 4
     fit, test = (x[:n - held], x[n - held:]) if held else (x, x)
-    candidates = list(codecs.CODECS.values()) if codec == AUTO else [codecs.get_codec(codec)]
-    ranks = [c.code_width(width) for c in candidates if c.rank is not None]
+    if codec != AUTO and not codecs.get_codec(codec).fits(width):
+        raise UserError(f"--codec {codec} keeps {codecs.get_codec(codec).rank} coefficients per token but this "
+                        f"teacher's targets are {width} wide: choose counts that add up to at most {width}")
+    candidates = ([c for c in codecs.CODECS.values() if c.fits(width)] if codec == AUTO
+                  else [codecs.get_codec(codec)])
+    ranks = [c.basis_rank(width) for c in candidates if c.rank is not None]
     full = lowrank.fit_basis(fit, max(ranks)) if ranks else None
     errors = {}
     for c in candidates:
         err = codecs.codec_error(c, test, basis=full)
         errors[c.name] = {**err, "max_view_rel_rmse": float(view_errors(c, test, full).max()),
                           "target_bytes_per_view": c.bytes_per_view(tokens, width)}
+        if c.rank is not None:   # the part of the error the student could learn (the study: it is what costs)
+            errors[c.name]["truncation_rel_rmse"] = truncation_error(test, full[:c.basis_rank(width) + 1])
     if codec == AUTO:
         within = [c for c in candidates if errors[c.name]["rel_rmse"] <= max_error]
         if not within:
@@ -98,7 +112,7 @@ def calibrate(x: torch.Tensor, codec: str, max_error: float | None) -> Calibrati
     else:
         chosen = codec
     rank = codecs.get_codec(chosen).rank
-    basis = full[:codecs.get_codec(chosen).code_width(width) + 1].clone() if rank is not None else None
+    basis = full[:codecs.get_codec(chosen).basis_rank(width) + 1].clone() if rank is not None else None
     raw = lowrank.basis_bytes(basis) if basis is not None else None
     record = {"views": n, "fit_views": len(fit), "heldout_views": held, "max_error": max_error, "chosen": chosen,
               "errors": errors, "basis": lowrank.basis_record(raw, basis.shape) if raw else None}

@@ -222,10 +222,13 @@ class _ShardAssembler:
             if not self.codec_error:
                 sample = target[:64].float()
                 # low-rank codecs only against this cache's basis, and only the ranks it holds
-                self.codec_error = {name: codecs.codec_error(c, sample, self.basis)
-                                    for name, c in {**codecs.CODECS, self.codec.name: self.codec}.items() if c.rank is None or (self.basis is not None and c.code_width(sample.shape[-1]) < len(self.basis))}
+                width = sample.shape[-1]
+                measured = {name: c for name, c in {**codecs.CODECS, self.codec.name: self.codec}.items()
+                            if c.rank is None or (self.basis is not None and c.fits(width)
+                                                  and c.basis_rank(width) < len(self.basis))}
+                self.codec_error = {name: codecs.codec_error(c, sample, self.basis) for name, c in measured.items()}
             seeds = (codecs.dither_seeds(self.cfg.seed, self.buffers["source_index"][vis, rows], vis)
-                     if self.codec.dithered else None)    # int4: a pure function of (seed, image, view)
+                     if self.codec.dithered else None)    # int4, pcaA+B+C: a pure function of (seed, image, view)
             codes, scale = codecs.encode(self.codec, target, seeds, self.basis)
             self.buffers["target"][vis, rows] = codecs.to_storage(self.codec, codes)
             if scale is not None:

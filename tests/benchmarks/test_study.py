@@ -22,6 +22,13 @@ def _study():
     return study
 
 
+def _trained(name: str) -> bool:
+    """Whether the quick study trains codec `name` at its width: pcaR below the width, pcaA+B+C within it."""
+    if CODECS[name].tiers is not None:
+        return sum(CODECS[name].tiers) <= WIDTH
+    return (parse_rank(name) or 0) < WIDTH
+
+
 @pytest.mark.slow
 def test_quick_study_trains_every_arm_and_reports_the_issue_schema(tmp_path, capsys):
     study = _study()
@@ -33,8 +40,8 @@ def test_quick_study_trains_every_arm_and_reports_the_issue_schema(tmp_path, cap
     arms = {a["name"]: a for a in report["arms"]}
     k = report["config"]["codec_views"]
     # online, cached K for the profile's K, every codec at K (the default codec at K is cached-kK itself; pcaR
-    # with R >= the teacher's width is skipped), the extra arms and the fp16 reference of the jpeg ones
-    codec_arms = [c for c in CODECS if c != study.DEFAULT_CODEC and (parse_rank(c) or 0) < WIDTH]
+    # with R >= the teacher's width is skipped, and so is a tiered pcaA+B+C keeping more than the width)
+    codec_arms = [c for c in CODECS if c != study.DEFAULT_CODEC and _trained(c)]
     expected = {"online", *(f"cached-k{v}" for v in report["config"]["views"]),
                 *(f"{c}-k{k}" for c in codec_arms), "int8-jpeg-k2", "pca8-jpeg-k2", "fp16-jpeg-k2"}
     assert set(arms) == expected and len(arms) == len(report["arms"])
@@ -76,7 +83,7 @@ def test_quick_study_trains_every_arm_and_reports_the_issue_schema(tmp_path, cap
     assert fp16 == pytest.approx(tokens * width * 2, rel=0.05)
     assert arms[f"int8-k{k}"]["bytes_per_view"] == pytest.approx(tokens * width + 4 * tokens, rel=0.05)
     for name, codec in CODECS.items():   # a new codec (int4) is compared without changes here
-        if (parse_rank(name) or 0) >= WIDTH:
+        if not _trained(name):
             assert f"{name}-k{k}" not in arms
             continue
         arm = arms[f"cached-k{k}" if name == study.DEFAULT_CODEC else f"{name}-k{k}"]
@@ -86,6 +93,7 @@ def test_quick_study_trains_every_arm_and_reports_the_issue_schema(tmp_path, cap
     printed = captured.out
     assert "| arm | reference | gap to reference |" in printed
     assert "skipping --codecs pca32" in captured.err
+    assert "skipping --codecs pca32+128+256: it keeps 416 coefficients per token" in captured.err
     assert "| arm | K | codec |" in printed and all(f"| {name} |" in printed for name in arms)
     # each arm trained the same number of steps through `g2sd-cache train`: its log says so
     logs = tmp_path / "work" / "logs"

@@ -166,7 +166,8 @@ def test_tiny_and_large_tokens_keep_relative_precision():
 def test_unknown_codec_is_a_user_error():
     with pytest.raises(UserError, match="fp16, bf16, int8, fp8, int4"):
         get_codec("fp4")
-    assert list(codecs.CODECS) == ["fp16", "bf16", "int8", "fp8", "int4", "pca32", "pca64", "pca128"]
+    assert list(codecs.CODECS) == ["fp16", "bf16", "int8", "fp8", "int4", "pca32", "pca64", "pca128", "pca32+128+256",
+                                   "pca16+64+128"]
 
 
 # ----------------------------------------------------------------------------------------------

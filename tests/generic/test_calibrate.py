@@ -11,7 +11,7 @@ import torch
 from tests.cache.test_lowrank import _low_rank
 from tests.common.helpers import micro_extract_config
 from g2sd_cache.cache import lowrank
-from g2sd_cache.cache.inspect import format_report, inspect_report
+from g2sd_cache.cache.inspect import format_calibration, format_report, inspect_report
 from g2sd_cache.cache.reader import open_cache
 from g2sd_cache.cache.schema import BASIS_FILE, CALIBRATION_FILE, MANIFEST
 from g2sd_cache.cli.main import main as cli_main
@@ -71,6 +71,21 @@ def test_pca_extract_stores_a_deterministic_basis_and_records_it(image_folder, t
     assert "basis.npy float32 [9, 32]" in text and "<- chosen" in text and "calibration: 24 views" in text
 
 
+def test_a_tiered_extract_writes_the_same_codes_twice_and_its_basis_has_every_direction(image_folder, tmp_path):
+    """pca2+8+16 dithers its 4- and 2-bit tiers by (seed, image, view): two extracts of the same images write the
+    same codes, so a resumed extract's shards match its first ones."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_extract(micro_extract_config(image_folder, a, codec="pca2+8+16"))
+    run_extract(micro_extract_config(image_folder, b, codec="pca2+8+16"))
+    m = json.loads((a / MANIFEST).read_text())
+    assert m["codec"] == "pca2+8+16" and m["basis"]["shape"] == [27, 32]     # centre + 2 + 8 + 16 directions
+    ca, cb = open_cache(a), open_cache(b)
+    first = ca.read_block(0, 0, 0, ca.shard_images[0])
+    assert np.array(first.codes).shape[1:] == (17, 2 + 4 + 4) and np.array(first.scale).shape[1:] == (17, 3)
+    for i in range(len(ca)):
+        assert torch.equal(ca[i].target, cb[i].target), i
+
+
 def test_auto_extract_and_resume_reuse_the_calibration(image_folder, tmp_path, capsys):
     out = tmp_path / "c"
     cfg = micro_extract_config(image_folder, out, codec="auto", max_error=0.05)
@@ -104,7 +119,9 @@ def test_codec_flags_are_checked_in_one_line(image_folder, tmp_path, capsys):
             "--img-size", "64", "--workers", "0", "--device", "cpu"]
     for extra, needle in [(["--codec", "auto"], "--max-error"), (["--max-error", "0.1"], "--max-error"),
                           (["--codec", "auto", "--max-error", "2"], "in (0, 1)"), (["--codec", "pcaq"], "unknown codec"),
-                          (["--codec", "pca8", "--calibration-views", "1"], "at least 2")]:
+                          (["--codec", "pca8", "--calibration-views", "1"], "at least 2"),
+                          # tiered codes: 8 + 16 + 16 = 40 coefficients of the micro teacher's 32; an odd 4-bit count
+                          (["--codec", "pca8+16+16"], "at most 32"), (["--codec", "pca8+3"], "must be even")]:
         assert cli_main(base + extra) == 2
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1, err
@@ -127,3 +144,23 @@ def test_a_cache_begun_before_the_calibration_flags_still_resumes(image_folder, 
     (out / "config.yaml").write_text(yaml.safe_dump(old))
     run_extract(cfg)
     assert (out / MANIFEST).is_file()
+
+
+def test_calibration_records_what_each_low_rank_code_truncates():
+    """The calibration table carries each low-rank codec's truncation (exact coefficients, held-out views), the
+    part of its error a student could learn: on exactly 12-dimensional tokens pca8 drops a third of the
+    dimensions, pca4+8+8 (20 directions, most in 4 and 2 bits) none: its error is rounding noise alone."""
+    x = _low_rank(32, 17, 64, 12, noise=1e-4)
+    errs = {name: calibrate(x, name, None).record["errors"][name] for name in ("pca8", "pca4+8+8")}
+    # an independent truncation: the held-out quarter projected on the top-8 right singular vectors of the rest
+    fit, test = x[:24].reshape(-1, 64).double().numpy(), x[24:].reshape(-1, 64).double().numpy()
+    mean = fit.mean(0)
+    _, _, vt = np.linalg.svd(fit - mean, full_matrices=False)
+    c = test - mean
+    ref = np.linalg.norm(c - c @ vt[:8].T @ vt[:8]) / np.linalg.norm(test)
+    assert errs["pca8"]["truncation_rel_rmse"] == pytest.approx(ref, rel=1e-4)
+    assert errs["pca8"]["truncation_rel_rmse"] > 0.2
+    assert errs["pca4+8+8"]["truncation_rel_rmse"] < 1e-3 < errs["pca4+8+8"]["rel_rmse"]
+    assert "int8" not in errs and "truncation_rel_rmse" not in calibrate(x, "int8", None).record["errors"]["int8"]
+    text = format_calibration(calibrate(x, "pca4+8+8", None).record)
+    assert "truncation" in text.splitlines()[1] and "pca4+8+8" in text

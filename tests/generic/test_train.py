@@ -365,13 +365,15 @@ def test_how_a_step_is_cut_into_micro_batches_does_not_change_the_run(micro_cach
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-4 * scale), (k, (a - b).abs().max().item(), scale)
 
 
-def test_cached_training_on_a_low_rank_cache_equals_replay_within_the_codec_bound(image_folder, tmp_path):
-    """A pca16 cache (16 of the micro teacher's 32 dimensions, decoded on the device before the loss) trains like
-    the live teacher on the same views: the replayed targets differ from the stored ones by the codec's
-    calibrated error (the worst held-out view bounds every batch), and so does the loss, step by step."""
-    cache = tmp_path / "pca16"
-    run_extract(micro_extract_config(image_folder, cache, codec="pca16"))
-    cal = json.loads((cache / "manifest.json").read_text())["calibration"]["errors"]["pca16"]
+@pytest.mark.parametrize("codec", ["pca16", "pca4+8+16"])
+def test_cached_training_on_a_low_rank_cache_equals_replay_within_the_codec_bound(image_folder, tmp_path, codec):
+    """A pca16 cache (16 of the micro teacher's 32 dimensions, decoded on the device before the loss), or a tiered
+    pca4+8+16 one (28 dimensions in 8, 4 and 2 bits), trains like the live teacher on the same views: the replayed
+    targets differ from the stored ones by the codec's calibrated error (the worst held-out view bounds every
+    batch), and so does the loss, step by step."""
+    cache = tmp_path / "lowrank"
+    run_extract(micro_extract_config(image_folder, cache, codec=codec))
+    cal = json.loads((cache / "manifest.json").read_text())["calibration"]["errors"][codec]
     assert 0.005 < cal["rel_rmse"] < 0.2       # a real truncation, not a lossless code
     cached = run_train(tmp_path / "cached", image_folder, cache=str(cache), steps=6)
     replay = run_train(tmp_path / "replay", image_folder, cache=str(cache), teacher="random", steps=6)
