@@ -102,6 +102,7 @@ class LocalMirror:
         self._lock = threading.Condition()
         self._inflight: dict[str, Future] = {}
         self._failed: dict[str, BaseException] = {}      # files whose download the reader waited for and that failed
+        self._reserved: set[str] = set()   # files of this process whose temporary holds their room (in `_usage`)
         self._pool = ThreadPoolExecutor(max_workers=max(1, cfg.threads), thread_name_prefix="shard-download")
         self._plan: list[list[int]] = []           # per step of the node, the shards it reads
         self._uses: dict[int, list[int]] = {}      # shard -> the steps (indices in _plan) that read it
@@ -181,14 +182,35 @@ class LocalMirror:
                 finals.append((st.st_atime, path, path.relative_to(self.dir).as_posix(), st.st_size))
         return used, finals
 
-    def _make_room(self, need: int, urgent: bool) -> bool:
+    def _owed(self, spec: FileSpec) -> int:
+        """Bytes of the files the plan reads before `spec`'s shard that are neither here nor being fetched (call
+        with self._lock held). A prefetch leaves room for them: download threads take the node lock in any order,
+        and a later file that took the room first would be evicted again by the reader's own request for an
+        earlier one, then fetched a second time."""
+        mine = self._next_use(spec.shard)
+        if mine is None:
+            return 0
+        owed = 0
+        for s, fs in self._files.items():
+            n = self._next_use(s)
+            if n is None or n >= mine:
+                continue
+            owed += sum(f.size for f in fs
+                        if f"{f.name}/{f.rel}" not in self._reserved and not self.local_path(f).exists())
+        return owed
+
+    def _make_room(self, need: int, urgent: bool, spec: FileSpec | None = None) -> bool:
         """Evict until `need` more bytes fit under the limit (call with the node lock held). A file is needed when
         the rest of the plan reads it (by file, not by shard: a shard's files of another view, an earlier
-        epoch's, are not needed although the shard is read again)."""
+        epoch's, are not needed although the shard is read again). A prefetch (not `urgent`) of `spec` also keeps
+        room for the files read before it (`_owed`) and evicts no needed file."""
         limit = self.cfg.limit
         if limit is None:
             return True
         used, finals = self._usage()
+        with self._lock:
+            if not urgent and spec is not None:
+                need += self._owed(spec)
         if used + need <= limit:
             return True
         with self._lock:
@@ -211,7 +233,7 @@ class LocalMirror:
         return fd
 
     def _download(self, spec: FileSpec, urgent: bool) -> None:
-        final = self.local_path(spec)
+        final, key = self.local_path(spec), f"{spec.name}/{spec.rel}"
         final.parent.mkdir(parents=True, exist_ok=True)
         lock_fd = os.open(final.with_name(f".{final.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -223,13 +245,15 @@ class LocalMirror:
                 if spec.size > (self.cfg.limit or spec.size):
                     raise UserError(f"--local-cache-limit {self.cfg.limit} bytes is smaller than one shard file "
                                     f"({self.url}/{spec.name}/{spec.rel}: {spec.size} bytes); raise it")
-                if not self._make_room(spec.size, urgent):
+                if not self._make_room(spec.size, urgent, spec):
                     if not urgent:
                         return       # a prefetch waits for room; the reader's own request will evict
                     raise UserError(f"--local-cache-limit {self.cfg.limit} bytes cannot hold the files of the next "
                                     f"read ({spec.size} bytes more for {spec.name}/{spec.rel}); raise it")
                 tmp = self._temp(spec)
                 tmp.touch()          # reserves its full size (the size is in its name)
+                with self._lock:
+                    self._reserved.add(key)
             finally:
                 fcntl.flock(node, fcntl.LOCK_UN)
                 os.close(node)
@@ -243,6 +267,8 @@ class LocalMirror:
                     os.close(node)
             finally:
                 tmp.unlink(missing_ok=True)
+                with self._lock:
+                    self._reserved.discard(key)
         finally:
             fcntl.flock(lock_fd, fcntl.LOCK_UN)
             os.close(lock_fd)

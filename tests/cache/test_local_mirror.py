@@ -64,3 +64,27 @@ def test_sizes_as_users_write_them():
     assert parse_size(None) is None
     with pytest.raises(UserError, match="--local-cache-limit lots"):
         parse_size("lots")
+
+
+def test_a_prefetch_leaves_room_for_the_files_read_before_its_own(tmp_path):
+    """Download threads take the node lock in any order. A prefetch of shard 2's file that runs before shard 1's
+    must not take the room shard 1 needs: the reader's own request for shard 1 would then evict shard 2's file
+    (needed, but read later) and it would be fetched twice. So it waits, and the plan's order fills the folder."""
+    files = {f"shard-0000{s}/target/c/0/0": bytes([s]) * 1000 for s in range(3)}
+    fs = _store("m4", files)
+    specs = {s: FileSpec(s, f"shard-0000{s}", "target/c/0/0", 1000) for s in range(3)}
+    # no automatic prefetch: the test runs the download threads' work itself, in the order that goes wrong
+    cfg = LocalCacheConfig(str(tmp_path), limit=2500, prefetch_files=0)
+    mirror = LocalMirror(fs, "/m4", "memory://m4", tmp_path, cfg, lambda s, p: None)
+    mirror.set_plan([[0], [1], [2]], lambda s: [specs[s]])
+    mirror.path(specs[0])                               # the read under way
+    mirror._download(specs[2], urgent=False)            # shard 2's prefetch happens to run first: no room for 1 then
+    assert not mirror.local_path(specs[2]).exists() and mirror.fetched_bytes == 1000
+    mirror._download(specs[1], urgent=False)            # shard 1's prefetch: the next read, it fits
+    assert mirror.local_path(specs[1]).exists() and mirror.fetched_bytes == 2000
+    mirror.touch(1)                                     # the reader moves on: shard 0 is not needed again
+    mirror.path(specs[1])
+    mirror._download(specs[2], urgent=False)            # now shard 2 fits, evicting only shard 0
+    assert mirror.local_path(specs[2]).exists() and not mirror.local_path(specs[0]).exists()
+    assert mirror.fetched_bytes == 3000                 # every file once
+    mirror.close()
